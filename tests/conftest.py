@@ -1,0 +1,76 @@
+"""Shared fixtures: every cgroup a test makes lives under one unique prefix that is removed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pelagos_bpf.cgroup import Cgroup
+from pelagos_bpf.hierarchy import discover
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _kill_and_remove(d: Path) -> None:
+    """Remove a test cgroup subtree, killing only processes inside it (which tests started)."""
+    if not d.exists():
+        return
+    for child in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _kill_and_remove_one(child)
+    _kill_and_remove_one(d)
+
+
+def _kill_and_remove_one(d: Path) -> None:
+    for _ in range(200):
+        try:
+            pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    for _ in range(200):
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def cg_root() -> Iterator[Path]:
+    """A unique, empty cgroup2 directory for this test; removed (with its subtree) afterwards."""
+    if not IS_ROOT:
+        pytest.skip("needs root")
+    h = discover()
+    d = h.root / f"pelagos-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        _kill_and_remove(d)
+
+
+@pytest.fixture
+def make_cgroup(cg_root: Path):
+    """Factory: make_cgroup("name") creates cg_root/name and returns a Cgroup handle."""
+
+    def make(name: str = "c") -> Cgroup:
+        p = cg_root / name
+        p.mkdir(parents=True)
+        return Cgroup.open(p, root=cg_root)
+
+    return make
