@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -79,7 +79,7 @@ _DEFAULT_CFS_PERIOD = 100_000
 class _OciReader:
     """Walks one resources object, remembering which keys it consumed."""
 
-    _SUPPORTED = {
+    _SUPPORTED: ClassVar[dict[str, set[str]]] = {
         "memory": {"limit", "reservation", "swap", "swappiness"},
         "cpu": {"shares", "quota", "period", "cpus", "mems"},
         "pids": {"limit"},
@@ -117,9 +117,7 @@ class _OciReader:
         extra = set(self.r) - set(self._SUPPORTED)
         if extra:
             key = sorted(extra)[0]
-            raise ConfigError(
-                f"linux.resources.{key}", self.r[key], "not supported by pelagos_bpf"
-            )
+            raise ConfigError(f"linux.resources.{key}", self.r[key], "not supported by pelagos_bpf")
         mem = self._section("memory")
         cpu = self._section("cpu")
         pids = self._section("pids")
@@ -153,8 +151,7 @@ class _OciReader:
             device_rules=[_device(i, d) for i, d in enumerate(self.r.get("devices") or [])],
             net_classid=net.get("classID"),
             net_priorities=[
-                (str(p.get("name")), int(p.get("priority", 0)))
-                for p in net.get("priorities") or []
+                (str(p.get("name")), int(p.get("priority", 0))) for p in net.get("priorities") or []
             ],
             path=cgroups_path,
         )

@@ -1,4 +1,4 @@
-"""Find the cgroup v2 hierarchy to work in: pure v2, hybrid (a cgroup2 mount beside v1), or explicit.
+"""Find the cgroup v2 hierarchy: pure v2, hybrid (a cgroup2 mount beside v1), or explicit.
 
 Why mountinfo and not a fixed path: on hybrid hosts cgroup2 lives at e.g. /sys/fs/cgroup/unified,
 and inside containers or QEMU guests it may be mounted anywhere.
@@ -34,7 +34,7 @@ def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1 : i + 4].isdigit():
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 3 < len(field):
             out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:

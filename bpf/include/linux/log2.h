@@ -1,0 +1,1 @@
+/* empty: bcc includes it; uapi-only programs need nothing from it */
