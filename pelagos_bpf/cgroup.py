@@ -1,10 +1,49 @@
-"""The Cgroup handle (SKELETON: setup/teardown land in the foundation issue)."""
+"""The Cgroup handle, `setup_cgroup` and `teardown_cgroup`.
+
+Setup order (docs/ARCHITECTURE.md): validate -> plan (controller writes, controller
+availability, device/net feature resolution; no side effects) -> mkdir -> enable controllers in
+ancestors -> controller writes -> attach devices -> attach net -> move the pid in. Any failure
+undoes what was done, in reverse, and re-raises: a runtime never sees a half-built cgroup.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+from . import controllers
+from ._features import feature, feature_func
+from .config import CgroupConfig
+from .controllers import Write
+from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSettings
+from .hierarchy import discover
+from .validate import validate_config, validate_path
+
+TEARDOWN_TIMEOUT = 10.0
+KILL_FILE = "cgroup.kill"  # a module constant so tests can force the pre-5.14 fallback
+
+# cgroup v2 controller name -> its cgroup v1 name (for the "bound to v1" diagnosis).
+_V1_NAME = {"io": "blkio"}
+
+
+@dataclass
+class SetupReport:
+    """What setup applied and, in best-effort mode, what it skipped and why."""
+
+    applied: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    written: list[tuple[str, str]] = field(default_factory=list)  # (filename, value)
+
+    def _applied(self, setting: str) -> None:
+        if setting not in self.applied:
+            self.applied.append(setting)
 
 
 @dataclass
@@ -19,9 +58,13 @@ class Cgroup:
     id: int
     root: Path
     created: list[Path] = field(default_factory=list)
+    report: SetupReport = field(default_factory=SetupReport)
+    torn_down: bool = field(default=False, compare=False)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Cgroup:
+    def open(
+        cls, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
+    ) -> Cgroup:
         """A handle for an existing cgroup directory (e.g. in another process than setup's)."""
         p = Path(path)
         return cls(path=p, id=os.stat(p).st_ino, root=Path(root) if root else p.parent)
@@ -29,3 +72,370 @@ class Cgroup:
     def open_fd(self) -> int:
         """An O_RDONLY|O_DIRECTORY fd of the cgroup dir for bpf(2) attach calls; caller closes."""
         return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __enter__(self) -> Cgroup:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        teardown_cgroup(self)
+
+
+# ---------------------------------------------------------------- small cgroupfs helpers
+
+
+def write_file(path: Path, value: str, setting: str) -> None:
+    """One write(2) of `value` (cgroupfs parses one value per write); errors name the setting."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # as runc
+    except OSError as e:
+        raise CgroupError(e.errno, f"{setting}: cannot open {path}: {e.strerror}") from e
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise CgroupError(
+            e.errno, f"{setting}: writing {value!r} to {path} failed: {e.strerror}"
+        ) from e
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _v1_bound() -> dict[str, tuple[int, bool]]:
+    """/proc/cgroups: controller -> (v1 hierarchy id, enabled)."""
+    out = {}
+    for line in _read(Path("/proc/cgroups")).splitlines():
+        if line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) >= 4:
+            out[parts[0]] = (int(parts[1]), parts[3] == "1")
+    return out
+
+
+def missing_controller_reason(ctrl: str, root: Path) -> str:
+    """Why `ctrl` is not offered in root/cgroup.controllers, as precisely as the host tells."""
+    base = f"the {ctrl} controller is not available in {root}/cgroup.controllers"
+    info = _v1_bound().get(_V1_NAME.get(ctrl, ctrl))
+    if info is not None and not info[1]:
+        return base + " (it is disabled on the kernel command line)"
+    if info is not None and info[0] != 0:
+        return base + " (it is bound to cgroup v1 on this host)"
+    return base + " (not enabled in the parent's cgroup.subtree_control, or not built in)"
+
+
+def _subtree_dirs(path: Path) -> list[Path]:
+    """All cgroup dirs under and including path, deepest first."""
+    out: list[Path] = []
+
+    def walk(p: Path) -> None:
+        try:
+            entries = list(os.scandir(p))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                walk(Path(e.path))
+        out.append(p)
+
+    walk(path)
+    return out
+
+
+# ---------------------------------------------------------------- planning (no side effects)
+
+
+@dataclass
+class _Plan:
+    writes: list[Write]
+    controllers: list[str]
+    problems: list[tuple[str, str]]
+    devices: ModuleType | None = None
+    net: ModuleType | None = None
+    net_plan: Any = None
+
+
+def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _Plan:
+    problems = [(u.setting, u.reason) for u in controllers.unsupported(cfg)]
+    available = set(_read(root / "cgroup.controllers").split())
+    writes = []
+    for w in controllers.plan(cfg):
+        if w.controller in available:
+            writes.append(w)
+        elif w.setting not in (s for s, _ in problems):
+            problems.append((w.setting, missing_controller_reason(w.controller, root)))
+    plan = _Plan(writes, controllers.needed_controllers(writes), problems)
+    if cfg.device_rules:
+        mod = feature("devices")
+        if mod is None or not hasattr(mod, "attach_devices"):
+            problems.append(("device_rules", "not implemented yet (no pelagos_bpf.devices)"))
+        else:
+            plan.devices = mod
+    if cfg.net_classid is not None or cfg.net_priorities:
+        mod = feature("net")
+        if mod is None or not hasattr(mod, "resolve_net"):
+            if cfg.net_classid is not None:
+                problems.append(("net_classid", "not implemented yet (no pelagos_bpf.net)"))
+            if cfg.net_priorities:
+                problems.append(("net_priorities", "not implemented yet (no pelagos_bpf.net)"))
+        else:
+            try:
+                plan.net_plan = mod.resolve_net(
+                    cfg.net_classid, list(cfg.net_priorities), pid, net_carrier
+                )
+                plan.net = mod
+            except UnsupportedSettings as e:
+                problems.extend(e.problems)
+            except UnsupportedSetting as e:
+                problems.append((e.setting, e.reason))
+    return plan
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup_cgroup(
+    cfg: CgroupConfig,
+    pid: int | None,
+    *,
+    strict: bool = True,
+    root: str | os.PathLike[str] | None = None,
+    net_carrier: str = "auto",
+) -> Cgroup:
+    """Create the cgroup for cfg, apply every setting, move `pid` in; return the handle.
+
+    strict (default): any setting that cannot be applied on this host raises
+    UnsupportedSettings listing all of them, before anything is created. strict=False applies
+    what it can and records the rest in `cg.report.skipped`. `pid=None` creates the cgroup
+    without moving a process (then cfg.path is required).
+    """
+    validate_config(cfg)
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
+        raise ConfigError("pid", pid, "must be a process id >= 1")
+    if cfg.path is not None:
+        rel = validate_path(cfg.path)
+    elif pid is not None:
+        rel = f"pelagos-{pid}"
+    else:
+        raise ConfigError("path", None, "required when no pid is given")
+    hier = discover(root)
+    target = hier.root / rel
+    plan = _plan(cfg, pid, hier.root, net_carrier)
+    if plan.problems and strict:
+        raise UnsupportedSettings(plan.problems)
+    if target.exists():
+        raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists")
+
+    report = SetupReport(skipped=list(plan.problems))
+    created: list[Path] = []
+    attached: list[ModuleType] = []
+    try:
+        _mkdirs(hier.root, target, created)
+        cg = Cgroup(target, os.stat(target).st_ino, hier.root, created, report)
+        _enable_controllers(hier.root, target, plan.controllers)
+        _apply_writes(target, plan.writes, strict, report)
+        if plan.devices is not None:
+            attached.append(plan.devices)
+            plan.devices.attach_devices(cg, list(cfg.device_rules))
+            report._applied("device_rules")
+        if plan.net is not None:
+            attached.append(plan.net)
+            plan.net.attach_net(cg, plan.net_plan)
+            _net_applied(cfg, report)
+        if pid is not None:
+            write_file(target / "cgroup.procs", str(pid), "pid")
+    except BaseException as e:
+        _rollback(target, created, attached, e)
+        raise
+    return cg
+
+
+def _net_applied(cfg: CgroupConfig, report: SetupReport) -> None:
+    skipped = {s for s, _ in report.skipped}
+    if cfg.net_classid is not None and "net_classid" not in skipped:
+        report._applied("net_classid")
+    if cfg.net_priorities and "net_priorities" not in skipped:
+        report._applied("net_priorities")
+
+
+def _mkdirs(root: Path, target: Path, created: list[Path]) -> None:
+    """mkdir target and missing parents below root, appending each dir we made to `created`."""
+    cur = root
+    for part in target.relative_to(root).parts:
+        cur = cur / part
+        try:
+            os.mkdir(cur)
+        except FileExistsError:
+            if cur == target:
+                raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
+            continue
+        except OSError as e:
+            raise CgroupError(e.errno, f"path: mkdir {cur} failed: {e.strerror}") from e
+        created.append(cur)
+
+
+def _enable_controllers(root: Path, target: Path, needed: list[str]) -> None:
+    """Enable `needed` in cgroup.subtree_control of root and every dir between it and target."""
+    if not needed:
+        return
+    parts = target.relative_to(root).parts
+    for d in [root] + [root.joinpath(*parts[:i]) for i in range(1, len(parts))]:
+        ctl = d / "cgroup.subtree_control"
+        missing = [c for c in needed if c not in _read(ctl).split()]
+        if not missing:
+            continue
+        try:
+            write_file(ctl, " ".join(f"+{c}" for c in missing), "controllers")
+        except CgroupError:
+            for c in missing:  # one at a time, so the error names the culprit (as runc)
+                write_file(ctl, f"+{c}", f"controllers (+{c} in {d})")
+
+
+def _apply_writes(target: Path, writes: list[Write], strict: bool, report: SetupReport) -> None:
+    for w in writes:
+        chosen = next(((f, v) for f, v in w.files() if (target / f).exists()), None)
+        if chosen is None:
+            names = " or ".join(f for f, _ in w.files())
+            reason = f"{names} does not exist in {target} (kernel lacks this {w.controller} knob)"
+            if strict:
+                raise UnsupportedSetting(w.setting, reason)
+            report.skipped.append((w.setting, reason))
+            continue
+        fname, value = chosen
+        try:
+            write_file(target / fname, value, w.setting)
+        except CgroupError as e:
+            if strict:
+                raise
+            report.skipped.append((w.setting, str(e)))
+            continue
+        report._applied(w.setting)
+        report.written.append((fname, value))
+
+
+def _rollback(
+    target: Path, created: list[Path], attached: list[ModuleType], exc: BaseException
+) -> None:
+    """Undo a half-done setup in reverse; failures of the undo are noted on the original error."""
+    for mod in reversed(attached):
+        fn = getattr(mod, "detach_net", None) or getattr(mod, "detach_devices", None)
+        if fn is None or not target.exists():
+            continue
+        try:
+            fn(Cgroup.open(target))
+        except Exception as undo:
+            exc.add_note(f"rollback: {mod.__name__} detach failed: {undo}")
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError as undo:
+            exc.add_note(f"rollback: rmdir {d} failed: {undo}")
+
+
+# ---------------------------------------------------------------- teardown
+
+
+def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
+    """Kill what is left inside, wait until empty, detach BPF features, rmdir (children first).
+
+    Removes the cgroup, its sub-cgroups, and the ancestors setup created (if now empty).
+    Idempotent: a second call is a no-op.
+    """
+    if cg.torn_down:
+        return
+    errors: list[BaseException] = []
+    if cg.path.exists():
+        _kill_all(cg.path, timeout)
+        _wait_unpopulated(cg.path, timeout)
+        for name, func in (("net", "detach_net"), ("devices", "detach_devices")):
+            fn = feature_func(name, func)
+            if fn is not None:
+                try:
+                    fn(cg)
+                except Exception as e:
+                    errors.append(e)
+        for d in _subtree_dirs(cg.path):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+    for d in reversed(cg.created):
+        if d == cg.path or not d.exists():
+            continue
+        try:
+            os.rmdir(d)
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # now shared with another cgroup
+                raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+    cg.torn_down = True
+    if errors:
+        raise errors[0]
+
+
+def _kill_all(path: Path, timeout: float) -> None:
+    """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid."""
+    if not _read(path / "cgroup.events").count("populated 1"):
+        return
+    kill_file = path / KILL_FILE
+    if kill_file.exists():
+        write_file(kill_file, "1", "teardown")
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [int(p) for d in _subtree_dirs(path) for p in _read(d / "cgroup.procs").split()]
+        if not pids:
+            return
+        for p in pids:  # these are the container's own processes: the cgroup is ours
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        time.sleep(0.005)
+
+
+def _wait_unpopulated(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while "populated 1" in _read(path / "cgroup.events"):
+        if time.monotonic() >= deadline:
+            raise CgroupError(errno.EBUSY, f"{path} still has processes after {timeout}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+# ---------------------------------------------------------------- update
+
+
+def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
+    """Re-apply the settings cfg sets to a live cgroup (strict; others are left as they are).
+
+    Controller files are rewritten, device rules replaced with `update_devices`, net settings
+    re-resolved (in the netns of the cgroup's first process) and swapped with `update_net`.
+    """
+    validate_config(cfg)
+    procs = _read(cg.path / "cgroup.procs").split()
+    # A cgroup's own cgroup.controllers says which controller files it has: plan against it.
+    plan = _plan(cfg, int(procs[0]) if procs else None, cg.path, "auto")
+    if plan.problems:
+        raise UnsupportedSettings(plan.problems)
+    report = SetupReport()
+    _apply_writes(cg.path, plan.writes, True, report)
+    if plan.devices is not None:
+        plan.devices.update_devices(cg, list(cfg.device_rules))
+        report._applied("device_rules")
+    if plan.net is not None:
+        plan.net.update_net(cg, plan.net_plan)
+        _net_applied(cfg, report)
+    return report

@@ -1,0 +1,169 @@
+"""`pelagos-bpf compile` (fill the bytecode cache) and `pelagos-bpf devices ...`.
+
+`devices check` answers "would this access be allowed?" either for a rule list given on the
+command line (reference evaluator) or for a live cgroup (the rule table in its maps, decided
+the way the kernel program decides), and shows the cgroup's denial counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any
+
+from ..config import CgroupDeviceRule
+from ..errors import ConfigError
+from . import encode as enc
+from .rules import DEFAULT_DEVICE_RULES, deciding_rules, parse_rule, validate_access
+
+
+def all_programs() -> list[tuple[str, str, int]]:
+    """(bpf/ source name, function, prog type) of every program the feature packages load."""
+    from . import program
+
+    progs = [(program.SOURCE, program.FUNC, int(program.ProgType.CGROUP_DEVICE))]
+    try:
+        net = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.net.program")
+    except ModuleNotFoundError:
+        return progs
+    progs += [(s, f, int(t)) for s, f, t in getattr(net, "PROGRAMS", ())]
+    return progs
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .. import progcache
+
+    print(f"cache: {progcache.cache_dir()}")
+    for source, func, ptype in all_programs():
+        src = progcache.bpf_source(source)
+        try:
+            prog = progcache.get_program(src, func, ptype, compile_if_missing=False)
+            state = "cached"
+        except OSError:
+            prog = progcache.get_program(src, func, ptype)
+            state = "compiled"
+        print(f"{state:8} {src.name}:{func} ({prog.insn_count} insns)")
+    return 0
+
+
+def _device(text: str) -> tuple[int, int]:
+    major, sep, minor = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(major), int(minor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad device {text!r}: want MAJOR:MINOR") from None
+
+
+def _rule(text: str) -> CgroupDeviceRule:
+    try:
+        return parse_rule(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int], acc: str) -> int:
+    from .rules import device_allowed
+
+    allowed = device_allowed(rules, kind, dev[0], dev[1], acc)
+    print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
+    for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
+        why = "no rule mentions it: allowed" if idx is None else f"rule {idx}: {rules[idx]}"
+        print(f"  {bit}: {why}")
+    return 0 if allowed else 1
+
+
+def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
+    from ..cgroup import Cgroup
+    from . import program
+
+    cg = Cgroup.open(path)
+    table = program.ruleset_table(cg.path, cg.id)
+    if table is None:
+        print(f"{path}: no pelagos device program attached: every device allowed")
+        return 0
+    tcode = enc.TYPES[kind]
+    allowed = enc.decide(table, tcode, dev[0], dev[1], enc.access_mask(acc))
+    print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
+    best = [0, 0, 0]
+    for p in enc.patterns_for(tcode, dev[0], dev[1]):
+        for i, w in enumerate(table.get(p, (0, 0, 0))):
+            best[i] = max(best[i], w)
+    for bit in dict.fromkeys(acc):
+        win = best[enc.BIT_SLOT[bit]]
+        why = (
+            "no rule mentions it: allowed"
+            if not win
+            else f"rule {(win >> 1) - 1} ({'allow' if win & 1 else 'deny'})"
+        )
+        print(f"  {bit}: {why}")
+    _print_denials(program.denials(cg.path, cg.id))
+    return 0 if allowed else 1
+
+
+def _print_denials(denials: dict[str, int]) -> None:
+    if not denials:
+        print("denials: none counted")
+        return
+    print("denials:")
+    for label, n in sorted(denials.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:20} x{n}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    validate_access(args.access)
+    if args.kind not in ("b", "c"):
+        raise ConfigError("kind", args.kind, "a device is 'b' or 'c'")
+    if args.cgroup:
+        return _check_cgroup(Path(args.cgroup), args.kind, args.device, args.access)
+    rules = [*(DEFAULT_DEVICE_RULES if args.defaults else ()), *args.rule]
+    return _check_rules(rules, args.kind, args.device, args.access)
+
+
+def cmd_denials(args: argparse.Namespace) -> int:
+    from ..cgroup import Cgroup
+    from . import program
+
+    cg = Cgroup.open(Path(args.cgroup))
+    _print_denials(program.denials(cg.path, cg.id))
+    return 0
+
+
+def cmd_defaults(args: argparse.Namespace) -> int:
+    for rule in DEFAULT_DEVICE_RULES:
+        print(rule)
+    return 0
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser("compile", help="compile every bpf/ program into the bytecode cache (bcc)")
+    c.set_defaults(func=cmd_compile)
+
+    d = sub.add_parser("devices", help="device rules: check an access, show denials")
+    dsub = d.add_subparsers(dest="devices_cmd", required=True)
+    ch = dsub.add_parser(
+        "check",
+        help="would this access be allowed? (a live cgroup, or --rule/--defaults)",
+        description="Exit status 0 = allowed, 1 = denied.",
+    )
+    ch.add_argument("--cgroup", help="cgroup dir whose attached rules to ask")
+    ch.add_argument(
+        "--rule",
+        type=_rule,
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="'allow|deny KIND MAJ:MIN ACCESS' (repeatable, in order)",
+    )
+    ch.add_argument("--defaults", action="store_true", help="start from DEFAULT_DEVICE_RULES")
+    ch.add_argument("kind", help="b or c")
+    ch.add_argument("device", type=_device, help="MAJOR:MINOR")
+    ch.add_argument("access", help="any of r, w, m (rw = O_RDWR)")
+    ch.set_defaults(func=cmd_check)
+    dn = dsub.add_parser("denials", help="denied accesses counted on a cgroup")
+    dn.add_argument("cgroup")
+    dn.set_defaults(func=cmd_denials)
+    df = dsub.add_parser("defaults", help="print DEFAULT_DEVICE_RULES")
+    df.set_defaults(func=cmd_defaults)

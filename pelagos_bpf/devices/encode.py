@@ -1,0 +1,155 @@
+"""Rule list -> map entries for bpf/device.c (pure), and a userspace model of the program.
+
+Per key pattern (type, major|ANY, minor|ANY) the entry holds, for each access bit (mknod, read,
+write), the winner `(rule index + 1) << 1 | allow` of the last rule with that pattern and bit
+(0 = none). Kind 'a' expands into both 'b' and 'c'. A later rule has a larger winner, so the
+program's per-bit max over the 4 patterns matching a device is the last matching rule.
+
+Struct formats mirror the C declarations in bpf/device.c.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+
+from ..config import CgroupDeviceRule
+
+ANY = 0xFFFF_FFFF
+TYPE_BLOCK = 1  # BPF_DEVCG_DEV_BLOCK
+TYPE_CHAR = 2  # BPF_DEVCG_DEV_CHAR
+TYPES = {"b": TYPE_BLOCK, "c": TYPE_CHAR}
+TYPE_NAMES = {TYPE_BLOCK: "b", TYPE_CHAR: "c"}
+ACC_BITS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_MKNOD / READ / WRITE
+BIT_SLOT = {"m": 0, "r": 1, "w": 2}  # index into dev_val.bit[]
+TYPE_INDEX = 0  # dev_key.type of index entries (never a device type, so never looked up)
+
+RULE_KEY = struct.Struct("<QIII4x")  # struct dev_key
+RULE_VAL = struct.Struct("<III116x")  # struct dev_val (pattern entries)
+INDEX_VAL = struct.Struct("<16Q")  # struct dev_val (index entries): packed patterns, 0 = none
+INDEX_CHUNK = 16
+DENY_KEY = struct.Struct("<QIIII")  # struct deny_key
+DENY_VAL = struct.Struct("<Q")
+STORAGE_KEY = struct.Struct("<QI4x")  # struct bpf_cgroup_storage_key
+STORAGE_VAL = struct.Struct("<Q")
+
+Pattern = tuple[int, int, int]  # (type, major|ANY, minor|ANY)
+Winners = tuple[int, int, int]  # (mknod, read, write)
+
+
+def access_mask(access: str) -> int:
+    mask = 0
+    for ch in access:
+        mask |= ACC_BITS[ch]
+    return mask
+
+
+def access_str(mask: int) -> str:
+    """Bits as letters in the usual 'rwm' order."""
+    return "".join(ch for ch in "rwm" if mask & ACC_BITS[ch]) or "-"
+
+
+def _num(n: int) -> int:
+    return ANY if n == -1 else n
+
+
+def encode_rules(rules: Sequence[CgroupDeviceRule]) -> dict[Pattern, Winners]:
+    """The map contents for one rule list (validated beforehand)."""
+    table: dict[Pattern, list[int]] = {}
+    for i, rule in enumerate(rules):
+        win = ((i + 1) << 1) | int(rule.allow)
+        kinds = ("b", "c") if rule.kind == "a" else (rule.kind,)
+        for kind in kinds:
+            slots = table.setdefault((TYPES[kind], _num(rule.major), _num(rule.minor)), [0, 0, 0])
+            for ch in rule.access:
+                slots[BIT_SLOT[ch]] = win
+    return {p: (s[0], s[1], s[2]) for p, s in table.items()}
+
+
+def patterns_for(type_: int, major: int, minor: int) -> tuple[Pattern, ...]:
+    """The 4 patterns the program looks up for one device, in its order."""
+    return (
+        (type_, major, minor),
+        (type_, major, ANY),
+        (type_, ANY, ANY),
+        (type_, ANY, minor),
+    )
+
+
+def decide(table: dict[Pattern, Winners], type_: int, major: int, minor: int, acc: int) -> bool:
+    """Userspace model of bpf/device.c's decision: 4 lookups, per-bit max, deny wins per bit."""
+    best = [0, 0, 0]
+    for p in patterns_for(type_, major, minor):
+        v = table.get(p)
+        if v is not None:
+            best = [max(a, b) for a, b in zip(best, v, strict=True)]
+    for ch, bit in ACC_BITS.items():
+        win = best[BIT_SLOT[ch]]
+        if acc & bit and win and not win & 1:
+            return False
+    return True
+
+
+def ruleset_key(cgroup_id: int, generation: int) -> int:
+    """dev_key.rs: never 0 (0 in dev_cur means "not set yet: deny")."""
+    return (cgroup_id << 1) | (generation & 1)
+
+
+def pack_pattern(p: Pattern) -> int:
+    """A pattern in a u64 (never 0): type << 34 | major << 21 | minor, ANY as all-ones."""
+    type_, major, minor = p
+    return (
+        (type_ << 34)
+        | ((0x1FFF if major == ANY else major) << 21)
+        | (0x1F_FFFF if minor == ANY else minor)
+    )
+
+
+def unpack_pattern(v: int) -> Pattern:
+    major = (v >> 21) & 0x1FFF
+    minor = v & 0x1F_FFFF
+    return (v >> 34, ANY if major == 0x1FFF else major, ANY if minor == 0x1F_FFFF else minor)
+
+
+def rule_entries(rs: int, table: dict[Pattern, Winners]) -> list[tuple[bytes, bytes]]:
+    """Packed (key, value) pairs: per chunk of 16 patterns, an index entry then the patterns.
+
+    Index entries (type 0, major = chunk number) let any process find and delete exactly this
+    ruleset's entries without scanning the shared map or knowing the rules. Index first: a
+    crash between writes leaves index slots pointing at nothing (harmless to delete), never an
+    unindexed pattern.
+    """
+    items = list(table.items())
+    out = []
+    for c in range(0, len(items), INDEX_CHUNK):
+        chunk = items[c : c + INDEX_CHUNK]
+        packed = [pack_pattern(p) for p, _ in chunk]
+        packed += [0] * (INDEX_CHUNK - len(packed))
+        out.append((index_key(rs, c // INDEX_CHUNK), INDEX_VAL.pack(*packed)))
+        out += [(RULE_KEY.pack(rs, *p), RULE_VAL.pack(*v)) for p, v in chunk]
+    return out
+
+
+def index_key(rs: int, chunk: int) -> bytes:
+    return RULE_KEY.pack(rs, TYPE_INDEX, chunk, 0)
+
+
+def index_patterns(index_value: bytes) -> list[Pattern]:
+    """The patterns an index entry lists."""
+    return [unpack_pattern(v) for v in INDEX_VAL.unpack(index_value) if v]
+
+
+def denial_label(type_: int, major: int, minor: int, acc: int) -> str:
+    """ "c 240:1 rw": the device and the access that was refused."""
+    return f"{TYPE_NAMES.get(type_, '?')} {major}:{minor} {access_str(acc)}"
+
+
+def decode_denials(items: Iterable[tuple[bytes, bytes]], cgroup_id: int) -> dict[str, int]:
+    """Denial counters of one cgroup from raw (key, value) pairs of dev_denials."""
+    out: dict[str, int] = {}
+    for k, v in items:
+        cg, type_, major, minor, acc = DENY_KEY.unpack(k)
+        if cg == cgroup_id:
+            label = denial_label(type_, major, minor, acc)
+            out[label] = out.get(label, 0) + DENY_VAL.unpack(v)[0]
+    return out

@@ -1,0 +1,381 @@
+"""Load, attach, update, detach and audit the generic device program (bpf/device.c).
+
+One program, compiled once (progcache) and loaded once per process (or fetched from a pin), is
+attached with BPF_F_ALLOW_MULTI to every container cgroup. Which rules apply to an attachment is
+the ruleset key in its cgroup storage (`dev_cur`); the rules themselves are entries of the shared
+`dev_rules` hash under that key. So a container start costs map writes plus one PROG_ATTACH, and a
+live update is map writes plus one storage write (an atomic switch), never a PROG_LOAD.
+
+Every function finds its state from the kernel (PROG_QUERY on the cgroup, prog info -> map ids),
+so a cgroup set up by one process can be updated, audited and torn down by another.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import bpfsys, progcache
+from ..bpfsys import AttachType, MapType, ProgType
+from ..config import CgroupDeviceRule
+from ..errors import BpfError
+from . import encode as enc
+from .rules import validate_device_rules
+
+PROG_NAME = "pelagos_dev"
+FUNC = "pelagos_dev"
+SOURCE = "device"
+PIN_ENV = "PELAGOS_BPF_PIN_DIR"
+BPF_F_NO_PREALLOC = 1
+RULES_MAX = 65536  # shared by all cgroups; buckets are allocated at map creation
+DENIALS_MAX = 16384
+ATTACH = AttachType.CGROUP_DEVICE
+
+# name -> (type, key size, value size, max entries, flags); must match bpf/device.c.
+MAP_SPECS: dict[str, tuple[int, int, int, int, int]] = {
+    "dev_cur": (MapType.CGROUP_STORAGE, enc.STORAGE_KEY.size, enc.STORAGE_VAL.size, 0, 0),
+    "dev_rules": (MapType.HASH, enc.RULE_KEY.size, enc.RULE_VAL.size, RULES_MAX, BPF_F_NO_PREALLOC),
+    "dev_denials": (
+        MapType.HASH,
+        enc.DENY_KEY.size,
+        enc.DENY_VAL.size,
+        DENIALS_MAX,
+        BPF_F_NO_PREALLOC,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Program:
+    """A loaded device program and its map fds (owned by whoever made the object)."""
+
+    fd: int
+    id: int
+    maps: dict[str, int]
+
+    def close(self) -> None:
+        for fd in (self.fd, *self.maps.values()):
+            os.close(fd)
+
+
+_lock = threading.Lock()
+_own: Program | None = None
+
+
+def compiled() -> progcache.CompiledProgram:
+    """The cached bytecode (compiled with bcc only if the cache has none)."""
+    return progcache.get_program(progcache.bpf_source(SOURCE), FUNC, ProgType.CGROUP_DEVICE)
+
+
+def own_program() -> Program:
+    """This process's program: loaded once, or fetched from $PELAGOS_BPF_PIN_DIR if pinned."""
+    global _own
+    if _own is not None:
+        return _own
+    with _lock:
+        if _own is None:
+            _own = _load_or_fetch()
+        return _own
+
+
+def _pin_path(prog: progcache.CompiledProgram) -> Path | None:
+    d = os.environ.get(PIN_ENV)
+    if not d:
+        return None
+    # Named by the bytecode so a changed program never picks up an old pin.
+    return Path(d) / f"{PROG_NAME}_{hashlib.sha256(prog.insns).hexdigest()[:16]}"
+
+
+def _load_or_fetch() -> Program:
+    prog = compiled()
+    pin = _pin_path(prog)
+    if pin is not None and pin.exists():
+        return _from_fd(bpfsys.obj_get(pin))
+    maps: dict[str, int] = {}
+    try:
+        for name, (mtype, ksz, vsz, maxe, flags) in MAP_SPECS.items():
+            maps[name] = bpfsys.map_create(mtype, ksz, vsz, maxe, name=name, flags=flags)
+        fd = progcache.load_program(prog, maps, name=PROG_NAME)
+    except BaseException:
+        for mfd in maps.values():
+            os.close(mfd)
+        raise
+    loaded = Program(fd=fd, id=bpfsys.prog_info(fd).id, maps=maps)
+    if pin is not None:
+        try:
+            bpfsys.obj_pin(fd, pin)
+        except BpfError as e:
+            if e.errno != errno.EEXIST:
+                loaded.close()
+                raise
+            loaded.close()  # another process pinned first: share its program and maps
+            return _from_fd(bpfsys.obj_get(pin))
+    return loaded
+
+
+def _from_fd(fd: int) -> Program:
+    """Wrap a program fd (from a pin or an id) with its maps; raise if it is not ours."""
+    maps: dict[str, int] = {}
+    try:
+        info = bpfsys.prog_info(fd)
+        if info.name != PROG_NAME or info.type != ProgType.CGROUP_DEVICE:
+            raise BpfError(errno.EINVAL, "device program", f"prog {info.id} is not {PROG_NAME}")
+        for mid in info.map_ids:
+            mfd = bpfsys.map_get_fd_by_id(mid)
+            mi = bpfsys.map_info(mfd)
+            spec = MAP_SPECS.get(mi.name)
+            if spec is None or mi.name in maps:
+                os.close(mfd)
+                continue
+            maps[mi.name] = mfd
+            if (mi.type, mi.key_size, mi.value_size) != spec[:3]:
+                raise BpfError(
+                    errno.EINVAL,
+                    "device program",
+                    f"prog {info.id} map {mi.name} has another layout (other pelagos_bpf version?)",
+                )
+        missing = set(MAP_SPECS) - set(maps)
+        if missing:
+            raise BpfError(errno.EINVAL, "device program", f"prog {info.id} lacks maps {missing}")
+        return Program(fd=fd, id=info.id, maps=maps)
+    except BaseException:
+        for mfd in maps.values():
+            os.close(mfd)
+        os.close(fd)
+        raise
+
+
+def _is_ours(prog_id: int) -> Program | None:
+    """A fresh handle on a foreign program if it is a pelagos device program (caller closes)."""
+    try:
+        fd = bpfsys.prog_get_fd_by_id(prog_id)
+    except BpfError as e:
+        if e.errno in (errno.ENOENT, errno.EPERM):
+            return None  # detached meanwhile, or owned by someone we may not touch
+        raise
+    try:
+        info = bpfsys.prog_info(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if info.name != PROG_NAME or info.type != ProgType.CGROUP_DEVICE:
+        os.close(fd)
+        return None
+    return _from_fd(fd)
+
+
+@contextmanager
+def attached(cgfd: int) -> Iterator[list[Program]]:
+    """Our device programs attached at this cgroup (foreign handles closed on exit)."""
+    own = _own
+    found: list[Program] = []
+    opened: list[Program] = []
+    try:
+        for pid in bpfsys.prog_query(cgfd, ATTACH):
+            if own is not None and pid == own.id:
+                found.append(own)
+                continue
+            prog = _is_ours(pid)
+            if prog is not None:
+                opened.append(prog)
+                found.append(prog)
+        yield found
+    finally:
+        for prog in opened:
+            prog.close()
+
+
+def _storage_key(cgroup_id: int) -> bytes:
+    return enc.STORAGE_KEY.pack(cgroup_id, ATTACH)
+
+
+def current_ruleset(prog: Program, cgroup_id: int) -> int:
+    """The ruleset key in this attachment's cgroup storage (0 = not set)."""
+    raw = bpfsys.map_lookup(prog.maps["dev_cur"], _storage_key(cgroup_id), enc.STORAGE_VAL.size)
+    return enc.STORAGE_VAL.unpack(raw)[0] if raw else 0
+
+
+def delete_ruleset(prog: Program, rs: int) -> int:
+    """Delete every entry of ruleset rs (found through its index); returns patterns removed."""
+    fd = prog.maps["dev_rules"]
+    chunk = n = 0
+    while True:
+        ik = enc.index_key(rs, chunk)
+        val = bpfsys.map_lookup(fd, ik, enc.INDEX_VAL.size)
+        if val is None:
+            return n
+        for p in enc.index_patterns(val):
+            n += bpfsys.map_delete(fd, enc.RULE_KEY.pack(rs, *p))
+        bpfsys.map_delete(fd, ik)
+        chunk += 1
+
+
+def write_ruleset(prog: Program, rs: int, table: dict[enc.Pattern, enc.Winners]) -> None:
+    """Store a ruleset under rs (which must not be in use); all or nothing."""
+    fd = prog.maps["dev_rules"]
+    delete_ruleset(prog, rs)  # leftovers of a crashed writer or a removed cgroup
+    written: list[bytes] = []
+    try:
+        for key, val in enc.rule_entries(rs, table):
+            bpfsys.map_update(fd, key, val)
+            written.append(key)
+    except BpfError as e:
+        for key in written:
+            bpfsys.map_delete(fd, key)
+        hint = " (dev_rules map full?)" if e.errno == errno.E2BIG else ""
+        raise BpfError(
+            e.errno or errno.EIO,
+            "device_rules",
+            f"cannot store {len(table)} rule patterns{hint}: {e.strerror}",
+        ) from e
+
+
+def _switch(prog: Program, cgroup_id: int, rs: int) -> None:
+    bpfsys.map_update(prog.maps["dev_cur"], _storage_key(cgroup_id), enc.STORAGE_VAL.pack(rs))
+
+
+def _attach_new(cgfd: int, cgroup_id: int, table: dict[enc.Pattern, enc.Winners]) -> None:
+    prog = own_program()
+    rs = enc.ruleset_key(cgroup_id, 0)
+    delete_ruleset(prog, enc.ruleset_key(cgroup_id, 1))
+    write_ruleset(prog, rs, table)
+    try:
+        bpfsys.prog_attach(prog.fd, cgfd, ATTACH, bpfsys.BPF_F_ALLOW_MULTI)
+        try:
+            # Until this write the storage is 0, which the program treats as deny-all.
+            _switch(prog, cgroup_id, rs)
+        except BaseException:
+            bpfsys.prog_detach(prog.fd, cgfd, ATTACH)
+            raise
+    except BaseException:
+        delete_ruleset(prog, rs)
+        raise
+
+
+def _update(prog: Program, cgroup_id: int, table: dict[enc.Pattern, enc.Winners]) -> None:
+    old = current_ruleset(prog, cgroup_id)
+    rs = enc.ruleset_key(cgroup_id, (old & 1) ^ 1 if old else 0)
+    write_ruleset(prog, rs, table)
+    try:
+        _switch(prog, cgroup_id, rs)  # one map write: the atomic switch
+    except BaseException:
+        delete_ruleset(prog, rs)
+        raise
+    # The previous generation stays until the next update reuses its slot (write_ruleset clears
+    # it first) or detach: a program run that read the old key just before the switch must not
+    # see its entries vanish mid-lookup, which would fail open.
+
+
+def _detach(prog: Program, cgfd: int, cgroup_id: int) -> None:
+    bpfsys.prog_detach(prog.fd, cgfd, ATTACH)
+    # Entries go only after the detach: with the program still attached, missing entries allow.
+    for gen in (0, 1):
+        delete_ruleset(prog, enc.ruleset_key(cgroup_id, gen))
+    clear_denials(prog, cgroup_id)
+
+
+def _open_cgroup(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+
+
+def apply(cg_path: Path, cgroup_id: int, rules: Sequence[CgroupDeviceRule]) -> None:
+    """Make `rules` the device rules of the cgroup: attach, update in place, or detach ([])."""
+    validate_device_rules(rules)
+    table = enc.encode_rules(rules)
+    cgfd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with attached(cgfd) as progs:
+            if not rules:
+                for prog in progs:
+                    _detach(prog, cgfd, cgroup_id)
+                return
+            if not progs:
+                _attach_new(cgfd, cgroup_id, table)
+                return
+            _update(progs[0], cgroup_id, table)
+            for extra in progs[1:]:  # two runtimes raced: keep one program
+                _detach(extra, cgfd, cgroup_id)
+    finally:
+        os.close(cgfd)
+
+
+def detach(cg_path: Path, cgroup_id: int) -> None:
+    """Detach our programs and delete this cgroup's entries; no-op if nothing is attached."""
+    cgfd = _open_cgroup(cg_path)
+    if cgfd is None:
+        return
+    try:
+        with attached(cgfd) as progs:
+            for prog in progs:
+                _detach(prog, cgfd, cgroup_id)
+    finally:
+        os.close(cgfd)
+
+
+def _denial_items(prog: Program) -> list[tuple[bytes, bytes]]:
+    fd = prog.maps["dev_denials"]
+    items = []
+    for key in bpfsys.map_keys(fd, enc.DENY_KEY.size):
+        val = bpfsys.map_lookup(fd, key, enc.DENY_VAL.size)
+        if val is not None:
+            items.append((key, val))
+    return items
+
+
+def clear_denials(prog: Program, cgroup_id: int) -> None:
+    fd = prog.maps["dev_denials"]
+    for key in bpfsys.map_keys(fd, enc.DENY_KEY.size):
+        if enc.DENY_KEY.unpack(key)[0] == cgroup_id:
+            bpfsys.map_delete(fd, key)
+
+
+def denials(cg_path: Path, cgroup_id: int) -> dict[str, int]:
+    """Denied accesses counted by our programs on this cgroup, e.g. {"c 240:1 rw": 3}."""
+    cgfd = _open_cgroup(cg_path)
+    if cgfd is None:
+        return {}
+    out: dict[str, int] = {}
+    try:
+        with attached(cgfd) as progs:
+            for prog in progs:
+                for label, n in enc.decode_denials(_denial_items(prog), cgroup_id).items():
+                    out[label] = out.get(label, 0) + n
+    finally:
+        os.close(cgfd)
+    return out
+
+
+def ruleset_table(cg_path: Path, cgroup_id: int) -> dict[enc.Pattern, enc.Winners] | None:
+    """The rule table currently in force on the cgroup (None: no program attached)."""
+    cgfd = _open_cgroup(cg_path)
+    if cgfd is None:
+        return None
+    try:
+        with attached(cgfd) as progs:
+            if not progs:
+                return None
+            prog = progs[0]
+            rs = current_ruleset(prog, cgroup_id)
+            fd = prog.maps["dev_rules"]
+            table: dict[enc.Pattern, enc.Winners] = {}
+            chunk = 0
+            while (
+                ival := bpfsys.map_lookup(fd, enc.index_key(rs, chunk), enc.INDEX_VAL.size)
+            ) is not None:
+                for p in enc.index_patterns(ival):
+                    val = bpfsys.map_lookup(fd, enc.RULE_KEY.pack(rs, *p), enc.RULE_VAL.size)
+                    if val is not None:
+                        table[p] = enc.RULE_VAL.unpack(val)
+                chunk += 1
+            return table
+    finally:
+        os.close(cgfd)

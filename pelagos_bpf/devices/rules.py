@@ -1,0 +1,132 @@
+"""Device rule semantics: validation, the default allowlist and the reference evaluator.
+
+The evaluator is the specification (issue 3): the kernel program, the map encoding and the tests
+are all checked against it. Per requested access bit, the LAST rule matching the device and
+carrying that bit decides; a bit no rule mentions is allowed; an access is allowed only if every
+requested bit is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..config import CgroupDeviceRule
+from ..errors import ConfigError
+
+MAJOR_MAX = 4095  # Linux dev_t: 12-bit major
+MINOR_MAX = 1_048_575  # 20-bit minor
+KINDS = ("a", "b", "c")
+ACCESS = "rwm"
+
+
+def _rwm(kind: str, major: int, minor: int = -1) -> CgroupDeviceRule:
+    return CgroupDeviceRule(True, kind, major, minor, "rwm")
+
+
+DEFAULT_DEVICE_RULES: tuple[CgroupDeviceRule, ...] = (
+    CgroupDeviceRule(False, "a", -1, -1, "rwm"),  # deny by default ...
+    CgroupDeviceRule(True, "c", -1, -1, "m"),  # ... but mknod of any node (runc/crun)
+    CgroupDeviceRule(True, "b", -1, -1, "m"),
+    _rwm("c", 1, 3),  # /dev/null
+    _rwm("c", 1, 5),  # /dev/zero
+    _rwm("c", 1, 7),  # /dev/full
+    _rwm("c", 1, 8),  # /dev/random
+    _rwm("c", 1, 9),  # /dev/urandom
+    _rwm("c", 5, 0),  # /dev/tty
+    _rwm("c", 5, 1),  # /dev/console
+    _rwm("c", 5, 2),  # /dev/ptmx
+    _rwm("c", 136, -1),  # /dev/pts/*
+    _rwm("c", 10, 200),  # /dev/net/tun
+)
+"""Deny-all, then the usual container allowlist; user rules appended after it override it."""
+
+
+def _int(setting: str, value: Any, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(setting, value, "must be an integer")
+    if value != -1 and not 0 <= value <= hi:
+        raise ConfigError(setting, value, f"must be -1 (any) or 0..{hi}")
+
+
+def validate_device_rule(rule: Any, setting: str = "device_rule") -> None:
+    """Raise ConfigError naming `setting.field` if one rule is malformed."""
+    if not isinstance(rule, CgroupDeviceRule):
+        raise ConfigError(setting, rule, "must be a CgroupDeviceRule")
+    if not isinstance(rule.allow, bool):
+        raise ConfigError(f"{setting}.allow", rule.allow, "must be True or False")
+    if rule.kind not in KINDS:
+        raise ConfigError(f"{setting}.kind", rule.kind, "must be 'a' (all), 'b' or 'c'")
+    acc = rule.access
+    if not isinstance(acc, str) or not acc or set(acc) - set(ACCESS) or len(set(acc)) != len(acc):
+        raise ConfigError(
+            f"{setting}.access", acc, "must be a non-empty subset of 'rwm' without repeats"
+        )
+    _int(f"{setting}.major", rule.major, MAJOR_MAX)
+    _int(f"{setting}.minor", rule.minor, MINOR_MAX)
+
+
+def validate_device_rules(rules: Any) -> None:
+    """Raise ConfigError naming `device_rules[i].field` for the first malformed rule."""
+    if not isinstance(rules, list | tuple):
+        raise ConfigError("device_rules", rules, "must be a list of CgroupDeviceRule")
+    for i, rule in enumerate(rules):
+        validate_device_rule(rule, f"device_rules[{i}]")
+
+
+def validate_access(access: Any, setting: str = "access") -> None:
+    """An access query: non-empty subset of 'rwm' (repeats are harmless here)."""
+    if not isinstance(access, str) or not access or set(access) - set(ACCESS):
+        raise ConfigError(setting, access, "must be a non-empty subset of 'rwm'")
+
+
+def rule_matches(rule: CgroupDeviceRule, kind: str, major: int, minor: int) -> bool:
+    """Does the rule's pattern cover this device (ignoring access)?"""
+    return rule.kind in ("a", kind) and rule.major in (-1, major) and rule.minor in (-1, minor)
+
+
+def deciding_rules(
+    rules: Sequence[CgroupDeviceRule], kind: str, major: int, minor: int, access: str
+) -> dict[str, int | None]:
+    """For each requested bit, the index of the rule that decides it (None: no rule, allowed)."""
+    out: dict[str, int | None] = {}
+    for bit in dict.fromkeys(access):
+        out[bit] = None
+        for i, rule in enumerate(rules):
+            if bit in rule.access and rule_matches(rule, kind, major, minor):
+                out[bit] = i
+    return out
+
+
+def device_allowed(
+    rules: Sequence[CgroupDeviceRule], kind: str, major: int, minor: int, access: str
+) -> bool:
+    """Reference evaluator: would an access of `access` bits to device kind major:minor pass?
+
+    kind is 'b' or 'c' (a real device has one); an empty rule list allows everything.
+    """
+    if kind not in ("b", "c"):
+        raise ConfigError("kind", kind, "a device is 'b' (block) or 'c' (char)")
+    validate_access(access)
+    winners = deciding_rules(rules, kind, major, minor, access)
+    return all(i is None or rules[i].allow for i in winners.values())
+
+
+def parse_rule(text: str) -> CgroupDeviceRule:
+    """Parse "allow c 1:3 rwm" / "deny a *:* m" (the format `str(rule)` prints)."""
+    parts = text.split()
+    if len(parts) != 4 or parts[0] not in ("allow", "deny") or ":" not in parts[2]:
+        raise ConfigError("device rule", text, "expected 'allow|deny KIND MAJOR:MINOR ACCESS'")
+    major_s, minor_s = parts[2].split(":", 1)
+    try:
+        major = -1 if major_s == "*" else int(major_s)
+        minor = -1 if minor_s == "*" else int(minor_s)
+    except ValueError as e:
+        raise ConfigError("device rule", text, "major and minor are numbers or '*'") from e
+    rule = CgroupDeviceRule(parts[0] == "allow", parts[1], major, minor, parts[3])
+    validate_device_rule(rule, "device rule")
+    return rule
+
+
+def parse_rules(texts: Iterable[str]) -> list[CgroupDeviceRule]:
+    return [parse_rule(t) for t in texts]

@@ -1,0 +1,91 @@
+"""Small pyroute2 helpers for the qdisc side of net classification.
+
+The egress program only labels packets (skb->priority or skb->mark); a classful qdisc on the
+device does the shaping. These helpers install the minimal HTB tree that honours the labels and
+read the per-class counters, for tests, the demo and operators who want a starting point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+ETH_P_ALL = 0x0003
+
+
+def classid_str(classid: int) -> str:
+    """`major:minor` in tc's hex notation (0x00010010 -> "1:10")."""
+    return f"{classid >> 16:x}:{classid & 0xFFFF:x}"
+
+
+def install_htb(
+    ipr: Any,
+    index: int,
+    *,
+    major: int = 1,
+    minors: Iterable[int] = (0x10, 0x20),
+    default_minor: int = 0x20,
+    rate: str = "1gbit",
+    ceil: str = "10gbit",
+) -> None:
+    """Root HTB `major:` with parent class `major:1` and one leaf class per minor.
+
+    HTB classifies a packet whose skb->priority equals `major:minor` straight into that class
+    (no filter needed), which is what the priority carrier relies on. Unclassified traffic goes
+    to `default_minor`. Rates are generous: the point is classification, not shaping.
+    """
+    handle = major << 16
+    ipr.tc("add", "htb", index=index, handle=handle, default=default_minor)
+    ipr.tc("add-class", "htb", index=index, handle=handle | 1, parent=handle, rate=ceil, ceil=ceil)
+    for minor in minors:
+        ipr.tc(
+            "add-class",
+            "htb",
+            index=index,
+            handle=handle | minor,
+            parent=handle | 1,
+            rate=rate,
+            ceil=ceil,
+        )
+
+
+def add_mark_filter(ipr: Any, index: int, *, parent: int = 0x10000, prio: int = 1) -> None:
+    """One cls_bpf filter that classifies every packet by its skb->mark read as a classid.
+
+    Same effect as a bare `fw` filter, but works on kernels without CONFIG_NET_CLS_FW (such as
+    this project's host); needs CONFIG_NET_CLS_BPF. A mark of 0 or of another qdisc's major
+    falls through to the default class.
+    """
+    from .program import MARK_CLS_PROG, mark_classifier
+
+    ipr.tc(
+        "add-filter",
+        "bpf",
+        index=index,
+        parent=parent,
+        prio=prio,
+        protocol=ETH_P_ALL,
+        fd=mark_classifier(),
+        name=MARK_CLS_PROG,
+    )
+
+
+def add_fw_filter(ipr: Any, index: int, *, parent: int = 0x10000, prio: int = 1) -> None:
+    """A bare `fw` filter (no handle): classifies by skb->mark read as a classid.
+
+    This is the partner of the "mark" carrier: with no fw rules the kernel's fw classifier maps a
+    mark whose major equals the qdisc handle to that class (`tc filter add ... fw`).
+    """
+    ipr.tc("add-filter", "fw", index=index, parent=parent, prio=prio, protocol=ETH_P_ALL)
+
+
+def class_counters(ipr: Any, index: int) -> dict[int, tuple[int, int]]:
+    """{classid: (bytes, packets)} for every class on a device, from TCA_STATS2 basic stats."""
+    out: dict[int, tuple[int, int]] = {}
+    for msg in ipr.get_classes(index=index):
+        stats = msg.get_attr("TCA_STATS2")
+        basic = stats.get_attr("TCA_STATS_BASIC") if stats is not None else None
+        if basic is None:
+            continue
+        out[msg["handle"]] = (int(basic["bytes"]), int(basic["packets"]))
+    return out

@@ -1,0 +1,140 @@
+"""Helpers for the net tests: a two-netns topology with HTB, senders, counters, bpf objects.
+
+Everything lives in netns named with a unique prefix (pelagos_bpf.net.lab) and is removed when
+the context exits, even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pelagos_bpf.cgroup import Cgroup
+from pelagos_bpf.net import lab, tc
+
+PAYLOAD = 100
+IP4_LEN = PAYLOAD + 8 + 20  # UDP + IPv4 headers: what the cgroup counters see
+IP6_LEN = PAYLOAD + 8 + 40
+L2_LEN = IP4_LEN + 14  # what HTB counts on a veth (Ethernet header added)
+C10, C20, C30 = 0x10010, 0x10020, 0x10030  # 1:20 is the HTB default class
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+@dataclass
+class Topo:
+    """ns `a` (senders, HTB on its veths) and ns `b` (receivers), joined by veth pairs."""
+
+    lab: lab.NetLab
+    a: str
+    b: str
+    links: dict[str, int]  # ifname in `a` -> ifindex
+    peers: dict[str, str]  # ifname in `a` -> destination address in `b`
+
+    @property
+    def ipr_a(self) -> Any:
+        return self.lab.ipr(self.a)
+
+    @property
+    def path_a(self) -> str:
+        return str(lab.NETNS_DIR / self.a)
+
+    @property
+    def path_b(self) -> str:
+        return str(lab.NETNS_DIR / self.b)
+
+    def counters(self, ifname: str) -> dict[int, tuple[int, int]]:
+        return tc.class_counters(self.ipr_a, self.links[ifname])
+
+
+@contextmanager
+def topology(
+    ifnames: tuple[str, ...] = ("va",), *, ipv6: bool = False, a_dummies: int = 0
+) -> Iterator[Topo]:
+    """ns a -- veth(s) -- ns b; HTB 1: with classes 1:10, 1:20 (default), 1:30 on each a-side."""
+    require_root()
+    with lab.NetLab() as nl:
+        a = nl.ns("a", ipv6=ipv6)
+        b = nl.ns("b", ipv6=ipv6)
+        for i in range(a_dummies):  # push later ifindexes up, away from the host's numbering
+            nl.ipr(a).link("add", ifname=f"pad{i}", kind="veth", peer={"ifname": f"padp{i}"})
+        links, peers = {}, {}
+        for n, name in enumerate(ifnames, start=1):
+            if ipv6:
+                addr_a, addr_b, plen = f"fd77:{n}::1", f"fd77:{n}::2", 64
+            else:
+                addr_a, addr_b, plen = f"10.77.{n}.1", f"10.77.{n}.2", 24
+            ia, _ = nl.veth(a, name, addr_a, b, f"p{name}"[:15], addr_b, plen)
+            tc.install_htb(nl.ipr(a), ia, minors=(0x10, 0x20, 0x30))
+            links[name], peers[name] = ia, addr_b
+        yield Topo(nl, a, b, links, peers)
+
+
+def delta(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """Packets per leaf class that changed between two snapshots (the 1:1 parent omitted)."""
+    out = {}
+    for cid, (_, pkts) in after.items():
+        d = pkts - before.get(cid, (0, 0))[1]
+        if d and cid & 0xFFFF != 1:
+            out[cid] = d
+    return out
+
+
+def byte_delta(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict:
+    return {
+        cid: b - before.get(cid, (0, 0))[0]
+        for cid, (b, _) in after.items()
+        if b != before.get(cid, (0, 0))[0] and cid & 0xFFFF != 1
+    }
+
+
+def send(
+    topo: Topo, ifname: str, count: int, cg: Cgroup | None = None, **kw: Any
+) -> dict[int, int]:
+    """Send `count` datagrams out of `ifname` from a fresh child (in cg if given); class deltas."""
+    before = topo.counters(ifname)
+    child = lab.spawn(
+        lab.UdpSender(topo.peers[ifname], count, PAYLOAD, **kw),
+        netns_path=topo.path_a,
+        cgroup=cg.path if cg is not None else None,
+    )
+    sent = int(child.go().split()[0])
+    assert sent == count
+    return delta(before, topo.counters(ifname))
+
+
+def our_bpf_objects() -> tuple[int, int]:
+    """(programs named pelagos_net_*, maps named net_*) alive on the system, via bpftool."""
+    progs = json.loads(
+        subprocess.run(
+            ["bpftool", "-j", "prog", "show"], capture_output=True, check=True, text=True
+        ).stdout
+    )
+    maps = json.loads(
+        subprocess.run(
+            ["bpftool", "-j", "map", "show"], capture_output=True, check=True, text=True
+        ).stdout
+    )
+    n_progs = sum(1 for p in progs if p.get("name", "").startswith("pelagos_net_"))
+    n_maps = sum(1 for m in maps if m.get("name", "") in ("net_cfg", "net_acct", "net_prios"))
+    return n_progs, n_maps
+
+
+@contextmanager
+def pid_in(netns_path: str) -> Iterator[int]:
+    """The pid of a child of ours living in netns_path for the duration of the block."""
+    child = lab.spawn(lab.Idle(), netns_path=netns_path)
+    try:
+        yield child.pid
+    finally:
+        child.kill()

@@ -1,0 +1,32 @@
+"""200 setup/teardown cycles leave no programs, maps, map entries or fds behind (root)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from net_helpers import our_bpf_objects, require_root
+
+from pelagos_bpf import CgroupConfig, bpfsys, net, setup_cgroup, teardown_cgroup
+from pelagos_bpf.net.program import PRIO_KEY
+
+pytestmark = [pytest.mark.root]
+CYCLES = 200
+
+
+def test_setup_teardown_cycles_do_not_leak(cg_root) -> None:
+    require_root()
+    # The per-process programs and maps are loaded once, before the baseline, on purpose:
+    # they are shared by every cgroup and live as long as this process.
+    sh = net.shared_programs()
+    base_objects = our_bpf_objects()
+    base_fds = len(os.listdir("/proc/self/fd"))
+    for i in range(CYCLES):
+        cfg = CgroupConfig(net_classid=0x10010, net_priorities=[("lo", 0x10020)], path=f"l{i}")
+        cg = setup_cgroup(cfg, None, root=cg_root)
+        assert len(net.read_config(cg).priorities) == 1  # entries exist while attached
+        teardown_cgroup(cg)
+        assert not cg.path.exists()
+    assert our_bpf_objects() == base_objects
+    assert len(os.listdir("/proc/self/fd")) == base_fds
+    assert bpfsys.map_keys(sh.maps["net_prios"], PRIO_KEY.size) == []

@@ -1,0 +1,265 @@
+"""Run the test suite inside QEMU guests of Debian kernels (the kernel matrix).
+
+    python -m tests.vm.run                      # default kernels, full guest suite
+    python -m tests.vm.run --kernel 6.12 -- -k memory -x
+    python -m tests.vm.run --kernel 6.1 --cmd 'python -c "import pelagos_bpf"'
+    python -m tests.vm.run --list
+
+Why a guest at all: the development host's cgroups are hybrid (every v1 controller taken), so
+controller files can only be proven on a pure cgroup v2 kernel; and the library must work on
+the kernels people run (Debian 6.1 and 6.12), not only on the host's. Stdlib only, so it runs
+before (and independently of) the project's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import kernels, qemu
+
+PROJECT = Path(__file__).resolve().parents[2]
+GUEST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-m", "not matrix", "-rs")
+BPF_CACHE_NAME = "bpf-cache"
+
+
+@dataclass
+class KernelResult:
+    name: str
+    package: str
+    release: str
+    run: qemu.GuestRun
+    attempts: int
+    counts: dict[str, int] = field(default_factory=dict)  # from pytest's junit xml
+
+    @property
+    def ok(self) -> bool:
+        return self.run.status == 0
+
+    def summary(self) -> str:
+        r = self.run
+        if r.status is None:
+            verdict = "TIMEOUT" if r.timed_out else "CRASH"
+        else:
+            verdict = "PASS" if r.status == 0 else f"FAIL(exit {r.status})"
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items()) or "no junit"
+        boot = f"{r.boot_seconds:.1f}s" if r.boot_seconds is not None else "-"
+        retried = f" attempts={self.attempts}" if self.attempts > 1 else ""
+        return (
+            f"{self.name:<11} {self.release:<28} {verdict:<12} {counts}  "
+            f"boot={boot} wall={r.wall_seconds:.1f}s{retried}"
+        )
+
+
+def venv_python(project: Path = PROJECT) -> Path:
+    p = project / ".venv" / "bin" / "python"
+    return p if p.exists() else Path(sys.executable)
+
+
+def job_script(
+    project: Path, python: Path, argv: list[str] | None, cmd: str | None, kernel: str
+) -> str:
+    """The guest's job: environment for a read-only project tree, then pytest (or `cmd`)."""
+    env = {
+        "PATH": f"{python.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        "TMPDIR": "/tmp",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
+        "PELAGOS_BPF_CACHE": f"{qemu.GUEST_OUT}/{BPF_CACHE_NAME}",
+        "PELAGOS_VM_KERNEL": kernel,
+    }
+    lines = ["set -e", f"cd {shlex.quote(str(project))}"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    if cmd is not None:
+        lines.append(f"exec /bin/sh -c {shlex.quote(cmd)}")
+    else:
+        full = [str(python), "-m", "pytest", *GUEST_PYTEST_ARGS]
+        full += [f"--junitxml={qemu.GUEST_OUT}/junit.xml", *(argv or [])]
+        lines.append("exec " + shlex.join(full))
+    return "\n".join(lines) + "\n"
+
+
+def prefill_bpf_cache(python: Path, dest: Path, log=print) -> bool:
+    """Compile the BPF programs on the host so the guest never runs bcc/LLVM under TCG."""
+    cli = python.parent / "pelagos-bpf"
+    argv = [str(cli)] if cli.exists() else [str(python), "-m", "pelagos_bpf.cli"]
+    env = dict(os.environ, PELAGOS_BPF_CACHE=str(dest))
+    try:
+        r = subprocess.run(
+            [*argv, "compile"], env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        log(f"vm: BPF cache not pre-filled ({e}); the guest compiles on demand")
+        return False
+    if r.returncode != 0:
+        why = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
+        log(f"vm: `pelagos-bpf compile` failed ({why[0]}); the guest compiles on demand")
+        return False
+    n = sum(1 for p in dest.rglob("*") if p.is_file())
+    log(f"vm: BPF cache pre-filled ({n} files)")
+    return True
+
+
+def parse_junit(data: bytes | None) -> dict[str, int]:
+    if not data:
+        return {}
+    root = ET.fromstring(data)
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for s in suites:
+        for k in tot:
+            tot[k] += int(s.get(k, 0))
+    passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
+    return {
+        "passed": passed,
+        "skipped": tot["skipped"],
+        "failed": tot["failures"],
+        "errors": tot["errors"],
+    }
+
+
+def run_kernel(
+    name: str,
+    pytest_args: list[str] | None = None,
+    *,
+    cmd: str | None = None,
+    bpf_cache: Path | None = None,
+    timeout: float = 1800.0,
+    boot_timeout: float = 180.0,
+    keep: Path | None = None,
+    log=print,
+) -> KernelResult:
+    """Boot kernel `name`, run the guest suite (or `cmd`), retrying once if it dies in boot."""
+    k = kernels.ensure_kernel(name, log=log)
+    python = venv_python()
+    job = job_script(PROJECT, python, pytest_args, cmd, name)
+    share = [PROJECT, Path(os.path.realpath(python))]
+    prefill = {BPF_CACHE_NAME: bpf_cache} if bpf_cache else None
+    attempts = 0
+    while True:
+        attempts += 1
+        log(f"vm: booting {name} ({k.package}, {k.boot_image.name})")
+        r = qemu.boot(
+            k,
+            job,
+            share_paths=share,
+            prefill=prefill,
+            timeout=timeout,
+            boot_timeout=boot_timeout,
+            keep=keep,
+            log=log,
+        )
+        if r.started or attempts >= 2:
+            break
+        log(f"vm: {name}: guest died before the job started; retrying once. Console tail:")
+        log(_tail(r.console, 30))
+    return KernelResult(
+        name=name,
+        package=k.package,
+        release=k.release,
+        run=r,
+        attempts=attempts,
+        counts=parse_junit(r.files.get("junit.xml")),
+    )
+
+
+def _tail(text: str, n: int) -> str:
+    return "\n".join("    | " + line for line in text.rstrip().splitlines()[-n:])
+
+
+def report(res: KernelResult, log=print) -> None:
+    """Print what the guest printed, then (on failure) the console tail, then the summary."""
+    r = res.run
+    log(f"---- {res.name}: guest output ----")
+    log(r.output.rstrip() or "(none)")
+    if not res.ok:
+        why = "timed out" if r.timed_out else "no exit status (crash?)"
+        if r.status is not None:
+            why = f"exit status {r.status}"
+        log(f"---- {res.name}: {why}; console tail ----")
+        log(_tail(r.console, 40))
+    log(f"==== {res.summary()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pytest_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, pytest_args = argv[:i], argv[i + 1 :]
+    ap = argparse.ArgumentParser(prog="python -m tests.vm.run", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--kernel",
+        action="append",
+        help=f"short name ({', '.join(kernels.META_PACKAGES)}) or linux-image-* package; "
+        f"repeatable; default {' '.join(kernels.DEFAULT_KERNELS)}",
+    )
+    ap.add_argument("--cmd", help="run this shell command in the guest instead of pytest")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per kernel, seconds")
+    ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
+    ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
+    ap.add_argument("--no-bpf-cache", action="store_true", help="don't pre-compile BPF programs")
+    ap.add_argument("--fetch-only", action="store_true", help="download/unpack and exit")
+    ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
+    args = ap.parse_args(argv)
+    names = args.kernel or list(kernels.DEFAULT_KERNELS)
+
+    if args.list:
+        for n in kernels.META_PACKAGES:
+            print(f"{n:<11} {kernels.resolve_package(n)}")
+        print(f"cache: {kernels.cache_dir()} (${kernels.CACHE_ENV})")
+        return 0
+    if args.fetch_only:
+        for n in names:
+            k = kernels.ensure_kernel(n)
+            print(f"{n}: {k.boot_image}")
+        return 0
+    missing = qemu.missing_tools()
+    if missing:
+        print(f"vm: cannot boot guests, missing: {', '.join(missing)} (run scripts/bootstrap)")
+        return 2
+
+    t0 = time.monotonic()
+    results: list[KernelResult] = []
+    with tempfile.TemporaryDirectory(prefix="pelagos-vm-bpf-") as tmp:
+        bpf_cache: Path | None = None
+        if not args.no_bpf_cache and args.cmd is None:
+            bpf_cache = Path(tmp) / BPF_CACHE_NAME
+            bpf_cache.mkdir()
+            if not prefill_bpf_cache(venv_python(), bpf_cache):
+                shutil.rmtree(bpf_cache)
+                bpf_cache = None
+        for n in names:
+            keep = args.keep / n if args.keep else None
+            res = run_kernel(
+                n,
+                pytest_args,
+                cmd=args.cmd,
+                bpf_cache=bpf_cache,
+                timeout=args.timeout,
+                boot_timeout=args.boot_timeout,
+                keep=keep,
+            )
+            report(res)
+            results.append(res)
+    print(f"==== kernel matrix: {len(results)} kernels in {time.monotonic() - t0:.0f}s")
+    for res in results:
+        print(f"     {res.summary()}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
