@@ -7,7 +7,7 @@
 2. per-open overhead of /dev/null in a cgroup with 1, 16, 1000 rules vs no program (our
    generic program, and the runc-shaped filter for contrast), timed by a C loop inside it.
 
-Usage: .venv/bin/python bench/bench_devices.py [--n 300] [--rounds 3] [--opens 50000]
+Usage: .venv/bin/python bench/bench_devices.py [--n 60] [--rounds 10] [--opens 50000]
 """
 
 from __future__ import annotations
@@ -121,10 +121,6 @@ def sleeper() -> int:
     return pid
 
 
-def med_us(ns: Sequence[float]) -> float:
-    return statistics.median(ns) / 1000
-
-
 def never_seen(i: int) -> list[R]:
     return [*RULES, R(True, "c", 242, i % 1_000_000, "rw")]
 
@@ -140,7 +136,12 @@ def remove_tree(d: Path) -> None:
 # ---------------------------------------------------------------- 1. setup
 
 
-def bench_c_setup(exe: Path, parent: Path, pid: int, progs: list[bytes], n: int, tmp: Path):
+Timings = list[tuple[int, int, int, int]]  # (setup, setup+teardown) wall ns, then CPU ns
+
+
+def bench_c_setup(
+    exe: Path, parent: Path, pid: int, progs: list[bytes], n: int, tmp: Path
+) -> Timings:
     pf = tmp / "progs.bin"
     with open(pf, "wb") as f:
         f.write(struct.pack("<I", len(progs)))
@@ -152,27 +153,42 @@ def bench_c_setup(exe: Path, parent: Path, pid: int, progs: list[bytes], n: int,
         capture_output=True,
         text=True,
     ).stdout.split("\n")
-    pairs = [tuple(map(int, line.split())) for line in out if line.strip()]
-    return [a for a, _ in pairs], [b for _, b in pairs]
+    return [tuple(map(int, line.split())) for line in out if line.strip()]  # type: ignore[misc]
 
 
 def bench_py_setup(
     root: Path, parent: Path, pid: int, rules_for: Callable[[int], list[R]], n: int, tag: str
-) -> tuple[list[int], list[int]]:
-    setup, total = [], []
+) -> Timings:
+    out: Timings = []
     rel = parent.relative_to(root)
     parent_procs = parent / "cgroup.procs"
+    wall, cpu = time.perf_counter_ns, time.thread_time_ns
     for i in range(n):
         cfg = CgroupConfig(device_rules=rules_for(i), path=f"{rel}/{tag}{i}")
-        t0 = time.perf_counter_ns()
+        c0, t0 = cpu(), wall()
         cg = setup_cgroup(cfg, pid, root=root)
-        t1 = time.perf_counter_ns()
+        t1, c1 = wall(), cpu()
         parent_procs.write_text(str(pid))
         teardown_cgroup(cg)
-        t2 = time.perf_counter_ns()
-        setup.append(t1 - t0)
-        total.append(t2 - t0)
-    return setup, total
+        t2, c2 = wall(), cpu()
+        out.append((t1 - t0, t2 - t0, c1 - c0, c2 - c0))
+    return out
+
+
+def print_setup(rows: list[tuple[str, Timings]]) -> None:
+    def med(t: Timings, col: int) -> float:
+        return statistics.median(x[col] for x in t) / 1000
+
+    c = rows[0][1]
+    for title, s_col, t_col in (("wall clock", 0, 1), ("thread CPU time", 2, 3)):
+        print(f"\n== setup with DEFAULT_DEVICE_RULES + 3 rules: {title} ({len(c)} runs, medians)")
+        print(f"{'variant':46} {'setup us':>9} {'ratio':>6} {'+teardown us':>13} {'ratio':>6}")
+        for name, t in rows:
+            s, tt = med(t, s_col), med(t, t_col)
+            print(
+                f"{name:46} {s:9.1f} {s / med(c, s_col):6.2f} {tt:13.1f} {tt / med(c, t_col):6.2f}"
+            )
+    print("(ratio < 1: faster than the C floor)")
 
 
 # ---------------------------------------------------------------- 2. per-open
@@ -243,11 +259,66 @@ def bench_opens(exe: Path, parent: Path, opens: int, rounds: int) -> None:
         print(f"{name:26} {statistics.median(c):8.1f} {statistics.median(c) - base:12.1f}{insns}")
 
 
+_FIRST = """
+import os, sys, time
+from pelagos_bpf.cgroup import Cgroup
+from pelagos_bpf import devices
+from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, program  # imports are not timed
+cg = Cgroup.open(sys.argv[1])
+t0 = time.perf_counter_ns()
+devices.attach_devices(cg, DEFAULT_DEVICE_RULES)
+t1 = time.perf_counter_ns()
+devices.attach_devices(cg, DEFAULT_DEVICE_RULES)  # second call: update in place
+t2 = time.perf_counter_ns()
+devices.detach_devices(cg)
+print((t1 - t0) / 1000, (t2 - t1) / 1000)
+"""
+
+
+def bench_first_attach(parent: Path, tmp: Path, runs: int) -> None:
+    """A fresh process's first attach: load once (no pin) or fetch the pinned program."""
+    pin_dir = tmp / "bpffs"
+    pin_dir.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(pin_dir)], check=True)
+    try:
+        print("\n== first attach in a fresh process (medians; bytecode cache warm)")
+        for label, env in (
+            ("no pin: cache read + 3 map creates + PROG_LOAD", {}),
+            (
+                "$PELAGOS_BPF_PIN_DIR: fetch the pinned program",
+                {"PELAGOS_BPF_PIN_DIR": str(pin_dir)},
+            ),
+        ):
+            firsts, seconds = [], []
+            for i in range(runs):
+                d = parent / f"first{i}"
+                d.mkdir()
+                out = subprocess.run(
+                    [sys.executable, "-c", _FIRST, str(d)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, **env},
+                ).stdout.split()
+                d.rmdir()
+                firsts.append(float(out[0]))
+                seconds.append(float(out[1]))
+            print(
+                f"{label:50} first {statistics.median(firsts):8.0f} us, "
+                f"then {statistics.median(seconds):6.0f} us"
+            )
+        for p in pin_dir.iterdir():
+            if p.name.startswith(devprog.PROG_NAME):
+                p.unlink()
+    finally:
+        subprocess.run(["umount", str(pin_dir)], check=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--n", type=int, default=60, help="runs per variant per round")
     ap.add_argument("--opens", type=int, default=50_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--open-rounds", type=int, default=9)
     args = ap.parse_args()
     root = discover().root
@@ -269,39 +340,28 @@ def main() -> int:
                 f"process (load + 3 map creates: {first_load_us:.0f} us, before the timings)"
             )
             n = args.n
-            c_set, c_tot, py_set, py_tot, new_set, new_tot = [], [], [], [], [], []
+            c_runs: Timings = []
+            py_runs: Timings = []
+            new_runs: Timings = []
             warm = [runc_program(RULES)]
             bench_c_setup(exe, parent, pid, warm, 20, tmp)
             bench_py_setup(root, parent, pid, lambda i: RULES, 20, "w")
             for r in range(args.rounds):  # interleaved rounds: drift hits all variants alike
                 progs = [runc_program(never_seen(r * n + i)) for i in range(n)]
-                a, b = bench_c_setup(exe, parent, pid, progs, n, tmp)
-                c_set += a
-                c_tot += b
-                a, b = bench_py_setup(root, parent, pid, lambda i: RULES, n, f"r{r}_")
-                py_set += a
-                py_tot += b
-                a, b = bench_py_setup(
+                c_runs += bench_c_setup(exe, parent, pid, progs, n, tmp)
+                py_runs += bench_py_setup(root, parent, pid, lambda i: RULES, n, f"r{r}_")
+                new_runs += bench_py_setup(
                     root, parent, pid, lambda i, r=r: never_seen(10_000 + r * n + i), n, f"n{r}_"
                 )
-                new_set += a
-                new_tot += b
-            print(f"\n== setup with DEFAULT_DEVICE_RULES + 3 rules ({len(c_set)} runs, medians)")
-            print(f"{'variant':46} {'setup us':>9} {'ratio':>6} {'+teardown us':>13} {'ratio':>6}")
-            cs, ct = med_us(c_set), med_us(c_tot)
-            rows = [
-                ("C, peers' syscalls (per-container PROG_LOAD)", c_set, c_tot),
-                ("Python setup_cgroup, repeated rule set", py_set, py_tot),
-                ("Python setup_cgroup, never-seen rule sets", new_set, new_tot),
-            ]
-            for name, s, t in rows:
-                print(
-                    f"{name:46} {med_us(s):9.1f} {med_us(s) / cs:6.2f} "
-                    f"{med_us(t):13.1f} {med_us(t) / ct:6.2f}"
-                )
-            print("(ratio < 1: faster than the C floor)")
-
+            print_setup(
+                [
+                    ("C, peers' syscalls (per-container PROG_LOAD)", c_runs),
+                    ("Python setup_cgroup, repeated rule set", py_runs),
+                    ("Python setup_cgroup, never-seen rule sets", new_runs),
+                ]
+            )
             bench_opens(exe, parent, args.opens, args.open_rounds)
+            bench_first_attach(parent, tmp, 7)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

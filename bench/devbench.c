@@ -4,7 +4,8 @@
  *        mkdir, PROG_LOAD of a runc-shaped filter, PROG_ATTACH (MULTI), write PID to
  *        cgroup.procs; then cleanup (PID back to PARENT, close, rmdir). PROGFILE holds
  *        u32 count, then per program u32 insn count + insns (iteration i uses i % count).
- *        Prints "setup_ns total_ns" per iteration.
+ *        Prints "setup_ns total_ns setup_cpu_ns total_cpu_ns" per iteration (wall clock, then
+ *        this thread's CPU time, which other load on the machine does not inflate).
  * open   N: open+close /dev/null N times; prints thread-CPU ns per open.
  */
 #define _GNU_SOURCE
@@ -23,6 +24,12 @@
 static uint64_t now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static uint64_t cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
@@ -60,7 +67,7 @@ static int setup(const char *parent, const char *pid, const char *progfile, int 
     for (int i = 0; i < n; i++) {
         snprintf(dir, sizeof dir, "%s/c%d", parent, i);
         snprintf(procs, sizeof procs, "%s/cgroup.procs", dir);
-        uint64_t t0 = now();
+        uint64_t c0 = cpu_now(), t0 = now();
         if (mkdir(dir, 0755))
             die("mkdir");
         int cg = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -83,22 +90,18 @@ static int setup(const char *parent, const char *pid, const char *progfile, int 
         if (syscall(SYS_bpf, BPF_PROG_ATTACH, &a, sizeof a))
             die("BPF_PROG_ATTACH");
         write_str(procs, pid);
-        uint64_t t1 = now();
+        uint64_t t1 = now(), c1 = cpu_now();
         write_str(parent_procs, pid);
         close(prog);
         close(cg);
         if (rmdir(dir))
             die("rmdir");
-        uint64_t t2 = now();
-        printf("%llu %llu\n", (unsigned long long)(t1 - t0), (unsigned long long)(t2 - t0));
+        uint64_t t2 = now(), c2 = cpu_now();
+        printf("%llu %llu %llu %llu\n", (unsigned long long)(t1 - t0),
+               (unsigned long long)(t2 - t0), (unsigned long long)(c1 - c0),
+               (unsigned long long)(c2 - c0));
     }
     return 0;
-}
-
-static uint64_t cpu_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
 /* Thread CPU time, not wall time: other load on the machine does not count, while the device

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import controllers
 from ._features import feature, feature_func
+from .cgroupfs import missing_controller_reason, read_text, subtree_dirs, write_file
 from .config import CgroupConfig
 from .controllers import Write
 from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSettings
@@ -28,9 +29,6 @@ from .validate import validate_config, validate_path
 
 TEARDOWN_TIMEOUT = 10.0
 KILL_FILE = "cgroup.kill"  # a module constant so tests can force the pre-5.14 fallback
-
-# cgroup v2 controller name -> its cgroup v1 name (for the "bound to v1" diagnosis).
-_V1_NAME = {"io": "blkio"}
 
 
 @dataclass
@@ -85,73 +83,6 @@ class Cgroup:
         teardown_cgroup(self)
 
 
-# ---------------------------------------------------------------- small cgroupfs helpers
-
-
-def write_file(path: Path, value: str, setting: str) -> None:
-    """One write(2) of `value` (cgroupfs parses one value per write); errors name the setting."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # as runc
-    except OSError as e:
-        raise CgroupError(e.errno, f"{setting}: cannot open {path}: {e.strerror}") from e
-    try:
-        os.write(fd, value.encode())
-    except OSError as e:
-        raise CgroupError(
-            e.errno, f"{setting}: writing {value!r} to {path} failed: {e.strerror}"
-        ) from e
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-def _v1_bound() -> dict[str, tuple[int, bool]]:
-    """/proc/cgroups: controller -> (v1 hierarchy id, enabled)."""
-    out = {}
-    for line in _read(Path("/proc/cgroups")).splitlines():
-        if line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) >= 4:
-            out[parts[0]] = (int(parts[1]), parts[3] == "1")
-    return out
-
-
-def missing_controller_reason(ctrl: str, root: Path) -> str:
-    """Why `ctrl` is not offered in root/cgroup.controllers, as precisely as the host tells."""
-    base = f"the {ctrl} controller is not available in {root}/cgroup.controllers"
-    info = _v1_bound().get(_V1_NAME.get(ctrl, ctrl))
-    if info is not None and not info[1]:
-        return base + " (it is disabled on the kernel command line)"
-    if info is not None and info[0] != 0:
-        return base + " (it is bound to cgroup v1 on this host)"
-    return base + " (not enabled in the parent's cgroup.subtree_control, or not built in)"
-
-
-def _subtree_dirs(path: Path) -> list[Path]:
-    """All cgroup dirs under and including path, deepest first."""
-    out: list[Path] = []
-
-    def walk(p: Path) -> None:
-        try:
-            entries = list(os.scandir(p))
-        except FileNotFoundError:
-            return
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                walk(Path(e.path))
-        out.append(p)
-
-    walk(path)
-    return out
-
-
 # ---------------------------------------------------------------- planning (no side effects)
 
 
@@ -167,7 +98,7 @@ class _Plan:
 
 def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _Plan:
     problems = [(u.setting, u.reason) for u in controllers.unsupported(cfg)]
-    available = set(_read(root / "cgroup.controllers").split())
+    available = set(read_text(root / "cgroup.controllers").split())
     writes = []
     for w in controllers.plan(cfg):
         if w.controller in available:
@@ -291,7 +222,7 @@ def _enable_controllers(root: Path, target: Path, needed: list[str]) -> None:
     parts = target.relative_to(root).parts
     for d in [root] + [root.joinpath(*parts[:i]) for i in range(1, len(parts))]:
         ctl = d / "cgroup.subtree_control"
-        missing = [c for c in needed if c not in _read(ctl).split()]
+        missing = [c for c in needed if c not in read_text(ctl).split()]
         if not missing:
             continue
         try:
@@ -366,7 +297,7 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
                     fn(cg)
                 except Exception as e:
                     errors.append(e)
-        for d in _subtree_dirs(cg.path):
+        for d in subtree_dirs(cg.path):
             try:
                 os.rmdir(d)
             except FileNotFoundError:
@@ -388,7 +319,7 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
 
 def _kill_all(path: Path, timeout: float) -> None:
     """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid."""
-    if not _read(path / "cgroup.events").count("populated 1"):
+    if not read_text(path / "cgroup.events").count("populated 1"):
         return
     kill_file = path / KILL_FILE
     if kill_file.exists():
@@ -396,7 +327,7 @@ def _kill_all(path: Path, timeout: float) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = [int(p) for d in _subtree_dirs(path) for p in _read(d / "cgroup.procs").split()]
+        pids = [int(p) for d in subtree_dirs(path) for p in read_text(d / "cgroup.procs").split()]
         if not pids:
             return
         for p in pids:  # these are the container's own processes: the cgroup is ours
@@ -408,7 +339,7 @@ def _kill_all(path: Path, timeout: float) -> None:
 def _wait_unpopulated(path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.0005
-    while "populated 1" in _read(path / "cgroup.events"):
+    while "populated 1" in read_text(path / "cgroup.events"):
         if time.monotonic() >= deadline:
             raise CgroupError(errno.EBUSY, f"{path} still has processes after {timeout}s")
         time.sleep(delay)
@@ -425,7 +356,7 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
     re-resolved (in the netns of the cgroup's first process) and swapped with `update_net`.
     """
     validate_config(cfg)
-    procs = _read(cg.path / "cgroup.procs").split()
+    procs = read_text(cg.path / "cgroup.procs").split()
     # A cgroup's own cgroup.controllers says which controller files it has: plan against it.
     plan = _plan(cfg, int(procs[0]) if procs else None, cg.path, "auto")
     if plan.problems:

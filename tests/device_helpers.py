@@ -113,19 +113,26 @@ def grid(devices: Iterable[tuple[str, int, int]]) -> list[Probe]:
     return [(k, ma, mi, op) for k, ma, mi in devices for op in OPS]
 
 
-def count_named(kind: str, names: set[str]) -> int:
-    """How many loaded progs/maps (kind "prog" or "map") carry one of these names (bpftool)."""
+def progs_using_map(map_id: int) -> list[int]:
+    """Ids of every loaded program (any process) that uses this map (bpftool)."""
     out = subprocess.run(
-        ["bpftool", "-j", kind, "show"], check=True, capture_output=True, text=True
+        ["bpftool", "-j", "prog", "show"], check=True, capture_output=True, text=True
     ).stdout
-    return sum(1 for obj in json.loads(out or "[]") if obj.get("name") in names)
+    return [p["id"] for p in json.loads(out or "[]") if map_id in p.get("map_ids", [])]
 
 
-def count_all(kind: str) -> int:
-    out = subprocess.run(
-        ["bpftool", "-j", kind, "show"], check=True, capture_output=True, text=True
-    ).stdout
-    return len(json.loads(out or "[]"))
+def bpf_fds() -> dict[str, int]:
+    """This process's open BPF objects by kind ("bpf-prog", "bpf-map", ...)."""
+    out: dict[str, int] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:bpf"):
+            kind = target.removeprefix("anon_inode:")
+            out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 # ---------------------------------------------------------------- hypothesis strategies

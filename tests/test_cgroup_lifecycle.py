@@ -295,3 +295,24 @@ def test_rollback_detaches_features(cg_root: Path, spawn, monkeypatch: pytest.Mo
     assert e.value.errno == errno.ESRCH
     assert calls == ["net", "devices"]
     assert subdirs(cg_root) == []
+
+
+def test_update_replaces_device_rules_and_refuses_unavailable(cg_root: Path) -> None:
+    from pelagos_bpf import update_cgroup
+
+    deny = [CgroupDeviceRule(False, "c", 1, 3, "rwm")]
+    cg = setup_cgroup(CgroupConfig(device_rules=deny, path=rel(cg_root, "up")), None)
+    try:
+        report = update_cgroup(cg, CgroupConfig(device_rules=[CgroupDeviceRule(True)]))
+        assert report.applied == ["device_rules"]
+        p = subprocess.Popen(["sh", "-c", "read go; exec 3</dev/null"], stdin=subprocess.PIPE)
+        (cg.path / "cgroup.procs").write_text(str(p.pid))
+        p.communicate(b"go\n", timeout=10)
+        assert p.returncode == 0
+        if "pids" not in root_controllers():
+            with pytest.raises(UnsupportedSettings) as e:
+                update_cgroup(cg, CgroupConfig(pids_limit=5))
+            assert e.value.problems[0][0] == "pids_limit"
+    finally:
+        teardown_cgroup(cg)
+    assert subdirs(cg_root) == []

@@ -16,9 +16,10 @@ from device_helpers import (
     FREE_CHAR,
     PROBE_DEVICES,
     REAL_CHAR,
-    count_named,
+    bpf_fds,
     grid,
     probe,
+    progs_using_map,
     rules_st,
 )
 from hypothesis import HealthCheck, given, settings
@@ -228,6 +229,7 @@ def test_attach_failure_leaves_nothing(make_cgroup: Callable[[str], Cgroup]) -> 
         with pytest.raises(BpfError) as ei:
             attach_devices(cg, RULES)
         assert ei.value.errno == errno.EPERM
+        assert "ALLOW_MULTI" in str(ei.value)
         assert len(bpfsys.prog_query(fd, AttachType.CGROUP_DEVICE)) == 1  # only the exclusive one
         assert rule_entries_of(cg.id) == 0
         bpfsys.prog_detach(prog, fd, AttachType.CGROUP_DEVICE)
@@ -266,22 +268,27 @@ def test_other_process_updates_audits_and_detaches(make_cgroup: Callable[[str], 
 
 
 def test_no_leak_over_setup_teardown_and_updates(cg_root: Path) -> None:
-    """200 setup/teardown + 100 update cycles: progs, maps and entries back to the baseline.
+    """200 setup/teardown + 100 update cycles: programs, maps, fds and entries at baseline.
 
     The one shared program (and its 3 maps) is loaded before the baseline: that is the design.
-    Counting only our names keeps the test immune to other suites loading programs meanwhile.
+    Other suites may load programs meanwhile, so kernel-wide counts are taken over what our
+    design can leak: programs using our maps (only the shared one), BPF fds this process holds
+    (foreign handles must be closed), attachments (checked per cgroup) and map entries.
     """
-    program.own_program()
-    names_p, names_m = {program.PROG_NAME}, set(program.MAP_SPECS)
-    rules_fd = program.own_program().maps["dev_rules"]
-    base = (count_named("prog", names_p), count_named("map", names_m))
-    base_entries = len(bpfsys.map_keys(rules_fd, enc.RULE_KEY.size))
+    prog = program.own_program()
+    rules_map_id = bpfsys.map_info(prog.maps["dev_rules"]).id
+    base_progs = progs_using_map(rules_map_id)
+    base_fds = bpf_fds()
+    base_entries = len(bpfsys.map_keys(prog.maps["dev_rules"], enc.RULE_KEY.size))
+    assert base_progs == [prog.id]
     for i in range(200):
         p = cg_root / f"leak{i}"
         p.mkdir()
         cg = Cgroup.open(p)
         attach_devices(cg, [*RULES, R(True, "c", 242, i, "r")])
+        assert our_prog_ids(cg) == [prog.id]
         detach_devices(cg)
+        assert our_prog_ids(cg) == []
         p.rmdir()
     p = cg_root / "upd"
     p.mkdir()
@@ -289,11 +296,12 @@ def test_no_leak_over_setup_teardown_and_updates(cg_root: Path) -> None:
     attach_devices(cg, RULES)
     for i in range(100):
         update_devices(cg, [*RULES, R(True, "c", 242, i, "r")])
-    assert len(our_prog_ids(cg)) == 1
+    assert our_prog_ids(cg) == [prog.id]
     detach_devices(cg)
     p.rmdir()
-    assert (count_named("prog", names_p), count_named("map", names_m)) == base
-    assert len(bpfsys.map_keys(rules_fd, enc.RULE_KEY.size)) == base_entries
+    assert progs_using_map(rules_map_id) == base_progs
+    assert bpf_fds() == base_fds
+    assert len(bpfsys.map_keys(prog.maps["dev_rules"], enc.RULE_KEY.size)) == base_entries
 
 
 def test_pinned_program_shared_across_processes(cg_root: Path, tmp_path: Path) -> None:

@@ -129,3 +129,15 @@ def test_parse_rule_round_trips_str() -> None:
         parse_rule("allow c 1")
     with pytest.raises(ConfigError, match="kind"):
         parse_rule("allow q 1:3 r")
+
+
+def test_validation_cache_is_not_fooled_by_equal_values() -> None:
+    good = [R(True, "c", 1, 3)]
+    validate_device_rules(good)
+    validate_device_rules(good)  # cached
+    with pytest.raises(ConfigError, match=r"device_rules\[0\]\.allow"):
+        validate_device_rules([R(1, "c", 1, 3)])  # type: ignore[arg-type]  # 1 == True
+    with pytest.raises(ConfigError, match=r"device_rules\[0\]\.major"):
+        validate_device_rules([R(True, "c", True, 3)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"device_rules\[0\]\.major"):
+        validate_device_rules([R(True, "c", [1], 3)])  # type: ignore[arg-type]  # unhashable

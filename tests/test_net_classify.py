@@ -224,6 +224,23 @@ def test_detach_is_idempotent(make_cgroup) -> None:
     net.detach_net(cg)  # cgroup gone
 
 
+def test_reattach_starts_counting_from_zero(make_cgroup) -> None:
+    cg = make_cgroup("re")
+    with topology() as t:
+        net.attach_net(cg, net.resolve_net(C10, [], None))
+        send(t, "va", 5, cg)
+        assert net.read_net_stats(cg)["egress_packets"] == 5
+        net.detach_net(cg)
+        # The kernel keeps the cgroup's storage until the cgroup dies; attach resets it.
+        net.attach_net(cg, net.resolve_net(C30, [], None))
+        try:
+            assert net.read_net_stats(cg)["egress_packets"] == 0
+            assert send(t, "va", 3, cg) == {C30: 3}
+            assert net.read_net_stats(cg)["egress_packets"] == 3
+        finally:
+            net.detach_net(cg)
+
+
 def test_another_process_finds_detaches_and_reads(make_cgroup) -> None:
     import subprocess
     import sys

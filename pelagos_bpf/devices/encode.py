@@ -111,13 +111,13 @@ def unpack_pattern(v: int) -> Pattern:
     return (v >> 34, ANY if major == 0x1FFF else major, ANY if minor == 0x1F_FFFF else minor)
 
 
-def rule_entries(rs: int, table: dict[Pattern, Winners]) -> list[tuple[bytes, bytes]]:
-    """Packed (key, value) pairs: per chunk of 16 patterns, an index entry then the patterns.
+def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], ...]:
+    """The entries of a ruleset minus the leading 8-byte ruleset key of each map key.
 
-    Index entries (type 0, major = chunk number) let any process find and delete exactly this
-    ruleset's entries without scanning the shared map or knowing the rules. Index first: a
-    crash between writes leaves index slots pointing at nothing (harmless to delete), never an
-    unindexed pattern.
+    Per chunk of 16 patterns: an index entry, then the patterns. Index entries (type 0, major =
+    chunk number) let any process find and delete exactly this ruleset's entries without
+    scanning the shared map or knowing the rules. Index first: a crash between writes leaves
+    index slots pointing at nothing (harmless to delete), never an unindexed pattern.
     """
     items = list(table.items())
     out = []
@@ -125,9 +125,20 @@ def rule_entries(rs: int, table: dict[Pattern, Winners]) -> list[tuple[bytes, by
         chunk = items[c : c + INDEX_CHUNK]
         packed = [pack_pattern(p) for p, _ in chunk]
         packed += [0] * (INDEX_CHUNK - len(packed))
-        out.append((index_key(rs, c // INDEX_CHUNK), INDEX_VAL.pack(*packed)))
-        out += [(RULE_KEY.pack(rs, *p), RULE_VAL.pack(*v)) for p, v in chunk]
-    return out
+        out.append((index_key(0, c // INDEX_CHUNK)[8:], INDEX_VAL.pack(*packed)))
+        out += [(RULE_KEY.pack(0, *p)[8:], RULE_VAL.pack(*v)) for p, v in chunk]
+    return tuple(out)
+
+
+def with_ruleset(rs: int, template: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Packed (key, value) pairs of a template for ruleset rs."""
+    head = rs.to_bytes(8, "little")
+    return [(head + suffix, val) for suffix, val in template]
+
+
+def rule_entries(rs: int, table: dict[Pattern, Winners]) -> list[tuple[bytes, bytes]]:
+    """Packed (key, value) pairs for ruleset rs (see entry_template)."""
+    return with_ruleset(rs, entry_template(table))
 
 
 def index_key(rs: int, chunk: int) -> bytes:

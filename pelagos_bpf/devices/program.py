@@ -19,12 +19,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from .. import bpfsys, progcache
 from ..bpfsys import AttachType, MapType, ProgType
 from ..config import CgroupDeviceRule
-from ..errors import BpfError
+from ..errors import BpfError, CgroupError
 from . import encode as enc
 from .rules import validate_device_rules
 
@@ -216,13 +217,33 @@ def delete_ruleset(prog: Program, rs: int) -> int:
         chunk += 1
 
 
-def write_ruleset(prog: Program, rs: int, table: dict[enc.Pattern, enc.Winners]) -> None:
+@dataclass(frozen=True)
+class Prepared:
+    """A validated rule list, encoded (the map entries minus their ruleset key)."""
+
+    n_patterns: int
+    template: tuple[tuple[bytes, bytes], ...]
+
+
+@lru_cache(maxsize=256)
+def _prepare(rules: tuple[CgroupDeviceRule, ...]) -> Prepared:
+    table = enc.encode_rules(rules)
+    return Prepared(len(table), enc.entry_template(table))
+
+
+def prepare(rules: Sequence[CgroupDeviceRule]) -> Prepared:
+    """Validate and encode (memoized: a repeated rule list costs a dict lookup)."""
+    validate_device_rules(rules)  # valid rules have exact types, so the cache key is exact
+    return _prepare(tuple(rules))
+
+
+def write_ruleset(prog: Program, rs: int, prep: Prepared) -> None:
     """Store a ruleset under rs (which must not be in use); all or nothing."""
     fd = prog.maps["dev_rules"]
-    delete_ruleset(prog, rs)  # leftovers of a crashed writer or a removed cgroup
+    delete_ruleset(prog, rs)  # leftovers of a crashed writer
     written: list[bytes] = []
     try:
-        for key, val in enc.rule_entries(rs, table):
+        for key, val in enc.with_ruleset(rs, prep.template):
             bpfsys.map_update(fd, key, val)
             written.append(key)
     except BpfError as e:
@@ -232,7 +253,7 @@ def write_ruleset(prog: Program, rs: int, table: dict[enc.Pattern, enc.Winners])
         raise BpfError(
             e.errno or errno.EIO,
             "device_rules",
-            f"cannot store {len(table)} rule patterns{hint}: {e.strerror}",
+            f"cannot store {prep.n_patterns} rule patterns{hint}: {e.strerror}",
         ) from e
 
 
@@ -240,13 +261,24 @@ def _switch(prog: Program, cgroup_id: int, rs: int) -> None:
     bpfsys.map_update(prog.maps["dev_cur"], _storage_key(cgroup_id), enc.STORAGE_VAL.pack(rs))
 
 
-def _attach_new(cgfd: int, cgroup_id: int, table: dict[enc.Pattern, enc.Winners]) -> None:
+def _attach_new(cgfd: int, cgroup_id: int, prep: Prepared) -> None:
     prog = own_program()
     rs = enc.ruleset_key(cgroup_id, 0)
     delete_ruleset(prog, enc.ruleset_key(cgroup_id, 1))
-    write_ruleset(prog, rs, table)
+    write_ruleset(prog, rs, prep)
     try:
-        bpfsys.prog_attach(prog.fd, cgfd, ATTACH, bpfsys.BPF_F_ALLOW_MULTI)
+        try:
+            bpfsys.prog_attach(prog.fd, cgfd, ATTACH, bpfsys.BPF_F_ALLOW_MULTI)
+        except BpfError as e:
+            hint = (
+                " (a program attached without BPF_F_ALLOW_MULTI on this cgroup or an ancestor "
+                "forbids more)"
+                if e.errno == errno.EPERM
+                else ""
+            )
+            raise BpfError(
+                e.errno or errno.EIO, "device_rules", f"cannot attach to the cgroup{hint}: {e}"
+            ) from e
         try:
             # Until this write the storage is 0, which the program treats as deny-all.
             _switch(prog, cgroup_id, rs)
@@ -258,10 +290,10 @@ def _attach_new(cgfd: int, cgroup_id: int, table: dict[enc.Pattern, enc.Winners]
         raise
 
 
-def _update(prog: Program, cgroup_id: int, table: dict[enc.Pattern, enc.Winners]) -> None:
+def _update(prog: Program, cgroup_id: int, prep: Prepared) -> None:
     old = current_ruleset(prog, cgroup_id)
     rs = enc.ruleset_key(cgroup_id, (old & 1) ^ 1 if old else 0)
-    write_ruleset(prog, rs, table)
+    write_ruleset(prog, rs, prep)
     try:
         _switch(prog, cgroup_id, rs)  # one map write: the atomic switch
     except BaseException:
@@ -289,9 +321,12 @@ def _open_cgroup(path: Path) -> int | None:
 
 def apply(cg_path: Path, cgroup_id: int, rules: Sequence[CgroupDeviceRule]) -> None:
     """Make `rules` the device rules of the cgroup: attach, update in place, or detach ([])."""
-    validate_device_rules(rules)
-    table = enc.encode_rules(rules)
-    cgfd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    prep = prepare(rules)
+    try:
+        cgfd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        msg = f"device_rules: cannot open cgroup {cg_path}: {e.strerror}"
+        raise CgroupError(e.errno, msg) from e
     try:
         with attached(cgfd) as progs:
             if not rules:
@@ -299,9 +334,9 @@ def apply(cg_path: Path, cgroup_id: int, rules: Sequence[CgroupDeviceRule]) -> N
                     _detach(prog, cgfd, cgroup_id)
                 return
             if not progs:
-                _attach_new(cgfd, cgroup_id, table)
+                _attach_new(cgfd, cgroup_id, prep)
                 return
-            _update(progs[0], cgroup_id, table)
+            _update(progs[0], cgroup_id, prep)
             for extra in progs[1:]:  # two runtimes raced: keep one program
                 _detach(extra, cgfd, cgroup_id)
     finally:

@@ -9,6 +9,7 @@ requested bit is.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from ..config import CgroupDeviceRule
@@ -70,8 +71,32 @@ def validate_device_rules(rules: Any) -> None:
     """Raise ConfigError naming `device_rules[i].field` for the first malformed rule."""
     if not isinstance(rules, list | tuple):
         raise ConfigError("device_rules", rules, "must be a list of CgroupDeviceRule")
+    if all(map(_exact, rules)):
+        _validated(tuple(rules))  # a rule list seen before is not checked again
+    else:
+        _check_each(rules)
+
+
+def _exact(rule: Any) -> bool:
+    """Exact field types, so equal rules are identical rules (True == 1 would fool a cache)."""
+    return (
+        type(rule) is CgroupDeviceRule
+        and type(rule.allow) is bool
+        and type(rule.kind) is str
+        and type(rule.major) is int
+        and type(rule.minor) is int
+        and type(rule.access) is str
+    )
+
+
+def _check_each(rules: Sequence[Any]) -> None:
     for i, rule in enumerate(rules):
         validate_device_rule(rule, f"device_rules[{i}]")
+
+
+@lru_cache(maxsize=256)
+def _validated(rules: tuple[Any, ...]) -> None:
+    _check_each(rules)
 
 
 def validate_access(access: Any, setting: str = "access") -> None:

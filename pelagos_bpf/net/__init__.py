@@ -1,16 +1,41 @@
 """net_cls / net_prio semantics on cgroup v2 through cgroup_skb programs, plus IP accounting.
 
-- `net_classid` (major<<16|minor): packets sent by the cgroup's sockets carry the classid in
-  skb->priority (HTB classifies priority == classid directly) or, with the "mark" carrier, in
-  skb->mark (pair with `tc.add_fw_filter` or nft/iptables `meta mark`).
-- `net_priorities` [(ifname, prio)]: per egress interface priority, written only while the
-  packet's priority is still 0 (net_prio semantics; an app's SO_PRIORITY is kept). Names are
-  resolved once, in the netns of the pid given to setup; an interface created later is not
-  covered until `update_net` with a fresh `resolve_net`.
-- Accounting: IPv4/IPv6 bytes and packets per cgroup, egress and ingress (`read_net_stats`).
+Settings (CgroupConfig.net_classid / net_priorities, setup_cgroup's `net_carrier`):
 
-Importing this package is cheap: no bcc, no pyroute2 (tc.py imports nothing from pyroute2
-itself: its helpers take an IPRoute the caller made).
+- `net_classid` (major<<16|minor, e.g. 0x00010010 = 1:10): packets sent by sockets of the
+  cgroup and its descendants carry the classid. Carrier "priority" (default) writes
+  skb->priority, which HTB (and other classful qdiscs) map straight to class major:minor when
+  the major is the qdisc's handle: no filter needed. Carrier "mark" writes skb->mark instead;
+  pair it with `tc.add_mark_filter` (one cls_bpf filter: mark read as a classid, the bare-`fw`
+  equivalent, works without CONFIG_NET_CLS_FW), `tc.add_fw_filter`, or an nft `netdev egress`
+  rule. Not iptables/nft POSTROUTING: the kernel runs those before the cgroup egress hook.
+  "auto" = "mark" when net_priorities is set (both cannot share skb->priority), else
+  "priority". The priority carrier replaces plain SO_PRIORITY values (0..0xffff, not classids)
+  but keeps a classid-valued one; the mark carrier keeps a non-zero mark (SO_MARK, netfilter).
+- `net_priorities` [(ifname, prio)]: per egress interface priority, written only while the
+  packet's priority is still 0 (net_prio semantics: an app's SO_PRIORITY is kept).
+- Nesting: a child cgroup's program runs before its parent's and the parent keeps what the
+  child set, so the nearest cgroup with a setting wins (as with net_cls); a descendant without
+  its own settings inherits the ancestor's.
+- Interface names resolve ONCE, to ifindexes in the netns of the pid given to setup_cgroup
+  (ours when None); an unknown name is a ConfigError naming net_priorities[i] before anything
+  is created. An interface created (or re-created, new ifindex) later is not covered: call
+  `update_net(cg, resolve_net(...))` again. Processes of the cgroup in another netns are
+  matched by ifindex too, which there may name another interface.
+- Labels act on the devices of the sender's netns: crossing into another netns (veth) clears
+  skb->mark, and forwarding resets skb->priority, like net_cls whose socket lookup fails for
+  forwarded packets. Shape a container's traffic on its own eth0 (or use the host-side veth
+  with other means).
+- Accounting (`read_net_stats`): IPv4/IPv6 egress and ingress bytes and packets of the
+  cgroup's sockets, subtree included. Bytes are IP-level (IP header + payload, no link layer;
+  a GSO/GRO skb counts its headers once); packets count wire segments (gso_segs).
+
+Cost: one egress and one ingress program (plus their maps) are loaded once per process from
+the bytecode cache; a container start is 2 PROG_ATTACH + map writes, a live update is map
+writes. `PROGRAMS` lists the programs so `pelagos-bpf compile` can fill the cache ahead.
+
+Importing this package is cheap: no bcc, no pyroute2 (tc.py and lab.py take or create their
+IPRoute lazily).
 """
 
 from __future__ import annotations

@@ -155,7 +155,9 @@ class _Attached:
         return bool(self.eg or self.ing)
 
 
-def _our_progs(cg_fd: int, attach_type: AttachType, name: str, stack: contextlib.ExitStack):
+def _our_progs(
+    cg_fd: int, attach_type: AttachType, name: str, stack: contextlib.ExitStack
+) -> list[tuple[int, bpfsys.ProgInfo]]:
     out: list[tuple[int, bpfsys.ProgInfo]] = []
     for prog_id in bpfsys.prog_query(cg_fd, attach_type):
         try:
@@ -224,6 +226,14 @@ def _prio_keys_of(prios_fd: int, prio_key: int) -> list[bytes]:
     ]
 
 
+def _reset_counters(cg: Cgroup, maps: dict[str, int], attach_type: AttachType) -> None:
+    """Zero the counters: cgroup storage lives as long as the cgroup, not the attachment, so
+    a detach + attach on a living cgroup would otherwise resume the old counts."""
+    stride = (ACCT.size + 7) & ~7
+    zeros = bytes(stride * bpfsys.possible_cpus())
+    bpfsys.map_update(maps["net_acct"], _storage_key(cg, attach_type), zeros)
+
+
 def _write_config(cg: Cgroup, maps: dict[str, int], plan: NetPlan) -> None:
     """New priority entries first, then the config that points at them, then drop stale ones."""
     wanted = {PRIO_KEY.pack(cg.id, idx): prio for idx, prio in plan.prio_by_ifindex().items()}
@@ -281,9 +291,11 @@ def attach_net(cg: Cgroup, plan: NetPlan) -> None:
         try:
             bpfsys.prog_attach(sh.eg, cg_fd, EGRESS, bpfsys.BPF_F_ALLOW_MULTI)
             done.append((sh.eg, EGRESS))
+            _reset_counters(cg, sh.maps, EGRESS)
             _write_config(cg, sh.maps, plan)
             bpfsys.prog_attach(sh.ing, cg_fd, INGRESS, bpfsys.BPF_F_ALLOW_MULTI)
             done.append((sh.ing, INGRESS))
+            _reset_counters(cg, sh.maps, INGRESS)
         except BaseException as exc:
             for prog_fd, attach_type in reversed(done):
                 try:

@@ -3,12 +3,14 @@
 A container's `eth0` lives in the container's netns, not ours, so names are resolved there:
 open /proc/<pid>/ns/net and, unless it is our own netns, look the names up from a short-lived
 thread that setns()es into it (setns(CLONE_NEWNET) changes only the calling thread, so the rest
-of the process never leaves its namespace). No netlink, no subprocess: this is on the
-container-start path.
+of the process never leaves its namespace). One if_nametoindex ioctl per name, no netlink
+dump, no subprocess: this is on the container-start path. The full interface list is read
+only to word the error when a name is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -62,17 +64,34 @@ def netns_inode(pid: int | None) -> int:
     return os.stat(f"/proc/{pid}/ns/net" if pid else "/proc/thread-self/ns/net").st_ino
 
 
-def interface_table(pid: int | None) -> dict[str, int]:
-    """{ifname: ifindex} of every interface in the netns of `pid` (ours when None)."""
+def _in_netns_of(pid: int | None, fn: Callable[[], T]) -> T:
     if pid is None:
-        return _own_table()
+        return fn()
     fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if os.fstat(fd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
-            return _own_table()
-        return run_in_netns(fd, _own_table)
+            return fn()
+        return run_in_netns(fd, fn)
     finally:
         os.close(fd)
+
+
+def interface_table(pid: int | None) -> dict[str, int]:
+    """{ifname: ifindex} of every interface in the netns of `pid` (ours when None)."""
+    return _in_netns_of(pid, _own_table)
+
+
+def lookup_ifindexes(pid: int | None, names: list[str]) -> dict[str, int]:
+    """{ifname: ifindex} for the given names that exist in pid's netns (one ioctl each)."""
+
+    def lookup() -> dict[str, int]:
+        out = {}
+        for name in names:
+            with contextlib.suppress(OSError):
+                out[name] = socket.if_nametoindex(name)
+        return out
+
+    return _in_netns_of(pid, lookup)
 
 
 def resolve_net(
@@ -92,7 +111,10 @@ def resolve_net(
     where = f"the network namespace of pid {pid}" if pid else "this network namespace"
     try:
         inode = netns_inode(pid)
-        table = interface_table(pid)
+        names = [p[0] for p in priorities if isinstance(p, list | tuple) and len(p) == 2]
+        table = lookup_ifindexes(pid, names)
+        if len(table) < len(names):  # build_plan will raise: list what does exist
+            table = interface_table(pid)
     except OSError as e:
         raise ConfigError(
             "net_priorities", priorities, f"cannot read {where}: {e.strerror or e}"

@@ -7,6 +7,7 @@ read the per-class counters, for tests, the demo and operators who want a starti
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,12 +72,28 @@ def add_mark_filter(ipr: Any, index: int, *, parent: int = 0x10000, prio: int = 
 
 
 def add_fw_filter(ipr: Any, index: int, *, parent: int = 0x10000, prio: int = 1) -> None:
-    """A bare `fw` filter (no handle): classifies by skb->mark read as a classid.
+    """A bare `fw` filter (no handle, no options): classifies by skb->mark read as a classid.
 
-    This is the partner of the "mark" carrier: with no fw rules the kernel's fw classifier maps a
-    mark whose major equals the qdisc handle to that class (`tc filter add ... fw`).
+    `tc filter add dev X parent 1: protocol all prio 1 fw`. cls_fw only takes this "old
+    method" when the request has no TCA_OPTIONS at all, which `ipr.tc("add-filter", "fw")`
+    always sends (EINVAL), so the message is built by hand. Needs CONFIG_NET_CLS_FW
+    (ENOENT without it: use add_mark_filter).
     """
-    ipr.tc("add-filter", "fw", index=index, parent=parent, prio=prio, protocol=ETH_P_ALL)
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_NEWTFILTER
+    from pyroute2.netlink.rtnl.tcmsg import tcmsg
+
+    msg = tcmsg()
+    msg["family"] = socket.AF_UNSPEC
+    msg["index"] = index
+    msg["handle"] = 0
+    msg["parent"] = parent
+    msg["info"] = (prio << 16) | socket.htons(ETH_P_ALL)
+    msg["attrs"] = [("TCA_KIND", "fw")]
+    msg["header"]["type"] = RTM_NEWTFILTER
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    # (pyroute2 0.9.7's sync nlm_request() raises KeyError 'nlm_generator'; the batch call works)
+    ipr.nlm_request_batch([msg])
 
 
 def class_counters(ipr: Any, index: int) -> dict[int, tuple[int, int]]:

@@ -16,9 +16,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import initramfs
 from .kernels import Kernel
@@ -81,13 +85,42 @@ def _ro_virtiofsd(source: Path, mnt: Path, sock: Path, log: Path) -> subprocess.
     mnt.mkdir()
     argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
     argv += [str(source), str(mnt), virtiofsd_path() or "", str(sock)]
-    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
 
 
 def _rw_virtiofsd(source: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
     argv = [virtiofsd_path() or "", f"--socket-path={sock}", "-o", f"source={source}"]
     argv += ["-o", "cache=none", "-o", "sandbox=chroot"]
-    return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel SIGKILLs the child if the runner dies without cleaning up
+    (e.g. `timeout` SIGKILLs pytest), so no QEMU or virtiofsd is ever left behind."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into an exception while a guest runs, so the cleanup below still happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(f"vm: terminated by signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
@@ -106,7 +139,16 @@ def _env_file(values: dict[str, str]) -> str:
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
 
-def boot(
+def boot(kernel: Kernel, job: str, **kw: Any) -> GuestRun:
+    """Boot `kernel`, run the shell script `job` as root in the guest, and return its result.
+
+    Keyword arguments: see `_boot`. SIGTERM during the run still cleans up.
+    """
+    with _sigterm_raises():
+        return _boot(kernel, job, **kw)
+
+
+def _boot(
     kernel: Kernel,
     job: str,
     *,
@@ -120,9 +162,7 @@ def boot(
     keep: Path | None = None,
     log=print,
 ) -> GuestRun:
-    """Boot `kernel`, run the shell script `job` as root in the guest, and return its result.
-
-    share_paths: host paths the job needs (project, interpreter); their filesystems are shared.
+    """share_paths: host paths the job needs (project, interpreter); their filesystems are shared.
     prefill: name -> host dir copied into the writable share before boot (e.g. the BPF cache).
     """
     run = Path(tempfile.mkdtemp(prefix="pelagos-vm-"))
@@ -174,7 +214,9 @@ def boot(
             argv += ["-chardev", f"socket,id=fs{i},path={run / (tag + '.sock')}"]
             argv += ["-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag}"]
         qemu_log = (run / "qemu.log").open("wb")
-        qemu = subprocess.Popen(argv, stdout=qemu_log, stderr=subprocess.STDOUT)
+        qemu = subprocess.Popen(
+            argv, stdout=qemu_log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         procs.insert(0, qemu)
         while qemu.poll() is None:
             now = time.monotonic()
