@@ -7,8 +7,8 @@
 // that bit decides; no matching rule = allowed. Userspace (pelagos_bpf/devices/encode.py) turns a
 // rule list into one entry per key pattern (type, major|ANY, minor|ANY) holding, per bit, the
 // winner ((rule index + 1) << 1 | allow, 0 = none). A later rule has a larger value, so the max
-// over the 4 patterns matching a device (M:m, M:*, *:m, *:*) is the last matching rule: 4 hash
-// lookups whatever the number of rules.
+// over the 4 patterns matching a device (M:m, M:*, *:m, *:*) is the last matching rule: at most
+// 4 hash lookups whatever the number of rules (1 for a listed device, see dev_val.final).
 //
 // Map layouts are mirrored in pelagos_bpf/devices/encode.py (struct formats); keep them in sync.
 #include <uapi/linux/bpf.h>
@@ -25,9 +25,11 @@ struct dev_key {
 
 struct dev_val {
     u32 bit[3]; /* winners for mknod, read, write (BPF_DEVCG_ACC_* bit positions 0, 1, 2) */
+    u32 final;  /* 1: bit[] is already the max over every pattern this device can match, given
+                   that the lookups before this one missed; the program stops here */
     /* Room for index entries (type 0): up to 16 packed patterns each, so a ruleset's index
        costs one map write per 16 patterns instead of one per pattern. */
-    u32 pad[29];
+    u32 pad[28];
 };
 
 struct deny_key {
@@ -51,12 +53,14 @@ static __always_inline u64 max64(u64 a, u64 b) {
     return a - (d & (d >> 63));
 }
 
-static __always_inline void merge(struct dev_val *v, u64 *m, u64 *r, u64 *w) {
-    if (v) {
-        *m = max64(*m, v->bit[0]);
-        *r = max64(*r, v->bit[1]);
-        *w = max64(*w, v->bit[2]);
-    }
+/* Fold one entry into the per-bit maxima; true when the entry says "no need to look further". */
+static __always_inline int merge(struct dev_val *v, u64 *m, u64 *r, u64 *w) {
+    if (!v)
+        return 0;
+    *m = max64(*m, v->bit[0]);
+    *r = max64(*r, v->bit[1]);
+    *w = max64(*w, v->bit[2]);
+    return v->final;
 }
 
 /* A bit is denied when its winning rule exists (non-zero) and is a deny (low bit clear). */
@@ -80,13 +84,19 @@ int pelagos_dev(struct bpf_cgroup_dev_ctx *ctx) {
     k.type = type;
     k.major = major;
     k.minor = minor;
-    merge(dev_rules.lookup(&k), &m, &r, &w);
-    k.minor = DEV_ANY;
-    merge(dev_rules.lookup(&k), &m, &r, &w);
-    k.major = DEV_ANY;
-    merge(dev_rules.lookup(&k), &m, &r, &w);
-    k.minor = minor;
-    merge(dev_rules.lookup(&k), &m, &r, &w);
+    /* Lookup order M:m, M:*, *:*, *:m. Userspace marks entries final where it can (exact
+       entries always: their value is resolved over all 4 patterns), so a listed device such
+       as /dev/null costs one lookup. */
+    if (!merge(dev_rules.lookup(&k), &m, &r, &w)) {
+        k.minor = DEV_ANY;
+        if (!merge(dev_rules.lookup(&k), &m, &r, &w)) {
+            k.major = DEV_ANY;
+            if (!merge(dev_rules.lookup(&k), &m, &r, &w)) {
+                k.minor = minor;
+                merge(dev_rules.lookup(&k), &m, &r, &w);
+            }
+        }
+    }
     if (!(denies(acc, BPF_DEVCG_ACC_MKNOD, m) | denies(acc, BPF_DEVCG_ACC_READ, r) |
           denies(acc, BPF_DEVCG_ACC_WRITE, w)))
         return 1;

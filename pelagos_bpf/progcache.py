@@ -64,6 +64,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
+@cache
 def _stub_files() -> list[Path]:
     inc = project_bpf_dir() / "include"
     return sorted(p for p in inc.rglob("*") if p.is_file())
@@ -80,11 +81,27 @@ def _bcc_version() -> str:
     return "unknown"
 
 
+def _fingerprint(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
 def cache_key(source: Path, func: str, prog_type: int) -> str:
+    """Key over the C source, stub headers, bcc version, function and type (memoized per
+    process on the files' mtimes and sizes: stat is ~10x cheaper than re-hashing)."""
+    return _cache_key(func, int(prog_type), _fingerprint([source, *_stub_files()]))
+
+
+@cache
+def _cache_key(func: str, prog_type: int, files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    h.update(f"fmt={_FORMAT} func={func} type={int(prog_type)} bcc={_bcc_version()}\n".encode())
+    h.update(f"fmt={_FORMAT} func={func} type={prog_type} bcc={_bcc_version()}\n".encode())
+    source, *stubs = (Path(f) for f, _, _ in files)
     h.update(source.read_bytes())
-    for f in _stub_files():
+    for f in stubs:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:32]
 
@@ -147,6 +164,7 @@ def _store(path: Path, prog: CompiledProgram) -> None:
     """Write atomically (tmp + rename) so concurrent starts never read half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    os.fchmod(fd, 0o644)  # bytecode is not secret; let unprivileged inspect/check read it
     with os.fdopen(fd, "w") as f:
         json.dump(_to_json(prog), f)
     os.replace(tmp, path)

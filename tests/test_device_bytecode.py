@@ -12,7 +12,6 @@ import pytest
 from device_helpers import PROBE_DEVICES, rules_st
 from device_interp import HashMap, Machine, Storage
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from pelagos_bpf import progcache
 from pelagos_bpf.bpfsys import ProgType
@@ -59,21 +58,20 @@ def ctx(kind: str, major: int, minor: int, access: str) -> bytes:
 
 
 @settings(max_examples=150, derandomize=True, database=None, deadline=None)
-@given(
-    rules=rules_st,
-    dev=st.sampled_from((*PROBE_DEVICES, ("b", 1, 3), ("c", 242, 2))),
-    access=st.sampled_from(("r", "w", "rw", "m", "rwm")),
-)
-def test_bytecode_matches_evaluator(
-    compiled: progcache.CompiledProgram, rules: list[R], dev: tuple[str, int, int], access: str
-) -> None:
+@given(rules=rules_st)
+def test_bytecode_matches_evaluator(compiled: progcache.CompiledProgram, rules: list[R]) -> None:
+    """Every probe device x access, one fresh machine per rule list."""
     m, maps = machine(compiled, rules)
-    allowed = m.run(ctx(*dev, access)) == 1
-    assert allowed == device_allowed(rules, *dev, access)
+    expect: dict[str, int] = {}
+    for dev in (*PROBE_DEVICES, ("b", 1, 3), ("c", 242, 2)):
+        for access in ("r", "w", "rw", "m", "rwm"):
+            allowed = m.run(ctx(*dev, access)) == 1
+            assert allowed == device_allowed(rules, *dev, access), (dev, access)
+            if not allowed:
+                acc = enc.access_mask(access)
+                expect[enc.denial_label(enc.TYPES[dev[0]], dev[1], dev[2], acc)] = 1
     denials = maps["dev_denials"]
     assert isinstance(denials, HashMap)
-    label = enc.denial_label(enc.TYPES[dev[0]], dev[1], dev[2], enc.access_mask(access))
-    expect = {} if allowed else {label: 1}
     assert enc.decode_denials(((k, bytes(v)) for k, v in denials.data.items()), CG) == expect
 
 
@@ -103,3 +101,13 @@ def test_bytecode_cost_is_flat(compiled: progcache.CompiledProgram) -> None:
         m.run(ctx("c", 1, 3, "rw"))
         steps.append(m.steps)
     assert steps[0] == steps[1] == steps[2]
+
+
+def test_bytecode_listed_device_is_one_lookup(compiled: progcache.CompiledProgram) -> None:
+    """Final entries stop the lookups: /dev/null under the defaults runs fewer instructions."""
+    m, _ = machine(compiled, list(DEFAULT_DEVICE_RULES))
+    m.run(ctx("c", 1, 3, "rw"))
+    listed = m.steps
+    m2, _ = machine(compiled, [*DEFAULT_DEVICE_RULES, R(True, "c", -1, 77, "r")])
+    m2.run(ctx("c", 240, 0, "m"))  # misses M:m and M:*, *:* not final: all 4 lookups
+    assert listed < m2.steps

@@ -37,7 +37,7 @@ def test_rule_entries_index_then_pattern() -> None:
     assert enc.RULE_KEY.unpack(ik) == (155, enc.TYPE_INDEX, 0, 0)
     assert enc.index_patterns(iv) == [(enc.TYPE_CHAR, 1, 3), (enc.TYPE_BLOCK, 8, ANY)]
     assert enc.RULE_KEY.unpack(pk0) == (155, enc.TYPE_CHAR, 1, 3)
-    assert enc.RULE_VAL.unpack(pv0) == (0, (1 << 1) | 1, 0)
+    assert enc.RULE_VAL.unpack(pv0) == (0, (1 << 1) | 1, 0, 1)  # exact entries are final
     assert enc.RULE_KEY.unpack(pk1) == (155, enc.TYPE_BLOCK, 8, ANY)
     assert all(len(k) == 24 and len(v) == 128 for k, v in entries)
 
@@ -79,13 +79,33 @@ def test_denial_labels_and_decode() -> None:
 
 
 @settings(max_examples=400, derandomize=True, database=None)
-@given(
-    rules=rules_st,
-    dev=st.sampled_from((*PROBE_DEVICES, ("b", 1, 3), ("c", 242, 2))),
-    access=st.sampled_from(("r", "w", "rw", "m", "rwm", "wm")),
-)
-def test_model_matches_evaluator(rules: list[R], dev: tuple[str, int, int], access: str) -> None:
-    kind, major, minor = dev
+@given(rules=rules_st)
+def test_model_matches_evaluator(rules: list[R]) -> None:
     table = enc.encode_rules(rules)
-    got = enc.decide(table, enc.TYPES[kind], major, minor, enc.access_mask(access))
-    assert got == device_allowed(rules, kind, major, minor, access)
+    resolved = enc.resolve(table)
+    raw = {p: (v, False) for p, v in table.items()}  # no early exit: all 4 lookups
+    for kind, major, minor in (*PROBE_DEVICES, ("b", 1, 3), ("c", 242, 2)):
+        t = enc.TYPES[kind]
+        # early exit at final entries gives the same winners as all 4 lookups
+        assert enc.winners(resolved, t, major, minor) == enc.winners(raw, t, major, minor)
+        for access in ("r", "w", "rw", "m", "rwm", "wm"):
+            got = enc.decide(resolved, t, major, minor, enc.access_mask(access))
+            assert got == device_allowed(rules, kind, major, minor, access)
+
+
+def test_resolve_marks_final_entries() -> None:
+    c, b = enc.TYPE_CHAR, enc.TYPE_BLOCK
+    rules = [*DEFAULT_DEVICE_RULES, R(False, "c", 1, 3, "w")]
+    res = enc.resolve(enc.encode_rules(rules))
+    deny0, null_allow, null_deny = 1 << 1, (4 << 1) | 1, (14 << 1)
+    # /dev/null: one lookup, its value already the max over c 1:3 and c *:*
+    assert res[(c, 1, 3)] == ((null_allow, null_allow, null_deny), True)
+    assert res[(c, 1, 5)] == (((5 << 1) | 1,) * 3, True)
+    assert res[(c, 136, ANY)][1] is True  # no *:m pattern for char: M:* is final
+    assert res[(c, ANY, ANY)] == (((2 << 1) | 1, deny0, deny0), True)
+    assert res[(b, ANY, ANY)][1] is True
+    with_any_minor = enc.resolve(enc.encode_rules([*rules, R(True, "c", -1, 5, "r")]))
+    assert with_any_minor[(c, 136, ANY)][1] is False  # *:5 may still add to c 136:5
+    assert with_any_minor[(c, ANY, ANY)][1] is False
+    assert with_any_minor[(c, ANY, 5)][1] is False
+    assert with_any_minor[(b, ANY, ANY)][1] is True  # per type

@@ -113,7 +113,7 @@ def test_kernel_matches_evaluator(cg_root: Path, mode: str) -> None:
     probes = grid(PROBE_DEVICES)
 
     @settings(
-        max_examples=25,
+        max_examples=40,
         derandomize=True,
         database=None,
         deadline=None,

@@ -87,10 +87,7 @@ def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
     tcode = enc.TYPES[kind]
     allowed = enc.decide(table, tcode, dev[0], dev[1], enc.access_mask(acc))
     print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
-    best = [0, 0, 0]
-    for p in enc.patterns_for(tcode, dev[0], dev[1]):
-        for i, w in enumerate(table.get(p, (0, 0, 0))):
-            best[i] = max(best[i], w)
+    best = enc.winners(table, tcode, dev[0], dev[1])
     for bit in dict.fromkeys(acc):
         win = best[enc.BIT_SLOT[bit]]
         why = (
@@ -117,6 +114,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.kind not in ("b", "c"):
         raise ConfigError("kind", args.kind, "a device is 'b' or 'c'")
     if args.cgroup:
+        if args.rule or args.defaults:
+            raise ConfigError("--rule/--defaults", args.cgroup, "give either a cgroup or rules")
         return _check_cgroup(Path(args.cgroup), args.kind, args.device, args.access)
     rules = [*(DEFAULT_DEVICE_RULES if args.defaults else ()), *args.rule]
     return _check_rules(rules, args.kind, args.device, args.access)
@@ -145,10 +144,10 @@ def register(sub: Any) -> None:
     dsub = d.add_subparsers(dest="devices_cmd", required=True)
     ch = dsub.add_parser(
         "check",
-        help="would this access be allowed? (a live cgroup, or --rule/--defaults)",
+        help="would this access be allowed? (a live cgroup's rules, or --rule/--defaults)",
         description="Exit status 0 = allowed, 1 = denied.",
     )
-    ch.add_argument("--cgroup", help="cgroup dir whose attached rules to ask")
+    ch.add_argument("cgroup", nargs="?", help="cgroup dir whose attached rules to ask")
     ch.add_argument(
         "--rule",
         type=_rule,

@@ -25,7 +25,7 @@ BIT_SLOT = {"m": 0, "r": 1, "w": 2}  # index into dev_val.bit[]
 TYPE_INDEX = 0  # dev_key.type of index entries (never a device type, so never looked up)
 
 RULE_KEY = struct.Struct("<QIII4x")  # struct dev_key
-RULE_VAL = struct.Struct("<III116x")  # struct dev_val (pattern entries)
+RULE_VAL = struct.Struct("<IIII112x")  # struct dev_val (pattern entries): bits, final
 INDEX_VAL = struct.Struct("<16Q")  # struct dev_val (index entries): packed patterns, 0 = none
 INDEX_CHUNK = 16
 DENY_KEY = struct.Struct("<QIIII")  # struct deny_key
@@ -35,6 +35,7 @@ STORAGE_VAL = struct.Struct("<Q")
 
 Pattern = tuple[int, int, int]  # (type, major|ANY, minor|ANY)
 Winners = tuple[int, int, int]  # (mknod, read, write)
+Entry = tuple[Winners, bool]  # winners, final (the program stops at a final entry)
 
 
 def access_mask(access: str) -> int:
@@ -76,13 +77,54 @@ def patterns_for(type_: int, major: int, minor: int) -> tuple[Pattern, ...]:
     )
 
 
-def decide(table: dict[Pattern, Winners], type_: int, major: int, minor: int, acc: int) -> bool:
-    """Userspace model of bpf/device.c's decision: 4 lookups, per-bit max, deny wins per bit."""
-    best = [0, 0, 0]
+def _max(a: Winners, b: Winners) -> Winners:
+    return (
+        a[0] if a[0] > b[0] else b[0],
+        a[1] if a[1] > b[1] else b[1],
+        a[2] if a[2] > b[2] else b[2],
+    )
+
+
+def resolve(table: dict[Pattern, Winners]) -> dict[Pattern, Entry]:
+    """Entries as stored: pre-merged and marked final where the program may stop early.
+
+    The program looks up M:m, M:*, *:*, *:m and stops at the first final entry. An exact entry
+    is final with the max over all 4 patterns. M:* and *:* entries are final (M:* merged with
+    *:*) when the type has no *:m pattern at all: then, having missed the lookups before, the
+    rest can only add *:*. Final entries are reached only after the earlier lookups missed, so
+    stopping there gives the same max as the full 4 lookups.
+    """
+    none = (0, 0, 0)
+    any_minor_types = {t for t, ma, mi in table if ma == ANY and mi != ANY}
+    out: dict[Pattern, Entry] = {}
+    get = table.get
+    for (t, ma, mi), v in table.items():
+        if ma != ANY and mi != ANY:
+            v = _max(v, get((t, ma, ANY), none))
+            v = _max(v, get((t, ANY, ANY), none))
+            out[(t, ma, mi)] = (_max(v, get((t, ANY, mi), none)), True)
+        elif mi == ANY and t not in any_minor_types:
+            out[(t, ma, mi)] = (_max(v, get((t, ANY, ANY), none)), True)
+        else:
+            out[(t, ma, mi)] = (v, False)
+    return out
+
+
+def winners(entries: dict[Pattern, Entry], type_: int, major: int, minor: int) -> Winners:
+    """Userspace model of bpf/device.c's lookups: per-bit max, stopping at a final entry."""
+    best = (0, 0, 0)
     for p in patterns_for(type_, major, minor):
-        v = table.get(p)
-        if v is not None:
-            best = [max(a, b) for a, b in zip(best, v, strict=True)]
+        e = entries.get(p)
+        if e is not None:
+            best = _max(best, e[0])
+            if e[1]:
+                break
+    return best
+
+
+def decide(entries: dict[Pattern, Entry], type_: int, major: int, minor: int, acc: int) -> bool:
+    """Userspace model of the program's decision: deny if any requested bit's winner denies."""
+    best = winners(entries, type_, major, minor)
     for ch, bit in ACC_BITS.items():
         win = best[BIT_SLOT[ch]]
         if acc & bit and win and not win & 1:
@@ -119,14 +161,14 @@ def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], 
     scanning the shared map or knowing the rules. Index first: a crash between writes leaves
     index slots pointing at nothing (harmless to delete), never an unindexed pattern.
     """
-    items = list(table.items())
+    items = list(resolve(table).items())
     out = []
     for c in range(0, len(items), INDEX_CHUNK):
         chunk = items[c : c + INDEX_CHUNK]
         packed = [pack_pattern(p) for p, _ in chunk]
         packed += [0] * (INDEX_CHUNK - len(packed))
         out.append((index_key(0, c // INDEX_CHUNK)[8:], INDEX_VAL.pack(*packed)))
-        out += [(RULE_KEY.pack(0, *p)[8:], RULE_VAL.pack(*v)) for p, v in chunk]
+        out += [(RULE_KEY.pack(0, *p)[8:], RULE_VAL.pack(*v, final)) for p, (v, final) in chunk]
     return tuple(out)
 
 

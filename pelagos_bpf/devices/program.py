@@ -205,16 +205,20 @@ def current_ruleset(prog: Program, cgroup_id: int) -> int:
 def delete_ruleset(prog: Program, rs: int) -> int:
     """Delete every entry of ruleset rs (found through its index); returns patterns removed."""
     fd = prog.maps["dev_rules"]
-    chunk = n = 0
+    rule_keys: list[bytes] = []
+    index_keys: list[bytes] = []
     while True:
-        ik = enc.index_key(rs, chunk)
+        ik = enc.index_key(rs, len(index_keys))
         val = bpfsys.map_lookup(fd, ik, enc.INDEX_VAL.size)
         if val is None:
-            return n
-        for p in enc.index_patterns(val):
-            n += bpfsys.map_delete(fd, enc.RULE_KEY.pack(rs, *p))
-        bpfsys.map_delete(fd, ik)
-        chunk += 1
+            break
+        index_keys.append(ik)
+        rule_keys.extend(enc.RULE_KEY.pack(rs, *p) for p in enc.index_patterns(val))
+    if not index_keys:
+        return 0
+    n = bpfsys.map_delete_batch(fd, rule_keys)
+    bpfsys.map_delete_batch(fd, index_keys)
+    return n
 
 
 @dataclass(frozen=True)
@@ -241,14 +245,11 @@ def write_ruleset(prog: Program, rs: int, prep: Prepared) -> None:
     """Store a ruleset under rs (which must not be in use); all or nothing."""
     fd = prog.maps["dev_rules"]
     delete_ruleset(prog, rs)  # leftovers of a crashed writer
-    written: list[bytes] = []
+    entries = list(enc.with_ruleset(rs, prep.template))
     try:
-        for key, val in enc.with_ruleset(rs, prep.template):
-            bpfsys.map_update(fd, key, val)
-            written.append(key)
+        bpfsys.map_update_batch(fd, entries)  # one syscall for the whole rule set
     except BpfError as e:
-        for key in written:
-            bpfsys.map_delete(fd, key)
+        bpfsys.map_delete_batch(fd, [key for key, _ in entries])
         hint = " (dev_rules map full?)" if e.errno == errno.E2BIG else ""
         raise BpfError(
             e.errno or errno.EIO,
@@ -264,7 +265,8 @@ def _switch(prog: Program, cgroup_id: int, rs: int) -> None:
 def _attach_new(cgfd: int, cgroup_id: int, prep: Prepared) -> None:
     prog = own_program()
     rs = enc.ruleset_key(cgroup_id, 0)
-    delete_ruleset(prog, enc.ruleset_key(cgroup_id, 1))
+    # Leftovers under generation 1 (a crashed earlier attempt) are harmless while unused, and
+    # the first update clears them before writing there; generation 0 is cleared right here.
     write_ruleset(prog, rs, prep)
     try:
         try:
@@ -389,7 +391,7 @@ def denials(cg_path: Path, cgroup_id: int) -> dict[str, int]:
     return out
 
 
-def ruleset_table(cg_path: Path, cgroup_id: int) -> dict[enc.Pattern, enc.Winners] | None:
+def ruleset_table(cg_path: Path, cgroup_id: int) -> dict[enc.Pattern, enc.Entry] | None:
     """The rule table currently in force on the cgroup (None: no program attached)."""
     cgfd = _open_cgroup(cg_path)
     if cgfd is None:
@@ -401,7 +403,7 @@ def ruleset_table(cg_path: Path, cgroup_id: int) -> dict[enc.Pattern, enc.Winner
             prog = progs[0]
             rs = current_ruleset(prog, cgroup_id)
             fd = prog.maps["dev_rules"]
-            table: dict[enc.Pattern, enc.Winners] = {}
+            table: dict[enc.Pattern, enc.Entry] = {}
             chunk = 0
             while (
                 ival := bpfsys.map_lookup(fd, enc.index_key(rs, chunk), enc.INDEX_VAL.size)
@@ -409,7 +411,8 @@ def ruleset_table(cg_path: Path, cgroup_id: int) -> dict[enc.Pattern, enc.Winner
                 for p in enc.index_patterns(ival):
                     val = bpfsys.map_lookup(fd, enc.RULE_KEY.pack(rs, *p), enc.RULE_VAL.size)
                     if val is not None:
-                        table[p] = enc.RULE_VAL.unpack(val)
+                        m, r, w, final = enc.RULE_VAL.unpack(val)
+                        table[p] = ((m, r, w), bool(final))
                 chunk += 1
             return table
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from itertools import permutations
 from typing import Any
 
 from ..config import CgroupDeviceRule
@@ -89,9 +90,24 @@ def _exact(rule: Any) -> bool:
     )
 
 
+_ACCESS_OK = frozenset("".join(p) for n in (1, 2, 3) for p in permutations(ACCESS, n))
+
+
+def _fine(rule: Any) -> bool:
+    """Fast path for the common case (no strings built); validate_device_rule says why not."""
+    return (
+        _exact(rule)
+        and rule.kind in KINDS
+        and rule.access in _ACCESS_OK
+        and (rule.major == -1 or 0 <= rule.major <= MAJOR_MAX)
+        and (rule.minor == -1 or 0 <= rule.minor <= MINOR_MAX)
+    )
+
+
 def _check_each(rules: Sequence[Any]) -> None:
     for i, rule in enumerate(rules):
-        validate_device_rule(rule, f"device_rules[{i}]")
+        if not _fine(rule):
+            validate_device_rule(rule, f"device_rules[{i}]")
 
 
 @lru_cache(maxsize=256)

@@ -40,12 +40,6 @@ else
   mount --bind /host /newroot
 fi
 R=/newroot
-# Host directories on other filesystems than / (each its own share, "extraN:/path" pairs).
-for pair in $VM_EXTRA_SHARES; do
-  mkdir -p "$R${pair#*:}" 2>/dev/null
-  mount -t virtiofs "${pair%%:*}" "$R${pair#*:}" || fail "mount extra share $pair"
-done
-
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
@@ -57,6 +51,12 @@ mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
 mount -t cgroup2 -o nsdelegate cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"
 mount -t bpf -o mode=700 bpf $R/sys/fs/bpf || fail "mount bpffs"
+# Host dirs the root share lacks: other filesystems, or dirs below the tmpfs mounts above
+# (each its own share, "extraN:/path" pairs).
+for pair in $VM_EXTRA_SHARES; do
+  mkdir -p "$R${pair#*:}" 2>/dev/null
+  mount -t virtiofs "${pair%%:*}" "$R${pair#*:}" || fail "mount extra share $pair"
+done
 mkdir -p $R/run/pelagos-vm
 mount --move /out $R/run/pelagos-vm
 O=$R/run/pelagos-vm

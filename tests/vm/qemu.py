@@ -65,16 +65,30 @@ class GuestRun:
     files: dict[str, bytes] = field(default_factory=dict)  # other result files from the share
 
 
+# Guest directories that get a fresh tmpfs: host paths below them must be shared on their own.
+GUEST_TMPFS = (Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm"))
+
+
 def _mountpoint(p: Path) -> Path:
-    p = p.resolve()
     while not os.path.ismount(p):
         p = p.parent
     return p
 
 
 def extra_mounts(paths: list[Path]) -> list[Path]:
-    """Mount points (other than /) the guest needs because the root share is not recursive."""
-    return sorted({m for m in (_mountpoint(p) for p in paths) if m != Path("/")})
+    """Host dirs to share besides the root (which is shared without its submounts).
+
+    A needed dir below a guest tmpfs (a CI clone in /tmp) is shared itself; a dir on another
+    filesystem brings that filesystem's mount point. Both are mounted after the tmpfs mounts.
+    """
+    out: set[Path] = set()
+    for p in (q.resolve() for q in paths):
+        if any(p == t or t in p.parents for t in GUEST_TMPFS):
+            out.add(p)
+        elif (m := _mountpoint(p)) != Path("/"):
+            out.add(m)
+    # drop dirs inside another shared dir
+    return sorted(p for p in out if not any(q in p.parents for q in out))
 
 
 def _ro_virtiofsd(source: Path, mnt: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -85,17 +99,20 @@ def _ro_virtiofsd(source: Path, mnt: Path, sock: Path, log: Path) -> subprocess.
     mnt.mkdir()
     argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
     argv += [str(source), str(mnt), virtiofsd_path() or "", str(sock)]
-    return subprocess.Popen(
-        argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-    )
+    return _spawn(argv, log)
 
 
 def _rw_virtiofsd(source: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
     argv = [virtiofsd_path() or "", f"--socket-path={sock}", "-o", f"source={source}"]
     argv += ["-o", "cache=none", "-o", "sandbox=chroot"]
-    return subprocess.Popen(
-        argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-    )
+    return _spawn(argv, log)
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as f:  # the child keeps its own copy of the fd
+        return subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
 
 
 def _die_with_parent() -> None:
@@ -160,7 +177,6 @@ def _boot(
     memory: str = "2G",
     smp: int = 2,
     keep: Path | None = None,
-    log=print,
 ) -> GuestRun:
     """share_paths: host paths the job needs (project, interpreter); their filesystems are shared.
     prefill: name -> host dir copied into the writable share before boot (e.g. the BPF cache).
@@ -213,10 +229,7 @@ def _boot(
         for i, tag in enumerate(shares):
             argv += ["-chardev", f"socket,id=fs{i},path={run / (tag + '.sock')}"]
             argv += ["-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag}"]
-        qemu_log = (run / "qemu.log").open("wb")
-        qemu = subprocess.Popen(
-            argv, stdout=qemu_log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )
+        qemu = _spawn(argv, run / "qemu.log")
         procs.insert(0, qemu)
         while qemu.poll() is None:
             now = time.monotonic()

@@ -1,0 +1,44 @@
+"""`pelagos-bpf devices ...` (no root for rule lists; root for a live cgroup)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from pelagos_bpf.cgroup import Cgroup
+from pelagos_bpf.cli import main
+from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, attach_devices
+
+
+def test_check_rule_list_explains_the_decision(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices", "check", "--defaults", "--rule", "deny c 1:3 w", "c", "1:3", "rw"]) == 1
+    out = capsys.readouterr().out
+    assert "c 1:3 rw: DENIED" in out
+    assert "r: rule 3: allow c 1:3 rwm" in out
+    assert "w: rule 13: deny c 1:3 w" in out
+    assert main(["devices", "check", "c", "240:0", "rwm"]) == 0
+    assert "no rule mentions it" in capsys.readouterr().out
+
+
+def test_check_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices", "check", "--defaults", "a", "1:3", "r"]) == 2
+    assert "kind" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["devices", "check", "--rule", "allow q 1:3 r", "c", "1:3", "r"])
+
+
+@pytest.mark.root
+def test_check_live_cgroup_and_denials(
+    make_cgroup: Callable[[str], Cgroup], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from device_helpers import probe
+
+    cg = make_cgroup("dev")
+    attach_devices(cg, list(DEFAULT_DEVICE_RULES))
+    assert probe(cg.path, [("c", 240, 0, "r")]) == [False]
+    assert main(["devices", "check", str(cg.path), "c", "240:0", "r"]) == 1
+    out = capsys.readouterr().out
+    assert "r: rule 0 (deny)" in out
+    assert "c 240:0 r            x1" in out
+    assert main(["devices", "check", str(cg.path), "c", "1:3", "rw"]) == 0
