@@ -27,6 +27,15 @@ from .stats import ResourceStats, read_stats
 # ---------------------------------------------------------------- flag parsers (pure)
 
 
+def _device_rules(args: argparse.Namespace) -> list[CgroupDeviceRule]:
+    """--default-devices puts the container allowlist first, so --device rules override it."""
+    if not args.default_devices:
+        return list(args.device)
+    from .devices import DEFAULT_DEVICE_RULES
+
+    return [*DEFAULT_DEVICE_RULES, *args.device]
+
+
 def parse_device_rule(text: str) -> CgroupDeviceRule:
     """ "allow c 1:3 rw" / "deny a *:* rwm" / "allow b 8:* m" -> CgroupDeviceRule."""
     parts = text.split()
@@ -115,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> CgroupConfig:
         blkio_throttle_write_bps=args.write_bps,
         blkio_throttle_read_iops=args.read_iops,
         blkio_throttle_write_iops=args.write_iops,
-        device_rules=args.device,
+        device_rules=_device_rules(args),
         net_classid=args.net_classid,
         net_priorities=args.net_prio,
         path=args.path,
@@ -304,6 +313,11 @@ def _add_run(sub: Any) -> None:
         default=[],
         metavar="RULE",
         help="e.g. 'deny a *:* rwm', 'allow c 1:3 rw' (repeatable, in order)",
+    )
+    r.add_argument(
+        "--default-devices",
+        action="store_true",
+        help="start from DEFAULT_DEVICE_RULES (deny all + the usual container allowlist)",
     )
     r.add_argument("--net-classid", type=parse_classid, help="e.g. 1:10")
     r.add_argument("--net-prio", type=parse_net_prio, action="append", default=[])

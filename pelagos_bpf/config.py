@@ -100,7 +100,9 @@ class _OciReader:
         self.r = resources
 
     def _section(self, name: str) -> Mapping[str, Any]:
-        sec = self.r.get(name) or {}
+        sec = self.r.get(name)
+        if sec is None:
+            return {}
         if not isinstance(sec, Mapping):
             raise ConfigError(f"linux.resources.{name}", sec, "must be a JSON object")
         extra = set(sec) - self._SUPPORTED[name]
@@ -134,9 +136,10 @@ class _OciReader:
         if pids_limit is not None and pids_limit <= 0:
             pids_limit = -1  # runtime-spec/runc: 0 or -1 mean unlimited
         return CgroupConfig(
-            memory_limit=mem.get("limit"),
-            memory_swap=mem.get("swap"),
-            memory_reservation=mem.get("reservation"),
+            # runc reads 0 as "unset" for these three; so do we.
+            memory_limit=mem.get("limit") or None,
+            memory_swap=mem.get("swap") or None,
+            memory_reservation=mem.get("reservation") or None,
             memory_swappiness=mem.get("swappiness"),
             cpu_shares=cpu.get("shares") or None,
             cpu_quota=quota,

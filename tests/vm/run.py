@@ -149,8 +149,8 @@ def run_kernel(
     k = kernels.ensure_kernel(name, log=log)
     python = venv_python()
     job = job_script(PROJECT, python, pytest_args, cmd, name)
-    # the project and the interpreter's installation (the venv's python links into it)
-    share = [PROJECT, Path(os.path.realpath(python)).parents[1]]
+    # the project, the interpreter's installation (the venv's python links into it), modules
+    share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
     prefill = {BPF_CACHE_NAME: bpf_cache} if bpf_cache else None
     attempts = 0
     while True:
