@@ -13,13 +13,13 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from . import controllers
-from ._features import feature, feature_func
 from .cgroupfs import missing_controller_reason, read_text, subtree_dirs, write_file
 from .config import CgroupConfig
 from .controllers import Write
@@ -91,9 +91,8 @@ class _Plan:
     writes: list[Write]
     controllers: list[str]
     problems: list[tuple[str, str]]
-    devices: ModuleType | None = None
-    net: ModuleType | None = None
-    net_plan: Any = None
+    devices: bool = False
+    net_plan: Any = None  # a net.NetPlan when net settings are given
 
 
 def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _Plan:
@@ -106,29 +105,18 @@ def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _
         elif w.setting not in (s for s, _ in problems):
             problems.append((w.setting, missing_controller_reason(w.controller, root)))
     plan = _Plan(writes, controllers.needed_controllers(writes), problems)
-    if cfg.device_rules:
-        mod = feature("devices")
-        if mod is None or not hasattr(mod, "attach_devices"):
-            problems.append(("device_rules", "not implemented yet (no pelagos_bpf.devices)"))
-        else:
-            plan.devices = mod
+    plan.devices = bool(cfg.device_rules)
     if cfg.net_classid is not None or cfg.net_priorities:
-        mod = feature("net")
-        if mod is None or not hasattr(mod, "resolve_net"):
-            if cfg.net_classid is not None:
-                problems.append(("net_classid", "not implemented yet (no pelagos_bpf.net)"))
-            if cfg.net_priorities:
-                problems.append(("net_priorities", "not implemented yet (no pelagos_bpf.net)"))
-        else:
-            try:
-                plan.net_plan = mod.resolve_net(
-                    cfg.net_classid, list(cfg.net_priorities), pid, net_carrier
-                )
-                plan.net = mod
-            except UnsupportedSettings as e:
-                problems.extend(e.problems)
-            except UnsupportedSetting as e:
-                problems.append((e.setting, e.reason))
+        from . import net  # lazy: pulls in the netns resolver only when needed
+
+        try:
+            plan.net_plan = net.resolve_net(
+                cfg.net_classid, list(cfg.net_priorities), pid, net_carrier
+            )
+        except UnsupportedSettings as e:
+            problems.extend(e.problems)
+        except UnsupportedSetting as e:
+            problems.append((e.setting, e.reason))
     return plan
 
 
@@ -169,19 +157,23 @@ def setup_cgroup(
 
     report = SetupReport(skipped=list(plan.problems))
     created: list[Path] = []
-    attached: list[ModuleType] = []
+    attached: list[Callable[[Cgroup], None]] = []  # the detach of each feature we attached
     try:
         _mkdirs(hier.root, target, created)
         cg = Cgroup(target, os.stat(target).st_ino, hier.root, created, report)
         _enable_controllers(hier.root, target, plan.controllers)
         _apply_writes(target, plan.writes, strict, report)
-        if plan.devices is not None:
-            attached.append(plan.devices)
-            plan.devices.attach_devices(cg, list(cfg.device_rules))
+        if plan.devices:
+            from . import devices
+
+            attached.append(lambda c: devices.detach_devices(c))
+            devices.attach_devices(cg, list(cfg.device_rules))
             report._applied("device_rules")
-        if plan.net is not None:
-            attached.append(plan.net)
-            plan.net.attach_net(cg, plan.net_plan)
+        if plan.net_plan is not None:
+            from . import net
+
+            attached.append(lambda c: net.detach_net(c))
+            net.attach_net(cg, plan.net_plan)
             _net_applied(cfg, report)
         if pid is not None:
             write_file(target / "cgroup.procs", str(pid), "pid")
@@ -255,17 +247,19 @@ def _apply_writes(target: Path, writes: list[Write], strict: bool, report: Setup
 
 
 def _rollback(
-    target: Path, created: list[Path], attached: list[ModuleType], exc: BaseException
+    target: Path,
+    created: list[Path],
+    attached: list[Callable[[Cgroup], None]],
+    exc: BaseException,
 ) -> None:
     """Undo a half-done setup in reverse; failures of the undo are noted on the original error."""
-    for mod in reversed(attached):
-        fn = getattr(mod, "detach_net", None) or getattr(mod, "detach_devices", None)
-        if fn is None or not target.exists():
-            continue
+    for detach in reversed(attached):
+        if not target.exists():
+            break
         try:
-            fn(Cgroup.open(target))
+            detach(Cgroup.open(target))
         except Exception as undo:
-            exc.add_note(f"rollback: {mod.__name__} detach failed: {undo}")
+            exc.add_note(f"rollback: detach failed: {undo}")
     for d in reversed(created):
         try:
             os.rmdir(d)
@@ -290,13 +284,13 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
     if cg.path.exists():
         _kill_all(cg.path, timeout)
         _wait_unpopulated(cg.path, timeout)
-        for name, func in (("net", "detach_net"), ("devices", "detach_devices")):
-            fn = feature_func(name, func)
-            if fn is not None:
-                try:
-                    fn(cg)
-                except Exception as e:
-                    errors.append(e)
+        from . import devices, net
+
+        for detach in (net.detach_net, devices.detach_devices):
+            try:
+                detach(cg)
+            except Exception as e:
+                errors.append(e)
         for d in subtree_dirs(cg.path):
             try:
                 os.rmdir(d)
@@ -363,10 +357,14 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
         raise UnsupportedSettings(plan.problems)
     report = SetupReport()
     _apply_writes(cg.path, plan.writes, True, report)
-    if plan.devices is not None:
-        plan.devices.update_devices(cg, list(cfg.device_rules))
+    if plan.devices:
+        from . import devices
+
+        devices.update_devices(cg, list(cfg.device_rules))
         report._applied("device_rules")
-    if plan.net is not None:
-        plan.net.update_net(cg, plan.net_plan)
+    if plan.net_plan is not None:
+        from . import net
+
+        net.update_net(cg, plan.net_plan)
         _net_applied(cfg, report)
     return report

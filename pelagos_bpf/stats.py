@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._features import feature_func
 from .cgroup import Cgroup
 
 
@@ -113,10 +112,8 @@ def read_stats(cg: Cgroup) -> ResourceStats:
         s.pressure.update(parse_pressure(res, _text(p / f"{res}.pressure")))
     if not (p / "cgroup.procs").exists():  # not (or no longer) a cgroup: no BPF to ask
         return s
-    denials = feature_func("devices", "read_device_denials")
-    if denials is not None:
-        s.device_denials = dict(denials(cg))
-    net = feature_func("net", "read_net_stats")
-    if net is not None:
-        s.net = dict(net(cg))
+    from . import devices, net  # lazy: keeps `import pelagos_bpf` light
+
+    s.device_denials = dict(devices.read_device_denials(cg))
+    s.net = dict(net.read_net_stats(cg))
     return s

@@ -10,8 +10,7 @@ import re
 from typing import Any
 
 from . import convert
-from ._features import feature_func
-from .config import CgroupConfig, CgroupDeviceRule
+from .config import CgroupConfig
 from .errors import ConfigError
 
 U32_MAX = 0xFFFF_FFFF
@@ -111,36 +110,6 @@ def validate_ifname(setting: str, name: Any) -> None:
         raise ConfigError(setting, name, "not a valid interface name")
 
 
-def _fallback_net(classid: Any, priorities: Any) -> None:
-    if classid is not None:
-        _range("net_classid", classid, 0, U32_MAX)
-    if not isinstance(priorities, list | tuple):
-        raise ConfigError("net_priorities", priorities, "must be a list of (ifname, prio)")
-    for i, p in enumerate(priorities):
-        name = f"net_priorities[{i}]"
-        if not isinstance(p, list | tuple) or len(p) != 2:
-            raise ConfigError(name, p, "must be an (ifname, prio) pair")
-        validate_ifname(f"{name}.ifname", p[0])
-        _range(f"{name}.prio", p[1], 0, U32_MAX)
-
-
-def _fallback_devices(rules: Any) -> None:
-    if not isinstance(rules, list | tuple):
-        raise ConfigError("device_rules", rules, "must be a list of CgroupDeviceRule")
-    for i, r in enumerate(rules):
-        name = f"device_rules[{i}]"
-        if not isinstance(r, CgroupDeviceRule):
-            raise ConfigError(name, r, "must be a CgroupDeviceRule")
-        if r.kind not in ("a", "b", "c"):
-            raise ConfigError(f"{name}.kind", r.kind, "must be 'a', 'b' or 'c'")
-        if not r.access or set(r.access) - set("rwm") or len(set(r.access)) != len(r.access):
-            raise ConfigError(f"{name}.access", r.access, "must be a non-empty subset of 'rwm'")
-        for field, hi in (("major", MAJOR_MAX), ("minor", MINOR_MAX)):
-            v = _int(f"{name}.{field}", getattr(r, field))
-            if v != -1 and not 0 <= v <= hi:
-                raise ConfigError(f"{name}.{field}", v, f"must be -1 (any) or 0..{hi}")
-
-
 def validate_config(cfg: CgroupConfig) -> None:
     """Raise ConfigError for the first invalid field; no side effects."""
     if cfg.memory_limit is not None:
@@ -176,11 +145,13 @@ def validate_config(cfg: CgroupConfig) -> None:
     for setting, _key in convert.IO_MAX_KEYS:
         _throttles(setting, getattr(cfg, setting))
     if cfg.device_rules:
-        check = feature_func("devices", "validate_device_rules") or _fallback_devices
-        check(cfg.device_rules)
+        from .devices import validate_device_rules  # lazy: the rule semantics live there
+
+        validate_device_rules(cfg.device_rules)
     if cfg.net_classid is not None or cfg.net_priorities:
-        net_check = feature_func("net", "validate_net") or _fallback_net
-        net_check(cfg.net_classid, cfg.net_priorities)
+        from .net import validate_net
+
+        validate_net(cfg.net_classid, cfg.net_priorities)
     if cfg.path is not None:
         validate_path(cfg.path)
 

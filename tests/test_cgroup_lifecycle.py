@@ -212,32 +212,7 @@ def test_best_effort_records_skips_and_still_creates(cg_root: Path, spawn) -> No
     assert subdirs(cg_root) == []
 
 
-@pytest.fixture
-def no_features(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend the devices/net packages do not exist yet (as before their issues landed)."""
-    monkeypatch.setattr(cgmod, "feature", lambda name: None)
-
-
-def test_device_rules_not_dropped_when_the_feature_is_missing(cg_root: Path, no_features) -> None:
-    cfg = CgroupConfig(device_rules=[CgroupDeviceRule(False)], path=rel(cg_root, "d"))
-    with pytest.raises(UnsupportedSetting, match="device_rules: not implemented yet"):
-        setup_cgroup(cfg, None)
-    cg = setup_cgroup(cfg, None, strict=False)
-    assert cg.report.skipped[0][0] == "device_rules"
-    teardown_cgroup(cg)
-    assert subdirs(cg_root) == []
-
-
-def test_net_settings_not_dropped_when_the_feature_is_missing(cg_root: Path, no_features) -> None:
-    cfg = CgroupConfig(net_classid=0x10010, net_priorities=[("lo", 1)], path=rel(cg_root, "n"))
-    with pytest.raises(UnsupportedSettings) as e:
-        setup_cgroup(cfg, None)
-    assert [s for s, _ in e.value.problems] == ["net_classid", "net_priorities"]
-    assert all("not implemented yet" in r for _, r in e.value.problems)
-    assert subdirs(cg_root) == []
-
-
-# With the feature packages present, setup drives them (their own tests cover semantics).
+# Setup drives the BPF features (their own tests cover the semantics).
 
 
 def _open_in_child(cfg: CgroupConfig, device: str) -> tuple[bool, ResourceStats]:
