@@ -72,13 +72,16 @@ def _stub_files() -> list[Path]:
 
 @cache
 def _bcc_version() -> str:
-    # Read from Debian's package metadata rather than importing bcc (which loads LLVM).
-    for p in ("/usr/lib/python3/dist-packages/bcc/version.py",):
-        try:
-            return Path(p).read_text().strip()
-        except OSError:
-            pass
-    return "unknown"
+    # Locate bcc without importing it (importing loads LLVM) and read its version file.
+    import importlib.util
+
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or spec.origin is None:
+        return "none"
+    try:
+        return (Path(spec.origin).parent / "version.py").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _fingerprint(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
