@@ -89,16 +89,40 @@ def test_memory_swap_and_reservation_read_back(cg_root: Path, spawn) -> None:
             setup_cgroup(cfg, spawn().pid)
         assert e.value.setting == "memory_swap"
         return
-    cg = setup_cgroup(cfg, spawn().pid)
+    # v2 charges memory where it is allocated, not where a process moves: the child allocates
+    # (and touches) 8 MiB only after it is inside, so memory.current must see it.
+    p = subprocess.Popen(
+        [sys.executable, "-c", ALLOC_AFTER_GO],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert p.stdin is not None and p.stdout is not None
+    cg = setup_cgroup(cfg, p.pid)
     try:
         assert (cg.path / "memory.swap.max").read_text().strip() == str(32 << 20)
         assert (cg.path / "memory.max").read_text().strip() == str(64 << 20)
         assert (cg.path / "memory.low").read_text().strip() == str(16 << 20)
         assert cg.report.applied == ["memory_swap", "memory_limit", "memory_reservation"]
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"allocated\n"
         s = read_stats(cg)
-        assert s.memory_current_bytes > 0 and s.memory_peak_bytes >= s.memory_current_bytes
+        assert s.memory_current_bytes >= 8 << 20
+        assert s.memory_peak_bytes >= s.memory_current_bytes
     finally:
         teardown_cgroup(cg)
+        p.wait()
+
+
+ALLOC_AFTER_GO = """
+import sys
+sys.stdin.readline()
+buf = bytearray(8 << 20)
+for i in range(0, len(buf), 4096):
+    buf[i] = 1
+print("allocated", flush=True)
+sys.stdin.readline()
+"""
 
 
 FORKER = """
