@@ -134,17 +134,38 @@ def config_from_args(args: argparse.Namespace) -> CgroupConfig:
 # ---------------------------------------------------------------- output
 
 
+def _controller_line(s: ResourceStats, ctrl: str, line: str) -> str:
+    """The line, or a note that its counters are absent (not zero) in this cgroup."""
+    if ctrl in s.controllers:
+        return line
+    return f"{line.split(':')[0]}:{' ' * (7 - len(ctrl))}n/a (no {ctrl} controller in this cgroup)"
+
+
 def format_stats(s: ResourceStats) -> list[str]:
     """Human-readable lines for a stats snapshot."""
     fs = convert.format_size
     lines = [
-        f"memory: current {fs(s.memory_current_bytes)}, peak {fs(s.memory_peak_bytes)}, "
-        f"oom {s.memory_oom}, oom_kill {s.memory_oom_kill}",
+        _controller_line(
+            s,
+            "memory",
+            f"memory: current {fs(s.memory_current_bytes)}, peak {fs(s.memory_peak_bytes)}, "
+            f"oom {s.memory_oom}, oom_kill {s.memory_oom_kill}",
+        ),
+        # cpu.stat usage exists without the cpu controller; throttling needs it.
         f"cpu:    usage {s.cpu_usage_ns / 1e6:.3f} ms (user {s.cpu_user_ns / 1e6:.3f} ms, "
-        f"system {s.cpu_system_ns / 1e6:.3f} ms), throttled {s.cpu_nr_throttled} of "
-        f"{s.cpu_nr_periods} periods ({s.cpu_throttled_ns / 1e6:.3f} ms)",
-        f"pids:   current {s.pids_current}, fork refusals {s.pids_events_max}",
-        f"io:     read {fs(s.io_read_bytes)}, written {fs(s.io_write_bytes)}",
+        f"system {s.cpu_system_ns / 1e6:.3f} ms)"
+        + (
+            f", throttled {s.cpu_nr_throttled} of {s.cpu_nr_periods} periods "
+            f"({s.cpu_throttled_ns / 1e6:.3f} ms)"
+            if "cpu" in s.controllers
+            else ""
+        ),
+        _controller_line(
+            s, "pids", f"pids:   current {s.pids_current}, fork refusals {s.pids_events_max}"
+        ),
+        _controller_line(
+            s, "io", f"io:     read {fs(s.io_read_bytes)}, written {fs(s.io_write_bytes)}"
+        ),
     ]
     some = [k for k in sorted(s.pressure) if k.endswith(".avg10")]
     if some:

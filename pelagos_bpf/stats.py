@@ -35,6 +35,9 @@ class ResourceStats:
     pressure: dict[str, float] = field(default_factory=dict)
     device_denials: dict[str, int] = field(default_factory=dict)
     net: dict[str, int] = field(default_factory=dict)
+    # The cgroup's `cgroup.controllers`: which counters above are real and which are 0 only
+    # because the controller is absent (e.g. bound to cgroup v1 on a hybrid host).
+    controllers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +96,7 @@ def read_stats(cg: Cgroup) -> ResourceStats:
     """Read usage counters of cg; never raises for a missing controller file."""
     p = cg.path
     s = ResourceStats()
+    s.controllers = _text(p / "cgroup.controllers").split()
     s.memory_current_bytes = _int(p / "memory.current")
     s.memory_peak_bytes = _int(p / "memory.peak")
     events = parse_flat_keyed(_text(p / "memory.events"))

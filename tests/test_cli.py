@@ -171,3 +171,15 @@ def test_inspect_for_real(cg_root: Path) -> None:
         sleeper.kill()
         sleeper.wait()
     assert cli("inspect", str(cg_root / "nope")).returncode == 2
+
+
+def test_stats_lines_say_when_a_controller_is_absent() -> None:
+    from pelagos_bpf.cli import format_stats
+    from pelagos_bpf.stats import ResourceStats
+
+    absent = format_stats(ResourceStats(memory_current_bytes=0, controllers=["cpu"]))
+    assert "memory: n/a (no memory controller in this cgroup)" in absent
+    assert any(line.startswith("cpu:") and "throttled" in line for line in absent)
+    present = format_stats(ResourceStats(memory_current_bytes=2048, controllers=["memory"]))
+    assert any(line.startswith("memory: current 2") for line in present)
+    assert not any("throttled" in line for line in present)
