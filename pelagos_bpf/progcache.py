@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -47,9 +48,10 @@ class CompiledProgram:
 
 
 def project_bpf_dir() -> Path:
-    """The `bpf/` directory: beside the package in a checkout, or inside it when installed."""
+    """The `bpf/` directory: beside the package in a checkout, under <prefix>/share installed."""
     here = Path(__file__).resolve().parent
-    for cand in (here.parent / "bpf", here / "bpf"):
+    installed = Path(sys.prefix) / "share" / "pelagos-bpf" / "bpf"
+    for cand in (here.parent / "bpf", installed):
         if cand.is_dir():
             return cand
     raise BpfError(2, "find bpf/ sources", f"no bpf/ directory near {here}")
