@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .. import bpfsys, progcache
+from .. import bpfsys, progcache, progfind
 from ..bpfsys import AttachType, MapType, ProgType
 from ..config import CgroupDeviceRule
 from ..errors import BpfError, CgroupError
@@ -122,53 +122,19 @@ def _load_or_fetch() -> Program:
 
 def _from_fd(fd: int) -> Program:
     """Wrap a program fd (from a pin or an id) with its maps; raise if it is not ours."""
-    maps: dict[str, int] = {}
     try:
         info = bpfsys.prog_info(fd)
         if info.name != PROG_NAME or info.type != ProgType.CGROUP_DEVICE:
             raise BpfError(errno.EINVAL, "device program", f"prog {info.id} is not {PROG_NAME}")
-        for mid in info.map_ids:
-            mfd = bpfsys.map_get_fd_by_id(mid)
-            mi = bpfsys.map_info(mfd)
-            spec = MAP_SPECS.get(mi.name)
-            if spec is None or mi.name in maps:
-                os.close(mfd)
-                continue
-            maps[mi.name] = mfd
-            if (mi.type, mi.key_size, mi.value_size) != spec[:3]:
-                raise BpfError(
-                    errno.EINVAL,
-                    "device program",
-                    f"prog {info.id} map {mi.name} has another layout (other pelagos_bpf version?)",
-                )
-        missing = set(MAP_SPECS) - set(maps)
-        if missing:
-            raise BpfError(errno.EINVAL, "device program", f"prog {info.id} lacks maps {missing}")
-        return Program(fd=fd, id=info.id, maps=maps)
-    except BaseException:
-        for mfd in maps.values():
-            os.close(mfd)
-        os.close(fd)
-        raise
-
-
-def _is_ours(prog_id: int) -> Program | None:
-    """A fresh handle on a foreign program if it is a pelagos device program (caller closes)."""
-    try:
-        fd = bpfsys.prog_get_fd_by_id(prog_id)
-    except BpfError as e:
-        if e.errno in (errno.ENOENT, errno.EPERM):
-            return None  # detached meanwhile, or owned by someone we may not touch
-        raise
-    try:
-        info = bpfsys.prog_info(fd)
+        maps = progfind.open_maps(info, MAP_SPECS)
     except BaseException:
         os.close(fd)
         raise
-    if info.name != PROG_NAME or info.type != ProgType.CGROUP_DEVICE:
-        os.close(fd)
-        return None
-    return _from_fd(fd)
+    missing = set(MAP_SPECS) - set(maps)
+    if missing:
+        Program(fd, info.id, maps).close()
+        raise BpfError(errno.EPROTO, "device program", f"prog {info.id} lacks maps {missing}")
+    return Program(fd=fd, id=info.id, maps=maps)
 
 
 @contextmanager
@@ -177,17 +143,21 @@ def attached(cgfd: int) -> Iterator[list[Program]]:
     own = _own
     found: list[Program] = []
     opened: list[Program] = []
+    pending = progfind.open_attached(cgfd, ATTACH, PROG_NAME, ProgType.CGROUP_DEVICE)
     try:
-        for pid in bpfsys.prog_query(cgfd, ATTACH):
-            if own is not None and pid == own.id:
+        while pending:
+            fd, info = pending.pop(0)
+            if own is not None and info.id == own.id:
+                os.close(fd)
                 found.append(own)
                 continue
-            prog = _is_ours(pid)
-            if prog is not None:
-                opened.append(prog)
-                found.append(prog)
+            prog = _from_fd(fd)  # closes fd itself if the program is not usable
+            opened.append(prog)
+            found.append(prog)
         yield found
     finally:
+        for fd, _ in pending:
+            os.close(fd)
         for prog in opened:
             prog.close()
 

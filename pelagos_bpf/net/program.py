@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import bpfsys, progcache
+from .. import bpfsys, progcache, progfind
 from ..bpfsys import AttachType, MapType, ProgType
 from ..errors import BpfError
 from .plan import NetPlan
@@ -33,14 +33,13 @@ SOURCE = "net"
 EG_PROG = "pelagos_net_eg"
 IN_PROG = "pelagos_net_in"
 MARK_CLS_PROG = "pelagos_mark_cls"
-SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS (tc classifier); not in bpfsys.ProgType
 EGRESS = AttachType.CGROUP_INET_EGRESS
 INGRESS = AttachType.CGROUP_INET_INGRESS
 
 PROGRAMS: tuple[tuple[str, str, ProgType], ...] = (
     (SOURCE, EG_PROG, ProgType.CGROUP_SKB),
     (SOURCE, IN_PROG, ProgType.CGROUP_SKB),
-    (SOURCE, MARK_CLS_PROG, SCHED_CLS),  # type: ignore[arg-type]
+    (SOURCE, MARK_CLS_PROG, ProgType.SCHED_CLS),
 )
 """(bpf/ source name, function, program type) of every program this package loads."""
 
@@ -119,7 +118,9 @@ def mark_classifier() -> int:
     global _mark_cls
     with _lock:
         if _mark_cls is None:
-            code = progcache.get_program(progcache.bpf_source(SOURCE), MARK_CLS_PROG, SCHED_CLS)
+            code = progcache.get_program(
+                progcache.bpf_source(SOURCE), MARK_CLS_PROG, ProgType.SCHED_CLS
+            )
             _mark_cls = progcache.load_program(code, {}, name=MARK_CLS_PROG)
         return _mark_cls
 
@@ -155,44 +156,6 @@ class _Attached:
         return bool(self.eg or self.ing)
 
 
-def _our_progs(
-    cg_fd: int, attach_type: AttachType, name: str, stack: contextlib.ExitStack
-) -> list[tuple[int, bpfsys.ProgInfo]]:
-    out: list[tuple[int, bpfsys.ProgInfo]] = []
-    for prog_id in bpfsys.prog_query(cg_fd, attach_type):
-        try:
-            fd = bpfsys.prog_get_fd_by_id(prog_id)
-        except BpfError as e:
-            if e.errno in (errno.ENOENT, errno.EPERM):  # detached meanwhile / not ours to see
-                continue
-            raise
-        stack.callback(os.close, fd)
-        info = bpfsys.prog_info(fd)
-        if info.name == name:
-            out.append((fd, info))
-    return out
-
-
-def _map_fds(info: bpfsys.ProgInfo, stack: contextlib.ExitStack) -> dict[str, int]:
-    fds: dict[str, int] = {}
-    for map_id in info.map_ids:
-        fd = bpfsys.map_get_fd_by_id(map_id)
-        stack.callback(os.close, fd)
-        mi = bpfsys.map_info(fd)
-        spec = MAPS.get(mi.name)
-        if spec is None:
-            continue
-        if (mi.type, mi.key_size, mi.value_size) != (spec[0], spec[1], spec[2]):
-            raise BpfError(
-                errno.EPROTO,
-                "net maps",
-                f"map {mi.name!r} of program {info.name} (id {info.id}) has another layout "
-                "(attached by a different pelagos_bpf version?)",
-            )
-        fds[mi.name] = fd
-    return fds
-
-
 @contextlib.contextmanager
 def _find(cg: Cgroup) -> Iterator[_Attached | None]:
     """Our programs on cg and their maps; None when the cgroup directory is gone."""
@@ -205,9 +168,11 @@ def _find(cg: Cgroup) -> Iterator[_Attached | None]:
         stack.callback(os.close, cg_fd)
         found = _Attached(cg_fd)
         for attach_type, name, dest in ((EGRESS, EG_PROG, found.eg), (INGRESS, IN_PROG, found.ing)):
-            for fd, info in _our_progs(cg_fd, attach_type, name, stack):
+            for fd, info in progfind.open_attached(cg_fd, attach_type, name, ProgType.CGROUP_SKB):
+                stack.callback(os.close, fd)
                 dest.append(fd)
-                for k, v in _map_fds(info, stack).items():
+                for k, v in progfind.open_maps(info, MAPS).items():
+                    stack.callback(os.close, v)
                     found.maps.setdefault(k, v)
         yield found
 
