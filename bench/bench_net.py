@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pelagos_bpf import bpfsys, net
-from pelagos_bpf.bpfsys import AttachType
+from pelagos_bpf.bpfsys import AttachType, ProgType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.net import lab
@@ -134,7 +134,23 @@ VARIANTS = (
     "classid, no ingress",
     "classid+prio",
     "classid+prio, no ingress",
+    "noop egress prog (2 insns)",
+    "sock_create sets priority",
 )
+NOOP = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
+# *(u32 *)(ctx + offsetof(struct bpf_sock, priority)) = 0x10010; r0 = 1; exit
+SOCK_PRIO = bytes.fromhex("6201140010000100b7000000010000009500000000000000")
+
+
+def _attach_raw(cg: Cgroup, prog_type: ProgType, code: bytes, attach: AttachType) -> int:
+    """A bare program at the cgroup (rmdir frees the attachment); returns the prog fd."""
+    prog = bpfsys.prog_load(prog_type, code, name="bench_raw")
+    fd = cg.open_fd()
+    try:
+        bpfsys.prog_attach(prog, fd, attach)
+    finally:
+        os.close(fd)
+    return prog
 
 
 def _drop_ingress(cg: Cgroup) -> None:
@@ -153,6 +169,7 @@ def bench_pps(args: argparse.Namespace, root: Path, tmp: Path) -> None:
         nl.veth(a, "va", "10.77.0.1", b, "vb", "10.77.0.2")
         cgs: dict[str, Cgroup] = {}
         sinks = []
+        raw: list[int] = []
         try:
             for i, name in enumerate(VARIANTS):
                 p = root / f"v{i}"
@@ -175,6 +192,17 @@ def bench_pps(args: argparse.Namespace, root: Path, tmp: Path) -> None:
                     net.attach_net(cg, net.resolve_net(0x10010, [], None))
                 if name.endswith("no ingress"):
                     _drop_ingress(cg)
+            raw = [
+                _attach_raw(
+                    cgs[VARIANTS[5]], ProgType.CGROUP_SKB, NOOP, AttachType.CGROUP_INET_EGRESS
+                ),
+                _attach_raw(
+                    cgs[VARIANTS[6]],
+                    ProgType.CGROUP_SOCK,
+                    SOCK_PRIO,
+                    AttachType.CGROUP_INET_SOCK_CREATE,
+                ),
+            ]
             ports = {name: 9000 + i for i, name in enumerate(cgs)}
             for name, cg in cgs.items():  # the receiver shares the sender's cgroup
                 sinks.append(
@@ -213,6 +241,8 @@ def bench_pps(args: argparse.Namespace, root: Path, tmp: Path) -> None:
         finally:
             for s in sinks:
                 s.kill()
+            for fd in raw:
+                os.close(fd)
             for cg in cgs.values():
                 net.detach_net(cg)
                 cg.path.rmdir()
