@@ -136,10 +136,9 @@ def never_seen(i: int) -> list[R]:
 
 
 def remove_tree(d: Path) -> None:
+    """rmdir d and every cgroup below it, deepest first (the kernel frees the attachments)."""
     for p in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        detach_devices(Cgroup.open(p))
         p.rmdir()
-    detach_devices(Cgroup.open(d))
     d.rmdir()
 
 

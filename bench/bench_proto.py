@@ -48,6 +48,7 @@ from bench_devices import (
     build_c,
     never_seen,
     open_cost,
+    remove_tree,
     runc_program,
     sleeper,
 )
@@ -569,10 +570,7 @@ def main() -> int:
         os.waitpid(pid, 0)
         if pp is not None:
             pp.close()
-        for d in sorted(parent.rglob("*"), key=lambda p: -len(p.parts)):
-            if d.is_dir():
-                d.rmdir()
-        parent.rmdir()
+        remove_tree(parent)
     return 0
 
 

@@ -23,6 +23,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_devices import remove_tree
 
 from pelagos_bpf.cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from pelagos_bpf.config import CgroupConfig
@@ -122,10 +125,7 @@ def main() -> int:
             if (i + 1) % max(1, len(live) // 10) == 0:
                 progress(f"  {i + 1} torn down")
         print(f"\n== teardown of {len(live)} cgroups: {(wall() - t0) / 1e9:.2f} s")
-        for d in parent.iterdir():
-            if d.is_dir():
-                d.rmdir()
-        parent.rmdir()
+        remove_tree(parent)
     return 0
 
 
