@@ -1,5 +1,9 @@
 """Device-rule benchmarks, side by side in one run (root). Prints medians and ratios.
 
+0. the syscall costs of a container's life on THIS machine, each timed alone in C (mkdir,
+   PROG_LOAD of the runc-shaped filter and of our generic program, PROG_ATTACH, the rule-set
+   map batch update, cgroup.procs write, PROG_DETACH, rmdir with and without attachments), so
+   a reader sees why a ratio below moves from one machine to the next.
 1. setup (and setup+teardown) of a container cgroup with DEFAULT_DEVICE_RULES + 3 user rules:
    `setup_cgroup` from Python (repeated and never-seen rule sets) vs a C program, built here,
    issuing the peers' bare syscalls (mkdir, PROG_LOAD of a per-container runc-shaped filter,
@@ -7,7 +11,12 @@
 2. per-open overhead of /dev/null in a cgroup with 1, 16, 1000 rules vs no program (our
    generic program, and the runc-shaped filter for contrast), timed by a C loop inside it.
 
+The run ends with one "goal met / not met" line per goal of issue 12 (setup <= 0.7x the C
+floor, setup+teardown <= 1.0x, for repeated and never-seen rule sets, on wall clock and on
+thread CPU time medians; first attach in a fresh process <= 1 ms).
+
 Usage: .venv/bin/python bench/bench_devices.py [--n 60] [--rounds 10] [--opens 50000]
+       [--costs 200] [--skip-opens]
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pelagos_bpf import bpfsys
+from pelagos_bpf import bpfsys, progcache
 from pelagos_bpf.bpfsys import AttachType, ProgType
 from pelagos_bpf.cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from pelagos_bpf.config import CgroupConfig
@@ -37,6 +46,7 @@ from pelagos_bpf.devices import (
     attach_devices,
     detach_devices,
 )
+from pelagos_bpf.devices import encode as enc
 from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.hierarchy import discover
 
@@ -126,11 +136,90 @@ def never_seen(i: int) -> list[R]:
 
 
 def remove_tree(d: Path) -> None:
+    """rmdir d and every cgroup below it, deepest first (the kernel frees the attachments)."""
     for p in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        detach_devices(Cgroup.open(p))
         p.rmdir()
-    detach_devices(Cgroup.open(d))
     d.rmdir()
+
+
+# ---------------------------------------------------------------- 0. syscall costs
+
+COST_NAMES = (
+    "mkdir",
+    "open cgroup dir",
+    "PROG_LOAD runc-shaped filter",
+    "PROG_LOAD our generic program",
+    "PROG_ATTACH ours (allocates cgroup storage)",
+    "PROG_ATTACH runc-shaped",
+    "MAP_UPDATE_BATCH of one rule set",
+    "write pid to cgroup.procs",
+    "write pid back to the parent",
+    "PROG_DETACH x2",
+    "close 3 fds",
+    "rmdir",
+    "MAP_DELETE_BATCH of one rule set",
+)
+
+
+def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[str, float]:
+    """Median wall us of each syscall, from the C program; also returned for the ratios' notes."""
+    own = devprog.own_program()
+    ours = progcache.relocate(devprog.compiled(), own.maps)  # fd numbers survive pass_fds
+    runc = runc_program(RULES)
+    pf = tmp / "cost_progs.bin"
+    pf.write_bytes(
+        struct.pack("<I", 2) + b"".join(struct.pack("<I", len(p) // 8) + p for p in (runc, ours))
+    )
+    entries = enc.with_ruleset(1, devprog.prepare(RULES).template)
+    ef = tmp / "cost_entries.bin"
+    ef.write_bytes(
+        struct.pack("<III", len(entries), enc.RULE_KEY.size, enc.RULE_VAL.size)
+        + b"".join(k for k, _ in entries)
+        + b"".join(v for _, v in entries)
+    )
+    rules_fd = own.maps["dev_rules"]
+    out = subprocess.run(
+        [str(exe), "costs", str(parent), str(pid), str(pf), str(n), str(rules_fd), str(ef)],
+        check=True,
+        capture_output=True,
+        text=True,
+        pass_fds=(own.fd, *own.maps.values()),
+    ).stdout
+    rows = [list(map(int, line.split())) for line in out.splitlines() if line.strip()]
+    med: dict[str, float] = {}
+    for i, name in enumerate(COST_NAMES, start=1):
+        vals = [r[i] for r in rows if name != "PROG_DETACH x2" or r[0] == 0]
+        med[name] = statistics.median(vals) / 1000
+    med["rmdir, programs detached before"] = (
+        statistics.median(r[12] for r in rows if r[0] == 0) / 1000
+    )
+    med["rmdir, 2 programs still attached"] = (
+        statistics.median(r[12] for r in rows if r[0] == 1) / 1000
+    )
+    del med["rmdir"]
+    print(
+        f"\n== syscall costs on this machine (C, wall clock, median of {len(rows)} container lives)"
+    )
+    sizes = {
+        "PROG_LOAD runc-shaped filter": f"{len(runc) // 8} insns",
+        "PROG_LOAD our generic program": f"{len(ours) // 8} insns, once per process",
+        "MAP_UPDATE_BATCH of one rule set": f"{len(entries)} entries",
+        "MAP_DELETE_BATCH of one rule set": f"{len(entries)} entries",
+    }
+    for name, us in med.items():
+        print(f"  {name:44} {us:8.1f} us  {sizes.get(name, '')}")
+    floor = sum(
+        med[k]
+        for k in (
+            "mkdir",
+            "open cgroup dir",
+            "PROG_LOAD runc-shaped filter",
+            "PROG_ATTACH runc-shaped",
+            "write pid to cgroup.procs",
+        )
+    )
+    print(f"  sum = the C floor's setup (mkdir+open+PROG_LOAD runc+attach+procs): {floor:.0f} us")
+    return med
 
 
 # ---------------------------------------------------------------- 1. setup
@@ -175,7 +264,9 @@ def bench_py_setup(
     return out
 
 
-def print_setup(rows: list[tuple[str, Timings]]) -> None:
+def print_setup(rows: list[tuple[str, Timings]]) -> dict[str, tuple[float, float]]:
+    """Print the tables; return {"<rule sets>, <wall|CPU>": (setup, setup+teardown ratios)}."""
+
     def med(t: Timings, col: int) -> float:
         return statistics.median(x[col] for x in t) / 1000
 
@@ -189,6 +280,16 @@ def print_setup(rows: list[tuple[str, Timings]]) -> None:
                 f"{name:46} {s:9.1f} {s / med(c, s_col):6.2f} {tt:13.1f} {tt / med(c, t_col):6.2f}"
             )
     print("(ratio < 1: faster than the C floor)")
+    return {
+        f"{name.split(', ')[-1]}, {metric}": (med(t, s) / med(c, s), med(t, e) / med(c, e))
+        for name, t in rows[1:]
+        for metric, s, e in (("wall", 0, 1), ("CPU", 2, 3))
+    }
+
+
+def goal(label: str, value: float, limit: float, unit: str = "x") -> None:
+    verdict = "goal met" if value <= limit else "goal NOT met"
+    print(f"  {verdict:12} {label}: {value:.2f}{unit} (goal <= {limit}{unit})")
 
 
 # ---------------------------------------------------------------- 2. per-open
@@ -275,8 +376,9 @@ print((t1 - t0) / 1000, (t2 - t1) / 1000)
 """
 
 
-def bench_first_attach(parent: Path, tmp: Path, runs: int) -> None:
+def bench_first_attach(parent: Path, tmp: Path, runs: int) -> dict[str, float]:
     """A fresh process's first attach: load once (no pin) or fetch the pinned program."""
+    result: dict[str, float] = {}
     pin_dir = tmp / "bpffs"
     pin_dir.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(pin_dir)], check=True)
@@ -307,11 +409,13 @@ def bench_first_attach(parent: Path, tmp: Path, runs: int) -> None:
                 f"{label:50} first {statistics.median(firsts):8.0f} us, "
                 f"then {statistics.median(seconds):6.0f} us"
             )
+            result["pin" if env else "no pin"] = statistics.median(firsts)
         for p in pin_dir.iterdir():
             if p.name.startswith(devprog.PROG_NAME):
                 p.unlink()
     finally:
         subprocess.run(["umount", str(pin_dir)], check=True)
+    return result
 
 
 def main() -> int:
@@ -320,6 +424,8 @@ def main() -> int:
     ap.add_argument("--opens", type=int, default=50_000)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--open-rounds", type=int, default=9)
+    ap.add_argument("--costs", type=int, default=200, help="container lives for the cost table")
+    ap.add_argument("--skip-opens", action="store_true", help="skip the per-open benchmark")
     args = ap.parse_args()
     root = discover().root
     parent = root / f"pelagos-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -339,6 +445,7 @@ def main() -> int:
                 f"our generic program: {devprog.compiled().insn_count} insns, loaded once per "
                 f"process (load + 3 map creates: {first_load_us:.0f} us, before the timings)"
             )
+            measure_costs(exe, parent, pid, args.costs, tmp)
             n = args.n
             c_runs: Timings = []
             py_runs: Timings = []
@@ -353,15 +460,23 @@ def main() -> int:
                 new_runs += bench_py_setup(
                     root, parent, pid, lambda i, r=r: never_seen(10_000 + r * n + i), n, f"n{r}_"
                 )
-            print_setup(
+            ratios = print_setup(
                 [
                     ("C, peers' syscalls (per-container PROG_LOAD)", c_runs),
                     ("Python setup_cgroup, repeated rule set", py_runs),
                     ("Python setup_cgroup, never-seen rule sets", new_runs),
                 ]
             )
-            bench_opens(exe, parent, args.opens, args.open_rounds)
-            bench_first_attach(parent, tmp, 7)
+            if not args.skip_opens:
+                bench_opens(exe, parent, args.opens, args.open_rounds)
+            first = bench_first_attach(parent, tmp, 7)
+            print("\n== issue 12 goals, this run (medians; ratios to the C floor)")
+            print("   (wall clock counts run-queue waits and RCU grace periods; CPU time does not)")
+            for name, (setup, total) in ratios.items():
+                goal(f"setup, {name}", setup, 0.7)
+                goal(f"setup+teardown, {name}", total, 1.0)
+            for how, us in first.items():
+                goal(f"first attach in a fresh process ({how})", us / 1000, 1.0, " ms")
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

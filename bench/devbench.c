@@ -7,6 +7,13 @@
  *        Prints "setup_ns total_ns setup_cpu_ns total_cpu_ns" per iteration (wall clock, then
  *        this thread's CPU time, which other load on the machine does not inflate).
  * open   N: open+close /dev/null N times; prints thread-CPU ns per open.
+ * costs  PARENT PID PROGFILE N MAPFD ENTRYFILE: each syscall of a container's life, timed alone
+ *        (wall ns, one line per iteration, columns named by COST_NAMES in bench_devices.py).
+ *        PROGFILE holds 2 programs: [0] the runc-shaped filter, [1] our generic program, already
+ *        relocated against map fds this process inherited. ENTRYFILE: u32 count, key size, value
+ *        size, then the keys, then the values of one rule set for the map MAPFD (the first 8
+ *        key bytes, the ruleset, are rewritten per iteration so every batch inserts new keys).
+ *        Even iterations detach both programs before rmdir; odd ones rmdir with both attached.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -45,23 +52,11 @@ static void write_str(const char *path, const char *s) {
     close(fd);
 }
 
+static struct bpf_insn **read_progs(const char *progfile, uint32_t **lens_out, uint32_t *count);
+
 static int setup(const char *parent, const char *pid, const char *progfile, int n) {
-    FILE *f = fopen(progfile, "rb");
-    if (!f)
-        die(progfile);
-    uint32_t count;
-    if (fread(&count, 4, 1, f) != 1)
-        die("progfile");
-    struct bpf_insn **progs = calloc(count, sizeof(*progs));
-    uint32_t *lens = calloc(count, sizeof(*lens));
-    for (uint32_t i = 0; i < count; i++) {
-        if (fread(&lens[i], 4, 1, f) != 1)
-            die("progfile");
-        progs[i] = malloc(lens[i] * 8);
-        if (fread(progs[i], 8, lens[i], f) != lens[i])
-            die("progfile");
-    }
-    fclose(f);
+    uint32_t count, *lens;
+    struct bpf_insn **progs = read_progs(progfile, &lens, &count);
     char dir[4096], procs[4200], parent_procs[4200];
     snprintf(parent_procs, sizeof parent_procs, "%s/cgroup.procs", parent);
     for (int i = 0; i < n; i++) {
@@ -104,6 +99,131 @@ static int setup(const char *parent, const char *pid, const char *progfile, int 
     return 0;
 }
 
+static struct bpf_insn **read_progs(const char *progfile, uint32_t **lens_out, uint32_t *count) {
+    FILE *f = fopen(progfile, "rb");
+    if (!f)
+        die(progfile);
+    if (fread(count, 4, 1, f) != 1)
+        die("progfile");
+    struct bpf_insn **progs = calloc(*count, sizeof(*progs));
+    uint32_t *lens = calloc(*count, sizeof(*lens));
+    for (uint32_t i = 0; i < *count; i++) {
+        if (fread(&lens[i], 4, 1, f) != 1)
+            die("progfile");
+        progs[i] = malloc(lens[i] * 8);
+        if (fread(progs[i], 8, lens[i], f) != lens[i])
+            die("progfile");
+    }
+    fclose(f);
+    *lens_out = lens;
+    return progs;
+}
+
+static int bpf_call(int cmd, union bpf_attr *a) { return syscall(SYS_bpf, cmd, a, sizeof *a); }
+
+static int load(struct bpf_insn *insns, uint32_t n) {
+    union bpf_attr a;
+    memset(&a, 0, sizeof a);
+    a.prog_type = BPF_PROG_TYPE_CGROUP_DEVICE;
+    a.insns = (uint64_t)(uintptr_t)insns;
+    a.insn_cnt = n;
+    a.license = (uint64_t)(uintptr_t) "GPL";
+    int fd = bpf_call(BPF_PROG_LOAD, &a);
+    if (fd < 0)
+        die("BPF_PROG_LOAD");
+    return fd;
+}
+
+static void attach(int cg, int prog, int cmd) {
+    union bpf_attr a;
+    memset(&a, 0, sizeof a);
+    a.target_fd = cg;
+    a.attach_bpf_fd = prog;
+    a.attach_type = BPF_CGROUP_DEVICE;
+    a.attach_flags = cmd == BPF_PROG_ATTACH ? BPF_F_ALLOW_MULTI : 0;
+    if (bpf_call(cmd, &a))
+        die(cmd == BPF_PROG_ATTACH ? "BPF_PROG_ATTACH" : "BPF_PROG_DETACH");
+}
+
+static int costs(const char *parent, const char *pid, const char *progfile, int n, int mapfd,
+                 const char *entryfile) {
+    uint32_t count, *lens;
+    struct bpf_insn **progs = read_progs(progfile, &lens, &count);
+    FILE *f = fopen(entryfile, "rb");
+    uint32_t hdr[3];
+    if (!f || fread(hdr, 4, 3, f) != 3)
+        die(entryfile);
+    uint32_t ne = hdr[0], ks = hdr[1], vs = hdr[2];
+    char *keys = malloc(ne * ks), *vals = malloc(ne * vs);
+    if (fread(keys, ks, ne, f) != ne || fread(vals, vs, ne, f) != ne)
+        die("entryfile");
+    fclose(f);
+    char dir[4096], procs[4200], parent_procs[4200];
+    snprintf(parent_procs, sizeof parent_procs, "%s/cgroup.procs", parent);
+    for (int i = 0; i < n; i++) {
+        uint64_t t[14];
+        int k = 0;
+        snprintf(dir, sizeof dir, "%s/k%d", parent, i);
+        snprintf(procs, sizeof procs, "%s/cgroup.procs", dir);
+        uint64_t rs = (0x7ff0000000ull + (uint64_t)i) << 1;
+        for (uint32_t e = 0; e < ne; e++)
+            memcpy(keys + e * ks, &rs, 8);
+        t[k++] = now();
+        if (mkdir(dir, 0755))
+            die("mkdir");
+        t[k++] = now();
+        int cg = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (cg < 0)
+            die("open cgroup");
+        t[k++] = now();
+        int runc = load(progs[0], lens[0]);
+        t[k++] = now();
+        int ours = load(progs[1], lens[1]);
+        t[k++] = now();
+        attach(cg, ours, BPF_PROG_ATTACH);
+        t[k++] = now();
+        attach(cg, runc, BPF_PROG_ATTACH);
+        t[k++] = now();
+        union bpf_attr a;
+        memset(&a, 0, sizeof a);
+        a.batch.map_fd = mapfd;
+        a.batch.keys = (uint64_t)(uintptr_t)keys;
+        a.batch.values = (uint64_t)(uintptr_t)vals;
+        a.batch.count = ne;
+        if (bpf_call(BPF_MAP_UPDATE_BATCH, &a))
+            die("BPF_MAP_UPDATE_BATCH");
+        t[k++] = now();
+        write_str(procs, pid);
+        t[k++] = now();
+        write_str(parent_procs, pid);
+        t[k++] = now();
+        if (i % 2 == 0) {
+            attach(cg, runc, BPF_PROG_DETACH);
+            attach(cg, ours, BPF_PROG_DETACH);
+        }
+        t[k++] = now();
+        close(cg);
+        close(runc);
+        close(ours);
+        t[k++] = now();
+        if (rmdir(dir))
+            die("rmdir");
+        t[k++] = now();
+        memset(&a, 0, sizeof a);
+        a.batch.map_fd = mapfd;
+        a.batch.keys = (uint64_t)(uintptr_t)keys;
+        a.batch.count = ne;
+        if (bpf_call(BPF_MAP_DELETE_BATCH, &a))
+            die("BPF_MAP_DELETE_BATCH");
+        t[k++] = now();
+        printf("%d", i % 2);
+        for (int j = 1; j < k; j++)
+            printf(" %llu", (unsigned long long)(t[j] - t[j - 1]));
+        printf("\n");
+    }
+    return 0;
+}
+
 /* Thread CPU time, not wall time: other load on the machine does not count, while the device
    program (run inside our open syscall) does. */
 static int openloop(long n) {
@@ -121,8 +241,11 @@ static int openloop(long n) {
 int main(int argc, char **argv) {
     if (argc == 6 && !strcmp(argv[1], "setup"))
         return setup(argv[2], argv[3], argv[4], atoi(argv[5]));
+    if (argc == 8 && !strcmp(argv[1], "costs"))
+        return costs(argv[2], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]), argv[7]);
     if (argc == 3 && !strcmp(argv[1], "open"))
         return openloop(atol(argv[2]));
-    fprintf(stderr, "usage: devbench setup PARENT PID PROGFILE N | open N\n");
+    fprintf(stderr, "usage: devbench setup PARENT PID PROGFILE N | open N | costs PARENT PID PROGFILE N "
+                    "MAPFD ENTRYFILE\n");
     return 2;
 }

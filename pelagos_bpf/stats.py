@@ -1,13 +1,14 @@
 """ResourceStats and read_stats: usage counters of a cgroup, 0 where a file is missing.
 
-Why 0 and not an error: the seed documents it (controllers not enabled -> 0), and a runtime
+Why 0 and not an error: a controller that is not enabled reads as 0 (documented), and a runtime
 polling stats must not fail because e.g. the memory controller lives on v1 on this host.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .cgroup import Cgroup
@@ -15,7 +16,7 @@ from .cgroup import Cgroup
 
 @dataclass
 class ResourceStats:
-    """The seed's three fields first, then what cgroup v2 adds."""
+    """The three historical fields first, then what cgroup v2 adds."""
 
     memory_current_bytes: int = 0
     cpu_usage_ns: int = 0
@@ -43,15 +44,39 @@ class ResourceStats:
         return asdict(self)
 
 
-def _text(path: Path) -> str:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _open_dir(path: str | os.PathLike[str]) -> int | None:
     try:
-        return path.read_text()
-    except OSError:  # missing file (controller off), or cgroup gone meanwhile
+        return os.open(path, _DIR_FLAGS)
+    except OSError:  # gone meanwhile, or not a directory: every counter stays 0
+        return None
+
+
+def _read(dfd: int, name: str) -> str:
+    """A cgroupfs file relative to the cgroup's dir fd; "" when missing (controller off).
+
+    Why not pathlib: the Path objects and io wrappers cost more than the two syscalls, and a
+    node agent polls hundreds of cgroups.
+    """
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
         return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    except OSError:  # e.g. ENODEV from a cgroup removed between open and read
+        return ""
+    finally:
+        os.close(fd)
 
 
-def _int(path: Path) -> int:
-    t = _text(path).strip()
+def _int(text: str) -> int:
+    t = text.strip()
     return int(t) if t.isdigit() else 0
 
 
@@ -92,32 +117,137 @@ def parse_pressure(resource: str, text: str) -> dict[str, float]:
     return out
 
 
-def read_stats(cg: Cgroup) -> ResourceStats:
-    """Read usage counters of cg; never raises for a missing controller file."""
-    p = cg.path
+def _files_stats(dfd: int) -> ResourceStats:
+    """The counters kept in the cgroup's own files."""
     s = ResourceStats()
-    s.controllers = _text(p / "cgroup.controllers").split()
-    s.memory_current_bytes = _int(p / "memory.current")
-    s.memory_peak_bytes = _int(p / "memory.peak")
-    events = parse_flat_keyed(_text(p / "memory.events"))
+    s.controllers = _read(dfd, "cgroup.controllers").split()
+    s.memory_current_bytes = _int(_read(dfd, "memory.current"))
+    s.memory_peak_bytes = _int(_read(dfd, "memory.peak"))
+    events = parse_flat_keyed(_read(dfd, "memory.events"))
     s.memory_oom = events.get("oom", 0)
     s.memory_oom_kill = events.get("oom_kill", 0)
-    cpu = parse_flat_keyed(_text(p / "cpu.stat"))
+    cpu = parse_flat_keyed(_read(dfd, "cpu.stat"))
     s.cpu_usage_ns = cpu.get("usage_usec", 0) * 1000
     s.cpu_user_ns = cpu.get("user_usec", 0) * 1000
     s.cpu_system_ns = cpu.get("system_usec", 0) * 1000
     s.cpu_nr_periods = cpu.get("nr_periods", 0)
     s.cpu_nr_throttled = cpu.get("nr_throttled", 0)
     s.cpu_throttled_ns = cpu.get("throttled_usec", 0) * 1000
-    s.pids_current = _int(p / "pids.current")
-    s.pids_events_max = parse_flat_keyed(_text(p / "pids.events")).get("max", 0)
-    s.io_read_bytes, s.io_write_bytes = parse_io_stat(_text(p / "io.stat"))
+    s.pids_current = _int(_read(dfd, "pids.current"))
+    s.pids_events_max = parse_flat_keyed(_read(dfd, "pids.events")).get("max", 0)
+    s.io_read_bytes, s.io_write_bytes = parse_io_stat(_read(dfd, "io.stat"))
     for res in ("cpu", "memory", "io"):
-        s.pressure.update(parse_pressure(res, _text(p / f"{res}.pressure")))
-    if not (p / "cgroup.procs").exists():  # not (or no longer) a cgroup: no BPF to ask
-        return s
+        s.pressure.update(parse_pressure(res, _read(dfd, f"{res}.pressure")))
+    return s
+
+
+def _is_cgroup(dfd: int) -> bool:
+    try:
+        os.stat("cgroup.procs", dir_fd=dfd)
+    except OSError:
+        return False
+    return True
+
+
+def read_stats(cg: Cgroup) -> ResourceStats:
+    """Read usage counters of cg; never raises for a missing controller file."""
+    dfd = _open_dir(cg.path)
+    if dfd is None:
+        return ResourceStats()
+    try:
+        s = _files_stats(dfd)
+        if not _is_cgroup(dfd):  # not (or no longer) a cgroup: no BPF to ask
+            return s
+    finally:
+        os.close(dfd)
     from . import devices, net  # lazy: keeps `import pelagos_bpf` light
 
     s.device_denials = dict(devices.read_device_denials(cg))
     s.net = dict(net.read_net_stats(cg))
     return s
+
+
+def read_stats_many(cgs: Sequence[Cgroup]) -> list[ResourceStats]:
+    """read_stats for many cgroups in one call (a node agent's poll), in the order given.
+
+    Shares the BPF work: each program found attached is opened once, and the shared denial map
+    walked once, for all the cgroups it serves, instead of once per cgroup (a walk of the whole
+    map each time). Gives the same values as read_stats on each.
+    """
+    out: list[ResourceStats] = []
+    live: list[tuple[int, int, Cgroup]] = []  # (index in out, dir fd, cgroup) for BPF
+    try:
+        for cg in cgs:
+            dfd = _open_dir(cg.path)
+            if dfd is None:
+                out.append(ResourceStats())
+                continue
+            out.append(_files_stats(dfd))
+            if _is_cgroup(dfd):
+                live.append((len(out) - 1, dfd, cg))
+            else:
+                os.close(dfd)
+        if live:
+            _bpf_stats_many(live, out)
+    finally:
+        for _, dfd, _cg in live:
+            os.close(dfd)
+    return out
+
+
+def _bpf_stats_many(live: list[tuple[int, int, Cgroup]], out: list[ResourceStats]) -> None:
+    """Device denials and net counters of many cgroups: one PROG_QUERY per cgroup and hook,
+    then each distinct program (and its maps) opened once."""
+    from . import bpfsys, progfind  # lazy: keeps `import pelagos_bpf` light
+    from .devices import encode as denc
+    from .devices import program as dprog
+    from .net import program as nprog
+
+    hooks = (
+        (dprog.ATTACH, dprog.PROG_NAME, "dev"),
+        (nprog.EGRESS, nprog.EG_PROG, "egress"),
+        (nprog.INGRESS, nprog.IN_PROG, "ingress"),
+    )
+    users: dict[tuple[int, int], list[int]] = {}  # (attach type, prog id) -> indices in live
+    for i, (_, dfd, _cg) in enumerate(live):
+        for attach, _, _ in hooks:
+            for prog_id in bpfsys.prog_query(dfd, attach):
+                users.setdefault((int(attach), prog_id), []).append(i)
+    for (attach, prog_id), idx in users.items():
+        name, kind = next((n, k) for a, n, k in hooks if int(a) == attach)
+        fd = progfind.open_prog(prog_id)
+        if fd is None:
+            continue
+        try:
+            info = bpfsys.prog_info(fd)
+            if info.name != name:
+                continue
+            maps = progfind.open_maps(info, dprog.MAP_SPECS if kind == "dev" else nprog.MAPS)
+        finally:
+            os.close(fd)
+        try:
+            if kind == "dev" and "dev_denials" in maps:
+                mfd = maps["dev_denials"]
+                by_cg: dict[int, list[tuple[bytes, bytes]]] = {}
+                for key in bpfsys.map_keys(mfd, denc.DENY_KEY.size):  # one walk for all
+                    val = bpfsys.map_lookup(mfd, key, denc.DENY_VAL.size)
+                    if val is not None:
+                        by_cg.setdefault(denc.DENY_KEY.unpack_from(key)[0], []).append((key, val))
+                for i in idx:
+                    cg = live[i][2]
+                    mine = denc.decode_denials(by_cg.get(cg.id, []), cg.id)
+                    tot = out[live[i][0]].device_denials
+                    for label, n in mine.items():
+                        tot[label] = tot.get(label, 0) + n
+            elif kind != "dev" and "net_acct" in maps:
+                for i in idx:
+                    cg = live[i][2]
+                    key = nprog.STORAGE_KEY.pack(cg.id, attach)
+                    vals = bpfsys.map_lookup_percpu(maps["net_acct"], key, nprog.ACCT.size)
+                    pairs = [nprog.ACCT.unpack(v) for v in vals or []]
+                    st = out[live[i][0]].net
+                    st[f"{kind}_bytes"] = st.get(f"{kind}_bytes", 0) + sum(b for b, _ in pairs)
+                    st[f"{kind}_packets"] = st.get(f"{kind}_packets", 0) + sum(p for _, p in pairs)
+        finally:
+            for mfd in maps.values():
+                os.close(mfd)

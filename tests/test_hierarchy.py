@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pelagos_bpf import hierarchy
 from pelagos_bpf.errors import CgroupError
 from pelagos_bpf.hierarchy import ROOT_ENV, choose_root, discover, parse_mountinfo
 
@@ -68,3 +72,64 @@ def test_discover_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (h.root / "cgroup.procs").exists()
     text = Path("/proc/self/mountinfo").read_text()
     assert h.mode == ("hybrid" if " - cgroup cgroup " in text else "unified")
+
+
+def test_errors_carry_an_errno(tmp_path: Path) -> None:
+    with pytest.raises(CgroupError) as e:
+        choose_root(parse_mountinfo(HYBRID.replace("cgroup2 cgroup2", "tmpfs tmpfs")))
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(CgroupError) as e:
+        discover(tmp_path)
+    assert e.value.errno == errno.ENOENT
+
+
+@pytest.fixture
+def fake_mountinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """discover() reads this file instead of /proc/self/mountinfo; cache cleared around."""
+    f = tmp_path / "mountinfo"
+    f.write_text(PURE_V2)
+    monkeypatch.setattr(hierarchy, "MOUNTINFO", str(f))
+    monkeypatch.delenv(ROOT_ENV, raising=False)
+    hierarchy.clear_cache()
+    yield f
+    hierarchy.clear_cache()
+
+
+def test_discovery_is_cached_until_cleared(fake_mountinfo: Path) -> None:
+    assert discover().root == Path("/sys/fs/cgroup")
+    fake_mountinfo.write_text(HYBRID)
+    assert discover().root == Path("/sys/fs/cgroup")  # cached: mountinfo not read again
+    hierarchy.clear_cache()
+    assert discover().root == Path("/sys/fs/cgroup/unified")
+
+
+def test_cache_honours_explicit_root_and_env(
+    fake_mountinfo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert discover().mode == "unified"
+    explicit = tmp_path / "cg"
+    explicit.mkdir()
+    (explicit / "cgroup.procs").write_text("")
+    assert discover(explicit) == hierarchy.Hierarchy(explicit, "explicit")
+    monkeypatch.setenv(ROOT_ENV, str(explicit))
+    assert discover().root == explicit
+    monkeypatch.delenv(ROOT_ENV)
+    assert discover().root == Path("/sys/fs/cgroup")
+
+
+def test_failures_are_not_cached(fake_mountinfo: Path, tmp_path: Path) -> None:
+    with pytest.raises(CgroupError):
+        discover(tmp_path)
+    (tmp_path / "cgroup.procs").write_text("")
+    assert discover(tmp_path).root == tmp_path
+
+
+def test_forked_child_discovers_again(fake_mountinfo: Path) -> None:
+    assert discover().mode == "unified"
+    fake_mountinfo.write_text(HYBRID)
+    pid = os.fork()
+    if pid == 0:  # the child has another pid: its key misses, it reads the new text
+        os._exit(0 if discover().root == Path("/sys/fs/cgroup/unified") else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert discover().root == Path("/sys/fs/cgroup")  # the parent keeps its cached answer
