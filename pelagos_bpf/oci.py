@@ -91,44 +91,42 @@ class Reader:
 
     # ------------------------------------------------------------ typed access
 
-    def obj(self, path: str, v: Any) -> Mapping[str, Any]:
-        if v is None:
-            return {}
-        if not isinstance(v, Mapping):
-            raise ConfigError(path, v, "must be a JSON object")
+    @staticmethod
+    def _typed(path: str, v: Any, ok: bool, want: str) -> Any:
+        if v is not None and not ok:
+            raise ConfigError(path, v, want)
         return v
 
+    def obj(self, path: str, v: Any) -> Mapping[str, Any]:
+        return self._typed(path, v, isinstance(v, Mapping), "must be a JSON object") or {}
+
     def arr(self, path: str, v: Any) -> list[Any]:
-        if v is None:
-            return []
-        if not isinstance(v, list | tuple):
-            raise ConfigError(path, v, "must be a JSON array")
-        return list(v)
+        return list(self._typed(path, v, isinstance(v, list | tuple), "must be a JSON array") or [])
 
     def int_(self, path: str, v: Any, bounds: tuple[int, int]) -> int | None:
-        if v is None:
-            return None
-        if not _is_int(v):
-            raise ConfigError(path, v, "must be an integer")
+        self._typed(path, v, _is_int(v), "must be an integer")
         lo, hi = bounds
-        if not lo <= v <= hi:
+        if v is not None and not lo <= v <= hi:
             kind = "a non-negative integer" if lo == 0 else "an integer"
             raise ConfigError(path, v, f"must be {kind} in {lo}..{hi}")
         return v
 
     def str_(self, path: str, v: Any) -> str | None:
-        if v is None:
-            return None
-        if not isinstance(v, str):
-            raise ConfigError(path, v, "must be a string")
-        return v
+        return self._typed(path, v, isinstance(v, str), "must be a string")
 
     def bool_(self, path: str, v: Any) -> bool | None:
-        if v is None:
-            return None
-        if not isinstance(v, bool):
-            raise ConfigError(path, v, "must be true or false (a JSON boolean)")
-        return v
+        return self._typed(path, v, isinstance(v, bool), "must be true or false (a JSON boolean)")
+
+    def objects(self, path: str, v: Any) -> list[tuple[str, Mapping[str, Any]]]:
+        """(JSON path, object) for each element of an array of objects."""
+        return [
+            (f"{path}[{i}]", self.obj(f"{path}[{i}]", e)) for i, e in enumerate(self.arr(path, v))
+        ]
+
+    @staticmethod
+    def need(path: str, e: Mapping[str, Any], names: str, *values: Any) -> None:
+        if any(v is None for v in values):
+            raise ConfigError(path, dict(e), f"{names} are required")
 
     def section(self, name: str) -> Mapping[str, Any]:
         path = f"{ROOT}.{name}"
@@ -254,9 +252,7 @@ class Reader:
         leaf = self.int_(f"{p}.leafWeight", b.get("leafWeight"), UINT16)
         self.refuse_unless(f"{p}.leafWeight", leaf, leaf == 0, _LEAF)
         devices = []
-        for i, d in enumerate(self.arr(f"{p}.weightDevice", b.get("weightDevice"))):
-            q = f"{p}.weightDevice[{i}]"
-            d = self.obj(q, d)
+        for q, d in self.objects(f"{p}.weightDevice", b.get("weightDevice")):
             major, minor = self._dev(q, d)
             weight = self.int_(f"{q}.weight", d.get("weight"), UINT16)
             leaf = self.int_(f"{q}.leafWeight", d.get("leafWeight"), UINT16)
@@ -266,9 +262,7 @@ class Reader:
         out["blkio_weight_device"] = devices
         for key, field in THROTTLES:
             items = []
-            for i, d in enumerate(self.arr(f"{p}.{key}", b.get(key))):
-                q = f"{p}.{key}[{i}]"
-                d = self.obj(q, d)
+            for q, d in self.objects(f"{p}.{key}", b.get(key)):
                 major, minor = self._dev(q, d)
                 rate = self.int_(f"{q}.rate", d.get("rate"), UINT64)
                 if rate is None:
@@ -280,21 +274,17 @@ class Reader:
     def _dev(self, q: str, d: Mapping[str, Any]) -> tuple[int, int]:
         major = self.int_(f"{q}.major", d.get("major"), INT64)
         minor = self.int_(f"{q}.minor", d.get("minor"), INT64)
-        if major is None or minor is None:
-            raise ConfigError(q, dict(d), "major and minor are required")
-        return major, minor
+        self.need(q, d, "major and minor", major, minor)
+        return major, minor  # type: ignore[return-value]
 
     def network(self) -> dict[str, Any]:
         p = f"{ROOT}.network"
         n = self.section("network")
         prios = []
-        for i, e in enumerate(self.arr(f"{p}.priorities", n.get("priorities"))):
-            q = f"{p}.priorities[{i}]"
-            e = self.obj(q, e)
+        for q, e in self.objects(f"{p}.priorities", n.get("priorities")):
             name = self.str_(f"{q}.name", e.get("name"))
             prio = self.int_(f"{q}.priority", e.get("priority"), UINT32)
-            if name is None or prio is None:
-                raise ConfigError(q, dict(e), "name and priority are required")
+            self.need(q, e, "name and priority", name, prio)
             prios.append((name, prio))
         return {
             "net_classid": self.int_(f"{p}.classID", n.get("classID"), UINT32),
@@ -304,13 +294,10 @@ class Reader:
     def hugepages(self) -> list[tuple[str, int]]:
         p = f"{ROOT}.hugepageLimits"
         out = []
-        for i, e in enumerate(self.arr(p, self.r.get("hugepageLimits"))):
-            q = f"{p}[{i}]"
-            e = self.obj(q, e)
+        for q, e in self.objects(p, self.r.get("hugepageLimits")):
             size = self.str_(f"{q}.pageSize", e.get("pageSize"))
             limit = self.int_(f"{q}.limit", e.get("limit"), UINT64)
-            if size is None or limit is None:
-                raise ConfigError(q, dict(e), "pageSize and limit are required")
+            self.need(q, e, "pageSize and limit", size, limit)
             out.append((size, limit))
         return out
 
@@ -335,9 +322,7 @@ class Reader:
     def devices(self) -> list[tuple[bool, str, int, int, str]]:
         p = f"{ROOT}.devices"
         out = []
-        for i, d in enumerate(self.arr(p, self.r.get("devices"))):
-            q = f"{p}[{i}]"
-            d = self.obj(q, d)
+        for q, d in self.objects(p, self.r.get("devices")):
             allow = self.bool_(f"{q}.allow", d.get("allow"))
             if allow is None:
                 raise ConfigError(f"{q}.allow", None, "is required (true or false)")

@@ -74,14 +74,18 @@ def validate_cpuset(setting: str, value: Any) -> None:
             raise ConfigError(setting, value, f"stride {item!r} needs 0 < used <= group")
 
 
-def _throttles(setting: str, items: Any) -> None:
+def _tuples(setting: str, items: Any, shape: str, n: int) -> list[tuple[str, Any]]:
+    """(name, item) per item of a list of n-tuples; ConfigError naming the bad list or item."""
     if not isinstance(items, list | tuple):
-        raise ConfigError(setting, items, "must be a list of (major, minor, rate)")
+        raise ConfigError(setting, items, f"must be a list of {shape}")
     for i, t in enumerate(items):
-        name = f"{setting}[{i}]"
-        if not isinstance(t, list | tuple) or len(t) != 3:
-            raise ConfigError(name, t, "must be a (major, minor, rate) triple")
-        major, minor, rate = t
+        if not isinstance(t, list | tuple) or len(t) != n:
+            raise ConfigError(f"{setting}[{i}]", t, f"must be a {shape} tuple")
+    return [(f"{setting}[{i}]", t) for i, t in enumerate(items)]
+
+
+def _throttles(setting: str, items: Any) -> None:
+    for name, (major, minor, rate) in _tuples(setting, items, "(major, minor, rate)", 3):
         _range(f"{name}.major", major, 0, MAJOR_MAX)
         _range(f"{name}.minor", minor, 0, MINOR_MAX)
         if _int(f"{name}.rate", rate) < 1:
@@ -196,24 +200,14 @@ def _v2_knobs(cfg: CgroupConfig) -> None:
 
 
 def _weight_devices(items: Any) -> None:
-    if not isinstance(items, list | tuple):
-        raise ConfigError("blkio_weight_device", items, "must be a list of (major, minor, weight)")
-    for i, t in enumerate(items):
-        name = f"blkio_weight_device[{i}]"
-        if not isinstance(t, list | tuple) or len(t) != 3:
-            raise ConfigError(name, t, "must be a (major, minor, weight) triple")
+    for name, t in _tuples("blkio_weight_device", items, "(major, minor, weight)", 3):
         _range(f"{name}.major", t[0], 0, MAJOR_MAX)
         _range(f"{name}.minor", t[1], 0, MINOR_MAX)
         _range(f"{name}.weight", t[2], convert.BLKIO_WEIGHT_MIN, convert.BLKIO_WEIGHT_MAX)
 
 
 def _hugepages(items: Any) -> None:
-    if not isinstance(items, list | tuple):
-        raise ConfigError("hugepage_limits", items, "must be a list of (page size, limit)")
-    for i, t in enumerate(items):
-        name = f"hugepage_limits[{i}]"
-        if not isinstance(t, list | tuple) or len(t) != 2:
-            raise ConfigError(name, t, "must be a (page size, limit) pair, e.g. ('2MB', 1 << 30)")
+    for name, t in _tuples("hugepage_limits", items, "(page size, limit)", 2):
         try:
             convert.hugepage_size(t[0])
         except ValueError as e:

@@ -346,3 +346,22 @@ def test_every_config_linux_md_example_imports(name: str) -> None:
     refused = [s for s, _ in c.ignored if s in ex["refused"]]
     assert refused == ex["refused"]
     controllers.plan(c)
+
+
+@pytest.mark.root
+def test_setup_reports_what_from_oci_ignored(cg_root: Path) -> None:
+    """The notes reach SetupReport.skipped (nothing silent), on any cgroup2 host."""
+    from cgtest import rel
+
+    from pelagos_bpf import setup_cgroup, teardown_cgroup
+
+    r = {"memory": {"kernel": -1, "swappiness": 10}, "devices": [{"allow": False}]}
+    cfg = CgroupConfig.from_oci(r, rel(cg_root, "notes"), strict=False)
+    cg = setup_cgroup(cfg, None)
+    try:
+        skipped = dict(cg.report.skipped)
+        assert "linux.resources.memory.kernel" in skipped
+        assert "swappiness" in skipped["linux.resources.memory.swappiness"]
+        assert cg.report.applied == ["device_rules"]
+    finally:
+        teardown_cgroup(cg)

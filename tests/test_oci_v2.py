@@ -10,6 +10,7 @@ import errno
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,43 +106,45 @@ def test_cpu_burst_and_idle_accepted(cg_root: Path, spawn) -> None:
         teardown_cgroup(cg)
 
 
-def test_weight_device_lands_in_io_weight(cg_root: Path, spawn) -> None:
+@pytest.fixture
+def loop() -> Iterator[tuple[int, int]]:
+    """(major, minor) of a fresh loop device, detached afterwards."""
     if not Path("/dev/loop-control").exists():
         pytest.skip("no loop driver (/dev/loop-control) in this kernel")
     with loop_device() as dev:
         rdev = os.stat(dev).st_rdev
-        major, minor = os.major(rdev), os.minor(rdev)
-        cfg = CgroupConfig.from_oci(
-            {"blockIO": {"weightDevice": [{"major": major, "minor": minor, "weight": 500}]}},
-            rel(cg_root, "wd"),
-        )
-        cg = setup_cgroup(cfg, spawn().pid)
-        try:
-            fname, value = cg.report.written[0]
-            if fname == "io.bfq.weight":
-                assert value == f"{major}:{minor} 500"
-            else:
-                w = blkio_weight_to_io_weight(500)
-                assert (fname, value) == ("io.weight", f"{major}:{minor} {w}")
-            assert f"{major}:{minor} " in (cg.path / fname).read_text()
-        finally:
-            teardown_cgroup(cg)
+        yield os.major(rdev), os.minor(rdev)
 
 
-def test_unified_multiline_io_max(cg_root: Path, spawn) -> None:
-    if not Path("/dev/loop-control").exists():
-        pytest.skip("no loop driver (/dev/loop-control) in this kernel")
-    with loop_device() as dev:
-        rdev = os.stat(dev).st_rdev
-        d = f"{os.major(rdev)}:{os.minor(rdev)}"
-        cfg = CgroupConfig(
-            unified={"io.max": f"{d} rbps=2097152\n{d} wiops=120"}, path=rel(cg_root, "u")
-        )
-        cg = setup_cgroup(cfg, spawn().pid)
-        try:
-            assert f"{d} rbps=2097152 wbps=max riops=max wiops=120" in read(cg, "io.max")
-        finally:
-            teardown_cgroup(cg)
+def test_weight_device_lands_in_io_weight(cg_root: Path, spawn, loop) -> None:
+    major, minor = loop
+    cfg = CgroupConfig.from_oci(
+        {"blockIO": {"weightDevice": [{"major": major, "minor": minor, "weight": 500}]}},
+        rel(cg_root, "wd"),
+    )
+    cg = setup_cgroup(cfg, spawn().pid)
+    try:
+        fname, value = cg.report.written[0]
+        if fname == "io.bfq.weight":
+            assert value == f"{major}:{minor} 500"
+        else:
+            w = blkio_weight_to_io_weight(500)
+            assert (fname, value) == ("io.weight", f"{major}:{minor} {w}")
+        assert f"{major}:{minor} " in (cg.path / fname).read_text()
+    finally:
+        teardown_cgroup(cg)
+
+
+def test_unified_multiline_io_max(cg_root: Path, spawn, loop) -> None:
+    d = f"{loop[0]}:{loop[1]}"
+    cfg = CgroupConfig(
+        unified={"io.max": f"{d} rbps=2097152\n{d} wiops=120"}, path=rel(cg_root, "u")
+    )
+    cg = setup_cgroup(cfg, spawn().pid)
+    try:
+        assert f"{d} rbps=2097152 wbps=max riops=max wiops=120" in read(cg, "io.max")
+    finally:
+        teardown_cgroup(cg)
 
 
 def test_check_before_update_refuses_below_usage(cg_root: Path) -> None:
