@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..config import CgroupDeviceRule
 from ..errors import ConfigError
@@ -36,6 +37,7 @@ Key = tuple[str, int, int]  # (kind 'b'|'c', major, minor); -1 is a wildcard
 ACCESS = "rwm"
 
 
+@lru_cache(maxsize=64)
 def _bits(access: str) -> str:
     return "".join(c for c in ACCESS if c in access)
 
@@ -102,6 +104,8 @@ def _check_split(st: V1State) -> None:
     for k1, b1 in items:
         for k2, b2 in items:
             if k1 == k2 or "r" not in b1 or "w" not in b2 or k1[0] != k2[0]:
+                continue
+            if "w" in b1 or "r" in b2:  # k1 or k2 itself holds rw and covers their overlap
                 continue
             if not (k1[1] in (-1, k2[1]) or k2[1] == -1) or not (
                 k1[2] in (-1, k2[2]) or k2[2] == -1
