@@ -23,6 +23,7 @@ from . import controllers
 from .cgroupfs import missing_controller_reason, read_text, subtree_dirs, write_file
 from .config import CgroupConfig
 from .controllers import Write
+from .devices.v1emulator import effective_rules
 from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSettings
 from .hierarchy import discover
 from .validate import validate_config, validate_path
@@ -155,7 +156,7 @@ def setup_cgroup(
     if target.exists():
         raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists")
 
-    report = SetupReport(skipped=list(plan.problems))
+    report = SetupReport(skipped=[*cfg.ignored, *plan.problems])
     created: list[Path] = []
     attached: list[Callable[[Cgroup], None]] = []  # the detach of each feature we attached
     try:
@@ -167,7 +168,7 @@ def setup_cgroup(
             from . import devices
 
             attached.append(lambda c: devices.detach_devices(c))
-            devices.attach_devices(cg, list(cfg.device_rules))
+            devices.attach_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
             report._applied("device_rules")
         if plan.net_plan is not None:
             from . import net
@@ -355,12 +356,13 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
     plan = _plan(cfg, int(procs[0]) if procs else None, cg.path, "auto")
     if plan.problems:
         raise UnsupportedSettings(plan.problems)
-    report = SetupReport()
+    controllers.preflight(cg.path, cfg)
+    report = SetupReport(skipped=list(cfg.ignored))
     _apply_writes(cg.path, plan.writes, True, report)
     if plan.devices:
         from . import devices
 
-        devices.update_devices(cg, list(cfg.device_rules))
+        devices.update_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
         report._applied("device_rules")
     if plan.net_plan is not None:
         from . import net

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-from .errors import ConfigError
+from .oci import read_resources
 
 Throttle = tuple[int, int, int]
 """(major, minor, rate) for one block device."""
+WeightDevice = tuple[int, int, int]
+"""(major, minor, weight) for one block device, blkio scale 10..1000."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,13 @@ class CgroupDeviceRule:
 
 @dataclass
 class CgroupConfig:
-    """Resource settings for one container cgroup (the seed's fields, all optional)."""
+    """Resource settings for one container cgroup (the seed's fields, all optional).
+
+    `ignored` lists (setting, reason) pairs a reader accepted but does not apply (e.g. OCI
+    `memory.kernel: -1`); setup copies them into `SetupReport.skipped`. `device_semantics`
+    is "last-match" (per access bit, the last matching rule decides) or "v1" (rules replayed as
+    cgroup v1's exception list; docs/DEVICE_SEMANTICS.md).
+    """
 
     memory_limit: int | None = None
     memory_swap: int | None = None
@@ -60,128 +68,35 @@ class CgroupConfig:
     net_classid: int | None = None
     net_priorities: list[tuple[str, int]] = field(default_factory=list)
     path: str | None = None
+    # Added for OCI runtime-spec v1.3 / cgroup v2 knobs (docs/OCI.md); all optional.
+    memory_high: int | None = None
+    memory_oom_group: bool | None = None
+    memory_check_before_update: bool = False
+    cpu_burst: int | None = None
+    cpu_idle: int | None = None
+    blkio_weight_device: list[WeightDevice] = field(default_factory=list)
+    hugepage_limits: list[tuple[str, int]] = field(default_factory=list)
+    rdma_limits: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    unified: dict[str, str] = field(default_factory=dict)
+    net_carrier: str | None = None
+    device_semantics: str = "last-match"
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_oci(
-        cls, resources: Mapping[str, Any], cgroups_path: str | None = None
+        cls,
+        resources: Mapping[str, Any] | None,
+        cgroups_path: str | None = None,
+        *,
+        strict: bool = True,
     ) -> CgroupConfig:
-        """Read an OCI runtime-spec `linux.resources` object.
+        """Read an OCI runtime-spec v1.3 `linux.resources` object (docs/OCI.md).
 
-        Keys this library cannot honour (e.g. `memory.kernel`, `hugepageLimits`) raise a
-        ConfigError naming them instead of being dropped.
+        Every spec key is mapped, accepted as a v2 no-op (noted in `ignored`), or refused:
+        strict (default) raises one UnsupportedSettings naming every refused JSON path;
+        strict=False records them in `ignored` instead. A mistyped value raises ConfigError
+        naming its JSON path (e.g. `linux.resources.pids.limit`).
         """
-        return _OciReader(resources).read(cgroups_path)
-
-
-_DEFAULT_CFS_PERIOD = 100_000
-
-
-class _OciReader:
-    """Walks one resources object, remembering which keys it consumed."""
-
-    _SUPPORTED: ClassVar[dict[str, set[str]]] = {
-        "memory": {"limit", "reservation", "swap", "swappiness"},
-        "cpu": {"shares", "quota", "period", "cpus", "mems"},
-        "pids": {"limit"},
-        "blockIO": {
-            "weight",
-            "throttleReadBpsDevice",
-            "throttleWriteBpsDevice",
-            "throttleReadIOPSDevice",
-            "throttleWriteIOPSDevice",
-        },
-        "network": {"classID", "priorities"},
-        "devices": set(),
-    }
-
-    def __init__(self, resources: Mapping[str, Any]) -> None:
-        if not isinstance(resources, Mapping):
-            raise ConfigError("linux.resources", resources, "must be a JSON object")
-        self.r = resources
-
-    def _section(self, name: str) -> Mapping[str, Any]:
-        sec = self.r.get(name)
-        if sec is None:
-            return {}
-        if not isinstance(sec, Mapping):
-            raise ConfigError(f"linux.resources.{name}", sec, "must be a JSON object")
-        extra = set(sec) - self._SUPPORTED[name]
-        if extra:
-            key = sorted(extra)[0]
-            raise ConfigError(
-                f"linux.resources.{name}.{key}",
-                sec[key],
-                "not supported by pelagos_bpf on cgroup v2 (refusing to drop it silently)",
-            )
-        return sec
-
-    def read(self, cgroups_path: str | None) -> CgroupConfig:
-        extra = set(self.r) - set(self._SUPPORTED)
-        if extra:
-            key = sorted(extra)[0]
-            raise ConfigError(f"linux.resources.{key}", self.r[key], "not supported by pelagos_bpf")
-        mem = self._section("memory")
-        cpu = self._section("cpu")
-        pids = self._section("pids")
-        blk = self._section("blockIO")
-        net = self._section("network")
-        quota: tuple[int, int] | None = None
-        if cpu.get("quota") is not None or cpu.get("period") is not None:
-            q = cpu.get("quota")
-            quota = (
-                -1 if q is None or q == 0 else int(q),
-                int(cpu.get("period") or _DEFAULT_CFS_PERIOD),
-            )
-        pids_limit = pids.get("limit")
-        if pids_limit is not None and pids_limit <= 0:
-            pids_limit = -1  # runtime-spec/runc: 0 or -1 mean unlimited
-        return CgroupConfig(
-            # runc reads 0 as "unset" for these three; so do we.
-            memory_limit=mem.get("limit") or None,
-            memory_swap=mem.get("swap") or None,
-            memory_reservation=mem.get("reservation") or None,
-            memory_swappiness=mem.get("swappiness"),
-            cpu_shares=cpu.get("shares") or None,
-            cpu_quota=quota,
-            cpuset_cpus=cpu.get("cpus") or None,
-            cpuset_mems=cpu.get("mems") or None,
-            pids_limit=pids_limit,
-            blkio_weight=blk.get("weight") or None,
-            blkio_throttle_read_bps=_throttles(blk, "throttleReadBpsDevice"),
-            blkio_throttle_write_bps=_throttles(blk, "throttleWriteBpsDevice"),
-            blkio_throttle_read_iops=_throttles(blk, "throttleReadIOPSDevice"),
-            blkio_throttle_write_iops=_throttles(blk, "throttleWriteIOPSDevice"),
-            device_rules=[_device(i, d) for i, d in enumerate(self.r.get("devices") or [])],
-            net_classid=net.get("classID"),
-            net_priorities=[
-                (str(p.get("name")), int(p.get("priority", 0))) for p in net.get("priorities") or []
-            ],
-            path=cgroups_path,
-        )
-
-
-def _throttles(blk: Mapping[str, Any], key: str) -> list[Throttle]:
-    out = []
-    for i, d in enumerate(blk.get(key) or []):
-        try:
-            out.append((int(d["major"]), int(d["minor"]), int(d["rate"])))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(
-                f"linux.resources.blockIO.{key}[{i}]", d, "needs integer major, minor, rate"
-            ) from e
-    return out
-
-
-def _device(i: int, d: Mapping[str, Any]) -> CgroupDeviceRule:
-    setting = f"linux.resources.devices[{i}]"
-    if not isinstance(d, Mapping) or "allow" not in d:
-        raise ConfigError(setting, d, "must be an object with at least 'allow'")
-    major = d.get("major")
-    minor = d.get("minor")
-    return CgroupDeviceRule(
-        allow=bool(d["allow"]),
-        kind=d.get("type") or "a",
-        major=-1 if major is None else int(major),
-        minor=-1 if minor is None else int(minor),
-        access=d.get("access") or "rwm",
-    )
+        kw = read_resources(resources, strict=strict)
+        kw["device_rules"] = [CgroupDeviceRule(*t) for t in kw["device_rules"]]
+        return cls(**kw, path=cgroups_path)

@@ -45,7 +45,13 @@ def shares_to_weight(shares: int) -> int:
 
 
 def blkio_weight_to_io_weight(weight: int) -> int:
-    """blkio weight (10..1000) -> io.weight (1..10000): 1 + (w - 10) * 9999 // 990 (runc)."""
+    """blkio weight (10..1000) -> io.weight (1..10000): 1 + (w - 10) * 9999 // 990 (runc).
+
+    0 stays 0 ("unset"), as runc's ConvertBlkIOToIOWeightValue: moby writes weight 0 into every
+    container, and the formula would otherwise give -100.
+    """
+    if weight == 0:
+        return 0
     return 1 + (weight - BLKIO_WEIGHT_MIN) * 9999 // (BLKIO_WEIGHT_MAX - BLKIO_WEIGHT_MIN)
 
 
@@ -80,14 +86,33 @@ def limit_str(value: int) -> str:
 
 
 def cpu_max(quota: int, period: int = DEFAULT_CFS_PERIOD) -> str:
-    """cpu.max content: "QUOTA PERIOD", quota -1 (or 0) -> "max"."""
-    q = "max" if quota in (-1, 0) else str(quota)
+    """cpu.max content: "QUOTA PERIOD"; a quota <= 0 -> "max" (runc fs2, crun, youki)."""
+    q = "max" if quota <= 0 else str(quota)
     return f"{q} {period}"
 
 
 def pids_max(limit: int) -> str:
-    """pids.max content: -1 (or 0, OCI's unlimited) -> "max"."""
-    return "max" if limit in (-1, 0) else str(limit)
+    """pids.max content: negative -> "max"; 0 is a real limit (runtime-spec v1.3, runc 1.4)."""
+    return "max" if limit < 0 else str(limit)
+
+
+_PAGE_RE = re.compile(r"^([1-9][0-9]*)([KMG])B$")
+
+
+def hugepage_size(text: str) -> int:
+    """OCI pageSize ("64KB", "2MB", "1GB"; base 1024) -> bytes; ValueError if malformed."""
+    m = _PAGE_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"page size {text!r} is not <number>KB|MB|GB (e.g. 2MB)")
+    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+def hugetlb_name(size: int) -> str:
+    """Bytes -> the kernel's hugetlb file infix (mm/hugetlb_cgroup.c mem_fmt): 2MB, 1GB, 64KB."""
+    for shift, unit in ((30, "GB"), (20, "MB"), (10, "KB")):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size}B"
 
 
 IO_MAX_KEYS = (
@@ -108,6 +133,8 @@ def io_max_lines(
 
     Returns ((major, minor), "MAJ:MIN rbps=.. wbps=..", [settings that contributed]) in order
     of first appearance; one line per device because the kernel parses one device per write.
+    A device listed twice in one list keeps its last rate (as the kernel would after two
+    writes; runc's update.bats requires such a config to run).
     """
     lists: Iterable[tuple[str, str, Sequence[Throttle]]] = zip(
         (s for s, _ in IO_MAX_KEYS),
@@ -115,14 +142,14 @@ def io_max_lines(
         (read_bps, write_bps, read_iops, write_iops),
         strict=True,
     )
-    devices: dict[tuple[int, int], list[tuple[str, str, int]]] = {}
+    devices: dict[tuple[int, int], dict[str, tuple[str, int]]] = {}
     for setting, key, items in lists:
         for major, minor, rate in items:
-            devices.setdefault((major, minor), []).append((setting, key, rate))
+            devices.setdefault((major, minor), {})[key] = (setting, rate)
     out = []
     for (major, minor), parts in devices.items():
-        kv = " ".join(f"{key}={rate}" for _, key, rate in parts)
-        settings = list(dict.fromkeys(s for s, _, _ in parts))
+        kv = " ".join(f"{key}={rate}" for key, (_, rate) in parts.items())
+        settings = list(dict.fromkeys(s for s, _ in parts.values()))
         out.append(((major, minor), f"{major}:{minor} {kv}", settings))
     return out
 

@@ -137,3 +137,49 @@ def test_format_then_parse_is_close(n: int) -> None:
     text = convert.format_size(n).replace(" ", "").replace("iB", "").replace("B", "")
     back = convert.parse_size(text)
     assert abs(back - n) <= max(1, n * 0.06)
+
+
+def test_blkio_weight_zero_is_unset() -> None:
+    """runc ConvertBlkIOToIOWeightValue(0) == 0 (moby writes weight 0); the formula gave -100."""
+    assert convert.blkio_weight_to_io_weight(0) == 0
+
+
+@pytest.mark.parametrize(
+    ("quota", "text"), [(-9999, "max"), (-500, "max"), (-1, "max"), (0, "max")]
+)
+def test_cpu_max_non_positive_quota_is_max(quota: int, text: str) -> None:
+    """runc fs2, crun and youki write "max" for any quota <= 0 (youki contest -9999/-500)."""
+    assert convert.cpu_max(quota, 100000) == f"{text} 100000"
+
+
+@pytest.mark.parametrize(("limit", "text"), [(0, "0"), (-1, "max"), (-7, "max"), (1, "1")])
+def test_pids_max_zero_is_a_real_limit(limit: int, text: str) -> None:
+    """runtime-spec v1.3; runc 1.4 (opencontainers/cgroups #48) writes 0 as 0."""
+    assert convert.pids_max(limit) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "size", "name"),
+    [
+        ("64KB", 64 << 10, "64KB"),
+        ("2MB", 2 << 20, "2MB"),
+        ("1GB", 1 << 30, "1GB"),
+        ("2048KB", 2 << 20, "2MB"),
+        ("16GB", 16 << 30, "16GB"),
+    ],
+)
+def test_hugepage_sizes(text: str, size: int, name: str) -> None:
+    """runtime-spec: base 1024; kernel file names as mm/hugetlb_cgroup.c mem_fmt."""
+    assert convert.hugepage_size(text) == size
+    assert convert.hugetlb_name(size) == name
+
+
+@pytest.mark.parametrize("text", ["2M", "2mb", "MB", "0MB", "1.5MB", " 2MB", "2TB"])
+def test_hugepage_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        convert.hugepage_size(text)
+
+
+def test_io_max_duplicate_device_last_rate_wins() -> None:
+    lines = convert.io_max_lines([(8, 0, 1), (8, 16, 5), (8, 0, 2)], [(8, 0, 3)])
+    assert [ln for _, ln, _ in lines] == ["8:0 rbps=2 wbps=3", "8:16 rbps=5"]

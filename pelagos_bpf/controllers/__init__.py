@@ -1,18 +1,30 @@
 """Per-controller planning: which cgroup v2 files a config writes, in the order to write them.
 
-Each module (memory, cpu, cpuset, pids, io) has `plan(cfg) -> list[Write]` and
-`unsupported(cfg) -> list[Unsupported]`; this package concatenates them. Pure: no file access.
+Each module (memory, cpu, cpuset, pids, io, hugetlb, rdma, unified) has
+`plan(cfg) -> list[Write]` and `unsupported(cfg) -> list[Unsupported]`; this package
+concatenates them. `plan` is pure; `unsupported` may read sysfs (hugetlb page sizes);
+`preflight` reads the live cgroup before an update writes anything.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import CgroupConfig
-from . import cpu, cpuset, io, memory, pids
+from . import cpu, cpuset, hugetlb, io, memory, pids, rdma, unified
 from .base import Unsupported, Write
 
-MODULES = (memory, cpu, cpuset, pids, io)
+MODULES = (memory, cpu, cpuset, pids, io, hugetlb, rdma, unified)  # unified last, as runc
 
-__all__ = ["MODULES", "Unsupported", "Write", "needed_controllers", "plan", "unsupported"]
+__all__ = [
+    "MODULES",
+    "Unsupported",
+    "Write",
+    "needed_controllers",
+    "plan",
+    "preflight",
+    "unsupported",
+]
 
 
 def plan(cfg: CgroupConfig) -> list[Write]:
@@ -28,3 +40,8 @@ def unsupported(cfg: CgroupConfig) -> list[Unsupported]:
 def needed_controllers(writes: list[Write]) -> list[str]:
     """Controllers the writes need, first-use order, no duplicates."""
     return list(dict.fromkeys(w.controller for w in writes))
+
+
+def preflight(cgroup_dir: Path, cfg: CgroupConfig) -> None:
+    """Checks against the live cgroup before an update writes (memory_check_before_update)."""
+    memory.preflight(cgroup_dir, cfg)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..validate import validate_ifname
 
 U32_MAX = 0xFFFFFFFF
+IFNAMSIZ = 16
 CARRIERS = ("auto", "priority", "mark")
 
 # Flag bits of struct net_cfg.flags in bpf/net.c.
@@ -27,6 +27,23 @@ def _u32(setting: str, value: Any) -> int:
     if not 0 <= value <= U32_MAX:
         raise ConfigError(setting, value, f"must be 0..{U32_MAX:#x} (u32)")
     return value
+
+
+def validate_ifname(setting: str, name: Any) -> None:
+    """Linux dev_valid_name: 1..15 bytes, not '.'/'..', no '/', ':', whitespace or control
+    characters; UTF-8 encodable (a lone surrogate or a NUL is a ConfigError, not a crash)."""
+    if not isinstance(name, str):
+        raise ConfigError(setting, name, "interface name must be a string")
+    try:
+        raw = name.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(setting, name, "interface name is not valid UTF-8") from None
+    if not raw or len(raw) >= IFNAMSIZ:
+        raise ConfigError(setting, name, f"interface name must be 1..{IFNAMSIZ - 1} bytes")
+    if any(c < 0x21 or c == 0x7F for c in raw) or any(c.isspace() for c in name):
+        raise ConfigError(setting, name, "interface name has a NUL, control or space character")
+    if name in (".", "..") or any(c in name for c in "/:"):
+        raise ConfigError(setting, name, "not a valid interface name")
 
 
 def validate_classid(classid: Any) -> None:
@@ -84,7 +101,11 @@ def validate_carrier(carrier: Any, has_priorities: bool) -> None:
 
 
 def validate_net(classid: Any, priorities: Any, carrier: Any = "auto") -> None:
-    """Raise ConfigError naming the first bad setting; no side effects."""
+    """Raise ConfigError naming the first bad setting; no side effects.
+
+    This module imports nothing of the library but errors, so validate.py can call it without
+    an import cycle.
+    """
     validate_classid(classid)
     validate_priorities(priorities if priorities is not None else [])
     validate_carrier(carrier, bool(priorities))
