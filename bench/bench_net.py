@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pelagos_bpf import net
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
-from pelagos_bpf.net import lab
+from tests import netlab as lab
 
 SENDER_C = r"""
 #define _GNU_SOURCE

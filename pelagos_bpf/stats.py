@@ -92,8 +92,11 @@ def parse_pressure(resource: str, text: str) -> dict[str, float]:
     return out
 
 
-def read_stats(cg: Cgroup) -> ResourceStats:
-    """Read usage counters of cg; never raises for a missing controller file."""
+def read_stats(cg: Cgroup, *, bpf: bool = True) -> ResourceStats:
+    """Read usage counters of cg; never raises for a missing controller file.
+
+    bpf=False leaves out the BPF counters (device denials, net bytes): what a non-root
+    reader can still see."""
     p = cg.path
     s = ResourceStats()
     s.controllers = _text(p / "cgroup.controllers").split()
@@ -114,7 +117,7 @@ def read_stats(cg: Cgroup) -> ResourceStats:
     s.io_read_bytes, s.io_write_bytes = parse_io_stat(_text(p / "io.stat"))
     for res in ("cpu", "memory", "io"):
         s.pressure.update(parse_pressure(res, _text(p / f"{res}.pressure")))
-    if not (p / "cgroup.procs").exists():  # not (or no longer) a cgroup: no BPF to ask
+    if not bpf or not (p / "cgroup.procs").exists():  # not (or no longer) a cgroup
         return s
     from . import devices, net  # lazy: keeps `import pelagos_bpf` light
 
