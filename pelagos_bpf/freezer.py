@@ -49,7 +49,7 @@ def _set(cg: CgroupLike, value: bool, timeout: float | None) -> None:
     verb = "freeze" if value else "thaw"
     write_file(p / "cgroup.freeze", "1" if value else "0", verb)
     wait_for(p / "cgroup.events", lambda t: _frozen(t) is value, timeout, f"waiting to {verb}")
-    log.debug("%s: %s", p, "frozen" if value else "thawed")
+    log.info("%s: %s", p, "frozen" if value else "thawed")
 
 
 def freeze(cg: CgroupLike, timeout: float | None = FREEZE_TIMEOUT) -> None:

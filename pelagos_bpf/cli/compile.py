@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import BpfError
 from .common import CliError
 
 
@@ -62,17 +61,14 @@ def ensure_compiled(
             state = "cached"
         except OSError:
             _writable_cache(progcache.cache_dir())
+            if os.geteuid() != 0:
+                raise CliError(
+                    f"{src.name}:{func} is not in the bytecode cache; compiling it needs root "
+                    "(bcc loads the program into the kernel to build it)"
+                ) from None
             if out is not None:
                 print(f"compiling {src.name}:{func} with bcc ...", file=out, flush=True)
-            try:
-                prog = progcache.get_program(src, func, ptype)
-            except BpfError as e:
-                if os.geteuid() != 0:
-                    raise CliError(
-                        f"compiling {src.name}:{func} needs root (bcc loads the program to "
-                        f"build it): {e.strerror}"
-                    ) from e
-                raise
+            prog = progcache.get_program(src, func, ptype)
             state = "compiled"
         done.append((src.name, func, prog.insn_count, state))
     return done
