@@ -33,7 +33,7 @@ def _running(
     proc = start(
         "run", *flags, "--device", "deny c 1:7 w", "--path", rel(cg_root, name), "--", *cmd
     )
-    pid = command_pid(path, Path(cmd[0]).name if cmd[0] != "sh" else "sh")
+    pid = command_pid(path, Path(cmd[0]).name)
     ids = attached_ids(path, AttachType.CGROUP_DEVICE, "pelagos_dev", ProgType.CGROUP_DEVICE)
     assert len(ids) == 1
     return proc, path, pid, ids
