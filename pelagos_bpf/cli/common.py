@@ -13,7 +13,13 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ConfigError, PelagosError, UnsupportedSetting, UnsupportedSettings
+from ..errors import (
+    CgroupError,
+    ConfigError,
+    PelagosError,
+    UnsupportedSetting,
+    UnsupportedSettings,
+)
 
 EXIT_OK = 0
 EXIT_DENIED = 1  # `devices check`: the access would be denied
@@ -133,7 +139,7 @@ def describe(e: BaseException, *, best_effort_hint: bool = False, rule_offset: i
     if isinstance(e, OSError):
         text = os_message(e)
         if e.errno in (errno.EPERM, errno.EACCES) and os.geteuid() != 0:
-            text += f": {NEEDS_ROOT}"
+            text += f": {NEEDS_ROOT if isinstance(e, CgroupError) else 'needs root'}"
         return text
     if isinstance(e, PelagosError):
         return str(e)

@@ -36,7 +36,7 @@ def declared_programs(features: tuple[str, ...] = ("devices", "net")) -> list[tu
 def _writable_cache(cache: Path) -> None:
     """CliError naming the directory when the cache cannot be written (before bcc starts)."""
     d = cache
-    while not d.exists() and d != d.parent:
+    while not os.path.exists(d) and d != d.parent:  # False also where we may not look
         d = d.parent
     if not os.access(d, os.W_OK):
         raise CliError(
