@@ -39,6 +39,15 @@ def _running(
     return proc, path, pid, ids
 
 
+def _trapping(tmp_path: Path, trap: str) -> str:
+    """A shell loop that sets `trap`, then says so (a signal before that would kill it)."""
+    return f"trap {trap}; touch {tmp_path}/ready; while :; do sleep 0.05; done"
+
+
+def _ready(tmp_path: Path) -> None:
+    wait_until((tmp_path / "ready").exists, what="the command's trap to be set")
+
+
 def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
@@ -58,8 +67,9 @@ def test_signal_is_forwarded_and_run_exits_128_plus_n(cg_root: Path, sig: signal
 def test_command_sees_the_forwarded_signal(cg_root: Path, tmp_path: Path) -> None:
     """The command's own handler runs (graceful stop), then run exits 128+15."""
     seen = tmp_path / "seen"
-    script = f"trap 'echo TERM > {seen}; exit 0' TERM; while :; do sleep 0.05; done"
+    script = _trapping(tmp_path, f"'echo TERM > {seen}; exit 0' TERM")
     proc, path, pid, ids = _running(cg_root, "trap", "sh", "-c", script, flags=("--json",))
+    _ready(tmp_path)
     proc.send_signal(signal.SIGTERM)
     code, out, err = _finish(proc)
     assert code == 143, err
@@ -70,11 +80,13 @@ def test_command_sees_the_forwarded_signal(cg_root: Path, tmp_path: Path) -> Non
     _gone(path, pid, ids)
 
 
-def test_command_ignoring_the_signal_is_killed_after_stop_timeout(cg_root: Path) -> None:
+def test_command_ignoring_the_signal_is_killed_after_stop_timeout(
+    cg_root: Path, tmp_path: Path
+) -> None:
     flags = ("--json", "--stop-timeout", "1")
-    proc, path, pid, ids = _running(
-        cg_root, "ign", "sh", "-c", "trap '' TERM; while :; do sleep 0.05; done", flags=flags
-    )
+    script = _trapping(tmp_path, "'' TERM")
+    proc, path, pid, ids = _running(cg_root, "ign", "sh", "-c", script, flags=flags)
+    _ready(tmp_path)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code, out, err = _finish(proc)
@@ -87,11 +99,11 @@ def test_command_ignoring_the_signal_is_killed_after_stop_timeout(cg_root: Path)
     _gone(path, pid, ids)
 
 
-def test_second_signal_kills_at_once(cg_root: Path) -> None:
+def test_second_signal_kills_at_once(cg_root: Path, tmp_path: Path) -> None:
     flags = ("--json", "--stop-timeout", "120")
-    proc, path, pid, ids = _running(
-        cg_root, "twice", "sh", "-c", "trap '' TERM INT; while :; do sleep 0.05; done", flags=flags
-    )
+    script = _trapping(tmp_path, "'' TERM INT")
+    proc, path, pid, ids = _running(cg_root, "twice", "sh", "-c", script, flags=flags)
+    _ready(tmp_path)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert proc.poll() is None  # the first signal only asked
