@@ -81,17 +81,15 @@ def prog_exists(prog_id: int) -> bool:
     return True
 
 
-def attached_ids(path: Path, attach_type: int, name: str, prog_type: int) -> list[int]:
-    from pelagos_bpf import progfind
+def attached_ids(path: Path, attach_type: int) -> list[int]:
+    """Ids of every program attached at the cgroup for attach_type (PROG_QUERY, nothing else)."""
+    from pelagos_bpf import bpfsys
 
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        found = progfind.open_attached(fd, attach_type, name, prog_type)
+        return list(bpfsys.prog_query(fd, attach_type))
     finally:
         os.close(fd)
-    for pfd, _ in found:
-        os.close(pfd)
-    return [info.id for _, info in found]
 
 
 def no_traceback(stderr: str) -> None:

@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from cgtest import rel, root_controllers, subdirs
-from clitest import cli, no_traceback
+from clitest import attached_ids, cli, no_traceback
 
 from pelagos_bpf import CgroupDeviceRule, ConfigError, UnsupportedSettings
+from pelagos_bpf.bpfsys import AttachType
 from pelagos_bpf.cli import COMMANDS, build_parser
 from pelagos_bpf.cli.common import describe, flag_for
 from pelagos_bpf.cli.flags import (
@@ -278,12 +280,12 @@ def test_run_existing_path_is_one_line(cg_root: Path) -> None:
 @pytest.mark.root
 def test_inspect_json_shows_limits_rules_and_net_in_force(cg_root: Path) -> None:
     from pelagos_bpf import CgroupConfig, setup_cgroup, teardown_cgroup
-    from pelagos_bpf.devices import program as dp
 
     rules = ["deny a *:* rwm", "allow c 1:3 rw", "allow c 136:* rwm", "deny b 8:* m"]
     cfg = CgroupConfig(
         device_rules=[CgroupDeviceRule.parse(t) for t in rules],
         net_classid=0x10010,
+        net_priorities=[("lo", 5)],
         path=rel(cg_root, "insp"),
     )
     cg = setup_cgroup(cfg, None)
@@ -296,24 +298,18 @@ def test_inspect_json_shows_limits_rules_and_net_in_force(cg_root: Path) -> None
         for name, value in doc["limits"].items():
             has = (cg.path / name).exists()
             assert (value is None) == (not has), name
-        ids = []
-        fd = cg.open_fd()
-        try:
-            from pelagos_bpf import progfind
-
-            for pfd, info in progfind.open_attached(fd, dp.ATTACH, dp.PROG_NAME, 15):
-                os.close(pfd)
-                ids.append(info.id)
-        finally:
-            os.close(fd)
+        ids = attached_ids(cg.path, AttachType.CGROUP_DEVICE)
         assert [p["id"] for p in doc["devices"]["programs"]] == ids
         assert [r["rule"] for r in doc["devices"]["rules"]] == rules
         assert doc["net"]["classid"] == 0x10010 and doc["net"]["classid_tc"] == "1:10"
-        assert doc["net"]["carrier"] == "priority"
+        assert doc["net"]["carrier"] == "mark"  # auto: priorities take skb->priority
+        lo = socket.if_nametoindex("lo")
+        assert doc["net"]["priorities"] == [{"ifindex": lo, "priority": 5}]
         assert {p["attach"] for p in doc["net"]["programs"]} == {"egress", "ingress"}
         assert doc["freezer"] == "thawed"
         text = cli("inspect", str(cg.path)).stdout
-        assert "  #3    deny b 8:* m" in text and "classid 1:10 carried in skb->priority" in text
+        assert "  #3    deny b 8:* m" in text and "classid 1:10 carried in skb->mark" in text
+        assert f"  ifindex {lo:<6} priority 5" in text
     finally:
         teardown_cgroup(cg)
     r = cli("inspect", str(cg_root / "nope"))

@@ -13,7 +13,7 @@ import pytest
 from cgtest import rel
 from clitest import attached_ids, comm, command_pid, no_traceback, prog_exists, start, wait_until
 
-from pelagos_bpf.bpfsys import AttachType, ProgType
+from pelagos_bpf.bpfsys import AttachType
 
 pytestmark = pytest.mark.root
 
@@ -34,7 +34,7 @@ def _running(
         "run", *flags, "--device", "deny c 1:7 w", "--path", rel(cg_root, name), "--", *cmd
     )
     pid = command_pid(path, Path(cmd[0]).name)
-    ids = attached_ids(path, AttachType.CGROUP_DEVICE, "pelagos_dev", ProgType.CGROUP_DEVICE)
+    ids = attached_ids(path, AttachType.CGROUP_DEVICE)
     assert len(ids) == 1
     return proc, path, pid, ids
 

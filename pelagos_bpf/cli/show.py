@@ -99,11 +99,18 @@ def inspect_doc(p: Path) -> tuple[dict[str, Any], ResourceStats]:
     return doc, stats
 
 
+def _unavailable(label: str, part: Any, absent: str) -> list[str] | None:
+    """The line for a feature with nothing attached, or that we may not read; else None."""
+    if part is None:
+        return [f"{label:<12} {absent}"]
+    if "error" in part:
+        return [f"{label:<12} {part['error']}"]
+    return None
+
+
 def _device_lines(dev: Any) -> list[str]:
-    if dev is None:
-        return ["devices:     no device program attached: every device allowed"]
-    if "error" in dev:
-        return [f"devices:     {dev['error']}"]
+    if short := _unavailable("devices:", dev, "no device program: every device allowed"):
+        return short
     progs = ", ".join(f"id {p['id']} tag {p['tag']}" for p in dev["programs"])
     lines = [f"devices:     program {progs}; rules in force (last match decides each bit):"]
     lines += [f"  #{r['index']:<4} {r['rule']}" for r in dev["rules"]]
@@ -111,15 +118,12 @@ def _device_lines(dev: Any) -> list[str]:
 
 
 def _net_lines(net: Any) -> list[str]:
-    if net is None:
-        return ["net:         no net program attached"]
-    if "error" in net:
-        return [f"net:         {net['error']}"]
+    if short := _unavailable("net:", net, "no net program attached"):
+        return short
     progs = ", ".join(f"{p['attach']} id {p['id']} tag {p['tag']}" for p in net["programs"])
     classid = net["classid_tc"] or "none"
     lines = [f"net:         classid {classid} carried in skb->{net['carrier']}; programs {progs}"]
-    for pr in net["priorities"]:
-        lines.append(f"  ifindex {pr['ifindex']:<6} priority {pr['priority']}")
+    lines += [f"  ifindex {p['ifindex']:<6} priority {p['priority']}" for p in net["priorities"]]
     return lines
 
 
