@@ -114,11 +114,11 @@ def _flag_words(reason: str, flag: str) -> str:
     return reason
 
 
-def os_message(e: OSError) -> str:
-    """An OSError's text without the "[Errno N]" prefix, with the file it is about."""
-    text = e.strerror or str(e)
-    if e.filename is not None:
-        text = f"{e.filename}: {text}"
+def os_message(e: BaseException) -> str:
+    """An error's text without the "[Errno N]" prefix, with the file an OSError is about."""
+    text = getattr(e, "strerror", None) or str(e)
+    if getattr(e, "filename", None) is not None:
+        text = f"{e.filename}: {text}"  # type: ignore[attr-defined]
     return re.sub(r"^\[Errno \d+\] ", "", text)
 
 

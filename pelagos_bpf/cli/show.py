@@ -18,7 +18,7 @@ from .. import convert, freezer
 from ..cgroup import Cgroup
 from ..errors import PelagosError
 from ..stats import ResourceStats, read_stats
-from .common import BPF_NEEDS_ROOT, EXIT_CODES_HELP, cgroup_dir
+from .common import BPF_NEEDS_ROOT, EXIT_CODES_HELP, cgroup_dir, os_message
 from .output import SCHEMA, format_stats, stats_json
 from .state import device_state, net_state
 
@@ -63,13 +63,12 @@ def _needs_root(e: BaseException) -> bool:
 
 
 def _bpf_part(read: Callable[[Cgroup], Any], cg: Cgroup) -> Any:
-    """The reader's result, or {"error": why} when bpf(2) is refused (non-root)."""
+    """The reader's result, or {"error": why} when it cannot be read (non-root; a program of
+    another pelagos_bpf version): the rest of the report is still worth showing."""
     try:
         return read(cg)
     except (PelagosError, OSError) as e:
-        if _needs_root(e):
-            return {"error": BPF_NEEDS_ROOT}
-        raise
+        return {"error": BPF_NEEDS_ROOT if _needs_root(e) else os_message(e)}
 
 
 def inspect_doc(p: Path) -> tuple[dict[str, Any], ResourceStats]:
