@@ -35,7 +35,9 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
 MEMORY_EVENTS = "memory.events"
-OOM_KEYS = ("oom", "oom_kill", "oom_group_kill")
+OOM_KILL = "oom_kill"
+"""The counter an OOM event is about, as in runc: `oom` alone grows when the limit was hit and
+reclaim failed, a moment before the kill (it can also grow without one)."""
 
 
 class _HasPath(Protocol):
@@ -218,11 +220,12 @@ def watch(cg: CgroupLike, timeout: float | None = None) -> Iterator[Event]:
 
 
 def wait_oom(cg: CgroupLike, timeout: float | None = None) -> Event | None:
-    """Sleep until the cgroup's oom or oom_kill count grows; None on timeout or removal.
+    """Sleep until the OOM killer killed a process of the cgroup (oom_kill grows); None on
+    timeout or removal.
 
     Raises CgroupError when the cgroup has no memory controller (nothing could ever arrive)."""
     read_memory_events(cg)
     for ev in watch(cg, timeout):
-        if any(ev.new.get(k) for k in OOM_KEYS):
+        if ev.new.get(OOM_KILL):
             return ev
     return None

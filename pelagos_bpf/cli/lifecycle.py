@@ -38,7 +38,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     for ev in events.watch(p, args.timeout):
         line = {"schema": SCHEMA, "time": round(time.time(), 3), "path": str(p), **ev.to_dict()}
         print(json.dumps(line), flush=True)
-        if args.until_oom and any(ev.new.get(k) for k in events.OOM_KEYS):
+        if args.until_oom and ev.new.get(events.OOM_KILL):
             return 0
     return 0
 
@@ -90,6 +90,6 @@ def register(sub: Any) -> None:
     _path_args(e)
     e.add_argument("--timeout", type=float, metavar="SECONDS", help="stop after this long")
     e.add_argument(
-        "--until-oom", action="store_true", help="exit after the first oom/oom_kill event"
+        "--until-oom", action="store_true", help="exit after the first OOM kill (oom_kill grows)"
     )
     e.set_defaults(func=cmd_events)
