@@ -322,3 +322,32 @@ def test_verbose_logs_the_library(cg_root: Path) -> None:
     r = cli("-v", "freeze", str(cg_root / "v"))
     assert r.returncode == 0 and "pelagos_bpf.freezer" in r.stderr
     assert cli("thaw", str(cg_root / "v")).stderr == ""
+
+
+def test_version_falls_back_to_pyproject_in_a_source_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata as md
+    import tomllib
+
+    import pelagos_bpf
+
+    def missing(name: str) -> str:
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "version", missing)
+    pyproject = Path(pelagos_bpf.__file__).resolve().parent.parent / "pyproject.toml"
+    want = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert pelagos_bpf.__version__ == f"{want}+source"
+
+
+def test_a_command_whose_module_is_missing_fails_only_when_used() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pelagos_bpf.ocihook") is not None:
+        pytest.skip("pelagos_bpf.ocihook is installed here")
+    r = cli("oci-hook")
+    assert r.returncode == 125
+    assert r.stderr.strip() == (
+        "pelagos-bpf oci-hook: not available in this installation "
+        "(pelagos_bpf.ocihook.cli is missing)"
+    )
+    assert cli("devices", "defaults").returncode == 0

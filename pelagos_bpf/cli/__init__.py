@@ -80,7 +80,7 @@ def _register(sub: argparse._SubParsersAction, name: str) -> None:
     except ModuleNotFoundError as e:
         if e.name is None or not module.startswith(e.name):
             raise
-        raise CliError(f"{name}: not available in this installation ({module} is missing)") from e
+        raise CliError(f"not available in this installation ({module} is missing)") from e
     mod.register(sub)
 
 
