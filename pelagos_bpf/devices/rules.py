@@ -159,12 +159,13 @@ def parse_rule(text: str) -> CgroupDeviceRule:
     "allow|deny KIND MAJ:MIN [ACCESS]": KIND a/b/c, MAJ and MIN numbers or `*`, ACCESS a subset
     of "rwm" (default "rwm", as in OCI). e.g. "deny a *:* rwm", "allow c 1:3 rw", "allow b 8:*".
     """
+    grammar = "expected 'allow|deny KIND MAJ:MIN [ACCESS]'"
     parts = text.split() if isinstance(text, str) else []
     if len(parts) not in (3, 4) or parts[0] not in ("allow", "deny"):
-        raise ConfigError("device rule", text, "expected 'allow|deny KIND MAJ:MIN [ACCESS]'")
+        raise ConfigError("device rule", text, grammar)
     major_s, sep, minor_s = parts[2].partition(":")
     if not sep:
-        raise ConfigError("device rule", text, f"{parts[2]!r} is not MAJ:MIN (use * for any)")
+        raise ConfigError("device rule", text, f"{grammar}; {parts[2]!r} is not MAJ:MIN")
     try:
         major = -1 if major_s == "*" else int(major_s)
         minor = -1 if minor_s == "*" else int(minor_s)
