@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from ..cgroup import Cgroup, setup_cgroup, teardown_cgroup
+from ..config import CgroupConfig
 from ..stats import read_stats
 from .common import EXIT_CANNOT_EXEC, EXIT_CODES_HELP, EXIT_NOT_FOUND, EXIT_TOOL, CliError
 from .compile import ensure_compiled
@@ -147,7 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _run(args: argparse.Namespace, cmd: list[str], cfg: Any, mask: set[signal.Signals]) -> int:
+def _run(
+    args: argparse.Namespace, cmd: list[str], cfg: CgroupConfig, mask: set[signal.Signals]
+) -> int:
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
