@@ -123,3 +123,30 @@ def test_children_of_the_command_are_removed_too(cg_root: Path) -> None:
     code, _out, err = _finish(proc)
     assert code == 143, err
     _gone(path, sleeper, ids)
+
+
+def test_ctrl_c_at_a_terminal_stops_run_cleanly(cg_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C at a real terminal (a pty): the line discipline signals the whole foreground
+    group; the command sees SIGINT, `run` gives it --stop-timeout, tears down, exits 130.
+    (Whether run also forwards it cannot be seen here: a second SIGINT pending at once merges
+    with the first.)"""
+    import os
+    import pty
+
+    from clitest import EXE
+
+    seen = tmp_path / "seen"
+    script = _trapping(tmp_path, f"'echo INT >> {seen}' INT")
+    argv = [str(EXE), "run", "--stop-timeout", "2", "--path", rel(cg_root, "tty"), "--"]
+    pid, master = pty.fork()
+    if pid == 0:  # a session of its own, the pty as controlling terminal, foreground group
+        os.execv(str(EXE), [*argv, "sh", "-c", script])
+    try:
+        _ready(tmp_path)
+        os.write(master, b"\x03")  # Ctrl-C: the line discipline signals the group
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGINT
+        assert seen.read_text() == "INT\n"
+        assert not (cg_root / "tty").exists()
+    finally:
+        os.close(master)
