@@ -31,7 +31,7 @@ from pelagos_bpf import bpfsys, net
 from pelagos_bpf.bpfsys import AttachType, ProgType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
-from pelagos_bpf.net import lab
+from tests import netlab as lab
 
 SENDER_C = r"""
 #define _GNU_SOURCE

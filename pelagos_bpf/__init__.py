@@ -6,6 +6,7 @@ in bcc or pyroute2 load lazily, on first attribute access.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from . import errors
@@ -21,6 +22,10 @@ from .errors import (
 )
 from .stats import ResourceStats, read_stats
 
+# The library logs (logging.getLogger("pelagos_bpf.*")) but prints nothing unless the
+# application configures logging (the CLI does with -v).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 __all__ = [
     "DEFAULT_DEVICE_RULES",
     "BpfError",
@@ -34,6 +39,7 @@ __all__ = [
     "SetupReport",
     "UnsupportedSetting",
     "UnsupportedSettings",
+    "__version__",
     "errors",
     "read_stats",
     "setup_cgroup",
@@ -42,7 +48,26 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    """The installed distribution's version; from pyproject.toml when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pelagos-bpf")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+                return str(tomllib.load(f)["project"]["version"]) + "+source"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # lazy: importlib.metadata costs a few ms at import
+        return _version()
     if name == "DEFAULT_DEVICE_RULES":
         from .devices import DEFAULT_DEVICE_RULES
 

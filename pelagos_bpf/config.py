@@ -39,6 +39,13 @@ class CgroupDeviceRule:
         verb = "allow" if self.allow else "deny"
         return f"{verb} {self.kind} {num(self.major)}:{num(self.minor)} {self.access}"
 
+    @classmethod
+    def parse(cls, text: str) -> CgroupDeviceRule:
+        """ "allow c 1:3 rw" -> rule (the grammar `str(rule)` prints; ConfigError if bad)."""
+        from .devices.rules import parse_rule  # lazy: devices.rules imports this module
+
+        return parse_rule(text)
+
 
 @dataclass
 class CgroupConfig:

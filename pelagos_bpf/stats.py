@@ -149,14 +149,17 @@ def _is_cgroup(dfd: int) -> bool:
     return True
 
 
-def read_stats(cg: Cgroup) -> ResourceStats:
-    """Read usage counters of cg; never raises for a missing controller file."""
+def read_stats(cg: Cgroup, *, bpf: bool = True) -> ResourceStats:
+    """Read usage counters of cg; never raises for a missing controller file.
+
+    bpf=False leaves out the BPF counters (device denials, net bytes): what a non-root
+    reader can still see."""
     dfd = _open_dir(cg.path)
     if dfd is None:
         return ResourceStats()
     try:
         s = _files_stats(dfd)
-        if not _is_cgroup(dfd):  # not (or no longer) a cgroup: no BPF to ask
+        if not bpf or not _is_cgroup(dfd):  # not (or no longer) a cgroup: no BPF to ask
             return s
     finally:
         os.close(dfd)

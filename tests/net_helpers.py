@@ -1,6 +1,6 @@
 """Helpers for the net tests: a two-netns topology with HTB, senders, counters, bpf objects.
 
-Everything lives in netns named with a unique prefix (pelagos_bpf.net.lab) and is removed when
+Everything lives in netns named with a unique prefix (tests/netlab.py) and is removed when
 the context exits, even on failure.
 """
 
@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import netlab as lab
 import pytest
 
 from pelagos_bpf.cgroup import Cgroup
-from pelagos_bpf.net import lab, tc
+from pelagos_bpf.net import tc
 
 PAYLOAD = 100
 IP4_LEN = PAYLOAD + 8 + 20  # UDP + IPv4 headers: what the cgroup counters see

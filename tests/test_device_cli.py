@@ -21,11 +21,17 @@ def test_check_rule_list_explains_the_decision(capsys: pytest.CaptureFixture[str
     assert "no rule mentions it" in capsys.readouterr().out
 
 
-def test_check_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["devices", "check", "--defaults", "a", "1:3", "r"]) == 2
-    assert "kind" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+def test_check_rejects_bad_input_with_125_never_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """1 means denied: an input error must not read as a denial in a script."""
+    assert main(["devices", "check", "--defaults", "a", "1:3", "r"]) == 125
+    assert "KIND 'a': a device is 'b' (block) or 'c' (char)" in capsys.readouterr().err
+    assert main(["devices", "check", "c", "1:3", "rx"]) == 125
+    assert "ACCESS rx: must be a non-empty subset of 'rwm'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         main(["devices", "check", "--rule", "allow q 1:3 r", "c", "1:3", "r"])
+    assert exc.value.code == 125
+    assert main(["devices", "check", "--rule", "allow c 1:3", "/", "c", "1:3", "r"]) == 125
+    assert "either a cgroup or --rule" in capsys.readouterr().err
 
 
 @pytest.mark.root

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import netlab as lab
 import pytest
 from net_helpers import IP4_LEN, IP6_LEN, PAYLOAD, send, topology
 
 from pelagos_bpf import net
-from pelagos_bpf.net import lab
 
 pytestmark = [pytest.mark.root, pytest.mark.net]
 N = 50

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 
+import netlab as lab
 import pytest
 from net_helpers import C10, C20, C30, pid_in, send, topology
 
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.errors import BpfError
-from pelagos_bpf.net import lab, tc
+from pelagos_bpf.net import tc
 from pelagos_bpf.net.program import EGRESS, INGRESS, PRIO_KEY
 
 pytestmark = [pytest.mark.root, pytest.mark.net]

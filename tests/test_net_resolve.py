@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import socket
 
+import netlab as lab
 import pytest
 from net_helpers import pid_in, topology
 
 from pelagos_bpf import net
 from pelagos_bpf.errors import ConfigError
-from pelagos_bpf.net import lab, resolve
+from pelagos_bpf.net import resolve
 
 pytestmark = [pytest.mark.root]
 

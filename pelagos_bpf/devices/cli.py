@@ -1,50 +1,23 @@
-"""`pelagos-bpf compile` (fill the bytecode cache) and `pelagos-bpf devices ...`.
+"""`pelagos-bpf devices ...`: check an access, show denials, print the default allowlist.
 
 `devices check` answers "would this access be allowed?" either for a rule list given on the
 command line (reference evaluator) or for a live cgroup (the rule table in its maps, decided
-the way the kernel program decides), and shows the cgroup's denial counters.
+the way the kernel program decides), and shows the cgroup's denial counters. Its exit status
+is the answer: 0 allowed, 1 denied; anything that keeps it from answering (a typo, not a
+cgroup, needs root) is 125, so a script never reads an error as a denial.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any
 
+from ..cli.common import EXIT_DENIED, EXIT_OK, CliError, cgroup_dir
+from ..cli.flags import parse_device_rule
 from ..config import CgroupDeviceRule
-from ..errors import ConfigError
 from . import encode as enc
-from .rules import DEFAULT_DEVICE_RULES, deciding_rules, parse_rule, validate_access
-
-
-def all_programs() -> list[tuple[str, str, int]]:
-    """(bpf/ source name, function, prog type) of every program the feature packages load."""
-    from . import program
-
-    progs = [(program.SOURCE, program.FUNC, int(program.ProgType.CGROUP_DEVICE))]
-    try:
-        net = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.net.program")
-    except ModuleNotFoundError:
-        return progs
-    progs += [(s, f, int(t)) for s, f, t in getattr(net, "PROGRAMS", ())]
-    return progs
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    from .. import progcache
-
-    print(f"cache: {progcache.cache_dir()}")
-    for source, func, ptype in all_programs():
-        src = progcache.bpf_source(source)
-        try:
-            prog = progcache.get_program(src, func, ptype, compile_if_missing=False)
-            state = "cached"
-        except OSError:
-            prog = progcache.get_program(src, func, ptype)
-            state = "compiled"
-        print(f"{state:8} {src.name}:{func} ({prog.insn_count} insns)")
-    return 0
+from .rules import DEFAULT_DEVICE_RULES, deciding_rules, validate_access
 
 
 def _device(text: str) -> tuple[int, int]:
@@ -57,13 +30,6 @@ def _device(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"bad device {text!r}: want MAJOR:MINOR") from None
 
 
-def _rule(text: str) -> CgroupDeviceRule:
-    try:
-        return parse_rule(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int], acc: str) -> int:
     from .rules import device_allowed
 
@@ -72,14 +38,14 @@ def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int],
     for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
         why = "no rule mentions it: allowed" if idx is None else f"rule {idx}: {rules[idx]}"
         print(f"  {bit}: {why}")
-    return 0 if allowed else 1
+    return EXIT_OK if allowed else EXIT_DENIED
 
 
 def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
     from ..cgroup import Cgroup
     from . import program
 
-    cg = Cgroup.open(path)
+    cg = Cgroup.open(cgroup_dir(str(path)))
     table = program.ruleset_table(cg.path, cg.id)
     if table is None:
         print(f"{path}: no pelagos device program attached: every device allowed")
@@ -97,7 +63,7 @@ def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
         )
         print(f"  {bit}: {why}")
     _print_denials(program.denials(cg.path, cg.id))
-    return 0 if allowed else 1
+    return EXIT_OK if allowed else EXIT_DENIED
 
 
 def _print_denials(denials: dict[str, int]) -> None:
@@ -110,12 +76,12 @@ def _print_denials(denials: dict[str, int]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    validate_access(args.access)
+    validate_access(args.access, "ACCESS")
     if args.kind not in ("b", "c"):
-        raise ConfigError("kind", args.kind, "a device is 'b' or 'c'")
+        raise CliError(f"KIND {args.kind!r}: a device is 'b' (block) or 'c' (char)")
     if args.cgroup:
         if args.rule or args.defaults:
-            raise ConfigError("--rule/--defaults", args.cgroup, "give either a cgroup or rules")
+            raise CliError("give either a cgroup or --rule/--defaults, not both")
         return _check_cgroup(Path(args.cgroup), args.kind, args.device, args.access)
     rules = [*(DEFAULT_DEVICE_RULES if args.defaults else ()), *args.rule]
     return _check_rules(rules, args.kind, args.device, args.access)
@@ -125,7 +91,7 @@ def cmd_denials(args: argparse.Namespace) -> int:
     from ..cgroup import Cgroup
     from . import program
 
-    cg = Cgroup.open(Path(args.cgroup))
+    cg = Cgroup.open(cgroup_dir(args.cgroup))
     _print_denials(program.denials(cg.path, cg.id))
     return 0
 
@@ -137,24 +103,26 @@ def cmd_defaults(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    c = sub.add_parser("compile", help="compile every bpf/ program into the bytecode cache (bcc)")
-    c.set_defaults(func=cmd_compile)
+    from ..cli.common import EXIT_CODES_HELP
 
     d = sub.add_parser("devices", help="device rules: check an access, show denials")
     dsub = d.add_subparsers(dest="devices_cmd", required=True)
     ch = dsub.add_parser(
         "check",
         help="would this access be allowed? (a live cgroup's rules, or --rule/--defaults)",
-        description="Exit status 0 = allowed, 1 = denied.",
+        description="Exit status 0 = allowed, 1 = denied, 125 = could not answer (bad input, "
+        "not a cgroup, needs root).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ch.add_argument("cgroup", nargs="?", help="cgroup dir whose attached rules to ask")
     ch.add_argument(
         "--rule",
-        type=_rule,
+        type=parse_device_rule,
         action="append",
         default=[],
         metavar="RULE",
-        help="'allow|deny KIND MAJ:MIN ACCESS' (repeatable, in order)",
+        help="'allow|deny KIND MAJ:MIN [ACCESS]' as for run --device (repeatable, in order)",
     )
     ch.add_argument("--defaults", action="store_true", help="start from DEFAULT_DEVICE_RULES")
     ch.add_argument("kind", help="b or c")

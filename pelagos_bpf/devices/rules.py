@@ -154,17 +154,25 @@ def device_allowed(
 
 
 def parse_rule(text: str) -> CgroupDeviceRule:
-    """Parse "allow c 1:3 rwm" / "deny a *:* m" (the format `str(rule)` prints)."""
-    parts = text.split()
-    if len(parts) != 4 or parts[0] not in ("allow", "deny") or ":" not in parts[2]:
-        raise ConfigError("device rule", text, "expected 'allow|deny KIND MAJOR:MINOR ACCESS'")
-    major_s, minor_s = parts[2].split(":", 1)
+    """The one rule grammar (CLI flags, `CgroupDeviceRule.parse`): what `str(rule)` prints.
+
+    "allow|deny KIND MAJ:MIN [ACCESS]": KIND a/b/c, MAJ and MIN numbers or `*`, ACCESS a subset
+    of "rwm" (default "rwm", as in OCI). e.g. "deny a *:* rwm", "allow c 1:3 rw", "allow b 8:*".
+    """
+    grammar = "expected 'allow|deny KIND MAJ:MIN [ACCESS]'"
+    parts = text.split() if isinstance(text, str) else []
+    if len(parts) not in (3, 4) or parts[0] not in ("allow", "deny"):
+        raise ConfigError("device rule", text, grammar)
+    major_s, sep, minor_s = parts[2].partition(":")
+    if not sep:
+        raise ConfigError("device rule", text, f"{grammar}; {parts[2]!r} is not MAJ:MIN")
     try:
         major = -1 if major_s == "*" else int(major_s)
         minor = -1 if minor_s == "*" else int(minor_s)
     except ValueError as e:
         raise ConfigError("device rule", text, "major and minor are numbers or '*'") from e
-    rule = CgroupDeviceRule(parts[0] == "allow", parts[1], major, minor, parts[3])
+    access = parts[3] if len(parts) == 4 else ACCESS
+    rule = CgroupDeviceRule(parts[0] == "allow", parts[1], major, minor, access)
     validate_device_rule(rule, "device rule")
     return rule
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .resolve import _setns, run_in_netns
+from pelagos_bpf.net.resolve import _setns, run_in_netns
 
 NETNS_DIR = Path("/var/run/netns")
 NUD_PERMANENT = 0x80

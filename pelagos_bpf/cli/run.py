@@ -1,0 +1,263 @@
+"""`pelagos-bpf run`: a command in a new cgroup, safe to stop, torn down whatever happens.
+
+How it stops: SIGTERM, SIGHUP and SIGINT are blocked in this process and taken with
+sigwaitinfo (with SIGCHLD), so no signal lands between two Python statements and no
+KeyboardInterrupt unwinds half a teardown. The first one is forwarded to the command (unless
+the terminal already sent it to the whole foreground process group: si_code SI_KERNEL); a
+second one, or `--stop-timeout` seconds without the command exiting, kills it. The cgroup is
+always torn down (which kills whatever else is left in it), and `run` exits 128+N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from ..cgroup import Cgroup, setup_cgroup, teardown_cgroup
+from ..config import CgroupConfig
+from ..stats import read_stats
+from .common import EXIT_CANNOT_EXEC, EXIT_CODES_HELP, EXIT_NOT_FOUND, EXIT_TOOL, CliError
+from .compile import ensure_compiled
+from .flags import add_config_flags, config_from_args, default_rule_count
+from .output import SCHEMA, format_stats, report_json, report_lines, stats_json
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+_WAITED = {*STOP_SIGNALS, signal.SIGCHLD}
+SI_KERNEL = 0x80  # siginfo si_code of a signal the terminal sent to the foreground group
+STOP_TIMEOUT = 10.0
+
+
+class _Outcome:
+    """How the command ended and whether we had to stop it."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None  # waitpid status
+        self.stopped_by: int | None = None  # the first stop signal we received
+        self.killed: bool = False  # we SIGKILLed it (second signal or grace period over)
+
+    def exit_code(self) -> int:
+        if self.stopped_by is not None:
+            return 128 + self.stopped_by
+        assert self.status is not None
+        code = os.waitstatus_to_exitcode(self.status)
+        return code if code >= 0 else 128 - code
+
+    def status_json(self) -> dict[str, Any]:
+        if self.status is None:
+            return {"code": None, "signal": None}
+        code = os.waitstatus_to_exitcode(self.status)
+        return {"code": code if code >= 0 else None, "signal": -code if code < 0 else None}
+
+
+def _child(cmd: list[str], go_r: int, err_w: int, mask: set[signal.Signals]) -> None:
+    """In the fork: wait until the parent built the cgroup, then exec (never returns)."""
+    code = EXIT_TOOL
+    try:
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; commands must not
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if os.read(go_r, 1) == b"1":
+            os.close(go_r)
+            code = EXIT_NOT_FOUND
+            os.execvp(cmd[0], cmd)
+    except OSError as e:
+        os.write(err_w, str(e.errno).encode())
+    finally:
+        os._exit(code)
+
+
+def _stop_pending() -> int | None:
+    """A stop signal that arrived while the cgroup was being built (consumed)."""
+    if not set(STOP_SIGNALS) & signal.sigpending():
+        return None
+    info = signal.sigtimedwait(STOP_SIGNALS, 0)
+    return info.si_signo if info else None
+
+
+def _drain() -> None:
+    """Consume signals still pending, so unblocking them later does not kill us mid-report."""
+    while signal.sigtimedwait(_WAITED, 0) is not None:
+        pass
+
+
+def _wait(pid: int, stop_timeout: float, quiet: bool, out: _Outcome) -> None:
+    deadline: float | None = None
+    while True:
+        wpid, status = os.waitpid(pid, os.WNOHANG)
+        if wpid:
+            out.status = status
+            return
+        if deadline is None:
+            info = signal.sigwaitinfo(_WAITED)
+        else:
+            info = signal.sigtimedwait(_WAITED, max(0.0, deadline - time.monotonic()))
+            if info is None:
+                if not quiet:
+                    name = signal.Signals(out.stopped_by or 0).name
+                    print(
+                        f"pelagos-bpf run: still running {stop_timeout:g}s after {name}: killing",
+                        file=sys.stderr,
+                    )
+                os.kill(pid, signal.SIGKILL)
+                out.killed = True
+                deadline = None
+                continue
+        if info.si_signo == signal.SIGCHLD:
+            continue
+        if out.stopped_by is None:
+            out.stopped_by = info.si_signo
+            if info.si_code != SI_KERNEL:  # the terminal already signalled the command
+                os.kill(pid, info.si_signo)
+            deadline = time.monotonic() + stop_timeout
+        else:
+            os.kill(pid, signal.SIGKILL)
+            out.killed = True
+            deadline = None
+
+
+def _exec_failure(cmd0: str, err: bytes) -> CliError:
+    e = int(err)
+    if e == errno.ENOENT:
+        return CliError(f"{cmd0}: command not found", EXIT_NOT_FOUND)
+    return CliError(f"{cmd0}: cannot execute: {os.strerror(e)}", EXIT_CANNOT_EXEC)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise CliError("give a command after --, e.g. pelagos-bpf run --memory 64M -- sleep 1")
+    cfg = config_from_args(args)
+    features = ("devices",) * bool(cfg.device_rules) + ("net",) * bool(
+        cfg.net_classid is not None or cfg.net_priorities
+    )
+    if features:
+        ensure_compiled(features, out=None if args.quiet else sys.stderr)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+    try:
+        return _run(args, cmd, cfg, old)
+    finally:
+        _drain()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _run(
+    args: argparse.Namespace, cmd: list[str], cfg: CgroupConfig, mask: set[signal.Signals]
+) -> int:
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        os.close(err_r)
+        _child(cmd, go_r, err_w, mask)
+    os.close(go_r)
+    os.close(err_w)
+    try:
+        cg = setup_cgroup(
+            cfg, pid, strict=not args.best_effort, root=args.root, net_carrier=args.net_carrier
+        )
+    except BaseException:
+        os.close(go_w)  # the child reads EOF and exits without running the command
+        os.close(err_r)
+        os.waitpid(pid, 0)
+        raise
+    out = _Outcome()
+    try:
+        out.stopped_by = _stop_pending()
+        if out.stopped_by is None:
+            os.write(go_w, b"1")
+        os.close(go_w)
+        err = os.read(err_r, 16)  # b"" once exec succeeded (the pipe is close-on-exec)
+        os.close(err_r)
+        if err:
+            os.waitpid(pid, 0)
+            raise _exec_failure(cmd[0], err)
+        _wait(pid, args.stop_timeout, args.quiet, out)
+        stats = read_stats(cg)
+    finally:
+        teardown_cgroup(cg)
+    _print_summary(args, cmd, cg, out, stats)
+    return out.exit_code()
+
+
+def _print_summary(
+    args: argparse.Namespace, cmd: list[str], cg: Cgroup, out: _Outcome, stats: Any
+) -> None:
+    offset = default_rule_count(args)
+    if args.json:
+        doc = {
+            "schema": SCHEMA,
+            "command": cmd,
+            "path": str(cg.path),
+            "id": cg.id,
+            "exit": out.exit_code(),
+            "status": out.status_json(),
+            "stopped_by": signal.Signals(out.stopped_by).name if out.stopped_by else None,
+            "killed": out.killed,
+            "report": report_json(cg.report, offset),
+            "stats": stats_json(stats),
+        }
+        print(json.dumps(doc), flush=True)
+        return
+    if args.quiet:
+        return
+    lines = [f"--- pelagos-bpf: {cg.path} (id {cg.id})"]
+    code = out.exit_code()
+    how = f"{code}"
+    if out.stopped_by:
+        how += f" (stopped by {signal.Signals(out.stopped_by).name}"
+        how += ", killed)" if out.killed else ")"
+    elif code > 128:
+        how += f" (killed by signal {code - 128})"
+    lines.append(f"exit:   {how}")
+    lines += report_lines(cg.report, offset)
+    lines += format_stats(stats)
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def register(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a command in a new cgroup, print its stats, tear down",
+        description="Create a cgroup from the flags, run CMD in it, report, remove the cgroup. "
+        "SIGTERM/SIGHUP/SIGINT are forwarded to CMD; a second signal or --stop-timeout "
+        "kills it. The cgroup is removed in every case.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_flags(r)
+    r.add_argument(
+        "--net-carrier",
+        choices=("auto", "priority", "mark"),
+        default="auto",
+        help="where --net-classid goes: skb->priority or skb->mark (auto: mark if --net-prio)",
+    )
+    r.add_argument("--path", help="cgroup path under the root (default pelagos-<pid>)")
+    r.add_argument("--root", help="cgroup2 root (default: $PELAGOS_CGROUP_ROOT or mountinfo)")
+    r.add_argument(
+        "--best-effort", action="store_true", help="skip settings this host cannot apply"
+    )
+    r.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=STOP_TIMEOUT,
+        metavar="SECONDS",
+        help=f"after a forwarded signal, kill CMD if it still runs (default {STOP_TIMEOUT:g})",
+    )
+    out = r.add_mutually_exclusive_group()
+    out.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (schema 1): exit, report, stats",
+    )
+    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    r.set_defaults(func=cmd_run, best_effort_hint=True)
