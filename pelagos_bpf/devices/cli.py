@@ -8,27 +8,25 @@ the way the kernel program decides), and shows the cgroup's denial counters.
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any
 
 from ..config import CgroupDeviceRule
 from ..errors import ConfigError
-from . import encode as enc
-from .rules import DEFAULT_DEVICE_RULES, deciding_rules, parse_rule, validate_access
+from .rules import (
+    DEFAULT_DEVICE_RULES,
+    deciding_rules,
+    device_allowed,
+    parse_rule,
+    validate_access,
+)
 
 
 def all_programs() -> list[tuple[str, str, int]]:
     """(bpf/ source name, function, prog type) of every program the feature packages load."""
-    from . import program
+    from ..features import all_programs as programs
 
-    progs = [(program.SOURCE, program.FUNC, int(program.ProgType.CGROUP_DEVICE))]
-    try:
-        net = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.net.program")
-    except ModuleNotFoundError:
-        return progs
-    progs += [(s, f, int(t)) for s, f, t in getattr(net, "PROGRAMS", ())]
-    return progs
+    return programs()
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -65,8 +63,6 @@ def _rule(text: str) -> CgroupDeviceRule:
 
 
 def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int], acc: str) -> int:
-    from .rules import device_allowed
-
     allowed = device_allowed(rules, kind, dev[0], dev[1], acc)
     print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
     for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
@@ -79,24 +75,24 @@ def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
     from ..cgroup import Cgroup
     from . import program
 
-    cg = Cgroup.open(path)
-    table = program.ruleset_table(cg.path, cg.id)
-    if table is None:
+    state = program.read_state(Cgroup.open(path))
+    if not state.attached:
         print(f"{path}: no pelagos device program attached: every device allowed")
         return 0
-    tcode = enc.TYPES[kind]
-    allowed = enc.decide(table, tcode, dev[0], dev[1], enc.access_mask(acc))
+    if not state.installed:
+        print(f"{kind} {dev[0]}:{dev[1]} {acc}: DENIED (denied: rule set not installed)")
+        return 1
+    rules = list(state.rules)  # an equivalent list, read back from the maps
+    allowed = device_allowed(rules, kind, dev[0], dev[1], acc)
     print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
-    best = enc.winners(table, tcode, dev[0], dev[1])
-    for bit in dict.fromkeys(acc):
-        win = best[enc.BIT_SLOT[bit]]
+    for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
         why = (
             "no rule mentions it: allowed"
-            if not win
-            else f"rule {(win >> 1) - 1} ({'allow' if win & 1 else 'deny'})"
+            if idx is None
+            else f"rule {idx} ({'allow' if rules[idx].allow else 'deny'}): {rules[idx]}"
         )
         print(f"  {bit}: {why}")
-    _print_denials(program.denials(cg.path, cg.id))
+    _print_denials(state.denials)
     return 0 if allowed else 1
 
 
@@ -126,7 +122,7 @@ def cmd_denials(args: argparse.Namespace) -> int:
     from . import program
 
     cg = Cgroup.open(Path(args.cgroup))
-    _print_denials(program.denials(cg.path, cg.id))
+    _print_denials(program.denials(cg))
     return 0
 
 
