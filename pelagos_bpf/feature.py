@@ -258,6 +258,13 @@ class Feature:
                 spec = self.current.prog(func)
                 if (info.name, info.type) != (spec.name, int(spec.prog_type)):
                     raise BpfError(errno.EINVAL, "pinned program", f"{path} is not {spec.name}")
+                if info.tag not in prog_tags(_compiled(self.current, spec).insns):
+                    raise BpfError(
+                        errno.EPERM,
+                        "pinned program",
+                        f"{path}: tag {info.tag} is not the tag of our bytecode "
+                        "(remove the pin; someone else's program?)",
+                    )
                 for k, v in open_maps(info, self.current).items():
                     if k in maps:
                         os.close(v)
@@ -430,6 +437,23 @@ class Feature:
             if doomed:
                 counts[spec.name] = bpfsys.map_delete_batch(fd, doomed)
         return counts
+
+
+def prog_tags(insns: bytes) -> frozenset[str]:
+    """The tags the kernel gives this bytecode: the first 8 bytes of a digest over the
+    instructions with the imm of BPF_LD_IMM64 map loads zeroed (kernel/bpf/core.c
+    bpf_prog_calc_tag). SHA-1 up to 6.17, SHA-256 since 6.18: both are returned."""
+    code = bytearray(insns)
+    i = 0
+    while i + 16 <= len(code):
+        if code[i] == 0x18 and (code[i + 1] >> 4) in (1, 2):  # PSEUDO_MAP_FD / _VALUE
+            code[i + 4 : i + 8] = bytes(4)
+            code[i + 12 : i + 16] = bytes(4)
+            i += 16
+        else:
+            i += 8
+    raw = bytes(code)
+    return frozenset(h(raw).digest()[:8].hex() for h in (hashlib.sha1, hashlib.sha256))
 
 
 def open_prog(prog_id: int) -> int | None:

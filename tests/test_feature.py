@@ -71,3 +71,38 @@ def test_program_names_carry_the_layout_version() -> None:
                 seen.add((p.name, int(p.prog_type)))
                 if lay.version > 1:
                     assert p.name.endswith(f"_v{lay.version}")
+
+
+def test_a_squatted_pin_with_another_program_is_refused(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin under our expected name holding another program (same name, type) is refused by
+    its tag, with an error naming the path."""
+    import subprocess
+    import uuid
+
+    from pelagos_bpf.feature import PIN_ENV, Feature
+
+    d = tmp_path / f"bpffs-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
+    try:
+        monkeypatch.setenv(PIN_ENV, str(d))
+        feat = Feature(layout.LAYER)
+        (path,) = feat._pin_paths().values()  # type: ignore[union-attr]
+        m = bpfsys.map_create(MapType.HASH, 4, 4, 8, "x")
+        squat = _prog_using(m, layout.PROG_NAME)
+        bpfsys.obj_pin(squat, path)
+        os.close(squat)
+        os.close(m)
+        with pytest.raises(BpfError) as e:
+            feat.loaded()
+        assert path in str(e.value) and "tag" in str(e.value)
+        os.unlink(path)
+        assert feat.loaded().progs  # the real program loads and pins once the squat is gone
+        again = feat._from_pins(feat._pin_paths())  # type: ignore[arg-type]
+        assert again.ids == feat.loaded().ids  # a second user shares the pinned program
+        again.close()
+        feat.loaded().close()
+    finally:
+        subprocess.run(["umount", str(d)], check=True)

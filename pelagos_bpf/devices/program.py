@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from .. import bpfsys, progcache
 from ..cgref import CgroupRef, Liveness, opened
 from ..config import CgroupDeviceRule
 from ..errors import BpfError
-from ..feature import Attached, Feature, storage_key
+from ..feature import Attached, Feature, prog_tags, storage_key
 from . import encode as enc
 from . import layout as lay
 from .rules import validate_device_rules
@@ -238,23 +237,6 @@ class DeviceState:
     rules: tuple[CgroupDeviceRule, ...] = ()
     denials: dict[str, int] = field(default_factory=dict)
     other_programs: tuple[int, ...] = ()  # more of ours attached (e.g. mid-migration)
-
-
-def prog_tags(insns: bytes) -> frozenset[str]:
-    """The tags the kernel gives this bytecode: the first 8 bytes of a digest over the
-    instructions with the imm of BPF_LD_IMM64 map loads zeroed (kernel/bpf/core.c
-    bpf_prog_calc_tag). SHA-1 up to 6.17, SHA-256 since 6.18: both are returned."""
-    code = bytearray(insns)
-    i = 0
-    while i + 16 <= len(code):
-        if code[i] == 0x18 and (code[i + 1] >> 4) in (1, 2):  # PSEUDO_MAP_FD / _VALUE
-            code[i + 4 : i + 8] = bytes(4)
-            code[i + 12 : i + 16] = bytes(4)
-            i += 16
-        else:
-            i += 8
-    raw = bytes(code)
-    return frozenset(h(raw).digest()[:8].hex() for h in (hashlib.sha1, hashlib.sha256))
 
 
 @lru_cache(maxsize=1)
