@@ -31,7 +31,7 @@ from typing import Any
 
 from . import bpfsys, progcache
 from .bpfsys import AttachType, MapType, ProgType
-from .cgref import CgroupRef, opened
+from .cgref import CgroupRef, Liveness, opened
 from .errors import BpfError
 
 PIN_ENV = "PELAGOS_BPF_PIN_DIR"
@@ -420,6 +420,21 @@ class Feature:
             except BpfError:
                 continue  # a foreign program with one of our names: not ours to touch
         return out
+
+    def retry_when_full(
+        self, cg: CgroupRef, maps: dict[str, int], write: Callable[[], None]
+    ) -> None:
+        """Run `write`; if a map is full (E2BIG), reclaim the entries of dead cgroups in these
+        maps (GC, off the hot path: only a full map pays it) and run it once more."""
+        try:
+            write()
+            return
+        except BpfError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        with Liveness(os.path.dirname(os.fspath(cg.path))) as live:
+            self.purge(self.current, maps, live.dead)
+        write()
 
     @staticmethod
     def purge(layer: Layer, maps: dict[str, int], dead: Callable[[int], bool]) -> dict[str, int]:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import bpfsys, progcache
-from ..cgref import CgroupRef, Liveness, opened
+from ..cgref import CgroupRef, opened
 from ..config import CgroupDeviceRule
 from ..errors import BpfError
 from ..feature import Attached, Feature, prog_tags, storage_key
@@ -100,26 +99,27 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, prep: Prepared) -> 
     fd = maps["dev_rules"]
     delete_set(maps, cg.id, gen)  # leftovers of a writer that died before its switch
     entries = enc.with_ruleset(cg.id, gen, prep.template)
-    for attempt in (0, 1):
+
+    def store() -> None:
         try:
             bpfsys.map_update_batch(fd, entries)  # one syscall; the sentinels are written last
-            return
-        except BpfError as e:
-            bpfsys.map_delete_batch(fd, [key for key, _ in entries])
-            if e.errno == errno.E2BIG and attempt == 0:
-                with Liveness(os.path.dirname(os.fspath(cg.path))) as live:
-                    FEATURE.purge(lay.LAYER, maps, live.dead)
-                continue
-            hint = (
-                " (dev_rules map full, even after reclaiming dead cgroups)"
-                if e.errno == errno.E2BIG
-                else ""
-            )
-            raise BpfError(
-                e.errno or errno.EIO,
-                "device_rules",
-                f"cannot store {prep.n_patterns} rule patterns{hint}: {e.strerror}",
-            ) from e
+        except BpfError:
+            bpfsys.map_delete_batch(fd, [key for key, _ in entries][::-1])
+            raise
+
+    try:
+        FEATURE.retry_when_full(cg, maps, store)
+    except BpfError as e:
+        hint = (
+            " (dev_rules map full, even after reclaiming dead cgroups)"
+            if e.errno == errno.E2BIG
+            else ""
+        )
+        raise BpfError(
+            e.errno or errno.EIO,
+            "device_rules",
+            f"cannot store {prep.n_patterns} rule patterns{hint}: {e.strerror}",
+        ) from e
 
 
 def _switch(maps: dict[str, int], cgroup_id: int, gen: int) -> None:

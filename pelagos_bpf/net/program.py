@@ -75,14 +75,18 @@ def _read_plan(maps: dict[str, int], cgroup_id: int) -> NetPlan | None:
     )
 
 
-def _write_config(maps: dict[str, int], cgroup_id: int, plan: NetPlan) -> None:
+def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan) -> None:
     """New priority entries first, then the config that points at them, then drop stale ones."""
-    wanted = {lay.PRIO_KEY.pack(cgroup_id, idx, 0): p for idx, p in plan.prio_by_ifindex().items()}
-    for key, prio in wanted.items():
-        bpfsys.map_update(maps["net_prios"], key, lay.PRIO_VAL.pack(prio))
-    cfg = lay.CFG.pack(plan.classid, plan.flags, cgroup_id)
-    bpfsys.map_update(maps["net_cfg"], storage_key(cgroup_id, EGRESS), cfg)
-    for key in _prio_keys_of(maps["net_prios"], cgroup_id):
+    wanted = {lay.PRIO_KEY.pack(cg.id, idx, 0): p for idx, p in plan.prio_by_ifindex().items()}
+
+    def store() -> None:
+        for key, prio in wanted.items():
+            bpfsys.map_update(maps["net_prios"], key, lay.PRIO_VAL.pack(prio))
+
+    FEATURE.retry_when_full(cg, maps, store)  # a full map: GC of dead cgroups, then once more
+    cfg = lay.CFG.pack(plan.classid, plan.flags, cg.id)
+    bpfsys.map_update(maps["net_cfg"], storage_key(cg.id, EGRESS), cfg)
+    for key in _prio_keys_of(maps["net_prios"], cg.id):
         if key not in wanted:
             bpfsys.map_delete(maps["net_prios"], key)
 
@@ -137,7 +141,7 @@ def _attach_new(cg: CgroupRef, cg_fd: int, plan: NetPlan, carry: dict[int, bytes
             assert spec.attach_type is not None
             _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
             if spec.attach_type == EGRESS:
-                _write_config(loaded.maps, cg.id, plan)
+                _write_config(loaded.maps, cg, plan)
     except BaseException as exc:
         for spec in reversed(lay.LAYER.progs[: len(done)]):
             try:
@@ -174,7 +178,7 @@ def apply(
         old = _read_plan(current[0].maps, cg.id) if current else None
         merged = _merge(old, plan, named, carrier)
         if current and len(current[0].progs) == len(lay.LAYER.progs):
-            _write_config(current[0].maps, cg.id, merged)
+            _write_config(current[0].maps, cg, merged)
             stale = [g for g in groups if g is not current[0]]
         else:
             carry = {}
