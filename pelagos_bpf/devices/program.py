@@ -22,7 +22,7 @@ from .. import bpfsys, progcache
 from ..cgref import CgroupRef, opened
 from ..config import CgroupDeviceRule
 from ..errors import BpfError
-from ..feature import Attached, Feature, prog_tags, storage_key
+from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
 from . import encode as enc
 from . import layout as lay
 from .rules import validate_device_rules
@@ -38,9 +38,12 @@ def compiled() -> progcache.CompiledProgram:
     )
 
 
-def own_maps() -> dict[str, int]:
-    """This process's maps (loading the program once if needed)."""
-    return FEATURE.loaded().maps
+PROG_NAME = lay.PROG_NAME  # (bench/ finds pins by it)
+
+
+def own_program() -> Loaded:
+    """This process's program and maps (loaded once, or fetched from the pins)."""
+    return FEATURE.loaded()
 
 
 # ---------------------------------------------------------------- rule sets in the maps

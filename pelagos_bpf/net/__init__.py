@@ -50,6 +50,7 @@ from .program import (
     read_config,
     read_net_stats,
     read_state,
+    shared_programs,
     update_net,
 )
 from .resolve import interface_table, resolve_net
@@ -68,6 +69,7 @@ __all__ = [
     "read_net_stats",
     "read_state",
     "resolve_net",
+    "shared_programs",
     "update_net",
     "validate_net",
 ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .. import bpfsys, progcache
 from ..cgref import CgroupRef, opened
 from ..errors import ConfigError
-from ..feature import Attached, Feature, storage_key
+from ..feature import Attached, Feature, Loaded, storage_key
 from . import layout as lay
 from .plan import F_MARK, NetPlan, choose_carrier
 
@@ -31,6 +31,11 @@ PROGRAMS: tuple[tuple[str, str, int], ...] = tuple(
 
 _lock = threading.Lock()
 _mark_cls: int | None = None
+
+
+def shared_programs() -> Loaded:
+    """This process's egress/ingress programs and their maps (loaded once)."""
+    return FEATURE.loaded()
 
 
 def mark_classifier() -> int:
