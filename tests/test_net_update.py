@@ -86,6 +86,7 @@ def test_update_changes_exactly_what_it_names(cg_root: Path, case: str) -> None:
     try:
         update_cgroup(cg, CgroupConfig(**update_kw))
         assert state(cg) == want
+        assert net.read_state(cg).trusted  # our bytecode, by tag
     finally:
         teardown_cgroup(cg)
 

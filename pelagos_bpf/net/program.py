@@ -9,6 +9,7 @@ update's read-modify-write of the config cannot interleave with another writer's
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from .. import bpfsys, progcache
 from ..cgref import CgroupRef, opened
 from ..errors import ConfigError
-from ..feature import Attached, Feature, Loaded, storage_key
+from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
 from . import layout as lay
 from .plan import F_MARK, NetPlan, choose_carrier
 
@@ -236,10 +237,18 @@ class NetState:
 
     attached: bool
     program_ids: tuple[int, ...] = ()
+    trusted: bool = False  # every program's tag is the tag of the bytecode this release loads
     version: int | None = None
     classid: int = 0
     carrier: str | None = None
     priorities: tuple[tuple[int, str | None, int], ...] = ()
+
+
+@functools.cache
+def _trusted_tags(func: str) -> frozenset[str]:
+    spec = lay.LAYER.prog(func)
+    code = progcache.get_program(progcache.bpf_source(lay.SOURCE), spec.func, spec.prog_type)
+    return prog_tags(code.insns)
 
 
 def _ifnames(cg: CgroupRef) -> dict[int, str]:
@@ -262,12 +271,16 @@ def read_state(cg: CgroupRef) -> NetState:
         g = groups[0]
         plan = _read_plan(g.maps, cg.id) if lay.EG.func in g.progs else None
         ids = tuple(i for x in groups for i in x.ids.values())
+        trusted = g.version == lay.VERSION and all(
+            tag in _trusted_tags(func) for func, tag in g.tags.items()
+        )
         if plan is None:
-            return NetState(attached=True, program_ids=ids, version=g.version)
+            return NetState(attached=True, program_ids=ids, trusted=trusted, version=g.version)
         names = _ifnames(cg) if plan.priorities else {}
         return NetState(
             attached=True,
             program_ids=ids,
+            trusted=trusted,
             version=g.version,
             classid=plan.classid,
             carrier=plan.carrier,
