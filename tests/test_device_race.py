@@ -111,9 +111,11 @@ def test_two_updaters_and_a_prober_zero_bypasses(make_cgroup: Callable[[str], Cg
                 u.wait()
     print(f"race: {result}, updates {counts}")
     assert all(u.returncode == 0 for u in updaters)
-    assert result["tries"] > 5_000
-    assert all(c["updates"] > 100 for c in counts)  # both really raced
+    # Thresholds low enough for a loaded TCG guest; on this host: ~80 k tries, ~500 updates each.
+    assert result["tries"] > 2_000
+    assert all(c["updates"] > 20 for c in counts)  # both really raced
     assert result["ok"] == 0, f"{result['ok']} of {result['tries']} opens of {KMSG} got through"
     state = devices.read_state(cg)
-    assert state.installed and state.generation > 200  # generations were never reused
+    # Serialised writers, never-reused generations: attach made generation 1, each update +1.
+    assert state.installed and state.generation == 1 + sum(c["updates"] for c in counts)
     assert state.denials.get("c 1:11 r", 0) == result["tries"]  # every denial counted
