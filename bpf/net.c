@@ -3,7 +3,9 @@
 // BPF_F_ALLOW_MULTI to every classified cgroup. Per-cgroup settings live in cgroup storage, so a
 // container start is a PROG_ATTACH plus a map write, never a compile or a PROG_LOAD.
 //
-// Map layouts are mirrored in pelagos_bpf/net/program.py (struct formats); keep them in sync.
+// Layouts: declared once in pelagos_bpf/net/layout.py; tests/test_layouts.py checks these structs
+// against that declaration. Map sizes and flags come from there too (bcc's default size for the
+// BPF_HASH below is never used: pelagos_bpf creates the maps).
 #include <uapi/linux/bpf.h>
 
 #define NET_F_MARK 1  /* carry the classid in skb->mark (else skb->priority) */
@@ -28,7 +30,7 @@ struct prio_key {
 
 BPF_CGROUP_STORAGE(net_cfg, struct net_cfg);
 BPF_PERCPU_CGROUP_STORAGE(net_acct, struct net_acct);
-BPF_HASH(net_prios, struct prio_key, u32, 65536);
+BPF_HASH(net_prios, struct prio_key, u32);
 
 static __always_inline void account(struct net_acct *a, struct __sk_buff *skb) {
     // Per-CPU storage: plain adds, no atomics, no cross-CPU contention. A GSO/GRO skb stands

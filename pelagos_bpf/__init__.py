@@ -1,7 +1,7 @@
 """pelagos_bpf: put a process under a full-featured cgroup v2 (controller files + cgroup BPF).
 
-`import pelagos_bpf` stays cheap: feature packages (devices, net) and anything that could pull
-in bcc or pyroute2 load lazily, on first attribute access.
+`import pelagos_bpf` stays cheap: it never imports bcc (only `pelagos-bpf compile` and a cache
+miss do) or pyroute2 (only the tc helpers' callers do); tests/test_hot_path.py enforces it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import logging
 from typing import Any
 
 from . import errors
+from .cgref import CgroupRef
 from .cgroup import Cgroup, SetupReport, setup_cgroup, teardown_cgroup, update_cgroup
 from .config import CgroupConfig, CgroupDeviceRule
+from .devices import DEFAULT_DEVICE_RULES
 from .errors import (
     BpfError,
     CgroupError,
@@ -33,6 +35,7 @@ __all__ = [
     "CgroupConfig",
     "CgroupDeviceRule",
     "CgroupError",
+    "CgroupRef",
     "ConfigError",
     "PelagosError",
     "ResourceStats",
@@ -68,8 +71,4 @@ def _version() -> str:
 def __getattr__(name: str) -> Any:
     if name == "__version__":  # lazy: importlib.metadata costs a few ms at import
         return _version()
-    if name == "DEFAULT_DEVICE_RULES":
-        from .devices import DEFAULT_DEVICE_RULES
-
-        return DEFAULT_DEVICE_RULES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -164,6 +164,7 @@ _SIGNATURES: dict[str, tuple[list[object], object]] = {
     "bpf_prog_detach2": ([_INT, _INT, _INT], _INT),
     "bpf_prog_query": ([_INT, _INT, _U32, _P, _P, _P], _INT),
     "bpf_prog_get_fd_by_id": ([_U32], _INT),
+    "bpf_prog_get_next_id": ([_U32, ct.POINTER(_U32)], _INT),
     "bpf_map_get_fd_by_id": ([_U32], _INT),
     "bpf_obj_get_info_by_fd": ([_INT, _P, _P], _INT),
     "bpf_obj_pin": ([_INT, ct.c_char_p], _INT),
@@ -226,9 +227,14 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     return out.raw
 
 
+def percpu_stride(value_size: int) -> int:
+    """Per-CPU map values come (and go) one per possible CPU, each rounded up to 8 bytes."""
+    return (value_size + 7) & ~7
+
+
 def map_lookup_percpu(fd: int, key: bytes, value_size: int) -> list[bytes] | None:
-    """Per-CPU maps return one value per possible CPU, each rounded up to 8 bytes."""
-    stride = (value_size + 7) & ~7
+    """One value per possible CPU."""
+    stride = percpu_stride(value_size)
     raw = map_lookup(fd, key, stride * possible_cpus())
     if raw is None:
         return None
@@ -378,6 +384,18 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
 
 def prog_get_fd_by_id(prog_id: int) -> int:
     return _check(_lib().bpf_prog_get_fd_by_id(prog_id), "BPF_PROG_GET_FD_BY_ID", f"id {prog_id}")
+
+
+def prog_ids() -> list[int]:
+    """Ids of every program loaded on the host (a snapshot), for garbage collection."""
+    out: list[int] = []
+    nxt = ct.c_uint32(0)
+    while True:
+        ret = _lib().bpf_prog_get_next_id(nxt.value, ct.byref(nxt))
+        if ret == -errno.ENOENT:
+            return out
+        _check(ret, "BPF_PROG_GET_NEXT_ID")
+        out.append(nxt.value)
 
 
 def map_get_fd_by_id(map_id: int) -> int:

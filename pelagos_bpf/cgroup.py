@@ -19,13 +19,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import controllers
+from . import controllers, devices, net
 from .cgroupfs import missing_controller_reason, read_text, subtree_dirs, write_file
 from .config import CgroupConfig
 from .controllers import Write
 from .devices.v1emulator import effective_rules
 from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSettings
 from .hierarchy import discover
+from .owner import creating
 from .validate import validate_config, validate_path
 
 TEARDOWN_TIMEOUT = 10.0
@@ -108,16 +109,7 @@ def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _
     plan = _Plan(writes, controllers.needed_controllers(writes), problems)
     plan.devices = bool(cfg.device_rules)
     if cfg.net_classid is not None or cfg.net_priorities:
-        from . import net  # lazy: pulls in the netns resolver only when needed
-
-        try:
-            plan.net_plan = net.resolve_net(
-                cfg.net_classid, list(cfg.net_priorities), pid, net_carrier
-            )
-        except UnsupportedSettings as e:
-            problems.extend(e.problems)
-        except UnsupportedSetting as e:
-            problems.append((e.setting, e.reason))
+        plan.net_plan = net.resolve_net(cfg.net_classid, list(cfg.net_priorities), pid, net_carrier)
     return plan
 
 
@@ -130,14 +122,15 @@ def setup_cgroup(
     *,
     strict: bool = True,
     root: str | os.PathLike[str] | None = None,
-    net_carrier: str = "auto",
+    net_carrier: str | None = None,
 ) -> Cgroup:
     """Create the cgroup for cfg, apply every setting, move `pid` in; return the handle.
 
     strict (default): any setting that cannot be applied on this host raises
     UnsupportedSettings listing all of them, before anything is created. strict=False applies
     what it can and records the rest in `cg.report.skipped`. `pid=None` creates the cgroup
-    without moving a process (then cfg.path is required).
+    without moving a process (then cfg.path is required). `net_carrier` overrides
+    cfg.net_carrier (default "auto").
     """
     validate_config(cfg)
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
@@ -150,7 +143,7 @@ def setup_cgroup(
         raise ConfigError("path", None, "required when no pid is given")
     hier = discover(root)
     target = hier.root / rel
-    plan = _plan(cfg, pid, hier.root, net_carrier)
+    plan = _plan(cfg, pid, hier.root, net_carrier or cfg.net_carrier or "auto")
     if plan.problems and strict:
         raise UnsupportedSettings(plan.problems)
     if target.exists():
@@ -165,15 +158,11 @@ def setup_cgroup(
         _enable_controllers(hier.root, target, plan.controllers)
         _apply_writes(target, plan.writes, strict, report)
         if plan.devices:
-            from . import devices
-
-            attached.append(lambda c: devices.detach_devices(c))
+            attached.append(devices.detach_devices)
             devices.attach_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
             report._applied("device_rules")
         if plan.net_plan is not None:
-            from . import net
-
-            attached.append(lambda c: net.detach_net(c))
+            attached.append(net.detach_net)
             net.attach_net(cg, plan.net_plan)
             _net_applied(cfg, report)
         if pid is not None:
@@ -198,7 +187,8 @@ def _mkdirs(root: Path, target: Path, created: list[Path]) -> None:
     for part in target.relative_to(root).parts:
         cur = cur / part
         try:
-            os.mkdir(cur)
+            with creating(os.fspath(cur)):  # marks it ours, for gc after a crash
+                os.mkdir(cur)
         except FileExistsError:
             if cur == target:
                 raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
@@ -285,8 +275,6 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
     if cg.path.exists():
         _kill_all(cg.path, timeout)
         _wait_unpopulated(cg.path, timeout)
-        from . import devices, net
-
         for detach in (net.detach_net, devices.detach_devices):
             try:
                 detach(cg)
@@ -345,28 +333,34 @@ def _wait_unpopulated(path: Path, timeout: float) -> None:
 
 
 def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
-    """Re-apply the settings cfg sets to a live cgroup (strict; others are left as they are).
+    """Re-apply the settings cfg names to a live cgroup (strict); the others keep their values.
 
-    Controller files are rewritten, device rules replaced with `update_devices`, net settings
-    re-resolved (in the netns of the cgroup's first process) and swapped with `update_net`.
+    Controller files are rewritten, device rules replaced with `update_devices`. Net: only the
+    named parts change (net_classid, net_priorities, net_carrier): a priorities-only update
+    keeps the classid and carrier. Interface names resolve in the cgroup's first process's netns.
     """
     validate_config(cfg)
     procs = read_text(cg.path / "cgroup.procs").split()
+    carrier = cfg.net_carrier
     # A cgroup's own cgroup.controllers says which controller files it has: plan against it.
-    plan = _plan(cfg, int(procs[0]) if procs else None, cg.path, "auto")
+    plan = _plan(cfg, int(procs[0]) if procs else None, cg.path, carrier or "auto")
     if plan.problems:
         raise UnsupportedSettings(plan.problems)
     controllers.preflight(cg.path, cfg)
     report = SetupReport(skipped=list(cfg.ignored))
     _apply_writes(cg.path, plan.writes, True, report)
     if plan.devices:
-        from . import devices
-
         devices.update_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
         report._applied("device_rules")
-    if plan.net_plan is not None:
-        from . import net
-
-        net.update_net(cg, plan.net_plan)
+    if plan.net_plan is not None or carrier is not None:
+        named = frozenset(
+            n
+            for n, given in (
+                ("classid", cfg.net_classid is not None),
+                ("priorities", cfg.net_priorities),
+            )
+            if given
+        )
+        net.update_net(cg, plan.net_plan or net.NetPlan(), named, carrier)
         _net_applied(cfg, report)
     return report

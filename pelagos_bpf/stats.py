@@ -199,58 +199,10 @@ def read_stats_many(cgs: Sequence[Cgroup]) -> list[ResourceStats]:
 
 
 def _bpf_stats_many(live: list[tuple[int, int, Cgroup]], out: list[ResourceStats]) -> None:
-    """Device denials and net counters of many cgroups: one PROG_QUERY per cgroup and hook,
-    then each distinct program (and its maps) opened once."""
-    from . import bpfsys, progfind  # lazy: keeps `import pelagos_bpf` light
-    from .devices import encode as denc
-    from .devices import program as dprog
-    from .net import program as nprog
+    """Device denials and net counters of many cgroups; the shared denial map is walked once."""
+    from . import devices, net  # lazy: keeps `import pelagos_bpf` light
 
-    hooks = (
-        (dprog.ATTACH, dprog.PROG_NAME, "dev"),
-        (nprog.EGRESS, nprog.EG_PROG, "egress"),
-        (nprog.INGRESS, nprog.IN_PROG, "ingress"),
-    )
-    users: dict[tuple[int, int], list[int]] = {}  # (attach type, prog id) -> indices in live
-    for i, (_, dfd, _cg) in enumerate(live):
-        for attach, _, _ in hooks:
-            for prog_id in bpfsys.prog_query(dfd, attach):
-                users.setdefault((int(attach), prog_id), []).append(i)
-    for (attach, prog_id), idx in users.items():
-        name, kind = next((n, k) for a, n, k in hooks if int(a) == attach)
-        fd = progfind.open_prog(prog_id)
-        if fd is None:
-            continue
-        try:
-            info = bpfsys.prog_info(fd)
-            if info.name != name:
-                continue
-            maps = progfind.open_maps(info, dprog.MAP_SPECS if kind == "dev" else nprog.MAPS)
-        finally:
-            os.close(fd)
-        try:
-            if kind == "dev" and "dev_denials" in maps:
-                mfd = maps["dev_denials"]
-                by_cg: dict[int, list[tuple[bytes, bytes]]] = {}
-                for key in bpfsys.map_keys(mfd, denc.DENY_KEY.size):  # one walk for all
-                    val = bpfsys.map_lookup(mfd, key, denc.DENY_VAL.size)
-                    if val is not None:
-                        by_cg.setdefault(denc.DENY_KEY.unpack_from(key)[0], []).append((key, val))
-                for i in idx:
-                    cg = live[i][2]
-                    mine = denc.decode_denials(by_cg.get(cg.id, []), cg.id)
-                    tot = out[live[i][0]].device_denials
-                    for label, n in mine.items():
-                        tot[label] = tot.get(label, 0) + n
-            elif kind != "dev" and "net_acct" in maps:
-                for i in idx:
-                    cg = live[i][2]
-                    key = nprog.STORAGE_KEY.pack(cg.id, attach)
-                    vals = bpfsys.map_lookup_percpu(maps["net_acct"], key, nprog.ACCT.size)
-                    pairs = [nprog.ACCT.unpack(v) for v in vals or []]
-                    st = out[live[i][0]].net
-                    st[f"{kind}_bytes"] = st.get(f"{kind}_bytes", 0) + sum(b for b, _ in pairs)
-                    st[f"{kind}_packets"] = st.get(f"{kind}_packets", 0) + sum(p for _, p in pairs)
-        finally:
-            for mfd in maps.values():
-                os.close(mfd)
+    cgs = [cg for _, _, cg in live]
+    for (i, _, cg), denied in zip(live, devices.program.denials_many(cgs), strict=True):
+        out[i].device_denials = denied
+        out[i].net = dict(net.read_net_stats(cg))

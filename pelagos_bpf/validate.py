@@ -17,6 +17,7 @@ from .controllers.unified import validate_unified
 from .devices.rules import validate_device_rules
 from .devices.v1emulator import SEMANTICS, to_last_match
 from .errors import ConfigError
+from .net.plan import validate_net
 
 U32_MAX = 0xFFFF_FFFF
 MAJOR_MAX = 4095  # Linux dev_t: 12-bit major
@@ -168,8 +169,6 @@ def validate_config(cfg: CgroupConfig) -> None:
         if cfg.device_semantics == "v1":
             to_last_match(cfg.device_rules)  # refuses what cgroup v1 would silently ignore
     if cfg.net_classid is not None or cfg.net_priorities or cfg.net_carrier is not None:
-        from .net.plan import validate_net  # lazy: the net package costs ~45 ms to import
-
         carrier = "auto" if cfg.net_carrier is None else cfg.net_carrier
         validate_net(cfg.net_classid, cfg.net_priorities, carrier)
     if cfg.path is not None:

@@ -6,9 +6,7 @@ the context exits, even on failure.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,20 +113,32 @@ def send(
 
 
 def our_bpf_objects() -> tuple[int, int]:
-    """(programs named pelagos_net_*, maps named net_*) alive on the system, via bpftool."""
-    progs = json.loads(
-        subprocess.run(
-            ["bpftool", "-j", "prog", "show"], capture_output=True, check=True, text=True
-        ).stdout
-    )
-    maps = json.loads(
-        subprocess.run(
-            ["bpftool", "-j", "map", "show"], capture_output=True, check=True, text=True
-        ).stdout
-    )
-    n_progs = sum(1 for p in progs if p.get("name", "").startswith("pelagos_net_"))
-    n_maps = sum(1 for m in maps if m.get("name", "") in ("net_cfg", "net_acct", "net_prios"))
-    return n_progs, n_maps
+    """(programs using this process's net maps, BPF fds this process holds).
+
+    Scoped to this process's own objects: other suites load programs concurrently, so
+    system-wide counts would move under the test.
+    """
+    from pelagos_bpf import bpfsys
+    from pelagos_bpf.net.program import FEATURE
+
+    mine = {bpfsys.map_info(fd).id for fd in FEATURE.loaded().maps.values()}
+    n_progs = 0
+    for prog_id in bpfsys.prog_ids():
+        try:
+            fd = bpfsys.prog_get_fd_by_id(prog_id)
+        except OSError:
+            continue
+        try:
+            n_progs += bool(mine & set(bpfsys.prog_info(fd).map_ids))
+        finally:
+            os.close(fd)
+    n_fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n_fds += os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf")
+        except OSError:
+            continue
+    return n_progs, n_fds
 
 
 @contextmanager

@@ -304,12 +304,12 @@ def test_inspect_json_shows_limits_rules_and_net_in_force(cg_root: Path) -> None
         assert doc["net"]["classid"] == 0x10010 and doc["net"]["classid_tc"] == "1:10"
         assert doc["net"]["carrier"] == "mark"  # auto: priorities take skb->priority
         lo = socket.if_nametoindex("lo")
-        assert doc["net"]["priorities"] == [{"ifindex": lo, "priority": 5}]
+        assert doc["net"]["priorities"] == [{"ifindex": lo, "ifname": "lo", "priority": 5}]
         assert {p["attach"] for p in doc["net"]["programs"]} == {"egress", "ingress"}
         assert doc["freezer"] == "thawed"
         text = cli("inspect", str(cg.path)).stdout
         assert "  #3    deny b 8:* m" in text and "classid 1:10 carried in skb->mark" in text
-        assert f"  ifindex {lo:<6} priority 5" in text
+        assert f"  ifindex {lo:<6} {'lo':<15} priority 5" in text
     finally:
         teardown_cgroup(cg)
     r = cli("inspect", str(cg_root / "nope"))

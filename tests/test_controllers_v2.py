@@ -258,12 +258,15 @@ def test_blkio_throttle_read_bps_limits_a_loop_device(cg_root: Path) -> None:
 
 
 def test_read_stats_live_values(cg_root: Path) -> None:
-    p = subprocess.Popen(
-        [PY, "-c", "import sys; x = b'y' * (8 << 20); sys.stdin.readline()"],
-        stdin=subprocess.PIPE,
-    )
+    # Allocate only after the move: memory charged before it stays with the old cgroup.
+    code = "import sys; sys.stdin.readline(); x = b'y' * (8 << 20); print(1, flush=True); input()"
+    p = subprocess.Popen([PY, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     cg = setup_cgroup(CgroupConfig(memory_limit=256 << 20, path=rel(cg_root, "st")), p.pid)
     try:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(b"\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == b"1"
         deadline = time.monotonic() + 60
         while read_stats(cg).memory_current_bytes < 8 << 20 and time.monotonic() < deadline:
             time.sleep(0.05)

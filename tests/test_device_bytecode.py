@@ -14,7 +14,6 @@ from device_interp import HashMap, Machine, Storage
 from hypothesis import given, settings
 
 from pelagos_bpf import progcache
-from pelagos_bpf.bpfsys import ProgType
 from pelagos_bpf.config import CgroupDeviceRule as R
 from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, device_allowed, program
 from pelagos_bpf.devices import encode as enc
@@ -26,23 +25,24 @@ CG = 4242
 @pytest.fixture(scope="module")
 def compiled() -> progcache.CompiledProgram:
     try:
+        spec = program.FEATURE.current.progs[0]
         return progcache.get_program(
-            progcache.bpf_source(program.SOURCE),
-            program.FUNC,
-            ProgType.CGROUP_DEVICE,
+            progcache.bpf_source(program.FEATURE.current.source),
+            spec.func,
+            spec.prog_type,
             compile_if_missing=os.geteuid() == 0,
         )
     except BpfError as e:
         pytest.skip(f"no cached bytecode and cannot compile: {e}")
 
 
-def machine(prog: progcache.CompiledProgram, rules: list[R], rs: int | None = None):
+def machine(prog: progcache.CompiledProgram, rules: list[R], gen: int = 3, keep: int | None = None):
+    """A machine whose rule set is generation 3 (only the first `keep` entries when given)."""
     rules_map = HashMap(enc.RULE_KEY.size, enc.RULE_VAL.size)
-    rs = enc.ruleset_key(CG, 1) if rs is None else rs
-    for k, v in enc.rule_entries(enc.ruleset_key(CG, 1), enc.encode_rules(rules)):
+    for k, v in enc.rule_entries(CG, 3, enc.encode_rules(rules))[:keep]:
         rules_map.data[k] = bytearray(v)
     maps = {
-        "dev_cur": Storage(bytearray(enc.STORAGE_VAL.pack(rs))),
+        "dev_cur": Storage(bytearray(enc.CUR.pack(CG, gen, 0))),
         "dev_rules": rules_map,
         "dev_denials": HashMap(enc.DENY_KEY.size, enc.DENY_VAL.size),
     }
@@ -87,18 +87,44 @@ def test_bytecode_counts_repeated_denials(compiled: progcache.CompiledProgram) -
 
 
 def test_bytecode_unset_storage_denies(compiled: progcache.CompiledProgram) -> None:
-    m, maps = machine(compiled, [], rs=0)
+    m, maps = machine(compiled, [R(True, "a", -1, -1, "rwm")], gen=0)
     assert m.run(ctx("c", 1, 3, "r")) == 0
     assert maps["dev_denials"].data == {}  # type: ignore[attr-defined]
 
 
+def test_bytecode_absent_rule_set_denies(compiled: progcache.CompiledProgram) -> None:
+    """Storage naming a generation with no entries (deleted, or never written) denies."""
+    m, _ = machine(compiled, [R(True, "a", -1, -1, "rwm")], gen=4)
+    assert m.run(ctx("c", 1, 3, "r")) == 0
+    ok, _ = machine(compiled, [R(True, "a", -1, -1, "rwm")])
+    assert ok.run(ctx("c", 1, 3, "r")) == 1  # the same rules, the live generation: allowed
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None)
+@given(rules=rules_st)
+def test_bytecode_partial_rule_set_never_allows_more(
+    compiled: progcache.CompiledProgram, rules: list[R]
+) -> None:
+    """Every prefix of the write order (a writer cut short) allows at most what the whole
+    set allows: the program itself fails closed."""
+    n = len(enc.rule_entries(CG, 3, enc.encode_rules(rules)))
+    full, _ = machine(compiled, rules)
+    for keep in range(n):
+        m, _ = machine(compiled, rules, keep=keep)
+        for dev in PROBE_DEVICES:
+            for access in ("r", "w", "m"):
+                if m.run(ctx(*dev, access)) == 1:
+                    assert full.run(ctx(*dev, access)) == 1, (keep, dev, access)
+
+
 def test_bytecode_cost_is_flat(compiled: progcache.CompiledProgram) -> None:
-    """Executed instructions do not grow with the number of rules (4 lookups, always)."""
+    """Executed instructions do not grow with the number of rules: an UNLISTED device (no
+    final entry: all the lookups) costs the same with 1 or 1000 listed devices."""
     steps = []
     for n in (1, 16, 1000):
         rules = [*DEFAULT_DEVICE_RULES, *(R(True, "c", 242, i, "r") for i in range(n))]
         m, _ = machine(compiled, rules)
-        m.run(ctx("c", 1, 3, "rw"))
+        assert m.run(ctx("c", 240, 0, "rw")) == 0
         steps.append(m.steps)
     assert steps[0] == steps[1] == steps[2]
 

@@ -29,26 +29,37 @@ def test_default_rules_table_size() -> None:
     assert len(enc.encode_rules(DEFAULT_DEVICE_RULES)) == 12
 
 
-def test_rule_entries_index_then_pattern() -> None:
+def test_rule_entries_index_then_patterns_then_sentinels() -> None:
     t = enc.encode_rules([R(True, "c", 1, 3, "r"), R(False, "b", 8, -1, "w")])
-    entries = enc.rule_entries(enc.ruleset_key(77, 1), t)
-    assert len(entries) == 3
-    (ik, iv), (pk0, pv0), (pk1, _) = entries
-    assert enc.RULE_KEY.unpack(ik) == (155, enc.TYPE_INDEX, 0, 0)
-    assert enc.index_patterns(iv) == [(enc.TYPE_CHAR, 1, 3), (enc.TYPE_BLOCK, 8, ANY)]
-    assert enc.RULE_KEY.unpack(pk0) == (155, enc.TYPE_CHAR, 1, 3)
+    entries = enc.rule_entries(77, 5, t)
+    assert len(entries) == 5  # index, 2 patterns, 2 sentinels
+    (ik, iv), (pk0, pv0), (pk1, _), (sk0, sv0), (sk1, _) = entries
+    assert enc.RULE_KEY.unpack(ik) == (77, 5, enc.TYPE_INDEX, 0, 0)
+    assert set(enc.index_patterns(iv)) == {
+        (enc.TYPE_CHAR, 1, 3),
+        (enc.TYPE_BLOCK, 8, ANY),
+        (enc.TYPE_BLOCK, ANY, ANY),
+        (enc.TYPE_CHAR, ANY, ANY),
+    }
+    assert enc.RULE_KEY.unpack(pk0) == (77, 5, enc.TYPE_CHAR, 1, 3)
     assert enc.RULE_VAL.unpack(pv0) == (0, (1 << 1) | 1, 0, 1)  # exact entries are final
-    assert enc.RULE_KEY.unpack(pk1) == (155, enc.TYPE_BLOCK, 8, ANY)
+    assert enc.RULE_KEY.unpack(pk1) == (77, 5, enc.TYPE_BLOCK, 8, ANY)
+    # the *:* sentinels come last, with no winners (no rule has that pattern)
+    assert {enc.RULE_KEY.unpack(k)[2:] for k in (sk0, sk1)} == {
+        (enc.TYPE_BLOCK, ANY, ANY),
+        (enc.TYPE_CHAR, ANY, ANY),
+    }
+    assert enc.RULE_VAL.unpack(sv0)[:3] == (0, 0, 0)
     assert all(len(k) == 24 and len(v) == 128 for k, v in entries)
 
 
 def test_index_chunks_cover_every_pattern() -> None:
     rules = [R(True, "c", 242, i, "r") for i in range(40)]
-    entries = enc.rule_entries(2, enc.encode_rules(rules))
-    index = [v for k, v in entries if enc.RULE_KEY.unpack(k)[1] == enc.TYPE_INDEX]
-    assert len(index) == 3  # 16 + 16 + 8
+    entries = enc.rule_entries(2, 1, enc.encode_rules(rules))
+    index = [v for k, v in entries if enc.RULE_KEY.unpack(k)[2] == enc.TYPE_INDEX]
+    assert len(index) == 3  # 16 + 16 + 10 (40 patterns + 2 sentinels)
     listed = [p for v in index for p in enc.index_patterns(v)]
-    patterns = [enc.RULE_KEY.unpack(k)[1:4] for k, _ in entries]
+    patterns = [enc.RULE_KEY.unpack(k)[2:5] for k, _ in entries]
     assert sorted(listed) == sorted(p for p in patterns if p[0] != enc.TYPE_INDEX)
 
 
@@ -63,9 +74,43 @@ def test_pattern_packing_round_trips(type_: int, major: int, minor: int) -> None
     assert enc.unpack_pattern(packed) == (type_, major, minor)
 
 
-def test_ruleset_key_never_zero() -> None:
-    assert enc.ruleset_key(1, 0) == 2
-    assert enc.ruleset_key(1, 1) == 3
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+@given(rules=rules_st)
+def test_any_prefix_of_the_write_never_allows_more(rules: list[R]) -> None:
+    """A rule set cut short (a writer died mid-batch, an entry deleted) denies at least what
+    the whole set denies: the *:* sentinels come last and their absence denies."""
+    entries = enc.resolve(enc.encode_rules(rules))
+    order = sorted(entries, key=enc.write_rank)
+    for cut in range(len(order)):
+        partial = {p: entries[p] for p in order[:cut]}
+        for kind, major, minor in PROBE_DEVICES:
+            t = enc.TYPES[kind]
+            for acc in (1, 2, 4, 7):
+                if enc.decide(partial, t, major, minor, acc):
+                    assert enc.decide(entries, t, major, minor, acc)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(rules=rules_st)
+def test_decoded_rules_are_equivalent(rules: list[R]) -> None:
+    """read_state's rule list decides every probe exactly as the stored entries do."""
+    entries = enc.resolve(enc.encode_rules(rules))
+    back = enc.decode_rules(entries)
+    for kind, major, minor in (*PROBE_DEVICES, ("b", 1, 3), ("c", 242, 2)):
+        for access in ("r", "w", "m", "rwm"):
+            want = enc.decide(entries, enc.TYPES[kind], major, minor, enc.access_mask(access))
+            assert device_allowed(back, kind, major, minor, access) == want
+
+
+def test_decoded_default_rules_read_like_the_defaults() -> None:
+    back = enc.decode_rules(enc.resolve(enc.encode_rules(DEFAULT_DEVICE_RULES)))
+    # rule 0's m bit is overridden everywhere by the two mknod rules, so it is not stored
+    assert back[:3] == [
+        R(False, "a", -1, -1, "rw"),
+        R(True, "c", -1, -1, "m"),
+        R(True, "b", -1, -1, "m"),
+    ]
+    assert R(True, "c", 1, 3, "rwm") in back
 
 
 def test_denial_labels_and_decode() -> None:
@@ -78,16 +123,19 @@ def test_denial_labels_and_decode() -> None:
     assert enc.access_mask("mr") == 3
 
 
-@settings(max_examples=400, derandomize=True, database=None)
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
 @given(rules=rules_st)
 def test_model_matches_evaluator(rules: list[R]) -> None:
     table = enc.encode_rules(rules)
     resolved = enc.resolve(table)
-    raw = {p: (v, False) for p, v in table.items()}  # no early exit: all 4 lookups
+    # no early exit: all 4 lookups (with the sentinels every rule set carries)
+    raw = {**{p: (v, False) for p, v in table.items()}}
+    for t in enc.TYPE_NAMES:
+        raw.setdefault((t, ANY, ANY), ((0, 0, 0), False))
     for kind, major, minor in (*PROBE_DEVICES, ("b", 1, 3), ("c", 242, 2)):
         t = enc.TYPES[kind]
         # early exit at final entries gives the same winners as all 4 lookups
-        assert enc.winners(resolved, t, major, minor) == enc.winners(raw, t, major, minor)
+        assert enc.winners(resolved, t, major, minor)[0] == enc.winners(raw, t, major, minor)[0]
         for access in ("r", "w", "rw", "m", "rwm", "wm"):
             got = enc.decide(resolved, t, major, minor, enc.access_mask(access))
             assert got == device_allowed(rules, kind, major, minor, access)

@@ -33,6 +33,7 @@ from pelagos_bpf.devices import (
     attach_devices,
     detach_devices,
     device_allowed,
+    layout,
     program,
     read_device_denials,
     update_devices,
@@ -65,16 +66,14 @@ def our_prog_ids(cg: Cgroup) -> list[int]:
 
 
 def rule_entries_of(cgroup_id: int) -> int:
-    fd = program.own_program().maps["dev_rules"]
+    fd = program.FEATURE.loaded().maps["dev_rules"]
     return sum(
-        1
-        for k in bpfsys.map_keys(fd, enc.RULE_KEY.size)
-        if enc.RULE_KEY.unpack(k)[0] >> 1 == cgroup_id
+        1 for k in bpfsys.map_keys(fd, enc.RULE_KEY.size) if enc.RULE_KEY.unpack(k)[0] == cgroup_id
     )
 
 
 def denial_entries_of(cgroup_id: int) -> int:
-    fd = program.own_program().maps["dev_denials"]
+    fd = program.FEATURE.loaded().maps["dev_denials"]
     return sum(
         1 for k in bpfsys.map_keys(fd, enc.DENY_KEY.size) if enc.DENY_KEY.unpack(k)[0] == cgroup_id
     )
@@ -230,7 +229,7 @@ def test_attach_failure_leaves_nothing(make_cgroup: Callable[[str], Cgroup]) -> 
     fd = cg.open_fd()
     try:
         bpfsys.prog_attach(prog, fd, AttachType.CGROUP_DEVICE, flags=0)  # exclusive: blocks MULTI
-        program.own_program()
+        program.FEATURE.loaded()
         with pytest.raises(BpfError) as ei:
             attach_devices(cg, RULES)
         assert ei.value.errno == errno.EPERM
@@ -280,18 +279,18 @@ def test_no_leak_over_setup_teardown_and_updates(cg_root: Path) -> None:
     design can leak: programs using our maps (only the shared one), BPF fds this process holds
     (foreign handles must be closed), attachments (checked per cgroup) and map entries.
     """
-    prog = program.own_program()
+    prog = program.FEATURE.loaded()
     rules_map_id = bpfsys.map_info(prog.maps["dev_rules"]).id
     base_progs = progs_using_map(rules_map_id)
     base_fds = bpf_fds()
     base_entries = len(bpfsys.map_keys(prog.maps["dev_rules"], enc.RULE_KEY.size))
-    assert base_progs == [prog.id]
+    assert base_progs == [prog.ids[layout.FUNC]]
     for i in range(200):
         p = cg_root / f"leak{i}"
         p.mkdir()
         cg = Cgroup.open(p)
         attach_devices(cg, [*RULES, R(True, "c", 242, i, "r")])
-        assert our_prog_ids(cg) == [prog.id]
+        assert our_prog_ids(cg) == [prog.ids[layout.FUNC]]
         detach_devices(cg)
         assert our_prog_ids(cg) == []
         p.rmdir()
@@ -301,7 +300,7 @@ def test_no_leak_over_setup_teardown_and_updates(cg_root: Path) -> None:
     attach_devices(cg, RULES)
     for i in range(100):
         update_devices(cg, [*RULES, R(True, "c", 242, i, "r")])
-    assert our_prog_ids(cg) == [prog.id]
+    assert our_prog_ids(cg) == [prog.ids[layout.FUNC]]
     detach_devices(cg)
     p.rmdir()
     assert progs_using_map(rules_map_id) == base_progs
@@ -329,7 +328,7 @@ def test_pinned_program_shared_across_processes(cg_root: Path, tmp_path: Path) -
             assert probe(cg.path, [("c", 240, 0, "r"), ("c", 1, 3, "rw")]) == [False, True]
         assert len(ids) == 2 and ids[0] == ids[1]
         # (a fresh bpffs may also hold the kernel's maps.debug / progs.debug)
-        pins = [p for p in pin_dir.iterdir() if p.name.startswith(program.PROG_NAME)]
+        pins = [p for p in pin_dir.iterdir() if p.name.startswith(layout.PROG_NAME)]
         assert len(pins) == 1
         for name in ("a", "b"):
             detach_devices(Cgroup.open(cg_root / name))

@@ -62,7 +62,7 @@ def test_setup_cgroup_enforces_device_rules(cg_root: Path) -> None:
 
 def test_setup_failure_rolls_back_devices(cg_root: Path) -> None:
     rel = f"{cg_root.name}/ctr"
-    rules_fd = program.own_program().maps["dev_rules"]
+    rules_fd = program.FEATURE.loaded().maps["dev_rules"]
     before = len(bpfsys.map_keys(rules_fd, enc.RULE_KEY.size))
     with pytest.raises(OSError) as ei:
         # pid 2**22 + 1 does not exist (above pid_max): the final cgroup.procs write fails

@@ -11,7 +11,8 @@ from net_helpers import C10, C20, C30, pid_in, send, topology
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.errors import BpfError
 from pelagos_bpf.net import tc
-from pelagos_bpf.net.program import EGRESS, INGRESS, PRIO_KEY
+from pelagos_bpf.net.layout import EGRESS, INGRESS, PRIO_KEY
+from pelagos_bpf.net.program import FEATURE
 
 pytestmark = [pytest.mark.root, pytest.mark.net]
 N = 20
@@ -26,7 +27,7 @@ def attached_ids(cg) -> tuple[list[int], list[int]]:
 
 
 def prio_entries(cg_id: int) -> list[bytes]:
-    fd = net.shared_programs().maps["net_prios"]
+    fd = FEATURE.loaded().maps["net_prios"]
     return [k for k in bpfsys.map_keys(fd, PRIO_KEY.size) if PRIO_KEY.unpack(k)[0] == cg_id]
 
 
@@ -181,23 +182,22 @@ def test_setup_cgroup_classid_and_unknown_interface(cg_root) -> None:
             worker.kill()
 
 
-def test_attach_twice_is_refused_and_changes_nothing(make_cgroup) -> None:
+def test_attach_twice_is_an_update(make_cgroup) -> None:
+    """The contract every feature shares: attach on a cgroup that has ours updates it."""
     cg = make_cgroup("twice")
     net.attach_net(cg, net.resolve_net(C10, [], None))
     try:
         ids = attached_ids(cg)
-        with pytest.raises(BpfError) as e:
-            net.attach_net(cg, net.resolve_net(C30, [], None))
-        assert e.value.errno == errno.EEXIST
-        assert attached_ids(cg) == ids
-        assert net.read_config(cg).classid == C10
+        net.attach_net(cg, net.resolve_net(C30, [], None))
+        assert attached_ids(cg) == ids  # no second program
+        assert net.read_config(cg).classid == C30
     finally:
         net.detach_net(cg)
 
 
 def test_failed_attach_leaves_nothing(make_cgroup, monkeypatch) -> None:
     cg = make_cgroup("fail")
-    net.shared_programs()
+    FEATURE.loaded()
     real_attach = bpfsys.prog_attach
 
     def failing_attach(prog_fd, target_fd, attach_type, *a, **kw):
@@ -258,7 +258,7 @@ def test_another_process_finds_detaches_and_reads(make_cgroup) -> None:
         "sorted(net.read_net_stats(cg))]))\n"
         "net.detach_net(cg)\n"
         "from pelagos_bpf.net import program\n"
-        "assert program._shared is None  # never loaded its own programs\n"
+        "assert program.FEATURE.loaded_if_any() is None  # never loaded its own programs\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(cg.path)], capture_output=True, text=True, check=True

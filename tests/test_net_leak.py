@@ -9,7 +9,9 @@ import pytest
 from net_helpers import our_bpf_objects, require_root
 
 from pelagos_bpf import CgroupConfig, bpfsys, net, setup_cgroup, teardown_cgroup
-from pelagos_bpf.net.program import PRIO_KEY, STORAGE_KEY
+from pelagos_bpf.feature import STORAGE_KEY
+from pelagos_bpf.net.layout import PRIO_KEY
+from pelagos_bpf.net.program import FEATURE
 
 pytestmark = [pytest.mark.root]
 CYCLES = 200
@@ -19,7 +21,7 @@ def test_setup_teardown_cycles_do_not_leak(cg_root) -> None:
     require_root()
     # The per-process programs and maps are loaded once, before the baseline, on purpose:
     # they are shared by every cgroup and live as long as this process.
-    sh = net.shared_programs()
+    sh = FEATURE.loaded()
     base_objects = our_bpf_objects()
     base_fds = len(os.listdir("/proc/self/fd"))
     for i in range(CYCLES):

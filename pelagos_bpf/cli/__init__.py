@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("pelagos_bpf.cli.compile", "compile the BPF programs into the bytecode cache"),
     "net-demo": ("pelagos_bpf.net.cli", "watch net_classid classify real packets into HTB"),
     "oci-hook": ("pelagos_bpf.ocihook.cli", "OCI runtime hook (createRuntime/poststop)"),
-    # "gc": ("pelagos_bpf.cli.gc", "remove BPF state of cgroups that are gone"),
+    "gc": ("pelagos_bpf.cli.gc", "remove BPF state of cgroups that are gone"),
 }
 DEBUG_ENV = "PELAGOS_BPF_DEBUG"
 

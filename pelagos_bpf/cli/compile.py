@@ -16,21 +16,11 @@ from typing import Any
 from .common import CliError
 
 
-def declared_programs(features: tuple[str, ...] = ("devices", "net")) -> list[tuple[str, str, int]]:
-    """(bpf/ source name, C function, program type) of every program the features declare.
+def declared_programs(features: tuple[str, ...] | None = None) -> list[tuple[str, str, int]]:
+    """(bpf/ source name, C function, program type) of the programs the features declare."""
+    from ..features import all_programs
 
-    The one place that knows where features list their programs (to become the feature
-    registry's declarations)."""
-    progs: list[tuple[str, str, int]] = []
-    if "devices" in features:
-        from ..devices import program as dev
-
-        progs.append((dev.SOURCE, dev.FUNC, int(dev.ProgType.CGROUP_DEVICE)))
-    if "net" in features:
-        from .. import net
-
-        progs += [(s, f, int(t)) for s, f, t in net.PROGRAMS]
-    return progs
+    return all_programs(features)
 
 
 def _writable_cache(cache: Path) -> None:
@@ -46,7 +36,7 @@ def _writable_cache(cache: Path) -> None:
 
 
 def ensure_compiled(
-    features: tuple[str, ...] = ("devices", "net"), *, out: Any = sys.stderr
+    features: tuple[str, ...] | None = None, *, out: Any = sys.stderr
 ) -> list[tuple[str, str, int, str]]:
     """Compile what the cache lacks, printing one line per program; (source, func, insns, state).
 

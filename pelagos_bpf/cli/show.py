@@ -111,7 +111,10 @@ def _device_lines(dev: Any) -> list[str]:
     if short := _unavailable("devices:", dev, "no device program: every device allowed"):
         return short
     progs = ", ".join(f"id {p['id']} tag {p['tag']}" for p in dev["programs"])
-    lines = [f"devices:     program {progs}; rules in force (last match decides each bit):"]
+    trust = "" if dev["trusted"] else " NOT the bytecode of this release;"
+    if not dev["installed"]:
+        return [f"devices:     program {progs};{trust} denied: rule set not installed"]
+    lines = [f"devices:     program {progs};{trust} rules in force (last match decides each bit):"]
     lines += [f"  #{r['index']:<4} {r['rule']}" for r in dev["rules"]]
     return lines
 
@@ -122,7 +125,10 @@ def _net_lines(net: Any) -> list[str]:
     progs = ", ".join(f"{p['attach']} id {p['id']} tag {p['tag']}" for p in net["programs"])
     classid = net["classid_tc"] or "none"
     lines = [f"net:         classid {classid} carried in skb->{net['carrier']}; programs {progs}"]
-    lines += [f"  ifindex {p['ifindex']:<6} priority {p['priority']}" for p in net["priorities"]]
+    lines += [
+        f"  ifindex {p['ifindex']:<6} {p['ifname'] or '?':<15} priority {p['priority']}"
+        for p in net["priorities"]
+    ]
     return lines
 
 

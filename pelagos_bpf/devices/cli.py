@@ -16,8 +16,7 @@ from typing import Any
 from ..cli.common import EXIT_DENIED, EXIT_OK, CliError, cgroup_dir
 from ..cli.flags import parse_device_rule
 from ..config import CgroupDeviceRule
-from . import encode as enc
-from .rules import DEFAULT_DEVICE_RULES, deciding_rules, validate_access
+from .rules import DEFAULT_DEVICE_RULES, deciding_rules, device_allowed, validate_access
 
 
 def _device(text: str) -> tuple[int, int]:
@@ -31,8 +30,6 @@ def _device(text: str) -> tuple[int, int]:
 
 
 def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int], acc: str) -> int:
-    from .rules import device_allowed
-
     allowed = device_allowed(rules, kind, dev[0], dev[1], acc)
     print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
     for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
@@ -45,24 +42,24 @@ def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
     from ..cgroup import Cgroup
     from . import program
 
-    cg = Cgroup.open(cgroup_dir(str(path)))
-    table = program.ruleset_table(cg.path, cg.id)
-    if table is None:
+    state = program.read_state(Cgroup.open(cgroup_dir(str(path))))
+    if not state.attached:
         print(f"{path}: no pelagos device program attached: every device allowed")
         return 0
-    tcode = enc.TYPES[kind]
-    allowed = enc.decide(table, tcode, dev[0], dev[1], enc.access_mask(acc))
+    if not state.installed:
+        print(f"{kind} {dev[0]}:{dev[1]} {acc}: DENIED (denied: rule set not installed)")
+        return EXIT_DENIED
+    rules = list(state.rules)  # an equivalent list, read back from the maps
+    allowed = device_allowed(rules, kind, dev[0], dev[1], acc)
     print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
-    best = enc.winners(table, tcode, dev[0], dev[1])
-    for bit in dict.fromkeys(acc):
-        win = best[enc.BIT_SLOT[bit]]
+    for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
         why = (
             "no rule mentions it: allowed"
-            if not win
-            else f"rule {(win >> 1) - 1} ({'allow' if win & 1 else 'deny'})"
+            if idx is None
+            else f"rule {idx} ({'allow' if rules[idx].allow else 'deny'}): {rules[idx]}"
         )
         print(f"  {bit}: {why}")
-    _print_denials(program.denials(cg.path, cg.id))
+    _print_denials(state.denials)
     return EXIT_OK if allowed else EXIT_DENIED
 
 
@@ -92,7 +89,7 @@ def cmd_denials(args: argparse.Namespace) -> int:
     from . import program
 
     cg = Cgroup.open(cgroup_dir(args.cgroup))
-    _print_denials(program.denials(cg.path, cg.id))
+    _print_denials(program.denials(cg))
     return 0
 
 

@@ -5,7 +5,9 @@ write), the winner `(rule index + 1) << 1 | allow` of the last rule with that pa
 (0 = none). Kind 'a' expands into both 'b' and 'c'. A later rule has a larger winner, so the
 program's per-bit max over the 4 patterns matching a device is the last matching rule.
 
-Struct formats mirror the C declarations in bpf/device.c.
+Every rule set carries a `*:*` entry per type (zero winners when no rule has that pattern),
+written last: the program treats a rule set whose lookups find neither a final entry nor that
+sentinel as absent or half-written, and denies (docs/DEVICES.md). Layouts come from layout.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from ..config import CgroupDeviceRule
+from . import layout as lay
 
 ANY = 0xFFFF_FFFF
 TYPE_BLOCK = 1  # BPF_DEVCG_DEV_BLOCK
@@ -24,14 +27,14 @@ ACC_BITS = {"m": 1, "r": 2, "w": 4}  # BPF_DEVCG_ACC_MKNOD / READ / WRITE
 BIT_SLOT = {"m": 0, "r": 1, "w": 2}  # index into dev_val.bit[]
 TYPE_INDEX = 0  # dev_key.type of index entries (never a device type, so never looked up)
 
-RULE_KEY = struct.Struct("<QIII4x")  # struct dev_key
-RULE_VAL = struct.Struct("<IIII112x")  # struct dev_val (pattern entries): bits, final
-INDEX_VAL = struct.Struct("<16Q")  # struct dev_val (index entries): packed patterns, 0 = none
-INDEX_CHUNK = 16
-DENY_KEY = struct.Struct("<QIIII")  # struct deny_key
-DENY_VAL = struct.Struct("<Q")
-STORAGE_KEY = struct.Struct("<QI4x")  # struct bpf_cgroup_storage_key
-STORAGE_VAL = struct.Struct("<Q")
+RULE_KEY = lay.KEY.struct  # struct dev_key
+RULE_VAL = struct.Struct(f"<{lay.RULE.struct.format[1:]}{lay.VAL_SIZE - lay.RULE.size}x")
+INDEX_VAL = lay.INDEX.struct  # struct dev_index: packed patterns, 0 = none
+INDEX_CHUNK = INDEX_VAL.size // 8
+DENY_KEY = lay.DENY_KEY.struct
+DENY_VAL = lay.DENY_VAL.struct
+CUR = lay.CUR.struct  # struct dev_cur: cgroup id, generation (0 = not installed: deny)
+_HEAD = struct.Struct("<QI")  # the (cgroup, gen) head of every dev_key
 
 Pattern = tuple[int, int, int]  # (type, major|ANY, minor|ANY)
 Winners = tuple[int, int, int]  # (mknod, read, write)
@@ -92,9 +95,11 @@ def resolve(table: dict[Pattern, Winners]) -> dict[Pattern, Entry]:
     is final with the max over all 4 patterns. M:* and *:* entries are final (M:* merged with
     *:*) when the type has no *:m pattern at all: then, having missed the lookups before, the
     rest can only add *:*. Final entries are reached only after the earlier lookups missed, so
-    stopping there gives the same max as the full 4 lookups.
+    stopping there gives the same max as the full 4 lookups. A `*:*` entry exists for every
+    type (the completeness sentinel, zero winners when no rule has that pattern).
     """
     none = (0, 0, 0)
+    table = {**{(t, ANY, ANY): none for t in TYPE_NAMES}, **table}  # the sentinels
     any_minor_types = {t for t, ma, mi in table if ma == ANY and mi != ANY}
     out: dict[Pattern, Entry] = {}
     get = table.get
@@ -110,31 +115,34 @@ def resolve(table: dict[Pattern, Winners]) -> dict[Pattern, Entry]:
     return out
 
 
-def winners(entries: dict[Pattern, Entry], type_: int, major: int, minor: int) -> Winners:
-    """Userspace model of bpf/device.c's lookups: per-bit max, stopping at a final entry."""
+def winners(
+    entries: dict[Pattern, Entry], type_: int, major: int, minor: int
+) -> tuple[Winners, bool]:
+    """Userspace model of bpf/device.c's lookups: per-bit max, stopping at a final entry; and
+    whether the rule set was complete (a final entry or the `*:*` sentinel was found)."""
     best = (0, 0, 0)
     for p in patterns_for(type_, major, minor):
         e = entries.get(p)
+        if e is None and p[1] == ANY and p[2] == ANY:
+            return best, False
         if e is not None:
             best = _max(best, e[0])
             if e[1]:
                 break
-    return best
+    return best, True
 
 
 def decide(entries: dict[Pattern, Entry], type_: int, major: int, minor: int, acc: int) -> bool:
-    """Userspace model of the program's decision: deny if any requested bit's winner denies."""
-    best = winners(entries, type_, major, minor)
+    """Userspace model of the program's decision: deny if the rule set is incomplete or any
+    requested bit's winner denies."""
+    best, complete = winners(entries, type_, major, minor)
+    if not complete:
+        return False
     for ch, bit in ACC_BITS.items():
         win = best[BIT_SLOT[ch]]
         if acc & bit and win and not win & 1:
             return False
     return True
-
-
-def ruleset_key(cgroup_id: int, generation: int) -> int:
-    """dev_key.rs: never 0 (0 in dev_cur means "not set yet: deny")."""
-    return (cgroup_id << 1) | (generation & 1)
 
 
 def pack_pattern(p: Pattern) -> int:
@@ -153,43 +161,97 @@ def unpack_pattern(v: int) -> Pattern:
     return (v >> 34, ANY if major == 0x1FFF else major, ANY if minor == 0x1F_FFFF else minor)
 
 
-def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], ...]:
-    """The entries of a ruleset minus the leading 8-byte ruleset key of each map key.
+def write_rank(p: Pattern) -> int:
+    """Write order of a pattern: M:m, M:*, *:m, then the *:* sentinel.
 
-    Per chunk of 16 patterns: an index entry, then the patterns. Index entries (type 0, major =
-    chunk number) let any process find and delete exactly this ruleset's entries without
-    scanning the shared map or knowing the rules. Index first: a crash between writes leaves
-    index slots pointing at nothing (harmless to delete), never an unindexed pattern.
+    Why: an entry marked final is right only if the entries the program looks up before it
+    exist, so those are written first. Then ANY prefix of the write (a writer killed mid-batch)
+    decides no more leniently than the whole set: it stops at a complete final entry, or finds
+    no sentinel and denies. Deletion goes in the reverse order.
     """
-    items = list(resolve(table).items())
+    _, major, minor = p
+    if major != ANY:
+        return 0 if minor != ANY else 1
+    return 2 if minor != ANY else 3
+
+
+def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], ...]:
+    """The entries of a rule set minus the (cgroup, gen) head of each map key, in write order.
+
+    Index entries first (type 0, major = chunk number: they let any process find and delete
+    exactly this rule set's entries without scanning the shared map), then the patterns in the
+    program's lookup order (see write_rank), the `*:*` sentinels last.
+    """
+    items = sorted(resolve(table).items(), key=lambda it: write_rank(it[0]))
     out = []
     for c in range(0, len(items), INDEX_CHUNK):
-        chunk = items[c : c + INDEX_CHUNK]
-        packed = [pack_pattern(p) for p, _ in chunk]
+        packed = [pack_pattern(p) for p, _ in items[c : c + INDEX_CHUNK]]
         packed += [0] * (INDEX_CHUNK - len(packed))
-        out.append((index_key(0, c // INDEX_CHUNK)[8:], INDEX_VAL.pack(*packed)))
-        out += [(RULE_KEY.pack(0, *p)[8:], RULE_VAL.pack(*v, final)) for p, (v, final) in chunk]
+        out.append((index_key(0, 0, c // INDEX_CHUNK)[_HEAD.size :], INDEX_VAL.pack(*packed)))
+    for p, (v, final) in items:
+        out.append((RULE_KEY.pack(0, 0, *p)[_HEAD.size :], RULE_VAL.pack(*v, final)))
     return tuple(out)
 
 
-def with_ruleset(rs: int, template: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Packed (key, value) pairs of a template for ruleset rs."""
-    head = rs.to_bytes(8, "little")
+def with_ruleset(
+    cgroup_id: int, gen: int, template: Sequence[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """Packed (key, value) pairs of a template for one cgroup's rule set generation."""
+    head = _HEAD.pack(cgroup_id, gen)
     return [(head + suffix, val) for suffix, val in template]
 
 
-def rule_entries(rs: int, table: dict[Pattern, Winners]) -> list[tuple[bytes, bytes]]:
-    """Packed (key, value) pairs for ruleset rs (see entry_template)."""
-    return with_ruleset(rs, entry_template(table))
+def rule_entries(
+    cgroup_id: int, gen: int, table: dict[Pattern, Winners]
+) -> list[tuple[bytes, bytes]]:
+    """Packed (key, value) pairs for one rule set (see entry_template)."""
+    return with_ruleset(cgroup_id, gen, entry_template(table))
 
 
-def index_key(rs: int, chunk: int) -> bytes:
-    return RULE_KEY.pack(rs, TYPE_INDEX, chunk, 0)
+def index_key(cgroup_id: int, gen: int, chunk: int) -> bytes:
+    return RULE_KEY.pack(cgroup_id, gen, TYPE_INDEX, chunk, 0)
 
 
 def index_patterns(index_value: bytes) -> list[Pattern]:
     """The patterns an index entry lists."""
     return [unpack_pattern(v) for v in INDEX_VAL.unpack(index_value) if v]
+
+
+def decode_rules(entries: dict[Pattern, Entry]) -> list[CgroupDeviceRule]:
+    """An ordered rule list equivalent to stored entries (what `read_state` shows).
+
+    Each winner `(i + 1) << 1 | allow` is a rule at position i; its own pattern is the most
+    general one it appears in (resolve() only copies wildcard winners into narrower, final
+    entries), so a plain list reads back as written. A rule shows the access bits it still
+    decides: one overridden in every bit is gone, as it is for the kernel. b and c twins fold
+    into 'a'. Evaluated with last-match-wins, the list decides exactly as the program does.
+    """
+    seen: dict[int, dict[Pattern, str]] = {}
+    for pattern, (wins, _final) in entries.items():
+        for ch, win in zip("mrw", wins, strict=True):
+            if win:
+                bits = seen.setdefault(win, {})
+                bits[pattern] = bits.get(pattern, "") + ch
+    out: list[CgroupDeviceRule] = []
+    for win in sorted(seen):
+        pats = seen[win]
+        wild = max((ma == ANY) + (mi == ANY) for _t, ma, mi in pats)
+        by_num: dict[tuple[int, int, str], list[int]] = {}
+        for (t, ma, mi), bits in pats.items():
+            if (ma == ANY) + (mi == ANY) == wild:
+                access = "".join(ch for ch in "rwm" if ch in bits)
+                by_num.setdefault((ma, mi, access), []).append(t)
+        for (ma, mi, access), types in by_num.items():
+            out.append(
+                CgroupDeviceRule(
+                    allow=bool(win & 1),
+                    kind="a" if len(types) == 2 else TYPE_NAMES[types[0]],
+                    major=-1 if ma == ANY else ma,
+                    minor=-1 if mi == ANY else mi,
+                    access=access,
+                )
+            )
+    return out
 
 
 def denial_label(type_: int, major: int, minor: int, acc: int) -> str:

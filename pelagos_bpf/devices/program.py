@@ -1,199 +1,57 @@
-"""Load, attach, update, detach and audit the generic device program (bpf/device.c).
+"""The device feature on the shared runtime: rule sets in maps, written fail-closed.
 
-One program, compiled once (progcache) and loaded once per process (or fetched from a pin), is
-attached with BPF_F_ALLOW_MULTI to every container cgroup. Which rules apply to an attachment is
-the ruleset key in its cgroup storage (`dev_cur`); the rules themselves are entries of the shared
-`dev_rules` hash under that key. So a container start costs map writes plus one PROG_ATTACH, and a
-live update is map writes plus one storage write (an atomic switch), never a PROG_LOAD.
+One generic program (bpf/device.c, declared in layout.py) is attached with BPF_F_ALLOW_MULTI to
+every container cgroup. The cgroup storage `dev_cur` names the rule set in force (cgroup id,
+generation); the rules are entries of the shared `dev_rules` hash under that key. A start costs
+map writes plus one PROG_ATTACH; a live update is map writes plus one storage write.
 
-Every function finds its state from the kernel (PROG_QUERY on the cgroup, prog info -> map ids),
-so a cgroup set up by one process can be updated, audited and torn down by another.
+Fail closed by construction (docs/DEVICES.md): writers hold the cgroup's flock; a generation is
+never reused, so no writer deletes a rule set that may be live; every rule set ends with `*:*`
+sentinels, so an absent or half-written set denies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import hashlib
-import os
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
-from .. import bpfsys, progcache, progfind
-from ..bpfsys import AttachType, MapType, ProgType
+from .. import bpfsys, progcache
+from ..cgref import CgroupRef, opened
 from ..config import CgroupDeviceRule
-from ..errors import BpfError, CgroupError
+from ..errors import BpfError
+from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
 from . import encode as enc
+from . import layout as lay
 from .rules import validate_device_rules
 
-PROG_NAME = "pelagos_dev"
-FUNC = "pelagos_dev"
-SOURCE = "device"
-PIN_ENV = "PELAGOS_BPF_PIN_DIR"
-BPF_F_NO_PREALLOC = 1
-RULES_MAX = 65536  # shared by all cgroups; buckets are allocated at map creation
-DENIALS_MAX = 16384
-ATTACH = AttachType.CGROUP_DEVICE
-
-# name -> (type, key size, value size, max entries, flags); must match bpf/device.c.
-MAP_SPECS: dict[str, tuple[int, int, int, int, int]] = {
-    "dev_cur": (MapType.CGROUP_STORAGE, enc.STORAGE_KEY.size, enc.STORAGE_VAL.size, 0, 0),
-    "dev_rules": (MapType.HASH, enc.RULE_KEY.size, enc.RULE_VAL.size, RULES_MAX, BPF_F_NO_PREALLOC),
-    "dev_denials": (
-        MapType.HASH,
-        enc.DENY_KEY.size,
-        enc.DENY_VAL.size,
-        DENIALS_MAX,
-        BPF_F_NO_PREALLOC,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Program:
-    """A loaded device program and its map fds (owned by whoever made the object)."""
-
-    fd: int
-    id: int
-    maps: dict[str, int]
-
-    def close(self) -> None:
-        for fd in (self.fd, *self.maps.values()):
-            os.close(fd)
-
-
-_lock = threading.Lock()
-_own: Program | None = None
+FEATURE = Feature(lay.LAYER, (lay.LAYER_V1,))
+GEN_MAX = 0xFFFF_FFFF
 
 
 def compiled() -> progcache.CompiledProgram:
     """The cached bytecode (compiled with bcc only if the cache has none)."""
-    return progcache.get_program(progcache.bpf_source(SOURCE), FUNC, ProgType.CGROUP_DEVICE)
+    return progcache.get_program(
+        progcache.bpf_source(lay.SOURCE), lay.FUNC, lay.LAYER.progs[0].prog_type
+    )
 
 
-def own_program() -> Program:
-    """This process's program: loaded once, or fetched from $PELAGOS_BPF_PIN_DIR if pinned."""
-    global _own
-    if _own is not None:
-        return _own
-    with _lock:
-        if _own is None:
-            _own = _load_or_fetch()
-        return _own
+PROG_NAME = lay.PROG_NAME  # (bench/ finds pins by it)
 
 
-def _pin_path(prog: progcache.CompiledProgram) -> Path | None:
-    d = os.environ.get(PIN_ENV)
-    if not d:
-        return None
-    # Named by the bytecode so a changed program never picks up an old pin.
-    return Path(d) / f"{PROG_NAME}_{hashlib.sha256(prog.insns).hexdigest()[:16]}"
+def own_program() -> Loaded:
+    """This process's program and maps (loaded once, or fetched from the pins)."""
+    return FEATURE.loaded()
 
 
-def _load_or_fetch() -> Program:
-    prog = compiled()
-    pin = _pin_path(prog)
-    if pin is not None and pin.exists():
-        return _from_fd(bpfsys.obj_get(pin))
-    maps: dict[str, int] = {}
-    try:
-        for name, (mtype, ksz, vsz, maxe, flags) in MAP_SPECS.items():
-            maps[name] = bpfsys.map_create(mtype, ksz, vsz, maxe, name=name, flags=flags)
-        fd = progcache.load_program(prog, maps, name=PROG_NAME)
-    except BaseException:
-        for mfd in maps.values():
-            os.close(mfd)
-        raise
-    loaded = Program(fd=fd, id=bpfsys.prog_info(fd).id, maps=maps)
-    if pin is not None:
-        try:
-            bpfsys.obj_pin(fd, pin)
-        except BpfError as e:
-            if e.errno != errno.EEXIST:
-                loaded.close()
-                raise
-            loaded.close()  # another process pinned first: share its program and maps
-            return _from_fd(bpfsys.obj_get(pin))
-    return loaded
-
-
-def _from_fd(fd: int) -> Program:
-    """Wrap a program fd (from a pin or an id) with its maps; raise if it is not ours."""
-    try:
-        info = bpfsys.prog_info(fd)
-        if info.name != PROG_NAME or info.type != ProgType.CGROUP_DEVICE:
-            raise BpfError(errno.EINVAL, "device program", f"prog {info.id} is not {PROG_NAME}")
-        maps = progfind.open_maps(info, MAP_SPECS)
-    except BaseException:
-        os.close(fd)
-        raise
-    missing = set(MAP_SPECS) - set(maps)
-    if missing:
-        Program(fd, info.id, maps).close()
-        raise BpfError(errno.EPROTO, "device program", f"prog {info.id} lacks maps {missing}")
-    return Program(fd=fd, id=info.id, maps=maps)
-
-
-@contextmanager
-def attached(cgfd: int) -> Iterator[list[Program]]:
-    """Our device programs attached at this cgroup (foreign handles closed on exit)."""
-    own = _own
-    found: list[Program] = []
-    opened: list[Program] = []
-    pending = progfind.open_attached(cgfd, ATTACH, PROG_NAME, ProgType.CGROUP_DEVICE)
-    try:
-        while pending:
-            fd, info = pending.pop(0)
-            if own is not None and info.id == own.id:
-                os.close(fd)
-                found.append(own)
-                continue
-            prog = _from_fd(fd)  # closes fd itself if the program is not usable
-            opened.append(prog)
-            found.append(prog)
-        yield found
-    finally:
-        for fd, _ in pending:
-            os.close(fd)
-        for prog in opened:
-            prog.close()
-
-
-def _storage_key(cgroup_id: int) -> bytes:
-    return enc.STORAGE_KEY.pack(cgroup_id, ATTACH)
-
-
-def current_ruleset(prog: Program, cgroup_id: int) -> int:
-    """The ruleset key in this attachment's cgroup storage (0 = not set)."""
-    raw = bpfsys.map_lookup(prog.maps["dev_cur"], _storage_key(cgroup_id), enc.STORAGE_VAL.size)
-    return enc.STORAGE_VAL.unpack(raw)[0] if raw else 0
-
-
-def delete_ruleset(prog: Program, rs: int) -> int:
-    """Delete every entry of ruleset rs (found through its index); returns patterns removed."""
-    fd = prog.maps["dev_rules"]
-    rule_keys: list[bytes] = []
-    index_keys: list[bytes] = []
-    while True:
-        ik = enc.index_key(rs, len(index_keys))
-        val = bpfsys.map_lookup(fd, ik, enc.INDEX_VAL.size)
-        if val is None:
-            break
-        index_keys.append(ik)
-        rule_keys.extend(enc.RULE_KEY.pack(rs, *p) for p in enc.index_patterns(val))
-    if not index_keys:
-        return 0
-    n = bpfsys.map_delete_batch(fd, rule_keys)
-    bpfsys.map_delete_batch(fd, index_keys)
-    return n
+# ---------------------------------------------------------------- rule sets in the maps
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated rule list, encoded (the map entries minus their ruleset key)."""
+    """A validated rule list, encoded (the map entries minus their (cgroup, gen) head)."""
 
     n_patterns: int
     template: tuple[tuple[bytes, bytes], ...]
@@ -211,16 +69,55 @@ def prepare(rules: Sequence[CgroupDeviceRule]) -> Prepared:
     return _prepare(tuple(rules))
 
 
-def write_ruleset(prog: Program, rs: int, prep: Prepared) -> None:
-    """Store a ruleset under rs (which must not be in use); all or nothing."""
-    fd = prog.maps["dev_rules"]
-    delete_ruleset(prog, rs)  # leftovers of a crashed writer
-    entries = list(enc.with_ruleset(rs, prep.template))
+def current_gen(maps: dict[str, int], cgroup_id: int) -> int:
+    """The generation in this cgroup's storage (0 = not installed: the program denies all)."""
+    raw = bpfsys.map_lookup(maps["dev_cur"], storage_key(cgroup_id, lay.ATTACH), enc.CUR.size)
+    return enc.CUR.unpack(raw)[1] if raw else 0
+
+
+def delete_set(maps: dict[str, int], cgroup_id: int, gen: int) -> int:
+    """Delete every entry of one rule set (found through its index); returns patterns removed."""
+    fd = maps["dev_rules"]
+    rule_keys: list[bytes] = []
+    index_keys: list[bytes] = []
+    while (
+        val := bpfsys.map_lookup(fd, enc.index_key(cgroup_id, gen, len(index_keys)), 128)
+    ) is not None:
+        index_keys.append(enc.index_key(cgroup_id, gen, len(index_keys)))
+        rule_keys.extend(enc.RULE_KEY.pack(cgroup_id, gen, *p) for p in enc.index_patterns(val))
+    if not index_keys:
+        return 0
+    # Reverse write order (sentinels first), the index last: any state on the way is a prefix
+    # of the write, which the program treats as strictly as the whole set (encode.write_rank).
+    n = bpfsys.map_delete_batch(fd, rule_keys[::-1])
+    bpfsys.map_delete_batch(fd, index_keys)
+    return n
+
+
+def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, prep: Prepared) -> None:
+    """Store a rule set under a generation no program reads yet; all or nothing.
+
+    A full map first reclaims the entries of dead cgroups (GC) and retries once.
+    """
+    fd = maps["dev_rules"]
+    delete_set(maps, cg.id, gen)  # leftovers of a writer that died before its switch
+    entries = enc.with_ruleset(cg.id, gen, prep.template)
+
+    def store() -> None:
+        try:
+            bpfsys.map_update_batch(fd, entries)  # one syscall; the sentinels are written last
+        except BpfError:
+            bpfsys.map_delete_batch(fd, [key for key, _ in entries][::-1])
+            raise
+
     try:
-        bpfsys.map_update_batch(fd, entries)  # one syscall for the whole rule set
+        FEATURE.retry_when_full(cg, maps, store)
     except BpfError as e:
-        bpfsys.map_delete_batch(fd, [key for key, _ in entries])
-        hint = " (dev_rules map full?)" if e.errno == errno.E2BIG else ""
+        hint = (
+            " (dev_rules map full, even after reclaiming dead cgroups)"
+            if e.errno == errno.E2BIG
+            else ""
+        )
         raise BpfError(
             e.errno or errno.EIO,
             "device_rules",
@@ -228,162 +125,218 @@ def write_ruleset(prog: Program, rs: int, prep: Prepared) -> None:
         ) from e
 
 
-def _switch(prog: Program, cgroup_id: int, rs: int) -> None:
-    bpfsys.map_update(prog.maps["dev_cur"], _storage_key(cgroup_id), enc.STORAGE_VAL.pack(rs))
+def _switch(maps: dict[str, int], cgroup_id: int, gen: int) -> None:
+    """One storage write: the program sees the old rule set or the new one, never a mix."""
+    key = storage_key(cgroup_id, lay.ATTACH)
+    bpfsys.map_update(maps["dev_cur"], key, enc.CUR.pack(cgroup_id, gen, 0))
 
 
-def _attach_new(cgfd: int, cgroup_id: int, prep: Prepared) -> None:
-    prog = own_program()
-    rs = enc.ruleset_key(cgroup_id, 0)
-    # Leftovers under generation 1 (a crashed earlier attempt) are harmless while unused, and
-    # the first update clears them before writing there; generation 0 is cleared right here.
-    write_ruleset(prog, rs, prep)
+def _next_gen(gen: int) -> int:
+    return gen + 1 if gen < GEN_MAX else 1  # wraps after 4 G updates of one cgroup
+
+
+# ---------------------------------------------------------------- attach / update / detach
+
+
+def _attach_new(cg: CgroupRef, cgfd: int, prep: Prepared) -> None:
+    loaded = FEATURE.loaded()
+    spec = lay.LAYER.progs[0]
+    FEATURE.attach(loaded.progs[lay.FUNC], cgfd, spec, "device_rules")
+    gen = 0
     try:
-        try:
-            bpfsys.prog_attach(prog.fd, cgfd, ATTACH, bpfsys.BPF_F_ALLOW_MULTI)
-        except BpfError as e:
-            hint = (
-                " (a program attached without BPF_F_ALLOW_MULTI on this cgroup or an ancestor "
-                "forbids more)"
-                if e.errno == errno.EPERM
-                else ""
-            )
-            raise BpfError(
-                e.errno or errno.EIO, "device_rules", f"cannot attach to the cgroup{hint}: {e}"
-            ) from e
-        try:
-            # Until this write the storage is 0, which the program treats as deny-all.
-            _switch(prog, cgroup_id, rs)
-        except BaseException:
-            bpfsys.prog_detach(prog.fd, cgfd, ATTACH)
-            raise
+        # The storage reads gen 0 (deny all) on a new attachment, or a stale generation whose
+        # entries are gone (no sentinel: deny all) if this cgroup had our program before.
+        gen = _next_gen(current_gen(loaded.maps, cg.id))
+        write_set(cg, loaded.maps, gen, prep)
+        _switch(loaded.maps, cg.id, gen)
     except BaseException:
-        delete_ruleset(prog, rs)
+        bpfsys.prog_detach(loaded.progs[lay.FUNC], cgfd, lay.ATTACH)
+        if gen:
+            delete_set(loaded.maps, cg.id, gen)
         raise
 
 
-def _update(prog: Program, cgroup_id: int, prep: Prepared) -> None:
-    old = current_ruleset(prog, cgroup_id)
-    rs = enc.ruleset_key(cgroup_id, (old & 1) ^ 1 if old else 0)
-    write_ruleset(prog, rs, prep)
+def _update(cg: CgroupRef, group: Attached, prep: Prepared) -> None:
+    old = current_gen(group.maps, cg.id)
+    new = _next_gen(old)
+    write_set(cg, group.maps, new, prep)
     try:
-        _switch(prog, cgroup_id, rs)  # one map write: the atomic switch
+        _switch(group.maps, cg.id, new)
     except BaseException:
-        delete_ruleset(prog, rs)
+        delete_set(group.maps, cg.id, new)
         raise
-    # The previous generation stays until the next update reuses its slot (write_ruleset clears
-    # it first) or detach: a program run that read the old key just before the switch must not
-    # see its entries vanish mid-lookup, which would fail open.
+    # The replaced set `old` stays until the next update: a program run that read `old` just
+    # before the switch still finds complete entries. The one before it goes now; being a
+    # distinct generation, it cannot be what the switch made live.
+    if old > 1:
+        delete_set(group.maps, cg.id, old - 1)
 
 
-def _detach(prog: Program, cgfd: int, cgroup_id: int) -> None:
-    bpfsys.prog_detach(prog.fd, cgfd, ATTACH)
-    # Entries go only after the detach: with the program still attached, missing entries allow.
-    for gen in (0, 1):
-        delete_ruleset(prog, enc.ruleset_key(cgroup_id, gen))
-    clear_denials(prog, cgroup_id)
+def _detach(cg: CgroupRef, group: Attached, cgfd: int) -> None:
+    gen = current_gen(group.maps, cg.id) if group.version == lay.VERSION else 0
+    FEATURE.detach(group, cgfd)
+    # Entries go only after the detach: the program never runs without its rule set.
+    if group.version == lay.VERSION:
+        for g in (gen - 1, gen, gen + 1):
+            if 0 < g <= GEN_MAX:
+                delete_set(group.maps, cg.id, g)
+        FEATURE.purge(group.layer, {"dev_denials": group.maps["dev_denials"]}, lambda i: i == cg.id)
+    else:  # an older release's layout: reclaim by scanning (rare: migrations only)
+        FEATURE.purge(group.layer, group.maps, lambda i: i == cg.id)
 
 
-def _open_cgroup(path: Path) -> int | None:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+def apply(cg: CgroupRef, rules: Sequence[CgroupDeviceRule]) -> None:
+    """Make `rules` the cgroup's device rules: attach, update in place, or detach ([]).
 
-
-def apply(cg_path: Path, cgroup_id: int, rules: Sequence[CgroupDeviceRule]) -> None:
-    """Make `rules` the device rules of the cgroup: attach, update in place, or detach ([])."""
+    A cgroup with a program of an older layout version is migrated: ours is attached (and
+    switched to the new rules) first, the old one detached after; with MULTI both run in
+    between, so nothing either denies is allowed.
+    """
     prep = prepare(rules)
-    try:
-        cgfd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        msg = f"device_rules: cannot open cgroup {cg_path}: {e.strerror}"
-        raise CgroupError(e.errno, msg) from e
-    try:
-        with attached(cgfd) as progs:
-            if not rules:
-                for prog in progs:
-                    _detach(prog, cgfd, cgroup_id)
-                return
-            if not progs:
-                _attach_new(cgfd, cgroup_id, prep)
-                return
-            _update(progs[0], cgroup_id, prep)
-            for extra in progs[1:]:  # two runtimes raced: keep one program
-                _detach(extra, cgfd, cgroup_id)
-    finally:
-        os.close(cgfd)
+    with opened(cg, "device_rules") as cgfd, FEATURE.find(cgfd) as groups:
+        assert cgfd is not None
+        current = [g for g in groups if g.version == lay.VERSION]
+        others = [g for g in groups if g.version != lay.VERSION] + current[1:]
+        if not rules:
+            for g in groups:
+                _detach(cg, g, cgfd)
+            return
+        if current:
+            _update(cg, current[0], prep)
+        else:
+            _attach_new(cg, cgfd, prep)
+        for g in others:  # older versions, or two programs after a race of old releases
+            _detach(cg, g, cgfd)
 
 
-def detach(cg_path: Path, cgroup_id: int) -> None:
-    """Detach our programs and delete this cgroup's entries; no-op if nothing is attached."""
-    cgfd = _open_cgroup(cg_path)
-    if cgfd is None:
-        return
-    try:
-        with attached(cgfd) as progs:
-            for prog in progs:
-                _detach(prog, cgfd, cgroup_id)
-    finally:
-        os.close(cgfd)
+def detach(cg: CgroupRef) -> None:
+    """Detach our programs (any version) and delete this cgroup's entries. Idempotent."""
+    FEATURE.detach_cgroup(cg, "device_rules", _detach)
 
 
-def _denial_items(prog: Program) -> list[tuple[bytes, bytes]]:
-    fd = prog.maps["dev_denials"]
+FEATURE.teardown = detach
+
+
+# ---------------------------------------------------------------- reading back
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What the kernel enforces on a cgroup, read from the program and its maps.
+
+    `installed` False with `attached` True means the program denies everything (generation 0:
+    "denied: rule set not installed", or an incomplete rule set). `trusted` says whether the
+    program's tag equals the tag of the bytecode this release loads. `rules` is an ordered
+    list equivalent (last match wins) to the rule set in force.
+    """
+
+    attached: bool
+    program_id: int | None = None
+    tag: str | None = None
+    trusted: bool = False
+    version: int | None = None
+    generation: int = 0
+    installed: bool = False
+    rules: tuple[CgroupDeviceRule, ...] = ()
+    denials: dict[str, int] = field(default_factory=dict)
+    other_programs: tuple[int, ...] = ()  # more of ours attached (e.g. mid-migration)
+
+
+@lru_cache(maxsize=1)
+def _trusted_tags() -> frozenset[str]:
+    return prog_tags(compiled().insns)
+
+
+def _read_entries(
+    maps: dict[str, int], cgroup_id: int, gen: int
+) -> dict[enc.Pattern, enc.Entry] | None:
+    """The stored entries of a rule set; None when it is incomplete (the program denies)."""
+    fd = maps["dev_rules"]
+    table: dict[enc.Pattern, enc.Entry] = {}
+    chunk = 0
+    while (
+        ival := bpfsys.map_lookup(fd, enc.index_key(cgroup_id, gen, chunk), enc.INDEX_VAL.size)
+    ) is not None:
+        for p in enc.index_patterns(ival):
+            val = bpfsys.map_lookup(fd, enc.RULE_KEY.pack(cgroup_id, gen, *p), enc.RULE_VAL.size)
+            if val is None:
+                return None
+            m, r, w, final = enc.RULE_VAL.unpack(val)
+            table[p] = ((m, r, w), bool(final))
+        chunk += 1
+    if any((t, enc.ANY, enc.ANY) not in table for t in enc.TYPE_NAMES):
+        return None
+    return table
+
+
+def _denials(maps: dict[str, int], cgroup_id: int) -> dict[str, int]:
+    fd = maps["dev_denials"]
     items = []
     for key in bpfsys.map_keys(fd, enc.DENY_KEY.size):
-        val = bpfsys.map_lookup(fd, key, enc.DENY_VAL.size)
-        if val is not None:
-            items.append((key, val))
-    return items
-
-
-def clear_denials(prog: Program, cgroup_id: int) -> None:
-    fd = prog.maps["dev_denials"]
-    for key in bpfsys.map_keys(fd, enc.DENY_KEY.size):
         if enc.DENY_KEY.unpack(key)[0] == cgroup_id:
-            bpfsys.map_delete(fd, key)
+            val = bpfsys.map_lookup(fd, key, enc.DENY_VAL.size)
+            if val is not None:
+                items.append((key, val))
+    return enc.decode_denials(items, cgroup_id)
 
 
-def denials(cg_path: Path, cgroup_id: int) -> dict[str, int]:
-    """Denied accesses counted by our programs on this cgroup, e.g. {"c 240:1 rw": 3}."""
-    cgfd = _open_cgroup(cg_path)
-    if cgfd is None:
-        return {}
-    out: dict[str, int] = {}
-    try:
-        with attached(cgfd) as progs:
-            for prog in progs:
-                for label, n in enc.decode_denials(_denial_items(prog), cgroup_id).items():
-                    out[label] = out.get(label, 0) + n
-    finally:
-        os.close(cgfd)
+def denials_many(cgs: Sequence[CgroupRef]) -> list[dict[str, int]]:
+    """denials() of many cgroups (a node agent's poll): the counter map, shared by every
+    cgroup our program serves, is walked once per distinct map instead of once per cgroup."""
+    out: list[dict[str, int]] = [{} for _ in cgs]
+    walks: dict[int, dict[int, list[tuple[bytes, bytes]]]] = {}  # map id -> cgroup id -> items
+    for i, cg in enumerate(cgs):
+        with FEATURE.find_at(cg) as groups:
+            for g in groups:
+                if g.version != lay.VERSION:
+                    continue
+                fd = g.maps["dev_denials"]
+                mid = bpfsys.map_info(fd).id
+                if mid not in walks:
+                    by_cg: dict[int, list[tuple[bytes, bytes]]] = {}
+                    for key in bpfsys.map_keys(fd, enc.DENY_KEY.size):
+                        val = bpfsys.map_lookup(fd, key, enc.DENY_VAL.size)
+                        if val is not None:
+                            by_cg.setdefault(enc.DENY_KEY.unpack(key)[0], []).append((key, val))
+                    walks[mid] = by_cg
+                for label, n in enc.decode_denials(walks[mid].get(cg.id, []), cg.id).items():
+                    out[i][label] = out[i].get(label, 0) + n
     return out
 
 
-def ruleset_table(cg_path: Path, cgroup_id: int) -> dict[enc.Pattern, enc.Entry] | None:
-    """The rule table currently in force on the cgroup (None: no program attached)."""
-    cgfd = _open_cgroup(cg_path)
-    if cgfd is None:
-        return None
-    try:
-        with attached(cgfd) as progs:
-            if not progs:
-                return None
-            prog = progs[0]
-            rs = current_ruleset(prog, cgroup_id)
-            fd = prog.maps["dev_rules"]
-            table: dict[enc.Pattern, enc.Entry] = {}
-            chunk = 0
-            while (
-                ival := bpfsys.map_lookup(fd, enc.index_key(rs, chunk), enc.INDEX_VAL.size)
-            ) is not None:
-                for p in enc.index_patterns(ival):
-                    val = bpfsys.map_lookup(fd, enc.RULE_KEY.pack(rs, *p), enc.RULE_VAL.size)
-                    if val is not None:
-                        m, r, w, final = enc.RULE_VAL.unpack(val)
-                        table[p] = ((m, r, w), bool(final))
-                chunk += 1
-            return table
-    finally:
-        os.close(cgfd)
+def read_state(cg: CgroupRef) -> DeviceState:
+    """The device rules in force on the cgroup, as the kernel sees them (no lock taken)."""
+    with FEATURE.find_at(cg) as groups:
+        if not groups:
+            return DeviceState(attached=False)
+        g = groups[0]
+        state = DeviceState(
+            attached=True,
+            program_id=g.ids[lay.FUNC],
+            tag=g.tags[lay.FUNC],
+            trusted=g.version == lay.VERSION and g.tags[lay.FUNC] in _trusted_tags(),
+            version=g.version,
+            other_programs=tuple(x.ids[lay.FUNC] for x in groups[1:]),
+        )
+        if g.version != lay.VERSION:
+            return state
+        gen = current_gen(g.maps, cg.id)
+        entries = _read_entries(g.maps, cg.id, gen) if gen else None
+        return dataclasses.replace(
+            state,
+            generation=gen,
+            installed=entries is not None,
+            rules=tuple(enc.decode_rules(entries)) if entries is not None else (),
+            denials=_denials(g.maps, cg.id),
+        )
+
+
+def denials(cg: CgroupRef) -> dict[str, int]:
+    """Denied accesses counted by our current programs on this cgroup, e.g. {"c 240:1 rw": 3}."""
+    with FEATURE.find_at(cg) as groups:
+        out: dict[str, int] = {}
+        for g in groups:
+            if g.version == lay.VERSION:
+                for label, n in _denials(g.maps, cg.id).items():
+                    out[label] = out.get(label, 0) + n
+        return out

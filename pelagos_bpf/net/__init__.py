@@ -1,6 +1,6 @@
 """net_cls / net_prio semantics on cgroup v2 through cgroup_skb programs, plus IP accounting.
 
-Settings (CgroupConfig.net_classid / net_priorities, setup_cgroup's `net_carrier`):
+Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
 
 - `net_classid` (major<<16|minor, e.g. 0x00010010 = 1:10): packets sent by sockets of the
   cgroup and its descendants carry the classid. Carrier "priority" (default) writes
@@ -20,8 +20,10 @@ Settings (CgroupConfig.net_classid / net_priorities, setup_cgroup's `net_carrier
 - Interface names resolve ONCE, to ifindexes in the netns of the pid given to setup_cgroup
   (ours when None); an unknown name is a ConfigError naming net_priorities[i] before anything
   is created. An interface created (or re-created, new ifindex) later is not covered: call
-  `update_net(cg, resolve_net(...))` again. Processes of the cgroup in another netns are
-  matched by ifindex too, which there may name another interface.
+  `update_cgroup` (or `update_net(cg, resolve_net(...))`) again. Processes of the cgroup in
+  another netns are matched by ifindex too, which there may name another interface.
+- Updates change what they name: `update_cgroup` with only net_priorities keeps the classid
+  and the carrier, with only net_classid keeps the priorities and the carrier.
 - Labels act on the devices of the sender's netns: crossing into another netns (veth) clears
   skb->mark, and forwarding resets skb->priority, like net_cls whose socket lookup fails for
   forwarded packets. Shape a container's traffic on its own eth0 (or use the host-side veth
@@ -34,8 +36,7 @@ Cost: one egress and one ingress program (plus their maps) are loaded once per p
 the bytecode cache; a container start is 2 PROG_ATTACH + map writes, a live update is map
 writes. `PROGRAMS` lists the programs so `pelagos-bpf compile` can fill the cache ahead.
 
-Importing this package is cheap: no bcc, no pyroute2 (tc.py and lab.py take or create their
-IPRoute lazily).
+Importing this package is cheap: no bcc, no pyroute2 (tc.py takes its IPRoute from the caller).
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ from __future__ import annotations
 from .plan import CARRIERS, NetPlan, build_plan, choose_carrier, validate_net
 from .program import (
     PROGRAMS,
+    NetState,
     attach_net,
     detach_net,
     read_config,
     read_net_stats,
+    read_state,
     shared_programs,
-    unload_shared,
     update_net,
 )
 from .resolve import interface_table, resolve_net
@@ -57,6 +59,7 @@ __all__ = [
     "CARRIERS",
     "PROGRAMS",
     "NetPlan",
+    "NetState",
     "attach_net",
     "build_plan",
     "choose_carrier",
@@ -64,9 +67,9 @@ __all__ = [
     "interface_table",
     "read_config",
     "read_net_stats",
+    "read_state",
     "resolve_net",
     "shared_programs",
-    "unload_shared",
     "update_net",
     "validate_net",
 ]

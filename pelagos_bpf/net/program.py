@@ -1,116 +1,42 @@
-"""Load, attach, update, detach and read the net programs of bpf/net.c.
+"""The net feature on the shared runtime: classify and count through cgroup storage.
 
-One egress and one ingress program (and their maps) are loaded once per process and attached
-with BPF_F_ALLOW_MULTI to every cgroup; what differs per cgroup lives in the cgroup storage the
-kernel allocates at attach time. So a container start costs two PROG_ATTACHes and a map write,
-and a live change (update_net) is map writes only.
-
-Nothing is remembered in Python objects: every call finds our programs on the cgroup with
-PROG_QUERY + prog info (by name) and their maps through the program's map ids, so detach,
-update and stats work from any process, whichever process attached.
+One egress and one ingress program (declared in layout.py) are loaded once per process and
+attached with BPF_F_ALLOW_MULTI to every cgroup; what differs per cgroup lives in the cgroup
+storage the kernel allocates at attach time. A start costs two PROG_ATTACHes and a map write; a
+live change is map writes only. Writers hold the cgroup's flock (cgref.opened), so a partial
+update's read-modify-write of the config cannot interleave with another writer's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import functools
 import os
-import struct
+import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from .. import bpfsys, progcache, progfind
-from ..bpfsys import AttachType, MapType, ProgType
-from ..errors import BpfError
-from .plan import NetPlan
+from .. import bpfsys, progcache
+from ..cgref import CgroupRef, opened
+from ..errors import ConfigError
+from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
+from . import layout as lay
+from .plan import F_MARK, NetPlan, choose_carrier
 
-if TYPE_CHECKING:
-    from ..cgroup import Cgroup
-
-SOURCE = "net"
-EG_PROG = "pelagos_net_eg"
-IN_PROG = "pelagos_net_in"
-MARK_CLS_PROG = "pelagos_mark_cls"
-EGRESS = AttachType.CGROUP_INET_EGRESS
-INGRESS = AttachType.CGROUP_INET_INGRESS
-
-PROGRAMS: tuple[tuple[str, str, ProgType], ...] = (
-    (SOURCE, EG_PROG, ProgType.CGROUP_SKB),
-    (SOURCE, IN_PROG, ProgType.CGROUP_SKB),
-    (SOURCE, MARK_CLS_PROG, ProgType.SCHED_CLS),
+FEATURE = Feature(lay.LAYER)
+EGRESS = lay.EGRESS
+INGRESS = lay.INGRESS
+PROGRAMS: tuple[tuple[str, str, int], ...] = tuple(
+    (lay.SOURCE, p.func, int(p.prog_type)) for p in (*lay.LAYER.progs, lay.MARK_CLS)
 )
 """(bpf/ source name, function, program type) of every program this package loads."""
 
-# Layouts mirrored from bpf/net.c.
-STORAGE_KEY = struct.Struct("<QI4x")  # struct bpf_cgroup_storage_key {cgroup id, attach type}
-CFG = struct.Struct("<IIQ")  # struct net_cfg {classid, flags, prio_key}
-ACCT = struct.Struct("<QQ")  # struct net_acct {bytes, packets}
-PRIO_KEY = struct.Struct("<QI4x")  # struct prio_key {cgroup, ifindex, pad}
-PRIO_VAL = struct.Struct("<I")
-PRIOS_MAX = 65536
-BPF_F_NO_PREALLOC = 1
-
-# name -> (type, key size, value size, max entries, flags)
-MAPS: dict[str, tuple[MapType, int, int, int, int]] = {
-    "net_cfg": (MapType.CGROUP_STORAGE, STORAGE_KEY.size, CFG.size, 0, 0),
-    "net_acct": (MapType.PERCPU_CGROUP_STORAGE, STORAGE_KEY.size, ACCT.size, 0, 0),
-    # No prealloc: 64 Ki preallocated entries would pin megabytes per process for a map that
-    # holds a few entries per container.
-    "net_prios": (MapType.HASH, PRIO_KEY.size, PRIO_VAL.size, PRIOS_MAX, BPF_F_NO_PREALLOC),
-}
-
-
-# ---------------------------------------------------------------- the per-process programs
-
-
-@dataclass
-class _Shared:
-    eg: int
-    ing: int
-    maps: dict[str, int]
-
-
-_shared: _Shared | None = None
 _lock = threading.Lock()
-
-
-def _create_maps() -> dict[str, int]:
-    fds: dict[str, int] = {}
-    try:
-        for name, (mtype, ks, vs, n, flags) in MAPS.items():
-            fds[name] = bpfsys.map_create(mtype, ks, vs, n, name=name, flags=flags)
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    return fds
-
-
-def shared_programs() -> _Shared:
-    """This process's loaded programs and maps (loaded on first use, then reused)."""
-    global _shared
-    with _lock:
-        if _shared is not None:
-            return _shared
-        eg_code = progcache.get_program(progcache.bpf_source(SOURCE), EG_PROG, ProgType.CGROUP_SKB)
-        in_code = progcache.get_program(progcache.bpf_source(SOURCE), IN_PROG, ProgType.CGROUP_SKB)
-        maps = _create_maps()
-        eg = ing = -1
-        try:
-            eg = progcache.load_program(eg_code, maps, name=EG_PROG)
-            ing = progcache.load_program(in_code, maps, name=IN_PROG)
-        except BaseException:
-            for fd in (eg, ing, *maps.values()):
-                if fd >= 0:
-                    os.close(fd)
-            raise
-        _shared = _Shared(eg, ing, maps)
-        return _shared
-
-
 _mark_cls: int | None = None
+
+
+def shared_programs() -> Loaded:
+    """This process's egress/ingress programs and their maps (loaded once)."""
+    return FEATURE.loaded()
 
 
 def mark_classifier() -> int:
@@ -118,229 +44,274 @@ def mark_classifier() -> int:
     global _mark_cls
     with _lock:
         if _mark_cls is None:
+            spec = lay.MARK_CLS
             code = progcache.get_program(
-                progcache.bpf_source(SOURCE), MARK_CLS_PROG, ProgType.SCHED_CLS
+                progcache.bpf_source(lay.SOURCE), spec.func, spec.prog_type
             )
-            _mark_cls = progcache.load_program(code, {}, name=MARK_CLS_PROG)
+            _mark_cls = progcache.load_program(code, {}, name=spec.name)
         return _mark_cls
-
-
-def unload_shared() -> None:
-    """Close this process's program and map fds (attachments keep the kernel objects alive)."""
-    global _shared, _mark_cls
-    with _lock:
-        if _mark_cls is not None:
-            os.close(_mark_cls)
-            _mark_cls = None
-        if _shared is None:
-            return
-        for fd in (_shared.eg, _shared.ing, *_shared.maps.values()):
-            os.close(fd)
-        _shared = None
-
-
-# ---------------------------------------------------------------- finding our state on a cgroup
-
-
-@dataclass
-class _Attached:
-    """fds of our programs attached to one cgroup and the maps they use (caller closes)."""
-
-    cg_fd: int
-    eg: list[int] = field(default_factory=list)
-    ing: list[int] = field(default_factory=list)
-    maps: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def any(self) -> bool:
-        return bool(self.eg or self.ing)
-
-
-@contextlib.contextmanager
-def _find(cg: Cgroup) -> Iterator[_Attached | None]:
-    """Our programs on cg and their maps; None when the cgroup directory is gone."""
-    with contextlib.ExitStack() as stack:
-        try:
-            cg_fd = cg.open_fd()
-        except FileNotFoundError:
-            yield None
-            return
-        stack.callback(os.close, cg_fd)
-        found = _Attached(cg_fd)
-        for attach_type, name, dest in ((EGRESS, EG_PROG, found.eg), (INGRESS, IN_PROG, found.ing)):
-            for fd, info in progfind.open_attached(cg_fd, attach_type, name, ProgType.CGROUP_SKB):
-                stack.callback(os.close, fd)
-                dest.append(fd)
-                for k, v in progfind.open_maps(info, MAPS).items():
-                    stack.callback(os.close, v)
-                    found.maps.setdefault(k, v)
-        yield found
 
 
 # ---------------------------------------------------------------- map contents
 
 
-def _storage_key(cg: Cgroup, attach_type: AttachType) -> bytes:
-    return STORAGE_KEY.pack(cg.id, int(attach_type))
-
-
 def _prio_keys_of(prios_fd: int, prio_key: int) -> list[bytes]:
     # O(entries in the shared hash); only cgroups that use net_priorities pay it.
     return [
-        k for k in bpfsys.map_keys(prios_fd, PRIO_KEY.size) if PRIO_KEY.unpack(k)[0] == prio_key
+        k
+        for k in bpfsys.map_keys(prios_fd, lay.PRIO_KEY.size)
+        if lay.PRIO_KEY.unpack(k)[0] == prio_key
     ]
 
 
-def _reset_counters(cg: Cgroup, maps: dict[str, int], attach_type: AttachType) -> None:
-    """Zero the counters: cgroup storage lives as long as the cgroup, not the attachment, so
-    a detach + attach on a living cgroup would otherwise resume the old counts."""
-    stride = (ACCT.size + 7) & ~7
-    zeros = bytes(stride * bpfsys.possible_cpus())
-    bpfsys.map_update(maps["net_acct"], _storage_key(cg, attach_type), zeros)
+def _read_plan(maps: dict[str, int], cgroup_id: int) -> NetPlan | None:
+    raw = bpfsys.map_lookup(maps["net_cfg"], storage_key(cgroup_id, EGRESS), lay.CFG.size)
+    if raw is None:
+        return None
+    classid, flags, prio_key = lay.CFG.unpack(raw)
+    prios = []
+    for key in _prio_keys_of(maps["net_prios"], prio_key):
+        val = bpfsys.map_lookup(maps["net_prios"], key, lay.PRIO_VAL.size)
+        if val is not None:
+            prios.append(("", lay.PRIO_KEY.unpack(key)[1], lay.PRIO_VAL.unpack(val)[0]))
+    return NetPlan(
+        classid=classid,
+        carrier="mark" if flags & F_MARK else "priority",
+        priorities=tuple(sorted(prios, key=lambda p: p[1])),
+    )
 
 
-def _write_config(cg: Cgroup, maps: dict[str, int], plan: NetPlan) -> None:
+def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan) -> None:
     """New priority entries first, then the config that points at them, then drop stale ones."""
-    wanted = {PRIO_KEY.pack(cg.id, idx): prio for idx, prio in plan.prio_by_ifindex().items()}
-    for key, prio in wanted.items():
-        bpfsys.map_update(maps["net_prios"], key, PRIO_VAL.pack(prio))
-    cfg = CFG.pack(plan.classid, plan.flags, cg.id)
-    bpfsys.map_update(maps["net_cfg"], _storage_key(cg, EGRESS), cfg)
+    wanted = {lay.PRIO_KEY.pack(cg.id, idx, 0): p for idx, p in plan.prio_by_ifindex().items()}
+
+    def store() -> None:
+        for key, prio in wanted.items():
+            bpfsys.map_update(maps["net_prios"], key, lay.PRIO_VAL.pack(prio))
+
+    FEATURE.retry_when_full(cg, maps, store)  # a full map: GC of dead cgroups, then once more
+    cfg = lay.CFG.pack(plan.classid, plan.flags, cg.id)
+    bpfsys.map_update(maps["net_cfg"], storage_key(cg.id, EGRESS), cfg)
     for key in _prio_keys_of(maps["net_prios"], cg.id):
         if key not in wanted:
             bpfsys.map_delete(maps["net_prios"], key)
 
 
-def read_config(cg: Cgroup) -> NetPlan | None:
-    """The classid/carrier/priorities in effect on cg, read back from the kernel (ifnames are
-    not stored: they come back as ""). None when our programs are not attached."""
-    with _find(cg) as found:
-        if found is None or not found.eg or "net_cfg" not in found.maps:
-            return None
-        raw = bpfsys.map_lookup(found.maps["net_cfg"], _storage_key(cg, EGRESS), CFG.size)
-        if raw is None:
-            return None
-        classid, flags, prio_key = CFG.unpack(raw)
-        prios = []
-        if "net_prios" in found.maps:
-            for key in _prio_keys_of(found.maps["net_prios"], prio_key):
-                val = bpfsys.map_lookup(found.maps["net_prios"], key, PRIO_VAL.size)
-                if val is not None:
-                    prios.append(("", PRIO_KEY.unpack(key)[1], PRIO_VAL.unpack(val)[0]))
-        return NetPlan(
-            classid=classid,
-            carrier="mark" if flags & 1 else "priority",
-            priorities=tuple(sorted(prios, key=lambda p: p[1])),
-        )
+def _counters(maps: dict[str, int], cgroup_id: int, at: int) -> bytes | None:
+    size = bpfsys.percpu_stride(lay.ACCT.size) * bpfsys.possible_cpus()
+    return bpfsys.map_lookup(maps["net_acct"], storage_key(cgroup_id, at), size)
+
+
+def _set_counters(maps: dict[str, int], cgroup_id: int, at: int, raw: bytes | None) -> None:
+    """Zero (or carry over) the counters: cgroup storage lives as long as the cgroup, not the
+    attachment, so a detach + attach on a living cgroup would otherwise resume old counts."""
+    size = bpfsys.percpu_stride(lay.ACCT.size) * bpfsys.possible_cpus()
+    bpfsys.map_update(maps["net_acct"], storage_key(cgroup_id, at), raw or bytes(size))
 
 
 # ---------------------------------------------------------------- the contract
 
 
-def attach_net(cg: Cgroup, plan: NetPlan) -> None:
-    """Attach the egress (classify + count) and ingress (count) programs to cg with `plan`.
+def _merge(
+    old: NetPlan | None, new: NetPlan, named: frozenset[str], carrier: str | None
+) -> NetPlan:
+    """What an update naming only `named` ({"classid", "priorities"}) leaves in force.
 
-    Fails with EEXIST if our programs are already there (use update_net). A failure half-way
-    detaches what this call attached and removes its map entries: nothing is left behind.
+    carrier None keeps the cgroup's carrier; "auto" picks one for the merged settings.
     """
-    sh = shared_programs()
-    with _find(cg) as found:
-        if found is None:
-            raise BpfError(errno.ENOENT, "attach_net", f"cgroup {cg.path} does not exist")
-        if found.any:
-            raise BpfError(
-                errno.EEXIST, "attach_net", f"net programs already attached to {cg.path}"
-            )
-        cg_fd = found.cg_fd
-        done: list[tuple[int, AttachType]] = []
-        try:
-            bpfsys.prog_attach(sh.eg, cg_fd, EGRESS, bpfsys.BPF_F_ALLOW_MULTI)
-            done.append((sh.eg, EGRESS))
-            _reset_counters(cg, sh.maps, EGRESS)
-            _write_config(cg, sh.maps, plan)
-            bpfsys.prog_attach(sh.ing, cg_fd, INGRESS, bpfsys.BPF_F_ALLOW_MULTI)
-            done.append((sh.ing, INGRESS))
-            _reset_counters(cg, sh.maps, INGRESS)
-        except BaseException as exc:
-            for prog_fd, attach_type in reversed(done):
-                try:
-                    bpfsys.prog_detach(prog_fd, cg_fd, attach_type)
-                except BpfError as undo:
-                    exc.add_note(f"attach_net rollback: detach failed: {undo}")
-            for key in _prio_keys_of(sh.maps["net_prios"], cg.id):
-                bpfsys.map_delete(sh.maps["net_prios"], key)
-            raise
+    classid = new.classid if old is None or "classid" in named else old.classid
+    prios = new.priorities if old is None or "priorities" in named else old.priorities
+    if carrier is None and old is not None:
+        chosen = old.carrier
+        if chosen == "priority" and prios and not classid:
+            chosen = "mark"  # no classid is carried: the carrier is free to follow the priorities
+    else:
+        chosen = choose_carrier(carrier or "auto", bool(prios))
+    if chosen == "priority" and prios:
+        raise ConfigError(
+            "net_carrier",
+            chosen,
+            "net_priorities also write skb->priority, where this cgroup carries its classid: "
+            "pass net_carrier='mark'",
+        )
+    return NetPlan(classid=classid, carrier=chosen, priorities=prios, netns_inode=new.netns_inode)
 
 
-def update_net(cg: Cgroup, plan: NetPlan) -> None:
-    """Apply a new plan to a live cgroup by map writes (no reload, no re-attach).
+def _attach_new(cg: CgroupRef, cg_fd: int, plan: NetPlan, carry: dict[int, bytes | None]) -> None:
+    loaded = FEATURE.loaded()
+    done: list[int] = []
+    try:
+        for spec in lay.LAYER.progs:
+            FEATURE.attach(loaded.progs[spec.func], cg_fd, spec, "net")
+            done.append(loaded.progs[spec.func])
+            assert spec.attach_type is not None
+            _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
+            if spec.attach_type == EGRESS:
+                _write_config(loaded.maps, cg, plan)
+    except BaseException as exc:
+        for spec in reversed(lay.LAYER.progs[: len(done)]):
+            try:
+                bpfsys.prog_detach(loaded.progs[spec.func], cg_fd, spec.attach_type or 0)
+            except OSError as undo:
+                exc.add_note(f"net rollback: detach failed: {undo}")
+        for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
+            bpfsys.map_delete(loaded.maps["net_prios"], key)
+        raise
 
-    The next packet sees the new classid/priorities. If the programs are not attached yet
-    (a cgroup set up without net settings), this attaches them.
-    """
-    with _find(cg) as found:
-        if found is None:
-            raise BpfError(errno.ENOENT, "update_net", f"cgroup {cg.path} does not exist")
-        if not found.eg:
-            if found.ing:
-                raise BpfError(
-                    errno.EPROTO, "update_net", f"{cg.path} has our ingress program only"
-                )
-            attached = False
+
+def _detach(cg: CgroupRef, group: Attached, cg_fd: int) -> None:
+    prio_key = cg.id
+    if "net_cfg" in group.maps:
+        raw = bpfsys.map_lookup(group.maps["net_cfg"], storage_key(cg.id, EGRESS), lay.CFG.size)
+        if raw is not None:
+            prio_key = lay.CFG.unpack(raw)[2]
+    FEATURE.detach(group, cg_fd)
+    FEATURE.purge(group.layer, group.maps, lambda i: i in (prio_key, cg.id))
+
+
+def apply(
+    cg: CgroupRef,
+    plan: NetPlan,
+    *,
+    named: frozenset[str] = frozenset({"classid", "priorities"}),
+    carrier: str | None = "auto",
+) -> NetPlan:
+    """Attach, or update in place, keeping what the update does not name; returns what is now
+    in force. `carrier` None keeps the cgroup's carrier ("auto" on a first attach)."""
+    with opened(cg, "net") as cg_fd, FEATURE.find(cg_fd) as groups:
+        assert cg_fd is not None
+        current = [g for g in groups if g.version == lay.VERSION and lay.EG.func in g.progs]
+        old = _read_plan(current[0].maps, cg.id) if current else None
+        merged = _merge(old, plan, named, carrier)
+        if current and len(current[0].progs) == len(lay.LAYER.progs):
+            _write_config(current[0].maps, cg, merged)
+            stale = [g for g in groups if g is not current[0]]
         else:
-            _write_config(cg, found.maps, plan)
-            attached = True
-    if not attached:
-        attach_net(cg, plan)
+            carry = {}
+            for g in groups:  # carry the counters over a migration
+                if "net_acct" in g.maps:
+                    for spec in g.layer.cgroup_progs:
+                        carry[spec.attach_type] = _counters(g.maps, cg.id, spec.attach_type)
+            _attach_new(cg, cg_fd, merged, carry)
+            stale = groups
+        for g in stale:
+            _detach(cg, g, cg_fd)
+        return merged
 
 
-def detach_net(cg: Cgroup) -> None:
-    """Detach our programs from cg and drop its map entries; a no-op when nothing is attached."""
-    with _find(cg) as found:
-        if found is None or not found.any:
-            return
-        cg_fd = found.cg_fd
-        prio_key = cg.id
-        if found.eg and "net_cfg" in found.maps:
-            raw = bpfsys.map_lookup(found.maps["net_cfg"], _storage_key(cg, EGRESS), CFG.size)
-            if raw is not None:
-                prio_key = CFG.unpack(raw)[2]
-        for attach_type, fds in ((EGRESS, found.eg), (INGRESS, found.ing)):
-            for fd in fds:
-                try:
-                    bpfsys.prog_detach(fd, cg_fd, attach_type)
-                except BpfError as e:
-                    if e.errno != errno.ENOENT:  # detached concurrently: fine
-                        raise
-        if "net_prios" in found.maps:
-            for key in _prio_keys_of(found.maps["net_prios"], prio_key):
-                bpfsys.map_delete(found.maps["net_prios"], key)
+def attach_net(cg: CgroupRef, plan: NetPlan) -> None:
+    """Attach the egress (classify + count) and ingress (count) programs with `plan` (an
+    update when ours is already there). A failure half-way leaves nothing behind."""
+    apply(cg, plan, carrier=plan.carrier)
 
 
-def read_net_stats(cg: Cgroup) -> dict[str, int]:
+def update_net(
+    cg: CgroupRef,
+    plan: NetPlan,
+    named: frozenset[str] = frozenset({"classid", "priorities"}),
+    carrier: str | None = None,
+) -> NetPlan:
+    """Change what the update names (classid and/or priorities, optionally the carrier) by map
+    writes; the rest keeps its value. Attaches if our programs are not there yet."""
+    return apply(cg, plan, named=named, carrier=carrier)
+
+
+def detach_net(cg: CgroupRef) -> None:
+    """Detach our programs (any version) and drop the cgroup's entries. Idempotent."""
+    FEATURE.detach_cgroup(cg, "net", _detach)
+
+
+FEATURE.teardown = detach_net
+
+
+# ---------------------------------------------------------------- reading back
+
+
+@dataclass(frozen=True)
+class NetState:
+    """The net settings in force on a cgroup, read from the kernel.
+
+    `priorities` holds (ifindex, ifname or None when no such index in the netns of the
+    cgroup's first process, or ours, prio).
+    """
+
+    attached: bool
+    program_ids: tuple[int, ...] = ()
+    trusted: bool = False  # every program's tag is the tag of the bytecode this release loads
+    version: int | None = None
+    classid: int = 0
+    carrier: str | None = None
+    priorities: tuple[tuple[int, str | None, int], ...] = ()
+
+
+@functools.cache
+def _trusted_tags(func: str) -> frozenset[str]:
+    spec = lay.LAYER.prog(func)
+    code = progcache.get_program(progcache.bpf_source(lay.SOURCE), spec.func, spec.prog_type)
+    return prog_tags(code.insns)
+
+
+def _ifnames(cg: CgroupRef) -> dict[int, str]:
+    from .resolve import interface_table  # resolve is light; imported here to keep it optional
+
+    try:
+        with open(os.path.join(os.fspath(cg.path), "cgroup.procs")) as f:
+            procs = f.read().split()
+        table = interface_table(int(procs[0]) if procs else None)
+    except (OSError, ValueError):
+        table = {n: i for i, n in socket.if_nameindex()}
+    return {i: n for n, i in table.items()}
+
+
+def read_state(cg: CgroupRef) -> NetState:
+    """The classid, carrier and per-interface priorities in force (no lock taken)."""
+    with FEATURE.find_at(cg) as groups:
+        if not groups:
+            return NetState(attached=False)
+        g = groups[0]
+        plan = _read_plan(g.maps, cg.id) if lay.EG.func in g.progs else None
+        ids = tuple(i for x in groups for i in x.ids.values())
+        trusted = g.version == lay.VERSION and all(
+            tag in _trusted_tags(func) for func, tag in g.tags.items()
+        )
+        if plan is None:
+            return NetState(attached=True, program_ids=ids, trusted=trusted, version=g.version)
+        names = _ifnames(cg) if plan.priorities else {}
+        return NetState(
+            attached=True,
+            program_ids=ids,
+            trusted=trusted,
+            version=g.version,
+            classid=plan.classid,
+            carrier=plan.carrier,
+            priorities=tuple((idx, names.get(idx), prio) for _, idx, prio in plan.priorities),
+        )
+
+
+def read_config(cg: CgroupRef) -> NetPlan | None:
+    """The classid/carrier/priorities in force (ifnames come back as ""); None when our
+    programs are not attached."""
+    with FEATURE.find_at(cg) as groups:
+        g = next((x for x in groups if lay.EG.func in x.progs), None)
+        return _read_plan(g.maps, cg.id) if g is not None else None
+
+
+def read_net_stats(cg: CgroupRef) -> dict[str, int]:
     """Bytes and packets of IPv4/IPv6 traffic of the cgroup's sockets (subtree included).
 
     Bytes are IP packet lengths (IP header and payload, no link-layer header). Empty when our
     programs are not attached (nothing is counted then).
     """
-    with _find(cg) as found:
-        if found is None or not found.any or "net_acct" not in found.maps:
-            return {}
-        out: dict[str, int] = {}
-        for attach_type, label, fds in (
-            (EGRESS, "egress", found.eg),
-            (INGRESS, "ingress", found.ing),
-        ):
-            if not fds:
-                continue
-            vals = bpfsys.map_lookup_percpu(
-                found.maps["net_acct"], _storage_key(cg, attach_type), ACCT.size
-            )
-            total_bytes = total_pkts = 0
-            for v in vals or []:
-                b, p = ACCT.unpack(v)
-                total_bytes += b
-                total_pkts += p
-            out[f"{label}_bytes"] = total_bytes
-            out[f"{label}_packets"] = total_pkts
-        return out
+    out: dict[str, int] = {}
+    with FEATURE.find_at(cg) as groups:
+        for g in groups[:1]:
+            for spec, label in ((lay.EG, "egress"), (lay.IN, "ingress")):
+                if spec.func not in g.progs or spec.attach_type is None:
+                    continue
+                vals = bpfsys.map_lookup_percpu(
+                    g.maps["net_acct"], storage_key(cg.id, spec.attach_type), lay.ACCT.size
+                )
+                pairs = [lay.ACCT.unpack(v) for v in vals or []]
+                out[f"{label}_bytes"] = sum(b for b, _ in pairs)
+                out[f"{label}_packets"] = sum(p for _, p in pairs)
+    return out

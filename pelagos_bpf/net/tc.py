@@ -11,6 +11,9 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from .layout import MARK_CLS
+from .program import mark_classifier
+
 ETH_P_ALL = 0x0003
 
 
@@ -57,8 +60,6 @@ def add_mark_filter(ipr: Any, index: int, *, parent: int = 0x10000, prio: int = 
     this project's host); needs CONFIG_NET_CLS_BPF. A mark of 0 or of another qdisc's major
     falls through to the default class.
     """
-    from .program import MARK_CLS_PROG, mark_classifier
-
     ipr.tc(
         "add-filter",
         "bpf",
@@ -67,7 +68,7 @@ def add_mark_filter(ipr: Any, index: int, *, parent: int = 0x10000, prio: int = 
         prio=prio,
         protocol=ETH_P_ALL,
         fd=mark_classifier(),
-        name=MARK_CLS_PROG,
+        name=MARK_CLS.name,
     )
 
 

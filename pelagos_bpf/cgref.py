@@ -1,0 +1,123 @@
+"""The one cgroup handle every feature takes, and the per-cgroup writer lock.
+
+Why a protocol: features need only the cgroup's path, its id (the cgroup2 inode number, the
+key of every BPF map entry) and a directory fd for bpf(2) attach calls, so they never import
+`cgroup.py` (no cycle) and a runtime may pass its own handle type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import CgroupError
+
+
+class CgroupRef(Protocol):
+    @property
+    def path(self) -> os.PathLike[str] | str: ...
+    @property
+    def id(self) -> int: ...
+    def open_fd(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A minimal CgroupRef for a path (id read from the directory's inode)."""
+
+    path: str
+    id: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> Ref:
+        p = os.fspath(path)
+        return cls(p, os.stat(p).st_ino)
+
+    def open_fd(self) -> int:
+        return open_dir(self.path)
+
+
+def open_dir(path: str | os.PathLike[str]) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def opened(cg: CgroupRef, what: str, *, missing_ok: bool = False) -> Iterator[int | None]:
+    """The cgroup's dir fd, locked (flock LOCK_EX) for the duration: one writer at a time.
+
+    Why flock on the cgroup directory: it serialises writers across processes (two runtimes,
+    or a runtime and `pelagos-bpf update`) without any file of our own, it is released by the
+    kernel when a writer dies (SIGKILL included), and it lives and dies with the cgroup.
+    Readers (the program itself, `read_state`) never take it. None when the directory is gone
+    and missing_ok.
+    """
+    try:
+        fd = cg.open_fd()
+    except FileNotFoundError:
+        if missing_ok:
+            yield None
+            return
+        raise CgroupError(errno.ENOENT, f"{what}: cgroup {cg.path} does not exist") from None
+    except OSError as e:
+        raise CgroupError(e.errno, f"{what}: cannot open cgroup {cg.path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing the last fd of the open file releases the flock
+
+
+class _FileHandle(ct.Structure):
+    # struct file_handle carrying a kernfs node id (FILEID_KERNFS): the cgroup id.
+    _fields_ = (("handle_bytes", ct.c_uint32), ("handle_type", ct.c_int), ("id", ct.c_uint64))
+
+
+_FILEID_KERNFS = 0xFE
+
+
+class Liveness:
+    """Answers "does the cgroup with this id still exist?" with open_by_handle_at.
+
+    Why not a tree walk: a walk sees only our cgroup namespace's subtree, so it would call
+    other cgroups dead. A handle lookup asks the kernel about one id; only ESTALE (the node is
+    gone, and cgroup ids are never reused) counts as dead, anything else as alive, so an error
+    can only make garbage collection keep an entry, never delete a live one.
+    """
+
+    def __init__(self, cgroup2_dir: str | os.PathLike[str]) -> None:
+        self._mount_fd = open_dir(cgroup2_dir)
+        self._libc = ct.CDLL(None, use_errno=True)
+        self._libc.open_by_handle_at.argtypes = (ct.c_int, ct.c_void_p, ct.c_int)
+        own = os.fstat(self._mount_fd).st_ino
+        if self._probe(own) != 0:  # the handle path must work before we trust an ESTALE
+            err = self._probe(own)
+            self.close()
+            raise CgroupError(err, f"open_by_handle_at on {cgroup2_dir}: {os.strerror(err)}")
+
+    def _probe(self, cgroup_id: int) -> int:
+        fh = _FileHandle(8, _FILEID_KERNFS, cgroup_id)
+        fd = self._libc.open_by_handle_at(
+            self._mount_fd, ct.byref(fh), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        if fd >= 0:
+            os.close(fd)
+            return 0
+        return ct.get_errno()
+
+    def dead(self, cgroup_id: int) -> bool:
+        return self._probe(cgroup_id) == errno.ESTALE
+
+    def close(self) -> None:
+        os.close(self._mount_fd)
+
+    def __enter__(self) -> Liveness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+"""`pelagos-bpf gc [--prefix PATH]`: reclaim what removed cgroups and crashed setups left.
+
+Map entries keyed by a cgroup that no longer exists are deleted; with --prefix, empty cgroups
+this library created under PATH (and never finished, or whose runtime died) are torn down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from .. import gc
+from .common import EXIT_CODES_HELP, EXIT_OK, EXIT_TOOL, cgroup_dir
+from .output import SCHEMA
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    prefix = cgroup_dir(args.prefix, args.root) if args.prefix else None
+    report = gc.collect(prefix)
+    if args.json:
+        doc = {"schema": SCHEMA, **dataclasses.asdict(report)}
+        print(json.dumps({**doc, "total_entries": report.total_entries}))
+    else:
+        print(report)
+    return EXIT_TOOL if report.errors else EXIT_OK
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "gc",
+        help="remove BPF state of cgroups that are gone, and abandoned cgroups under a prefix",
+        description="Delete the map entries (device rules, denial counters, net priorities) "
+        "of cgroups that no longer exist. With --prefix, first tear down the empty cgroups "
+        "under PATH that pelagos_bpf created (crashed setups). Runs by itself when a map is "
+        "full; a runtime daemon may also run it periodically.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--prefix", metavar="PATH", help="cgroup dir (or path below --root) to sweep")
+    p.add_argument("--root", help="cgroup2 root PATH is relative to (default: discovered)")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_gc)

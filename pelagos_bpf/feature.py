@@ -1,0 +1,513 @@
+"""One runtime for every cgroup-BPF feature: declare programs and maps once, get the life cycle.
+
+Why one runtime: devices and net (and the next feature) all load generic programs once per
+process, optionally share them through pins, attach them with BPF_F_ALLOW_MULTI to container
+cgroups, find them again from any process (PROG_QUERY -> prog info -> map ids, layout checked),
+detach them, and reclaim entries keyed by dead cgroups. A feature is a declaration (`Layer`:
+its programs and maps for one LAYOUT VERSION) plus the small map logic only it knows.
+
+Layout versions: a program's kernel name carries its layout version (`pelagos_dev_v2`; the
+unsuffixed names of the first release are version 1), so a newer release recognises what an
+older one attached, reads it through that version's declaration, and migrates by attaching its
+own program first and detaching the old one after (with MULTI both run meanwhile, and a device
+access must pass both: nothing is allowed that either denies). See docs/BPF_LAYER.md.
+
+Every fd returned is the caller's to close unless it belongs to this process's `Loaded`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from . import bpfsys, progcache
+from .bpfsys import AttachType, MapType, ProgType
+from .cgref import CgroupRef, Liveness, opened
+from .errors import BpfError
+
+PIN_ENV = "PELAGOS_BPF_PIN_DIR"
+BPF_F_NO_PREALLOC = 1
+STORAGE_KEY = struct.Struct("<QI4x")  # struct bpf_cgroup_storage_key {cgroup id, attach type}
+
+
+# ---------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as (field name, struct code) pairs; tests/test_layouts.py checks it against
+    the struct of the same name in bpf/*.c, so C and Python cannot drift apart."""
+
+    c_name: str
+    fields: tuple[tuple[str, str], ...]
+
+    @cached_property
+    def struct(self) -> struct.Struct:
+        return struct.Struct("<" + "".join(code for _, code in self.fields))
+
+    @property
+    def size(self) -> int:
+        return self.struct.size
+
+    def pack(self, *values: int) -> bytes:
+        return self.struct.pack(*values)
+
+    def unpack(self, raw: bytes) -> tuple[int, ...]:
+        return self.struct.unpack(raw[: self.size])
+
+
+def union_size(*layouts: Layout) -> int:
+    return max(lay.size for lay in layouts)
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """One map: created by the runtime (the C declaration only names it for relocation).
+
+    `cgroup_of(key)` says which cgroup an entry belongs to, for garbage collection and for
+    teardown when the program is gone; None for cgroup storage (the kernel frees it).
+    """
+
+    name: str
+    type: MapType
+    key_size: int
+    value_size: int
+    max_entries: int = 0
+    flags: int = 0
+    cgroup_of: Callable[[bytes], int] | None = None
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return (int(self.type), self.key_size, self.value_size)
+
+
+@dataclass(frozen=True)
+class ProgSpec:
+    """One program: C function, kernel name (<= 15 chars, carries the version), types."""
+
+    func: str
+    name: str
+    prog_type: ProgType
+    attach_type: AttachType | None  # None: not a cgroup program (e.g. a tc classifier)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A feature's programs and maps at one layout version."""
+
+    feature: str
+    version: int
+    source: str  # bpf/<source>.c
+    progs: tuple[ProgSpec, ...]
+    maps: tuple[MapSpec, ...]
+
+    def map(self, name: str) -> MapSpec:
+        return next(m for m in self.maps if m.name == name)
+
+    def prog(self, func: str) -> ProgSpec:
+        return next(p for p in self.progs if p.func == func)
+
+    @property
+    def cgroup_progs(self) -> tuple[ProgSpec, ...]:
+        return tuple(p for p in self.progs if p.attach_type is not None)
+
+
+def storage_key(cgroup_id: int, attach_type: int) -> bytes:
+    return STORAGE_KEY.pack(cgroup_id, int(attach_type))
+
+
+def u64_prefix(key: bytes) -> int:
+    """cgroup_of for keys that start with the cgroup id (u64)."""
+    return int.from_bytes(key[:8], "little")
+
+
+# ---------------------------------------------------------------- handles
+
+
+@dataclass
+class Loaded:
+    """This process's programs of one layer (fd by func) and their maps: loaded once."""
+
+    layer: Layer
+    progs: dict[str, int]
+    ids: dict[str, int]
+    maps: dict[str, int]
+
+    def close(self) -> None:
+        for fd in (*self.progs.values(), *self.maps.values()):
+            os.close(fd)
+
+
+@dataclass
+class Attached:
+    """Programs of one layer found on a cgroup, grouped by the maps they share."""
+
+    layer: Layer
+    progs: dict[str, int] = field(default_factory=dict)  # func -> fd
+    ids: dict[str, int] = field(default_factory=dict)  # func -> prog id
+    tags: dict[str, str] = field(default_factory=dict)  # func -> kernel tag
+    maps: dict[str, int] = field(default_factory=dict)
+    map_ids: set[int] = field(default_factory=set)
+
+    @property
+    def version(self) -> int:
+        return self.layer.version
+
+
+def _compiled(layer: Layer, spec: ProgSpec) -> progcache.CompiledProgram:
+    return progcache.get_program(progcache.bpf_source(layer.source), spec.func, spec.prog_type)
+
+
+class Feature:
+    """The runtime for one feature: `current` is what this release writes; `legacy` layers are
+    recognised (found, detached, their entries reclaimed) but never loaded."""
+
+    def __init__(self, current: Layer, legacy: tuple[Layer, ...] = ()) -> None:
+        self.current = current
+        self.layers = (current, *legacy)
+        self._by_name = {
+            (p.name, int(p.prog_type)): (lay, p) for lay in self.layers for p in lay.progs
+        }
+        self._lock = threading.Lock()
+        self._loaded: Loaded | None = None
+        # The plug-in's "detach ours and drop this cgroup's entries" (set by the plug-in).
+        self.teardown: Callable[[Any], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.current.feature
+
+    # ------------------------------------------------------------ load once per process
+
+    def loaded(self) -> Loaded:
+        """This process's programs: loaded once (or fetched from $PELAGOS_BPF_PIN_DIR pins)."""
+        got = self._loaded
+        if got is not None:
+            return got
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load_or_fetch()
+            return self._loaded
+
+    def loaded_if_any(self) -> Loaded | None:
+        return self._loaded
+
+    def _pin_paths(self) -> dict[str, str] | None:
+        d = os.environ.get(PIN_ENV)
+        if not d:
+            return None
+        out = {}
+        for spec in self.current.progs:
+            digest = hashlib.sha256(_compiled(self.current, spec).insns).hexdigest()[:16]
+            out[spec.func] = os.path.join(d, f"{spec.name}_{digest}")  # a new program, a new pin
+        return out
+
+    def _load_or_fetch(self) -> Loaded:
+        pins = self._pin_paths()
+        if pins is not None and all(os.path.exists(p) for p in pins.values()):
+            return self._from_pins(pins)
+        loaded = self._load()
+        if pins is None:
+            return loaded
+        try:
+            for func, path in pins.items():
+                bpfsys.obj_pin(loaded.progs[func], path)
+        except BpfError as e:
+            loaded.close()
+            if e.errno != errno.EEXIST:
+                raise
+            return self._from_pins(pins)  # another process pinned first: share its objects
+        return loaded
+
+    def _load(self) -> Loaded:
+        layer = self.current
+        maps: dict[str, int] = {}
+        progs: dict[str, int] = {}
+        try:
+            for m in layer.maps:
+                maps[m.name] = bpfsys.map_create(
+                    m.type, m.key_size, m.value_size, m.max_entries, name=m.name, flags=m.flags
+                )
+            for spec in layer.progs:
+                progs[spec.func] = progcache.load_program(
+                    _compiled(layer, spec), maps, name=spec.name
+                )
+        except BaseException:
+            for fd in (*progs.values(), *maps.values()):
+                os.close(fd)
+            raise
+        ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
+        return Loaded(layer, progs, ids, maps)
+
+    def _from_pins(self, pins: dict[str, str]) -> Loaded:
+        progs: dict[str, int] = {}
+        maps: dict[str, int] = {}
+        try:
+            for func, path in pins.items():
+                progs[func] = fd = bpfsys.obj_get(path)
+                info = bpfsys.prog_info(fd)
+                spec = self.current.prog(func)
+                if (info.name, info.type) != (spec.name, int(spec.prog_type)):
+                    raise BpfError(errno.EINVAL, "pinned program", f"{path} is not {spec.name}")
+                if info.tag not in prog_tags(_compiled(self.current, spec).insns):
+                    raise BpfError(
+                        errno.EPERM,
+                        "pinned program",
+                        f"{path}: tag {info.tag} is not the tag of our bytecode "
+                        "(remove the pin; someone else's program?)",
+                    )
+                for k, v in open_maps(info, self.current).items():
+                    if k in maps:
+                        os.close(v)
+                    else:
+                        maps[k] = v
+            missing = {m.name for m in self.current.maps} - set(maps)
+            if missing:
+                raise BpfError(errno.EPROTO, "pinned program", f"lacks maps {sorted(missing)}")
+        except BaseException:
+            for fd in (*progs.values(), *maps.values()):
+                os.close(fd)
+            raise
+        ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
+        return Loaded(self.current, progs, ids, maps)
+
+    # ------------------------------------------------------------ find what is attached
+
+    def recognise(self, info: bpfsys.ProgInfo) -> tuple[Layer, ProgSpec] | None:
+        return self._by_name.get((info.name, info.type))
+
+    @contextlib.contextmanager
+    def find(self, cg_fd: int) -> Iterator[list[Attached]]:
+        """Our programs of every known version attached at the cgroup, grouped by shared maps
+        (current version first). fds are closed on exit, except this process's own."""
+        own = self._loaded
+        own_ids = set(own.ids.values()) if own is not None else set()
+        with contextlib.ExitStack() as stack:
+            groups: list[Attached] = []
+            attach_types = {p.attach_type for lay in self.layers for p in lay.cgroup_progs}
+            for at in sorted(attach_types):  # type: ignore[type-var]
+                for prog_id in bpfsys.prog_query(cg_fd, at):
+                    fd = open_prog(prog_id)
+                    if fd is None:
+                        continue
+                    stack.callback(os.close, fd)
+                    info = bpfsys.prog_info(fd)
+                    hit = self.recognise(info)
+                    if hit is None or hit[1].attach_type != at:
+                        continue
+                    layer, spec = hit
+                    # Programs loaded together share maps (egress and ingress share net_acct).
+                    group = next(
+                        (
+                            g
+                            for g in groups
+                            if g.version == layer.version and g.map_ids & set(info.map_ids)
+                        ),
+                        None,
+                    )
+                    if group is None:
+                        group = Attached(layer)
+                        groups.append(group)
+                    if not set(info.map_ids) <= group.map_ids:
+                        group.map_ids |= set(info.map_ids)
+                        if own is not None and info.id in own_ids:
+                            group.maps = dict(own.maps)
+                        else:
+                            for name, mfd in open_maps(info, layer).items():
+                                if name in group.maps:
+                                    os.close(mfd)
+                                    continue
+                                stack.callback(os.close, mfd)
+                                group.maps[name] = mfd
+                    group.progs[spec.func] = fd
+                    group.ids[spec.func] = info.id
+                    group.tags[spec.func] = info.tag
+            yield sorted(groups, key=lambda g: -g.version)
+
+    @contextlib.contextmanager
+    def find_at(self, cg: CgroupRef) -> Iterator[list[Attached]]:
+        """`find` for readers: by handle, no lock; [] when the cgroup is gone."""
+        try:
+            cg_fd = cg.open_fd()
+        except FileNotFoundError:
+            yield []
+            return
+        try:
+            with self.find(cg_fd) as groups:
+                yield groups
+        finally:
+            os.close(cg_fd)
+
+    def detach_cgroup(
+        self, cg: CgroupRef, what: str, detach_group: Callable[[CgroupRef, Attached, int], None]
+    ) -> None:
+        """Detach ours of every version with the plug-in's `detach_group` (which also drops the
+        cgroup's entries), under the writer lock. Idempotent. With nothing attached (detached
+        from inside, say), this process's (or the pinned) maps still lose the cgroup's entries;
+        other processes' are left to gc."""
+        with opened(cg, what, missing_ok=True) as cg_fd:
+            if cg_fd is None:
+                return
+            with self.find(cg_fd) as groups:
+                for g in groups:
+                    detach_group(cg, g, cg_fd)
+                if not groups and (loaded := self._loaded) is not None:
+                    self.purge(loaded.layer, loaded.maps, lambda i: i == cg.id)
+
+    # ------------------------------------------------------------ attach / detach
+
+    @staticmethod
+    def attach(prog_fd: int, cg_fd: int, spec: ProgSpec, what: str) -> None:
+        """PROG_ATTACH with BPF_F_ALLOW_MULTI, with an error that says why it may fail."""
+        assert spec.attach_type is not None
+        try:
+            bpfsys.prog_attach(prog_fd, cg_fd, spec.attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+        except BpfError as e:
+            hint = (
+                " (a program attached without BPF_F_ALLOW_MULTI on this cgroup or an ancestor "
+                "forbids more)"
+                if e.errno == errno.EPERM
+                else ""
+            )
+            raise BpfError(
+                e.errno or errno.EIO, what, f"cannot attach to the cgroup{hint}: {e}"
+            ) from e
+
+    @staticmethod
+    def detach(group: Attached, cg_fd: int) -> None:
+        """Detach every program of the group; one detached concurrently is fine (idempotent)."""
+        for func, fd in group.progs.items():
+            at = group.layer.prog(func).attach_type
+            assert at is not None
+            try:
+                bpfsys.prog_detach(fd, cg_fd, at)
+            except BpfError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+
+    # ------------------------------------------------------------ entries keyed by cgroup
+
+    def reachable_maps(self) -> list[tuple[Layer, dict[str, int]]]:
+        """fds of the maps of every program of ours the kernel holds (any version, any process),
+        found through BPF_PROG_GET_NEXT_ID; caller closes. Used by GC and by teardown when the
+        cgroup's program is already gone."""
+        out: list[tuple[Layer, dict[str, int]]] = []
+        seen: set[tuple[int, ...]] = set()
+        for prog_id in bpfsys.prog_ids():
+            fd = open_prog(prog_id)
+            if fd is None:
+                continue
+            try:
+                info = bpfsys.prog_info(fd)
+            finally:
+                os.close(fd)
+            hit = self.recognise(info)
+            key = tuple(sorted(info.map_ids))
+            if hit is None or key in seen:
+                continue
+            seen.add(key)
+            try:
+                out.append((hit[0], open_maps(info, hit[0])))
+            except BpfError:
+                continue  # a foreign program with one of our names: not ours to touch
+        return out
+
+    def retry_when_full(
+        self, cg: CgroupRef, maps: dict[str, int], write: Callable[[], None]
+    ) -> None:
+        """Run `write`; if a map is full (E2BIG), reclaim the entries of dead cgroups in these
+        maps (GC, off the hot path: only a full map pays it) and run it once more."""
+        try:
+            write()
+            return
+        except BpfError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        with Liveness(os.path.dirname(os.fspath(cg.path))) as live:
+            self.purge(self.current, maps, live.dead)
+        write()
+
+    @staticmethod
+    def purge(layer: Layer, maps: dict[str, int], dead: Callable[[int], bool]) -> dict[str, int]:
+        """Delete every entry whose cgroup `dead(id)` says is gone; returns counts per map.
+
+        O(entries): for GC and rare paths only, never for a normal update or teardown.
+        """
+        counts: dict[str, int] = {}
+        dead = functools.cache(dead)  # one liveness check per cgroup, not per entry
+        for spec in layer.maps:
+            if spec.cgroup_of is None or spec.name not in maps:
+                continue
+            fd = maps[spec.name]
+            doomed = [k for k in bpfsys.map_keys(fd, spec.key_size) if dead(spec.cgroup_of(k))]
+            if doomed:
+                counts[spec.name] = bpfsys.map_delete_batch(fd, doomed)
+        return counts
+
+
+def prog_tags(insns: bytes) -> frozenset[str]:
+    """The tags the kernel gives this bytecode: the first 8 bytes of a digest over the
+    instructions with the imm of BPF_LD_IMM64 map loads zeroed (kernel/bpf/core.c
+    bpf_prog_calc_tag). SHA-1 up to 6.17, SHA-256 since 6.18: both are returned."""
+    code = bytearray(insns)
+    i = 0
+    while i + 16 <= len(code):
+        if code[i] == 0x18 and (code[i + 1] >> 4) in (1, 2):  # PSEUDO_MAP_FD / _VALUE
+            code[i + 4 : i + 8] = bytes(4)
+            code[i + 12 : i + 16] = bytes(4)
+            i += 16
+        else:
+            i += 8
+    raw = bytes(code)
+    return frozenset(h(raw).digest()[:8].hex() for h in (hashlib.sha1, hashlib.sha256))
+
+
+def open_prog(prog_id: int) -> int | None:
+    """An fd for a program id; None if it went away or belongs to someone we may not touch."""
+    try:
+        return bpfsys.prog_get_fd_by_id(prog_id)
+    except BpfError as e:
+        if e.errno in (errno.ENOENT, errno.EPERM):
+            return None
+        raise
+
+
+def open_maps(info: bpfsys.ProgInfo, layer: Layer) -> dict[str, int]:
+    """fds of the program's maps declared by `layer`; BpfError (EPROTO) when a map's layout
+    differs from its declaration (a program with our name but not our layout is refused)."""
+    specs = {m.name: m for m in layer.maps}
+    fds: dict[str, int] = {}
+    try:
+        for map_id in info.map_ids:
+            fd = bpfsys.map_get_fd_by_id(map_id)
+            try:
+                mi = bpfsys.map_info(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            spec = specs.get(mi.name)
+            if spec is None or mi.name in fds:
+                os.close(fd)
+                continue
+            fds[mi.name] = fd
+            if (mi.type, mi.key_size, mi.value_size) != spec.layout:
+                raise BpfError(
+                    errno.EPROTO,
+                    f"{info.name} maps",
+                    f"map {mi.name!r} of program id {info.id} does not have the layout of "
+                    f"{layer.feature} version {layer.version}",
+                )
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds

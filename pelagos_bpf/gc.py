@@ -1,0 +1,133 @@
+"""Garbage collection: reclaim what dead cgroups and crashed setups left behind.
+
+Why it is needed: the maps are shared by every container and keyed by cgroup id. An entry
+outlives its cgroup when someone else removes the cgroup (a runtime, an admin), when the
+program was detached from inside before teardown, or when a process dies mid-setup. The maps
+are bounded (64 Ki entries), so leaks would eventually block every new container.
+
+`collect()` deletes, in every map of every program of ours the kernel holds (any version, any
+process), the entries whose cgroup no longer exists. It runs by itself when a rule map is full
+(then the write is retried once), and from `pelagos-bpf gc`. With a prefix it first tears down
+the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+from .cgref import Liveness, Ref
+from .cgroupfs import read_text, subtree_dirs
+from .feature import Feature
+from .features import FEATURES
+from .hierarchy import discover
+from .owner import forget_pending, is_ours
+
+__all__ = ["GcReport", "collect"]
+
+
+@dataclass
+class GcReport:
+    """What one collection removed (printable)."""
+
+    dead_cgroups: int = 0  # distinct dead cgroup ids that still had entries
+    entries_removed: dict[str, int] = field(default_factory=dict)  # "devices v2 dev_rules": n
+    cgroups_removed: list[str] = field(default_factory=list)
+    programs_detached: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def total_entries(self) -> int:
+        return sum(self.entries_removed.values())
+
+    def __str__(self) -> str:
+        lines = [
+            f"cgroups removed: {len(self.cgroups_removed)}",
+            *(f"  {p}" for p in self.cgroups_removed),
+            f"programs detached: {self.programs_detached}",
+            f"map entries removed: {self.total_entries} (of {self.dead_cgroups} dead cgroups)",
+            *(f"  {k}: {n}" for k, n in sorted(self.entries_removed.items())),
+        ]
+        if self.errors:
+            lines += ["errors:", *(f"  {e}" for e in self.errors)]
+        return "\n".join(lines)
+
+
+def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
+    """Reclaim entries of dead cgroups; with `prefix`, first remove abandoned cgroups under it."""
+    report = GcReport()
+    if prefix is not None:
+        _remove_abandoned(os.fspath(prefix), report)
+    dead_ids: set[int] = set()
+    with Liveness(discover().root) as live:
+
+        def dead(cgroup_id: int) -> bool:
+            if live.dead(cgroup_id):
+                dead_ids.add(cgroup_id)
+                return True
+            return False
+
+        for feat in FEATURES:
+            for layer, maps in feat.reachable_maps():
+                try:
+                    for name, n in Feature.purge(layer, maps, dead).items():
+                        key = f"{layer.feature} v{layer.version} {name}"
+                        report.entries_removed[key] = report.entries_removed.get(key, 0) + n
+                except OSError as e:
+                    report.errors.append(f"{layer.feature} v{layer.version}: {e}")
+                finally:
+                    for fd in maps.values():
+                        os.close(fd)
+    report.dead_cgroups = len(dead_ids)
+    return report
+
+
+def _remove_abandoned(prefix: str, report: GcReport) -> None:
+    """Tear down empty cgroups under prefix (not prefix itself) that this library created."""
+    from pathlib import Path
+
+    for d in subtree_dirs(Path(prefix)):
+        path = os.fspath(d)
+        if path == os.path.normpath(prefix):
+            continue
+        try:
+            if "populated 1" in read_text(d / "cgroup.events") or not is_ours(path, _attached):
+                continue
+            ref = Ref.of(path)
+            for feat in FEATURES:
+                report.programs_detached += _detach_all(feat, ref)
+            os.rmdir(path)
+            forget_pending(path)
+            report.cgroups_removed.append(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                report.errors.append(f"{path}: {e}")
+
+
+def _attached(path: str) -> bool:
+    """Whether any program of ours (any version) is attached at the cgroup."""
+    ref = Ref.of(path)
+    fd = ref.open_fd()
+    try:
+        for feat in FEATURES:
+            with feat.find(fd) as groups:
+                if groups:
+                    return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _detach_all(feat: Feature, ref: Ref) -> int:
+    fd = ref.open_fd()
+    try:
+        with feat.find(fd) as groups:
+            n = sum(len(g.progs) for g in groups)
+    finally:
+        os.close(fd)
+    if n and feat.teardown is not None:
+        feat.teardown(ref)
+    return n

@@ -1,0 +1,64 @@
+"""Which cgroups this library created: an xattr on each, so gc can tell ours from others'.
+
+Why an xattr: it lives and dies with the cgroup, needs no state file, and any process can read
+it. `trusted.*` so only CAP_SYS_ADMIN can set or forge it. The marker is set right after mkdir;
+the parent carries a "pending" marker for the child's name across the mkdir, so even a process
+killed between mkdir and the child's marker leaves a directory gc recognises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+
+MARK = "trusted.pelagos_bpf"
+_PENDING = "trusted.pelagos_bpf.mk."
+
+
+def _pending_key(name: str) -> str:
+    return _PENDING + hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def creating(path: str) -> Iterator[None]:
+    """Wrap one mkdir of `path`: pending marker on the parent, then the marker on the child.
+
+    Markers are best effort (a kernel without xattrs on cgroupfs only makes gc more careful).
+    """
+    parent, name = os.path.split(path)
+    key = _pending_key(name)
+    with contextlib.suppress(OSError):
+        os.setxattr(parent, key, b"")
+    try:
+        yield
+        with contextlib.suppress(OSError):
+            os.setxattr(path, MARK, b"1")
+    finally:
+        with contextlib.suppress(OSError):
+            os.removexattr(parent, key)
+
+
+def is_ours(path: str, attached: Callable[[str], bool]) -> bool:
+    """Marked by us, pending on the parent, or carrying a program of ours (older releases did
+    not mark)."""
+    try:
+        os.getxattr(path, MARK)
+        return True
+    except OSError:
+        pass
+    parent, name = os.path.split(path)
+    try:
+        os.getxattr(parent, _pending_key(name))
+        return True
+    except OSError:
+        pass
+    return attached(path)
+
+
+def forget_pending(path: str) -> None:
+    """Drop the parent's pending marker of a removed child (left by a killed setup)."""
+    parent, name = os.path.split(path)
+    with contextlib.suppress(OSError):
+        os.removexattr(parent, _pending_key(name))

@@ -1,0 +1,108 @@
+"""The feature runtime: finding our programs on a cgroup by name and version, layouts checked."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from pelagos_bpf import bpfsys
+from pelagos_bpf.bpfsys import AttachType, MapType, ProgType
+from pelagos_bpf.cgroup import Cgroup
+from pelagos_bpf.devices import layout
+from pelagos_bpf.devices import program as devprog
+from pelagos_bpf.errors import BpfError
+
+
+def _prog_using(map_fd: int, name: str) -> int:
+    """A device program named `name` that references map_fd and allows everything."""
+    insns = b"".join(
+        [
+            struct.pack("<BBhi", 0x18, 0x11, 0, map_fd),  # r1 = map (BPF_PSEUDO_MAP_FD)
+            struct.pack("<BBhi", 0, 0, 0, 0),
+            struct.pack("<BBhi", 0xB7, 0x00, 0, 1),  # r0 = 1
+            struct.pack("<BBhi", 0x95, 0, 0, 0),  # exit
+        ]
+    )
+    return bpfsys.prog_load(ProgType.CGROUP_DEVICE, insns, name=name)
+
+
+def test_open_attached_matches_name_and_refuses_another_layout(
+    make_cgroup: Callable[[str], Cgroup],
+) -> None:
+    cg = make_cgroup("pf")
+    # A map named like ours but with another key size: what an older version could leave.
+    spec = layout.LAYER.map("dev_rules")
+    bad = bpfsys.map_create(MapType.HASH, 4, spec.value_size, 8, "dev_rules")
+    fds = [bad, _prog_using(bad, layout.PROG_NAME), _prog_using(bad, "someone_else")]
+    cgfd = cg.open_fd()
+    try:
+        for fd in fds[1:]:
+            bpfsys.prog_attach(fd, cgfd, AttachType.CGROUP_DEVICE)
+        info = bpfsys.prog_info(fds[1])
+        assert devprog.FEATURE.recognise(info) is not None  # our name and type...
+        assert devprog.FEATURE.recognise(bpfsys.prog_info(fds[2])) is None
+        # ...but not our layout: refused, not misread
+        with pytest.raises(BpfError) as e, devprog.FEATURE.find(cgfd):
+            pass
+        assert e.value.errno == errno.EPROTO and "does not have the layout" in str(e.value)
+        with pytest.raises(BpfError, match="does not have the layout"):
+            devprog.denials(cg)
+    finally:
+        for fd in fds[1:]:
+            bpfsys.prog_detach(fd, cgfd, AttachType.CGROUP_DEVICE)
+        for fd in (cgfd, *fds):
+            os.close(fd)
+
+
+def test_program_names_carry_the_layout_version() -> None:
+    """Kernel names fit BPF_OBJ_NAME_LEN and tell every known version apart."""
+    from pelagos_bpf.features import FEATURES
+
+    seen: set[tuple[str, int]] = set()
+    for feat in FEATURES:
+        for lay in feat.layers:
+            for p in lay.progs:
+                assert len(p.name) <= 15, p.name
+                assert (p.name, int(p.prog_type)) not in seen
+                seen.add((p.name, int(p.prog_type)))
+                if lay.version > 1:
+                    assert p.name.endswith(f"_v{lay.version}")
+
+
+def test_a_squatted_pin_with_another_program_is_refused(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin under our expected name holding another program (same name, type) is refused by
+    its tag, with an error naming the path."""
+    import subprocess
+    import uuid
+
+    from pelagos_bpf.feature import PIN_ENV, Feature
+
+    d = tmp_path / f"bpffs-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
+    try:
+        monkeypatch.setenv(PIN_ENV, str(d))
+        feat = Feature(layout.LAYER)
+        (path,) = feat._pin_paths().values()  # type: ignore[union-attr]
+        m = bpfsys.map_create(MapType.HASH, 4, 4, 8, "x")
+        squat = _prog_using(m, layout.PROG_NAME)
+        bpfsys.obj_pin(squat, path)
+        os.close(squat)
+        os.close(m)
+        with pytest.raises(BpfError) as e:
+            feat.loaded()
+        assert path in str(e.value) and "tag" in str(e.value)
+        os.unlink(path)
+        assert feat.loaded().progs  # the real program loads and pins once the squat is gone
+        again = feat._from_pins(feat._pin_paths())  # type: ignore[arg-type]
+        assert again.ids == feat.loaded().ids  # a second user shares the pinned program
+        again.close()
+        feat.loaded().close()
+    finally:
+        subprocess.run(["umount", str(d)], check=True)

@@ -1,0 +1,71 @@
+"""The C structs in bpf/*.c match the one Python declaration of every map layout."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pelagos_bpf.bpfsys import MapType
+from pelagos_bpf.devices import layout as dev
+from pelagos_bpf.feature import Layer, Layout
+from pelagos_bpf.net import layout as net
+from pelagos_bpf.progcache import bpf_source
+
+C_CODES = {"u64": "Q", "u32": "I", "s64": "q", "s32": "i"}
+STORAGE_KEY_SIZE = 16  # struct bpf_cgroup_storage_key
+
+
+def c_structs(source: str) -> dict[str, list[tuple[str, str]] | list[str]]:
+    """struct name -> [(field, struct code)], or for a struct wrapping a union the member
+    struct names."""
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", bpf_source(source).read_text(), flags=re.S)
+    out: dict[str, list[tuple[str, str]] | list[str]] = {}
+    for name, body in re.findall(r"struct (\w+) \{(.*?)\};", text, flags=re.S):
+        if "union" in body:
+            out[name] = re.findall(r"struct (\w+) \w+;", body)
+            continue
+        fields = []
+        for ctype, fname, n in re.findall(r"(\w+)\s+(\w+)(?:\[(\d+)\])?;", body):
+            fields.append((fname, f"{n}{C_CODES[ctype]}" if n else C_CODES[ctype]))
+        out[name] = fields
+    return out
+
+
+def c_size(structs: dict, name: str) -> int:
+    if name in C_CODES:
+        return Layout(name, (("v", C_CODES[name]),)).size
+    body = structs[name]
+    if body and isinstance(body[0], str):  # a union of structs
+        return max(c_size(structs, m) for m in body)
+    return Layout(name, tuple(body)).size
+
+
+LAYOUTS = [("device", lay) for lay in (dev.CUR, dev.KEY, dev.RULE, dev.INDEX, dev.DENY_KEY)] + [
+    ("net", lay) for lay in (net.CFG, net.ACCT, net.PRIO_KEY)
+]
+
+
+@pytest.mark.parametrize(("source", "layout"), LAYOUTS, ids=lambda x: getattr(x, "c_name", x))
+def test_c_struct_matches_declaration(source: str, layout: Layout) -> None:
+    assert c_structs(source)[layout.c_name] == list(layout.fields)
+
+
+@pytest.mark.parametrize("layer", [dev.LAYER, net.LAYER], ids=lambda lay: lay.feature)
+def test_map_sizes_match_the_c_declarations(layer: Layer) -> None:
+    structs = c_structs(layer.source)
+    text = bpf_source(layer.source).read_text()
+    for spec in layer.maps:
+        if spec.type in (MapType.CGROUP_STORAGE, MapType.PERCPU_CGROUP_STORAGE):
+            (val,) = re.findall(rf"BPF_\w*CGROUP_STORAGE\({spec.name}, (?:struct )?(\w+)\);", text)
+            assert (spec.key_size, spec.value_size) == (STORAGE_KEY_SIZE, c_size(structs, val))
+        else:
+            (decl,) = re.findall(rf"BPF_HASH\({spec.name}, ([^)]*)\);", text)
+            args = [a.strip().removeprefix("struct ") for a in decl.split(",")]
+            assert len(args) == 2, f"{spec.name}: sizes live in Python, not in the C declaration"
+            assert (spec.key_size, spec.value_size) == tuple(c_size(structs, a) for a in args)
+
+
+def test_dev_val_is_a_named_union_of_rule_and_index_entries() -> None:
+    assert c_structs("device")["dev_val"] == ["dev_rule", "dev_index"]
+    assert dev.VAL_SIZE == dev.INDEX.size == 128
