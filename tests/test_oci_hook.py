@@ -198,6 +198,14 @@ def test_poststop_after_cgroup_removed(
     os.kill(env.pid, 9)
     os.waitpid(env.pid, 0)
     env.cg.path.rmdir()  # what the runtime does before poststop
+    stale = env.state_dir / "failed-create.json"  # a create that failed never gets poststop
+    stale.write_text(json.dumps({"cgroup": str(env.cg.path) + "-gone", "cgroup_id": 1}))
+    live = env.state_dir / "running.json"
+    live.write_text(json.dumps({"cgroup": str(env.cg.path.parent), "cgroup_id": 0}))
+    keep = env.state_dir / "other.json"
+    parent_id = os.stat(env.cg.path.parent).st_ino
+    keep.write_text(json.dumps({"cgroup": str(env.cg.path.parent), "cgroup_id": parent_id}))
     r = env.run({}, status="stopped", pid=0)
     assert r.returncode == 0 and "removed by the runtime" in r.stderr
-    assert not list(env.state_dir.iterdir())
+    assert "2 stale record(s)" in r.stderr  # the missing cgroup and the reused name
+    assert [p.name for p in env.state_dir.iterdir()] == ["other.json"]

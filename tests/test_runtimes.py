@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -133,7 +134,9 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
         proc["capabilities"][k].append("CAP_NET_RAW")  # busybox ping uses a raw socket
     cfg["root"] = {"path": "rootfs", "readonly": True}
     linux = cfg["linux"]
-    linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "network"] + [
+    linux["namespaces"] = [
+        n for n in linux["namespaces"] if n["type"] not in ("network", "cgroup")
+    ] + [
         {"type": "network", "path": topo.path_a},
         {"type": "cgroup"},
     ]
@@ -297,3 +300,69 @@ def test_crun_classid_from_annotation_with_audit(tmp_path: Path) -> None:
     assert lines
     assert devs["null"] == "ok" and devs["zero"] == "ok"
     assert "Operation not permitted" in devs["kmsg"]
+
+
+@pytest.mark.usefixtures("v2_host")
+def test_podman_hooks_dir_and_annotation(tmp_path: Path) -> None:
+    """podman (crun) with --hooks-dir pointing at contrib/hooks.d's JSON and an annotation."""
+    podman = _runtime("podman")
+    _runtime("crun")
+    hooks = tmp_path / "hooks.d"
+    hooks.mkdir()
+    spec = json.loads((Path(__file__).parents[1] / "contrib/hooks.d/pelagos-bpf.json").read_text())
+    spec["hook"]["path"] = str(HOOK_BIN)
+    spec["hook"]["env"] = [f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}"] + [
+        f"PELAGOS_BPF_CACHE={v}" for k, v in os.environ.items() if k == "PELAGOS_BPF_CACHE"
+    ]
+    (hooks / "pelagos-bpf.json").write_text(json.dumps(spec))
+    short = Path(tempfile.mkdtemp(prefix="pgpm", dir="/tmp"))  # podman: runroot < 50 chars
+    pm = [
+        podman,
+        "--root", str(short / "storage"),
+        "--runroot", str(short / "run"),
+        "--storage-driver", "vfs",
+        "--cgroup-manager", "cgroupfs",
+        "--events-backend", "file",
+        "--hooks-dir", str(hooks),
+    ]  # fmt: skip
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*pm, *args], capture_output=True, text=True, timeout=600)
+        assert not check or r.returncode == 0, f"podman {args[0]}: {r.stderr}"
+        return r
+
+    _rootfs(tmp_path / "rootfs")
+    tar = tmp_path / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(tmp_path / "rootfs"), "-cf", str(tar), "."], check=True)
+    run("import", str(tar), "localhost/pelagos-busybox")
+    name = f"pelagos-rt-{os.getpid()}-{uuid.uuid4().hex[:6]}-podman"
+    with topology(("va",)) as topo:
+        before = topo.counters("va")
+        try:
+            run(
+                "run", "-d", "--name", name, "--runtime", "crun",
+                "--network", f"ns:{topo.path_a}", "--cap-add", "NET_RAW",
+                "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+                "--annotation", "io.pelagos-bpf.net.classid=1:10",
+                "localhost/pelagos-busybox", "sh", "-c", SCRIPT.format(peer=topo.peers["va"]),
+            )  # fmt: skip
+            deadline = time.monotonic() + 180
+            while "DONE" not in (out := run("logs", name).stdout).splitlines():
+                assert time.monotonic() < deadline, out
+                time.sleep(0.5)
+            assert "ping 0" in out.splitlines(), out
+            after = topo.counters("va")
+            assert after[C10][1] - before.get(C10, (0, 0))[1] == PINGS
+            pid = int(run("inspect", "--format", "{{.State.Pid}}", name).stdout)
+            cg_path = cgroup_of_pid(pid)
+            plan = net.read_config(_open(cg_path))
+            assert plan is not None and plan.classid == C10
+            progs, maps = _ours(cg_path)
+            assert len(progs) == 2
+        finally:
+            run("rm", "-f", name, check=False)
+            shutil.rmtree(short, ignore_errors=True)
+    assert not cg_path.exists()
+    assert all(_gone(bpfsys.prog_get_fd_by_id, p) for p in progs)
+    assert all(_gone(bpfsys.map_get_fd_by_id, m) for m in maps)
+    assert not list((tmp_path / "hook-state").glob("*.json"))  # poststop ran

@@ -145,7 +145,27 @@ def poststop(state: State) -> list[str]:
         devices.detach_devices(cg)
         msg = f"cgroup {cg_path}: our programs detached, map entries deleted"
     path.unlink(missing_ok=True)
-    return [msg]
+    stale = prune_records(path.parent)
+    return [msg] + (
+        [f"removed {stale} stale record(s) of containers whose poststop never ran"] if stale else []
+    )
+
+
+def prune_records(directory: Path) -> int:
+    """Delete records whose cgroup is gone: a create that failed after our hook ran gets no
+    poststop (runc), and the kernel freed its attachments with the cgroup."""
+    n = 0
+    for rec in directory.glob("*.json"):
+        try:
+            data = json.loads(rec.read_text())
+            if os.stat(data["cgroup"]).st_ino != data["cgroup_id"]:
+                raise FileNotFoundError  # a new cgroup under the old name
+        except FileNotFoundError:
+            rec.unlink(missing_ok=True)
+            n += 1
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or not ours to judge
+    return n
 
 
 # ---------------------------------------------------------------- entry point
