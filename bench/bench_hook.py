@@ -59,8 +59,12 @@ def state(cid: str, pid: int, bundle: Path, ann: dict[str, str], status: str = "
     )
 
 
-def exec_hook(text: str, env: dict[str, str]) -> None:
-    r = subprocess.run([str(HOOK), "oci-hook"], input=text.encode(), capture_output=True, env=env)
+CLI_ARGV = [str(HOOK), "oci-hook"]
+LEAN_ARGV = [sys.executable, "-m", "pelagos_bpf.ocihook"]
+
+
+def exec_hook(text: str, env: dict[str, str], argv: list[str] = CLI_ARGV) -> None:
+    r = subprocess.run(argv, input=text.encode(), capture_output=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"hook failed: {r.stderr.decode()}")
 
@@ -88,6 +92,26 @@ def hook_bench(runs: int, tmp: Path) -> None:
         noop = state("bench", proc.pid, bundle, {})
         rows.append(
             ("hook, nothing asked (start + imports)", median_ms(lambda: exec_hook(noop, env), runs))
+        )
+        rows.append(
+            (
+                "hook, nothing asked, python -m pelagos_bpf.ocihook",
+                median_ms(lambda: exec_hook(noop, env, LEAN_ARGV), runs),
+            )
+        )
+        lean = state("bench", proc.pid, bundle, CLASSID)
+        lean_stop = state("bench", 0, bundle, {}, "stopped")
+        lean_times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            exec_hook(lean, env, LEAN_ARGV)
+            lean_times.append(time.perf_counter() - t0)
+            exec_hook(lean_stop, env, LEAN_ARGV)
+        rows.append(
+            (
+                "hook create: classid, python -m pelagos_bpf.ocihook",
+                statistics.median(lean_times) * 1e3,
+            )
         )
         for label, ann in (("classid", CLASSID), ("classid + device rules", DEVICES)):
             create, stop = cycle(ann)

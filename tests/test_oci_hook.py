@@ -58,7 +58,12 @@ class Env:
         (self.bundle / "config.json").write_text(json.dumps(cfg))
 
     def run(
-        self, annotations: dict[str, str], *, status: str = "creating", **over: object
+        self,
+        annotations: dict[str, str],
+        *,
+        status: str = "creating",
+        argv: list[str] = HOOK,
+        **over: object,
     ) -> subprocess.CompletedProcess[str]:
         state = {
             "ociVersion": "1.0.2",
@@ -71,7 +76,7 @@ class Env:
         }
         env = dict(os.environ, PELAGOS_BPF_HOOK_STATE=str(self.state_dir))
         return subprocess.run(
-            [*HOOK, "-v"], input=json.dumps(state), capture_output=True, text=True, env=env
+            [*argv, "-v"], input=json.dumps(state), capture_output=True, text=True, env=env
         )
 
 
@@ -209,3 +214,14 @@ def test_poststop_after_cgroup_removed(
     assert r.returncode == 0 and "removed by the runtime" in r.stderr
     assert "2 stale record(s)" in r.stderr  # the missing cgroup and the reused name
     assert [p.name for p in env.state_dir.iterdir()] == ["other.json"]
+
+
+def test_lean_entry_point(env: Env) -> None:
+    """`python -m pelagos_bpf.ocihook` (no full CLI) does the same job."""
+    lean = [sys.executable, "-m", "pelagos_bpf.ocihook"]
+    r = env.run({"io.pelagos-bpf.net.classid": "1:30"}, argv=lean)
+    assert r.returncode == 0, r.stderr
+    plan = net.read_config(env.cg)
+    assert plan is not None and plan.classid == 0x10030
+    assert env.run({}, status="stopped", pid=0, argv=lean).returncode == 0
+    assert nothing_attached(env.cg.path)
