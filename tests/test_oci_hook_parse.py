@@ -1,0 +1,149 @@
+"""Pure parts of the OCI hook: state, annotations, request building, cgroup path mapping."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pelagos_bpf.config import CgroupDeviceRule
+from pelagos_bpf.errors import ConfigError
+from pelagos_bpf.ocihook import hook
+from pelagos_bpf.ocihook.locate import cgroup2_mounts, map_to_mount, v2_path
+from pelagos_bpf.ocihook.request import (
+    A_AUDIT,
+    A_CLASSID,
+    A_DEVICES,
+    A_PRIOS,
+    HookError,
+    build_request,
+    parse_classid,
+    parse_device_rules,
+    parse_priorities,
+    parse_state,
+    stage_of,
+)
+
+STATE = {"ociVersion": "1.0.2", "id": "c1", "status": "creating", "pid": 42, "bundle": "/b"}
+
+
+def test_classid_forms() -> None:
+    assert parse_classid("1:10") == 0x10010
+    assert parse_classid("ffee:1") == 0xFFEE0001
+    assert parse_classid("65552") == 0x10010
+    assert parse_classid("0x10010") == 0x10010
+    for bad in ("", "1:", "x:1", "1:10:2", "ten"):
+        with pytest.raises(ConfigError, match=re.escape("net.classid")):
+            parse_classid(bad)
+
+
+def test_priorities_forms() -> None:
+    assert parse_priorities("eth0=5,eth1=2") == [("eth0", 5), ("eth1", 2)]
+    assert parse_priorities(" eth0 = 5 ; lo=0 ") == [("eth0", 5), ("lo", 0)]
+    for bad in ("eth0", "eth0=-1", "=3", "eth0=x", ",;"):
+        with pytest.raises(ConfigError, match=re.escape("net.priorities")):
+            parse_priorities(bad)
+
+
+def test_device_rules_grammar() -> None:
+    assert parse_device_rules("deny c 1:5; allow b 8:* r") == [
+        CgroupDeviceRule(False, "c", 1, 5, "rwm"),
+        CgroupDeviceRule(True, "b", 8, -1, "r"),
+    ]
+    assert parse_device_rules("deny c 1:3 w,deny c 1:5") == [
+        CgroupDeviceRule(False, "c", 1, 3, "w"),
+        CgroupDeviceRule(False, "c", 1, 5, "rwm"),
+    ]
+    for bad in ("allow q 1:2", "deny c 1", "deny c x:1", "permit c 1:3", "deny c 1:3 z", ";"):
+        with pytest.raises(ConfigError, match=re.escape("io.pelagos-bpf.devices")):
+            parse_device_rules(bad)
+
+
+def test_state_checks() -> None:
+    s = parse_state({**STATE, "annotations": {"a": "b"}})
+    assert (s.id, s.pid, s.bundle, s.annotations) == ("c1", 42, "/b", {"a": "b"})
+    assert parse_state({**STATE, "pid": 0}).pid is None  # poststop states may carry pid 0
+    for bad, field in (
+        ([], "JSON object"),
+        ({**STATE, "id": ""}, "state.id"),
+        ({**STATE, "pid": "42"}, "state.pid"),
+        ({**STATE, "bundle": None}, "state.bundle"),
+        ({**STATE, "annotations": {"a": 1}}, "annotations"),
+    ):
+        with pytest.raises(HookError, match=field):
+            parse_state(bad)
+
+
+def test_stage_from_status() -> None:
+    assert stage_of(parse_state(STATE), "auto") == "create"
+    assert stage_of(parse_state({**STATE, "status": "stopped"}), "auto") == "poststop"
+    assert stage_of(parse_state({**STATE, "status": "paused"}), "poststop") == "poststop"
+    with pytest.raises(HookError, match="paused"):
+        stage_of(parse_state({**STATE, "status": "paused"}), "auto")
+
+
+def test_request_from_config_and_annotations() -> None:
+    cfg = {"linux": {"resources": {"network": {"classID": 0x10020}}}}
+    assert build_request({}, cfg).classid == 0x10020
+    req = build_request({A_CLASSID: "1:10", "io.pelagos-bpf.nett": "x"}, cfg)
+    assert req.classid == 0x10010
+    assert any("overrides" in w for w in req.warnings)
+    assert any("io.pelagos-bpf.nett" in w for w in req.warnings)
+    assert not req.wants_devices
+    assert build_request({"other": "x"}, {}).empty
+
+
+def test_request_device_rules_mirror_the_runtime() -> None:
+    cfg = {
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
+        }
+    }
+    req = build_request({A_DEVICES: "deny c 1:5"}, cfg)
+    rules = req.device_rules()
+    assert rules[0] == CgroupDeviceRule(False, "a", -1, -1, "rwm")
+    assert CgroupDeviceRule(True, "c", 10, 229, "rwm") in rules  # linux.devices node
+    assert CgroupDeviceRule(True, "c", 1, 3, "rwm") in rules  # runtime default allowlist
+    assert rules[-1] == CgroupDeviceRule(False, "c", 1, 5, "rwm")  # ours last: it wins
+    assert build_request({A_AUDIT: "true"}, cfg).wants_devices
+    assert not build_request({A_AUDIT: "false"}, cfg).wants_devices
+    with pytest.raises(ConfigError, match=re.escape("devices.audit")):
+        build_request({A_AUDIT: "maybe"}, cfg)
+
+
+def test_request_rejects_bad_values_before_anything() -> None:
+    with pytest.raises(ConfigError, match="net_classid"):
+        build_request({A_CLASSID: "1:0"}, {})  # minor 0 names the qdisc, not a class
+    with pytest.raises(ConfigError, match="net_priorities"):
+        build_request({A_PRIOS: "eth0=1,eth0=2"}, {})
+    with pytest.raises(ConfigError, match=re.escape("linux.resources.network")):
+        build_request({}, {"linux": {"resources": {"network": {"bogus": 1}}}})
+
+
+def test_v2_path_and_mount_mapping() -> None:
+    assert v2_path("12:pids:/x\n0::/a/b\n") == "/a/b"
+    with pytest.raises(HookError, match="no '0::'"):
+        v2_path("12:pids:/x\n")
+    mi = (
+        "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"
+        "40 25 0:26 /kube/pod1 /mnt/pod\\040cg rw - cgroup2 cgroup2 rw\n"
+        "41 25 0:27 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+    )
+    mounts = cgroup2_mounts(mi)
+    assert mounts == [("/", Path("/sys/fs/cgroup")), ("/kube/pod1", Path("/mnt/pod cg"))]
+    assert map_to_mount("/a/b", mounts) == Path("/sys/fs/cgroup/a/b")
+    assert map_to_mount("/kube/pod1/c", mounts) == Path("/mnt/pod cg/c")  # longest root wins
+    assert map_to_mount("/kube/pod10", mounts) == Path("/sys/fs/cgroup/kube/pod10")
+    with pytest.raises(HookError, match="outside this process's cgroup namespace"):
+        map_to_mount("/../other/c", mounts)
+    with pytest.raises(HookError, match="no cgroup2 mount"):
+        map_to_mount("/a", [("/kube", Path("/m"))])
+
+
+def test_record_names(tmp_path: Path) -> None:
+    assert hook.record_path("abc-1.x", tmp_path) == tmp_path / "abc-1.x.json"
+    for odd in ("../etc/x", ".hidden", "a/b"):
+        p = hook.record_path(odd, tmp_path)
+        assert p.parent == tmp_path and p.name.startswith("sha256-")

@@ -1,0 +1,47 @@
+"""The systemd driver's cgroupsPath form: parsed like runc, refused clearly without systemd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pelagos_bpf import systemd
+from pelagos_bpf.errors import ConfigError
+
+
+def test_runc_forms() -> None:
+    p = systemd.parse("system.slice:docker:abc")
+    assert (p.slice, p.unit, p.cgroup_path) == (
+        "system.slice",
+        "docker-abc.scope",
+        "system.slice/docker-abc.scope",
+    )
+    p = systemd.parse(":libpod:c1")  # empty slice: system.slice
+    assert p.cgroup_path == "system.slice/libpod-c1.scope"
+    p = systemd.parse("kubepods-burstable.slice:cri-containerd:0a1b")
+    assert p.cgroup_path == "kubepods.slice/kubepods-burstable.slice/cri-containerd-0a1b.scope"
+    assert systemd.parse("user.slice::x").unit == "x.scope"
+    assert systemd.parse("system.slice::my.slice").unit == "my.slice"
+
+
+def test_form_detection_and_bad_slices() -> None:
+    assert systemd.is_systemd_form("system.slice:docker:abc")
+    assert not systemd.is_systemd_form("a/b:c:d")
+    assert not systemd.is_systemd_form("plain/path")
+    assert systemd.expand_slice("-.slice") == "/"
+    for bad in ("system", "a--b.slice", "-a.slice", "a-.slice"):
+        with pytest.raises(ConfigError):
+            systemd.expand_slice(bad)
+    with pytest.raises(ConfigError, match="name part"):
+        systemd.parse("system.slice:docker:")
+
+
+def test_refused_with_reason_without_systemd(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(systemd, "SYSTEMD_RUN_DIR", tmp_path / "absent")
+    with pytest.raises(ConfigError) as e:
+        systemd.resolve("system.slice:docker:abc")
+    msg = str(e.value)
+    assert "system.slice/docker-abc.scope" in msg and "not PID 1" in msg
