@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from . import convert
+from . import convert, systemd
 from .config import CgroupConfig
 from .controllers.unified import validate_unified
 from .devices.rules import validate_device_rules
@@ -106,6 +106,8 @@ def validate_path(value: Any) -> str:
     """
     if not isinstance(value, str):
         raise ConfigError("path", value, "must be a string")
+    if systemd.is_systemd_form(value):  # "slice:prefix:name" must never become a directory name
+        systemd.resolve(value)
     try:
         raw = value.encode()
     except UnicodeEncodeError:

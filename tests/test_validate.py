@@ -237,3 +237,12 @@ def test_validate_reaches_net_only_through_the_leaf_plan_module() -> None:
 
     assert {m for m in imported(validate_mod) if m.startswith(".net")} == {".net.plan"}
     assert imported(plan_mod) == {"..errors"}
+
+
+def test_systemd_driver_path_is_refused_not_made_a_directory() -> None:
+    """runc's --systemd-cgroup form is a unit, not a directory name: a clear error naming the
+    systemd path it would be (no transient scope support yet)."""
+    with pytest.raises(ConfigError) as e:
+        validate_path("system.slice:docker:abc")
+    assert "system.slice/docker-abc.scope" in str(e.value)
+    assert validate_path("system.slice/docker-abc.scope") == "system.slice/docker-abc.scope"
