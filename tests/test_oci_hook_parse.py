@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pelagos_bpf.config import CgroupDeviceRule
-from pelagos_bpf.errors import ConfigError
+from pelagos_bpf.errors import ConfigError, UnsupportedSettings
 from pelagos_bpf.ocihook import hook
 from pelagos_bpf.ocihook.locate import cgroup2_mounts, map_to_mount, v2_path
 from pelagos_bpf.ocihook.request import (
@@ -118,7 +118,7 @@ def test_request_rejects_bad_values_before_anything() -> None:
         build_request({A_CLASSID: "1:0"}, {})  # minor 0 names the qdisc, not a class
     with pytest.raises(ConfigError, match="net_priorities"):
         build_request({A_PRIOS: "eth0=1,eth0=2"}, {})
-    with pytest.raises(ConfigError, match=re.escape("linux.resources.network")):
+    with pytest.raises(UnsupportedSettings, match=re.escape("linux.resources.network.bogus")):
         build_request({}, {"linux": {"resources": {"network": {"bogus": 1}}}})
 
 
