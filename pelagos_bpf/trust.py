@@ -245,10 +245,13 @@ def _open_pin_at(dirfd: int, full: str, insns: bytes, prog_type: int) -> int | N
     finally:
         os.close(pfd)
     try:
+        # OBJ_GET_INFO_BY_FD answers for maps and links too: ask what the fd is first.
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-prog":
+            raise _refuse(full, "pin", "is not a BPF program", f"rm {full}")
         info = bpfsys.prog_info(fd)
-    except BpfError as e:
+    except BaseException:
         os.close(fd)
-        raise _refuse(full, "pin", "is not a BPF program", f"rm {full}") from e
+        raise
     if not is_our_program(info, insns, prog_type):
         os.close(fd)
         want = "/".join(sorted(t.hex() for t in prog_tags(insns)))

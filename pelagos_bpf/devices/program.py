@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .. import bpfsys, progcache, progfind
+from .. import bpfsys, progcache, progfind, trust
 from ..bpfsys import AttachType, MapType, ProgType
 from ..config import CgroupDeviceRule
 from ..errors import BpfError, CgroupError
@@ -93,11 +93,16 @@ def _pin_path(prog: progcache.CompiledProgram) -> Path | None:
     return Path(d) / f"{PROG_NAME}_{hashlib.sha256(prog.insns).hexdigest()[:16]}"
 
 
+def _open_pin(pin: Path, prog: progcache.CompiledProgram) -> int | None:
+    """The pinned program if it is exactly ours (trust checks owner, symlinks, type, tag)."""
+    return trust.open_pinned_program(pin, insns=prog.insns, prog_type=ProgType.CGROUP_DEVICE)
+
+
 def _load_or_fetch() -> Program:
     prog = compiled()
     pin = _pin_path(prog)
-    if pin is not None and pin.exists():
-        return _from_fd(bpfsys.obj_get(pin))
+    if pin is not None and (pinned := _open_pin(pin, prog)) is not None:
+        return _from_fd(pinned)
     maps: dict[str, int] = {}
     try:
         for name, (mtype, ksz, vsz, maxe, flags) in MAP_SPECS.items():
@@ -110,13 +115,13 @@ def _load_or_fetch() -> Program:
     loaded = Program(fd=fd, id=bpfsys.prog_info(fd).id, maps=maps)
     if pin is not None:
         try:
-            bpfsys.obj_pin(fd, pin)
-        except BpfError as e:
-            if e.errno != errno.EEXIST:
-                loaded.close()
-                raise
-            loaded.close()  # another process pinned first: share its program and maps
-            return _from_fd(bpfsys.obj_get(pin))
+            theirs = None if trust.pin_program(fd, pin) else _open_pin(pin, prog)
+        except BaseException:
+            loaded.close()
+            raise
+        if theirs is not None:  # another process pinned first: share its program and maps
+            loaded.close()
+            return _from_fd(theirs)
     return loaded
 
 
