@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import struct
 import subprocess
 import sysconfig
@@ -46,6 +47,7 @@ _FORMAT = 1
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 _MAX_INSNS = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS: the kernel loads nothing longer
+_HEX_INSNS = re.compile(r"(?:[0-9a-f]{16})+")
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,11 @@ def parse_cached(data: bytes, func: str, prog_type: int) -> CompiledProgram:
             f"describes {d['func']} type {d['prog_type']}, not {func} type {prog_type}"
         )
     hexed = str(_want(d, "insns", str))
-    if any(c not in "0123456789abcdef" for c in hexed) or len(hexed) % 16:
+    if not _HEX_INSNS.fullmatch(hexed):
         raise ValueError("insns is not whole instructions in lower-case hex")
     insns = bytes.fromhex(hexed)
-    n = len(insns) // 8
-    if not 0 < n <= _MAX_INSNS:
-        raise ValueError(f"{n} instructions")
+    if len(insns) > _MAX_INSNS * 8:
+        raise ValueError(f"{len(insns) // 8} instructions")
     relocs = []
     for r in _want(d, "relocs", list):  # type: ignore[attr-defined]
         if not (isinstance(r, list) and len(r) == 2 and type(r[0]) is int and type(r[1]) is str):
@@ -240,11 +241,13 @@ def parse_cached(data: bytes, func: str, prog_type: int) -> CompiledProgram:
 
 def map_load_indexes(insns: bytes) -> list[int]:
     """Indexes of the BPF_LD_IMM64 map-fd loads (the instructions relocate() rewrites)."""
+    ops, last = insns[0::8], len(insns) // 8 - 1
     out = []
-    for i in range(0, len(insns) - 15, 8):
-        op, regs = insns[i], insns[i + 1]
-        if op == _LD_IMM64 and (regs >> 4) == _PSEUDO_MAP_FD:
-            out.append(i // 8)
+    i = ops.find(_LD_IMM64)
+    while i != -1:
+        if i < last and (insns[i * 8 + 1] >> 4) == _PSEUDO_MAP_FD:
+            out.append(i)
+        i = ops.find(_LD_IMM64, i + 1)
     return out
 
 

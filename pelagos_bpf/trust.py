@@ -20,7 +20,6 @@ import errno
 import hashlib
 import os
 import stat
-import struct
 
 from . import bpfsys
 from .errors import BpfError
@@ -35,7 +34,6 @@ _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 _PSEUDO_MAP_VALUE = 2
 _MAP_SRC = (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE)
-_INSN = struct.Struct("<BBhi")
 
 
 def trusted_uids() -> frozenset[int]:
@@ -165,21 +163,22 @@ def write_trusted_file(dirfd: int, name: str, data: bytes) -> None:
 
 def _tag_input(insns: bytes) -> bytes:
     """The instructions as bpf_prog_calc_tag hashes them: the imm of both halves of every
-    map-referencing BPF_LD_IMM64 zeroed, so the tag does not depend on the map fds."""
+    map-referencing BPF_LD_IMM64 zeroed, so the tag does not depend on the map fds. Visits only
+    the BPF_LD_IMM64 opcodes (bytes.find), mirroring the kernel's was_ld_map state machine."""
     if len(insns) % 8:
         raise BpfError(errno.EINVAL, "prog_tag", f"{len(insns)} bytes is not whole instructions")
     code = bytearray(insns)
-    was_ld_map = False
-    for off in range(0, len(code), 8):
-        op, regs, ioff, _imm = _INSN.unpack_from(code, off)
-        if not was_ld_map and op == _LD_IMM64 and (regs >> 4) in _MAP_SRC:
-            was_ld_map = True
-            struct.pack_into("<i", code, off + 4, 0)
-        elif was_ld_map and op == 0 and regs == 0 and ioff == 0:
-            was_ld_map = False
-            struct.pack_into("<i", code, off + 4, 0)
-        else:
-            was_ld_map = False
+    ops = insns[0::8]
+    last = -2  # index of the last first half that set the kernel's was_ld_map
+    i = ops.find(_LD_IMM64)
+    while i != -1:
+        if last != i - 1 and (code[i * 8 + 1] >> 4) in _MAP_SRC:
+            code[i * 8 + 4 : i * 8 + 8] = bytes(4)
+            nxt = (i + 1) * 8
+            if code[nxt : nxt + 4] == bytes(4):  # second half: code, regs and off all 0
+                code[nxt + 4 : nxt + 8] = bytes(4)
+            last = i
+        i = ops.find(_LD_IMM64, i + 1)
     return bytes(code)
 
 
@@ -192,7 +191,10 @@ def prog_tag(insns: bytes, hash_name: str = "sha256") -> bytes:
 def prog_tags(insns: bytes) -> frozenset[bytes]:
     """Every tag a kernel may give this bytecode (SHA-256 and SHA-1 flavours): either is a
     64-bit second-preimage target, so accepting both costs no strength and survives backports."""
-    return frozenset(prog_tag(insns, h) for h in ("sha256", "sha1"))
+    data = _tag_input(insns)
+    return frozenset(
+        hashlib.new(h, data, usedforsecurity=False).digest()[:8] for h in ("sha256", "sha1")
+    )
 
 
 def is_our_program(info: bpfsys.ProgInfo, insns: bytes, prog_type: int) -> bool:
