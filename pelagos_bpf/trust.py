@@ -95,7 +95,8 @@ def _open_component(dirfd: int, name: str, walked: str, what: str, create: bool)
             raise _refuse(walked, what, "is a symlink or not a directory", fix) from None
         raise BpfError(e.errno or errno.EIO, f"{what} {walked}", e.strerror or "") from e
     try:
-        os.mkdir(name, DIR_MODE, dir_fd=dirfd)
+        # 0700 first: whatever the umask, a concurrent checker never sees it writable by others.
+        os.mkdir(name, 0o700, dir_fd=dirfd)
         made = True
     except FileExistsError:  # a concurrent creator won; its dir is checked like any other
         made = False
@@ -103,7 +104,7 @@ def _open_component(dirfd: int, name: str, walked: str, what: str, create: bool)
         raise BpfError(e.errno or errno.EIO, f"create {what} {walked}", e.strerror or "") from e
     nfd = _open_component(dirfd, name, walked, what, create=False)
     if made:
-        os.fchmod(nfd, DIR_MODE)  # explicit: mkdir's mode is masked by the umask
+        os.fchmod(nfd, DIR_MODE)  # explicit, not the umask's choice
     return nfd
 
 
