@@ -28,6 +28,11 @@ from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.net import program as netprog
 
 pytestmark = pytest.mark.root
+# The fresh-process scenarios check file-system trust, not kernel behaviour, and cost ~20-40 s
+# each under TCG: the QEMU guests run the tag and pin tests only.
+host_only = pytest.mark.skipif(
+    bool(os.environ.get("PELAGOS_VM_KERNEL")), reason="kernel-independent; run on the host"
+)
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 KMSG = ("c", 1, 11, "r")  # /dev/kmsg: denied by DEFAULT_DEVICE_RULES
@@ -120,6 +125,7 @@ def _refused(out: dict, path: Path, why: str) -> None:
     assert f"{path}: " in out["msg"] and why in out["msg"], out["msg"]
 
 
+@host_only
 def test_planted_cache_dir_under_tmp_is_refused(setup_in_fresh_process, cg_root: Path) -> None:
     """nobody pre-creates the dir $PELAGOS_BPF_CACHE names and plants allow-all bytecode."""
     d = _unique("pelagos-plant")
@@ -134,6 +140,7 @@ def test_planted_cache_dir_under_tmp_is_refused(setup_in_fresh_process, cg_root:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@host_only
 def test_world_writable_root_cache_dir_is_refused(setup_in_fresh_process, cg_root: Path) -> None:
     """A root-owned cache dir made under umask 0 (0777): nobody's planted file is not read."""
     d = _unique("pelagos-0777")
@@ -149,6 +156,7 @@ def test_world_writable_root_cache_dir_is_refused(setup_in_fresh_process, cg_roo
         shutil.rmtree(d, ignore_errors=True)
 
 
+@host_only
 def test_planted_file_in_root_cache_dir_is_refused(
     setup_in_fresh_process, honest_cache: Path, cg_root: Path
 ) -> None:
@@ -165,6 +173,7 @@ def test_planted_file_in_root_cache_dir_is_refused(
         shutil.rmtree(d, ignore_errors=True)
 
 
+@host_only
 def test_honest_cache_enforces_default_rules(setup_in_fresh_process, honest_cache: Path) -> None:
     out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(honest_cache))
     assert "path" in out, out
@@ -245,6 +254,7 @@ def test_bpffs_is_sticky_and_world_writable(bpffs: Path) -> None:
     os.close(trust.check_pin_dir(bpffs))  # allowed: each pin's owner is checked instead
 
 
+@host_only
 def test_squatting_directory_is_refused(
     bpffs: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,6 +264,7 @@ def test_squatting_directory_is_refused(
     _refused(out, pin, "is not a pinned program")
 
 
+@host_only
 def test_squatting_symlink_to_a_foreign_program_is_refused(
     foreign: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -264,6 +275,7 @@ def test_squatting_symlink_to_a_foreign_program_is_refused(
     _refused(out, pin, "is a symlink")
 
 
+@host_only
 def test_foreign_program_under_our_pin_name_is_refused(
     bpffs: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
