@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from . import bpfsys, progcache
+from . import bpfsys, progcache, trust
 from .bpfsys import AttachType, MapType, ProgType
 from .cgref import CgroupRef, Liveness, opened
 from .errors import BpfError
@@ -213,20 +213,24 @@ class Feature:
 
     def _load_or_fetch(self) -> Loaded:
         pins = self._pin_paths()
-        if pins is not None and all(os.path.exists(p) for p in pins.values()):
-            return self._from_pins(pins)
-        loaded = self._load()
         if pins is None:
-            return loaded
+            return self._load()
+        fetched = self._from_pins(pins)
+        if fetched is not None:
+            return fetched
+        loaded = self._load()
         try:
-            for func, path in pins.items():
-                bpfsys.obj_pin(loaded.progs[func], path)
-        except BpfError as e:
+            pinned = all(trust.pin_program(loaded.progs[f], path) for f, path in pins.items())
+        except BaseException:
             loaded.close()
-            if e.errno != errno.EEXIST:
-                raise
-            return self._from_pins(pins)  # another process pinned first: share its objects
-        return loaded
+            raise
+        if pinned:
+            return loaded
+        loaded.close()
+        fetched = self._from_pins(pins)  # another process pinned first: share its objects
+        if fetched is None:
+            raise BpfError(errno.EAGAIN, "pinned program", f"pins {sorted(pins.values())} vanished")
+        return fetched
 
     def _load(self) -> Loaded:
         layer = self.current
@@ -248,23 +252,24 @@ class Feature:
         ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
         return Loaded(layer, progs, ids, maps)
 
-    def _from_pins(self, pins: dict[str, str]) -> Loaded:
+    def _from_pins(self, pins: dict[str, str]) -> Loaded | None:
+        """Our programs and maps from their pins (None: not all pinned yet). trust checks each
+        pin (no symlink, root's own, our program type and bytecode tag) before we use it."""
         progs: dict[str, int] = {}
         maps: dict[str, int] = {}
         try:
             for func, path in pins.items():
-                progs[func] = fd = bpfsys.obj_get(path)
-                info = bpfsys.prog_info(fd)
                 spec = self.current.prog(func)
-                if (info.name, info.type) != (spec.name, int(spec.prog_type)):
+                insns = _compiled(self.current, spec).insns
+                fd = trust.open_pinned_program(path, insns=insns, prog_type=spec.prog_type)
+                if fd is None:
+                    for x in (*progs.values(), *maps.values()):
+                        os.close(x)
+                    return None
+                progs[func] = fd
+                info = bpfsys.prog_info(fd)
+                if info.name != spec.name:
                     raise BpfError(errno.EINVAL, "pinned program", f"{path} is not {spec.name}")
-                if info.tag not in prog_tags(_compiled(self.current, spec).insns):
-                    raise BpfError(
-                        errno.EPERM,
-                        "pinned program",
-                        f"{path}: tag {info.tag} is not the tag of our bytecode "
-                        "(remove the pin; someone else's program?)",
-                    )
                 for k, v in open_maps(info, self.current).items():
                     if k in maps:
                         os.close(v)
@@ -455,20 +460,8 @@ class Feature:
 
 
 def prog_tags(insns: bytes) -> frozenset[str]:
-    """The tags the kernel gives this bytecode: the first 8 bytes of a digest over the
-    instructions with the imm of BPF_LD_IMM64 map loads zeroed (kernel/bpf/core.c
-    bpf_prog_calc_tag). SHA-1 up to 6.17, SHA-256 since 6.18: both are returned."""
-    code = bytearray(insns)
-    i = 0
-    while i + 16 <= len(code):
-        if code[i] == 0x18 and (code[i + 1] >> 4) in (1, 2):  # PSEUDO_MAP_FD / _VALUE
-            code[i + 4 : i + 8] = bytes(4)
-            code[i + 12 : i + 16] = bytes(4)
-            i += 16
-        else:
-            i += 8
-    raw = bytes(code)
-    return frozenset(h(raw).digest()[:8].hex() for h in (hashlib.sha1, hashlib.sha256))
+    """The tags (hex, as bpf prog info shows them) a kernel may give this bytecode."""
+    return frozenset(t.hex() for t in trust.prog_tags(insns))
 
 
 def open_prog(prog_id: int) -> int | None:

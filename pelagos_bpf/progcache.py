@@ -10,28 +10,44 @@ key over the C source, the stub headers, the bcc version, the function and the p
 change to those makes a new key (stale files are simply never read again). The kernel release is
 deliberately not in the key: the programs use only uapi types and stable helpers, so the same
 bytecode loads on every kernel, and a kernel that rejects it says so at PROG_LOAD.
+
+Trust: what this cache holds is loaded into the kernel as root, so it is read only from a dir
+that nobody but root could have written (checked by `trust`, sshd StrictModes style), created
+with mode 0755 whatever the umask; each file is validated completely and must describe the
+requested function and program type (docs/TRUST.md).
+
+Sources: the C files and stub headers are package data (`pelagos_bpf/bpfsrc`, a symlink to the
+top-level `bpf/` in a checkout), found with importlib.resources in every kind of install.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import platform
+import re
 import struct
-import sys
+import subprocess
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, trust
 from .errors import BpfError
 
 CACHE_ENV = "PELAGOS_BPF_CACHE"
 DEFAULT_CACHE = Path("/var/cache/pelagos-bpf")
+SOURCES = "bpfsrc"  # package data: a symlink to the top-level bpf/ in a checkout, files installed
 _FORMAT = 1
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
+_MAX_INSNS = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS: the kernel loads nothing longer
+_HEX_INSNS = re.compile(r"(?:[0-9a-f]{16})+")
 
 
 @dataclass(frozen=True)
@@ -48,17 +64,15 @@ class CompiledProgram:
 
 
 def project_bpf_dir() -> Path:
-    """The `bpf/` directory: beside the package in a checkout, under <prefix>/share installed."""
-    here = Path(__file__).resolve().parent
-    installed = Path(sys.prefix) / "share" / "pelagos-bpf" / "bpf"
-    for cand in (here.parent / "bpf", installed):
-        if cand.is_dir():
-            return cand
-    raise BpfError(2, "find bpf/ sources", f"no bpf/ directory near {here}")
+    """The BPF C sources and stub headers, found as package data (every kind of install)."""
+    d = Path(str(resources.files(__package__) / SOURCES))
+    if not (d / "include").is_dir():
+        raise BpfError(errno.ENOENT, "find BPF sources", f"{d} is missing (broken install?)")
+    return d
 
 
 def bpf_source(name: str) -> Path:
-    """Path of bpf/<name>.c."""
+    """Path of the packaged bpf/<name>.c."""
     return project_bpf_dir() / f"{name}.c"
 
 
@@ -111,6 +125,12 @@ def _cache_key(func: str, prog_type: int, files: tuple[tuple[str, int, int], ...
     return h.hexdigest()[:32]
 
 
+def cache_file_name(source: str | os.PathLike[str], func: str, prog_type: int) -> str:
+    """The name of this program's file in the cache dir."""
+    src = Path(source)
+    return f"{src.stem}-{func}-{cache_key(src, func, prog_type)}.json"
+
+
 def get_program(
     source: str | os.PathLike[str],
     func: str,
@@ -118,28 +138,50 @@ def get_program(
     *,
     compile_if_missing: bool = True,
 ) -> CompiledProgram:
-    """The compiled program from the cache, compiling (and storing) it on a miss."""
-    src = Path(source)
-    key = cache_key(src, func, prog_type)
-    return _get_cached(str(src), func, int(prog_type), key, compile_if_missing)
+    """The compiled program from the (trusted) cache, compiling and storing it on a miss.
+
+    A cache dir, ancestor or file that others could write raises BpfError naming it; a file
+    that does not parse, or describes another function or type, is a miss."""
+    name = cache_file_name(source, func, prog_type)
+    return _get_cached(
+        str(source), func, int(prog_type), name, str(cache_dir()), compile_if_missing
+    )
 
 
 @cache
 def _get_cached(
-    src: str, func: str, prog_type: int, key: str, compile_if_missing: bool
+    src: str, func: str, prog_type: int, name: str, cdir: str, compile_if_missing: bool
 ) -> CompiledProgram:
-    path = cache_dir() / f"{Path(src).stem}-{func}-{key}.json"
+    path = f"{cdir.rstrip('/')}/{name}"
+    dirfd = _open_cache_dir(cdir, create=compile_if_missing)
     try:
-        return _from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError):
-        pass
-    if not compile_if_missing:
-        raise BpfError(
-            2, "bytecode cache", f"{path} missing: run `pelagos-bpf compile` (needs bcc) first"
-        )
-    prog = compile_program(src, func, prog_type)
-    _store(path, prog)
-    return prog
+        data = None if dirfd is None else trust.read_trusted_file(dirfd, name, cdir, "cache file")
+        why = "missing" if data is None else None
+        if data is not None:
+            try:
+                return parse_cached(data, func, prog_type)
+            except ValueError as e:
+                why = f"unusable ({e})"
+        if not compile_if_missing:
+            raise BpfError(
+                errno.ENOENT, "bytecode cache", f"{path} {why}: run `pelagos-bpf compile` first"
+            )
+        prog = compile_program(src, func, prog_type)
+        assert dirfd is not None
+        trust.write_trusted_file(dirfd, name, json.dumps(_to_json(prog)).encode())
+        return prog
+    finally:
+        if dirfd is not None:
+            os.close(dirfd)
+
+
+def _open_cache_dir(cdir: str, *, create: bool) -> int | None:
+    try:
+        return trust.open_trusted_dir(cdir, "cache dir", create=create)
+    except BpfError as e:
+        if e.errno == errno.ENOENT and not create:
+            return None
+        raise
 
 
 def _to_json(p: CompiledProgram) -> dict[str, object]:
@@ -153,26 +195,96 @@ def _to_json(p: CompiledProgram) -> dict[str, object]:
     }
 
 
-def _from_json(d: dict[str, object]) -> CompiledProgram:
-    if d["format"] != _FORMAT:
-        raise ValueError("cache format")
+def _want(d: dict[str, object], key: str, typ: type) -> object:
+    v = d.get(key)
+    if type(v) is not typ:  # exact: a bool is not an int here
+        raise ValueError(f"{key!r} is not a {typ.__name__}")
+    return v
+
+
+def parse_cached(data: bytes, func: str, prog_type: int) -> CompiledProgram:
+    """Validate a cache file completely; the program type and function are the request's, a
+    file describing others is refused. Raises ValueError (a cache miss) on anything odd."""
+    try:
+        d = json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    if _want(d, "format", int) != _FORMAT:
+        raise ValueError(f"format {d['format']}, want {_FORMAT}")
+    if _want(d, "func", str) != func or _want(d, "prog_type", int) != int(prog_type):
+        raise ValueError(
+            f"describes {d['func']} type {d['prog_type']}, not {func} type {prog_type}"
+        )
+    hexed = str(_want(d, "insns", str))
+    if not _HEX_INSNS.fullmatch(hexed):
+        raise ValueError("insns is not whole instructions in lower-case hex")
+    insns = bytes.fromhex(hexed)
+    if len(insns) > _MAX_INSNS * 8:
+        raise ValueError(f"{len(insns) // 8} instructions")
+    relocs = []
+    for r in _want(d, "relocs", list):  # type: ignore[attr-defined]
+        if not (isinstance(r, list) and len(r) == 2 and type(r[0]) is int and type(r[1]) is str):
+            raise ValueError(f"bad reloc {r!r}")
+        relocs.append((r[0], r[1]))
+    if sorted(i for i, _ in relocs) != map_load_indexes(insns):
+        raise ValueError("relocs do not match the map loads in insns")
     return CompiledProgram(
-        func=str(d["func"]),
-        prog_type=int(d["prog_type"]),  # type: ignore[call-overload]
-        insns=bytes.fromhex(str(d["insns"])),
-        relocs=tuple((int(i), str(n)) for i, n in d["relocs"]),  # type: ignore[attr-defined]
-        source_hash=str(d["source_hash"]),
+        func=func,
+        prog_type=int(prog_type),
+        insns=insns,
+        relocs=tuple(relocs),
+        source_hash=str(_want(d, "source_hash", str)),
     )
 
 
-def _store(path: Path, prog: CompiledProgram) -> None:
-    """Write atomically (tmp + rename) so concurrent starts never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    os.fchmod(fd, 0o644)  # bytecode is not secret; let unprivileged inspect/check read it
-    with os.fdopen(fd, "w") as f:
-        json.dump(_to_json(prog), f)
-    os.replace(tmp, path)
+def map_load_indexes(insns: bytes) -> list[int]:
+    """Indexes of the BPF_LD_IMM64 map-fd loads (the instructions relocate() rewrites)."""
+    ops, last = insns[0::8], len(insns) // 8 - 1
+    out = []
+    i = ops.find(_LD_IMM64)
+    while i != -1:
+        if i < last and (insns[i * 8 + 1] >> 4) == _PSEUDO_MAP_FD:
+            out.append(i)
+        i = ops.find(_LD_IMM64, i + 1)
+    return out
+
+
+def _kernel_arch(machine: str) -> str:
+    """The kernel's arch/ directory name for a uname machine (what bcc's kbuild uses)."""
+    for prefix, arch in (
+        ("x86_64", "x86"),
+        ("i386", "x86"),
+        ("i686", "x86"),
+        ("aarch64", "arm64"),
+        ("arm", "arm"),
+        ("ppc", "powerpc"),
+        ("s390", "s390"),
+        ("riscv", "riscv"),
+        ("mips", "mips"),
+        ("loongarch", "loongarch"),
+    ):
+        if machine.startswith(prefix):
+            return arch
+    return machine
+
+
+def _uapi_asm_dir() -> Path:
+    """This machine's uapi <asm/...> headers: /usr/include/<multiarch>/asm on Debian, else
+    /usr/include/asm."""
+    multiarch = sysconfig.get_config_var("MULTIARCH")
+    if not multiarch:
+        try:
+            r = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True)
+            multiarch = r.stdout.strip()
+        except OSError:
+            multiarch = ""
+    cands = [Path("/usr/include") / multiarch / "asm"] if multiarch else []
+    for cand in (*cands, Path("/usr/include/asm")):
+        if cand.is_dir():
+            return cand
+    raise BpfError(errno.ENOENT, "compile", "no uapi <asm/*.h> headers (Debian: linux-libc-dev)")
 
 
 def _kernel_source_tree(dest: Path) -> None:
@@ -182,9 +294,9 @@ def _kernel_source_tree(dest: Path) -> None:
     for sub in ("linux", "asm"):
         (dest / "include" / sub).symlink_to(stub / sub)
     (dest / "include" / "uapi").symlink_to("/usr/include")
-    arch = dest / "arch" / "x86" / "include" / "uapi"
+    arch = dest / "arch" / _kernel_arch(platform.machine()) / "include" / "uapi"
     arch.mkdir(parents=True)
-    (arch / "asm").symlink_to("/usr/include/x86_64-linux-gnu/asm")
+    (arch / "asm").symlink_to(_uapi_asm_dir())
 
 
 def compile_program(source: str | os.PathLike[str], func: str, prog_type: int) -> CompiledProgram:
@@ -228,12 +340,11 @@ def compile_program(source: str | os.PathLike[str], func: str, prog_type: int) -
             else:
                 os.environ["BCC_KERNEL_SOURCE"] = old
     relocs = []
-    for i in range(0, len(insns), 8):
-        op, regs, _off, imm = struct.unpack_from("<BBhi", insns, i)
-        if op == _LD_IMM64 and (regs >> 4) == _PSEUDO_MAP_FD:
-            if imm not in fd_names:
-                raise BpfError(22, "compile", f"insn {i // 8} references unknown map fd {imm}")
-            relocs.append((i // 8, fd_names[imm]))
+    for idx in map_load_indexes(insns):
+        imm = struct.unpack_from("<i", insns, idx * 8 + 4)[0]
+        if imm not in fd_names:
+            raise BpfError(22, "compile", f"insn {idx} references unknown map fd {imm}")
+        relocs.append((idx, fd_names[imm]))
     return CompiledProgram(
         func=func,
         prog_type=int(prog_type),

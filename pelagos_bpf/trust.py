@@ -1,0 +1,282 @@
+"""Trust checks for what reaches PROG_LOAD: the bytecode cache and pinned programs.
+
+Why: device rules are a security boundary, and a program is only as trustworthy as the places it
+comes from. A directory or file that someone other than us could write (a cache dir an
+unprivileged user pre-created under /tmp, a 0777 dir, a name squatted in a 1777 bpffs) must be
+refused with an error naming the path and the fix, never followed or loaded. The checks follow
+sshd's StrictModes: every directory from / down is owned by a trusted uid and not group/world
+writable; a sticky ancestor (like /tmp) is allowed because nobody else may rename or remove the
+entry below it, which we check in turn. Paths are walked with openat(O_NOFOLLOW) and every check
+fstat()s the opened fd, so a symlink swap between check and use cannot redirect us.
+
+Trusted uids: root, plus the current euid when it is not root (an unprivileged read-only tool
+may trust its own files: whoever can write them already runs as that user). See docs/TRUST.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+
+from . import bpfsys
+from .errors import BpfError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+MAX_FILE = 8 << 20  # a cache file is a few KiB; refuse to slurp anything huge
+
+# BPF_LD | BPF_IMM | BPF_DW, and the src_reg values the kernel zeroes for the tag.
+_LD_IMM64 = 0x18
+_PSEUDO_MAP_FD = 1
+_PSEUDO_MAP_VALUE = 2
+_MAP_SRC = (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE)
+
+
+def trusted_uids() -> frozenset[int]:
+    """Owners we accept: root, and ourselves when unprivileged."""
+    return frozenset({0, os.geteuid()})
+
+
+def _refuse(path: str, what: str, why: str, fix: str) -> BpfError:
+    return BpfError(errno.EPERM, "trust check", f"untrusted {what} {path}: {why}; fix: {fix}")
+
+
+def _check_st(st: os.stat_result, path: str, what: str, *, sticky_ok: bool) -> None:
+    """Owner trusted and not writable by group/others (unless sticky_ok and sticky)."""
+    if st.st_uid not in trusted_uids():
+        fix = f"remove it, or `chown root {path}` if root made it"
+        raise _refuse(path, what, f"owned by uid {st.st_uid}, not root", fix)
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        mode = stat.S_IMODE(st.st_mode)
+        raise _refuse(path, what, f"mode {mode:04o} is group/world-writable", f"chmod go-w {path}")
+
+
+def open_trusted_dir(
+    path: str | os.PathLike[str], what: str, *, create: bool = False, sticky_leaf_ok: bool = False
+) -> int:
+    """O_DIRECTORY fd of `path` after checking it and every ancestor; with create, missing
+    components are made root-owned (our euid) with mode 0755 whatever the umask.
+
+    The leaf itself must not be writable by others even if sticky (unless sticky_leaf_ok: the
+    caller then checks each entry's owner): anyone could create the names we are about to read.
+    Raises BpfError (EPERM: untrusted or a symlink in the path, ENOENT: absent).
+    """
+    full = os.path.abspath(os.fspath(path))
+    parts = [p for p in full.split("/") if p]
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        _check_st(os.fstat(fd), "/", what, sticky_ok=sticky_leaf_ok or bool(parts))
+        walked = ""
+        for i, name in enumerate(parts):
+            walked += "/" + name
+            nfd = _open_component(fd, name, walked, what, create)
+            os.close(fd)
+            fd = nfd
+            _check_st(os.fstat(fd), walked, what, sticky_ok=sticky_leaf_ok or i < len(parts) - 1)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_component(dirfd: int, name: str, walked: str, what: str, create: bool) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+    except FileNotFoundError:
+        if not create:
+            raise BpfError(errno.ENOENT, f"{what} {walked}", "does not exist") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            fix = "use a path without symlinks"
+            raise _refuse(walked, what, "is a symlink or not a directory", fix) from None
+        raise BpfError(e.errno or errno.EIO, f"{what} {walked}", e.strerror or "") from e
+    try:
+        # 0700 first: whatever the umask, a concurrent checker never sees it writable by others.
+        os.mkdir(name, 0o700, dir_fd=dirfd)
+        made = True
+    except FileExistsError:  # a concurrent creator won; its dir is checked like any other
+        made = False
+    except OSError as e:
+        raise BpfError(e.errno or errno.EIO, f"create {what} {walked}", e.strerror or "") from e
+    nfd = _open_component(dirfd, name, walked, what, create=False)
+    if made:
+        os.fchmod(nfd, DIR_MODE)  # explicit, not the umask's choice
+    return nfd
+
+
+def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes | None:
+    """Contents of a regular file in a trusted dir (None: absent); refuses symlinks, files
+    owned by others or writable by group/world, and anything larger than MAX_FILE."""
+    path = f"{dir_path.rstrip('/')}/{name}"
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _refuse(path, what, "is a symlink", f"rm {path}") from None
+        raise BpfError(e.errno or errno.EIO, f"read {what} {path}", e.strerror or "") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(path, what, "is not a regular file", f"rm -r {path}")
+        _check_st(st, path, what, sticky_ok=False)
+        if st.st_size > MAX_FILE:
+            raise _refuse(path, what, f"{st.st_size} bytes is too large", f"rm {path}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE and (chunk := os.read(fd, MAX_FILE + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write_trusted_file(dirfd: int, name: str, data: bytes) -> None:
+    """Atomically replace `name` in a trusted dir: a fresh O_EXCL tmp (0644 whatever the
+    umask), fsync, rename; a concurrent reader sees the old file or the new one, never half."""
+    tmp = f".tmp-{name}-{os.getpid()}-{os.urandom(4).hex()}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, FILE_MODE, dir_fd=dirfd)
+    try:
+        try:
+            os.fchmod(fd, FILE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dirfd)
+        raise
+
+
+# ---------------------------------------------------------------- program tags and pins
+
+
+def _tag_input(insns: bytes) -> bytes:
+    """The instructions as bpf_prog_calc_tag hashes them: the imm of both halves of every
+    map-referencing BPF_LD_IMM64 zeroed, so the tag does not depend on the map fds. Visits only
+    the BPF_LD_IMM64 opcodes (bytes.find), mirroring the kernel's was_ld_map state machine."""
+    if len(insns) % 8:
+        raise BpfError(errno.EINVAL, "prog_tag", f"{len(insns)} bytes is not whole instructions")
+    code = bytearray(insns)
+    ops = insns[0::8]
+    last = -2  # index of the last first half that set the kernel's was_ld_map
+    i = ops.find(_LD_IMM64)
+    while i != -1:
+        if last != i - 1 and (code[i * 8 + 1] >> 4) in _MAP_SRC:
+            code[i * 8 + 4 : i * 8 + 8] = bytes(4)
+            nxt = (i + 1) * 8
+            if code[nxt : nxt + 4] == bytes(4):  # second half: code, regs and off all 0
+                code[nxt + 4 : nxt + 8] = bytes(4)
+            last = i
+        i = ops.find(_LD_IMM64, i + 1)
+    return bytes(code)
+
+
+def prog_tag(insns: bytes, hash_name: str = "sha256") -> bytes:
+    """The kernel's tag for this bytecode: the first 8 bytes of a digest of _tag_input. Kernels
+    since 6.18 use SHA-256 (measured: 6.18.44), older ones SHA-1."""
+    return hashlib.new(hash_name, _tag_input(insns), usedforsecurity=False).digest()[:8]
+
+
+def prog_tags(insns: bytes) -> frozenset[bytes]:
+    """Every tag a kernel may give this bytecode (SHA-256 and SHA-1 flavours): either is a
+    64-bit second-preimage target, so accepting both costs no strength and survives backports."""
+    data = _tag_input(insns)
+    return frozenset(
+        hashlib.new(h, data, usedforsecurity=False).digest()[:8] for h in ("sha256", "sha1")
+    )
+
+
+def is_our_program(info: bpfsys.ProgInfo, insns: bytes, prog_type: int) -> bool:
+    """Does this loaded program run exactly `insns` (up to map fds) with our program type?"""
+    return info.type == int(prog_type) and bytes.fromhex(info.tag) in prog_tags(insns)
+
+
+def check_pin_dir(path: str | os.PathLike[str]) -> int:
+    """O_DIRECTORY fd of a pin dir we may use: it and its ancestors trusted; the dir itself may
+    be sticky and world-writable (a plain bpffs mount is 1777), because every pin we read is
+    then checked to be root's own (open_pinned_program)."""
+    return open_trusted_dir(path, "pin dir", sticky_leaf_ok=True)
+
+
+def open_pinned_program(
+    path: str | os.PathLike[str], *, insns: bytes, prog_type: int
+) -> int | None:
+    """fd of the program pinned at `path` if it is ours, None if nothing is pinned there.
+
+    Ours means: not a symlink, a bpffs object owned by a trusted uid and not writable by
+    others, a program of `prog_type` whose kernel tag is the tag of `insns` (the bytecode we
+    would load ourselves). Anything else raises BpfError naming the path.
+    """
+    full = os.path.abspath(os.fspath(path))
+    dirfd = check_pin_dir(os.path.dirname(full))
+    try:
+        return _open_pin_at(dirfd, full, insns, int(prog_type))
+    finally:
+        os.close(dirfd)
+
+
+def _open_pin_at(dirfd: int, full: str, insns: bytes, prog_type: int) -> int | None:
+    name = os.path.basename(full)
+    try:
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(pfd)
+        if stat.S_ISLNK(st.st_mode):
+            raise _refuse(full, "pin", "is a symlink (squatted?)", f"rm {full}")
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(full, "pin", "is not a pinned program (squatted?)", f"rm -r {full}")
+        _check_st(st, full, "pin", sticky_ok=False)
+        # The magic link names exactly the inode we checked, whatever happens to `full` now.
+        try:
+            fd = bpfsys.obj_get(f"/proc/self/fd/{pfd}")
+        except BpfError as e:
+            raise _refuse(full, "pin", f"not a BPF object ({e.strerror})", f"rm {full}") from e
+    finally:
+        os.close(pfd)
+    try:
+        # OBJ_GET_INFO_BY_FD answers for maps and links too: ask what the fd is first.
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-prog":
+            raise _refuse(full, "pin", "is not a BPF program", f"rm {full}")
+        info = bpfsys.prog_info(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not is_our_program(info, insns, prog_type):
+        os.close(fd)
+        want = "/".join(sorted(t.hex() for t in prog_tags(insns)))
+        why = (
+            f"holds program {info.id} (type {info.type}, tag {info.tag}), not ours "
+            f"(type {prog_type}, tag {want})"
+        )
+        raise _refuse(full, "pin", why, f"rm {full}")
+    return fd
+
+
+def pin_program(fd: int, path: str | os.PathLike[str]) -> bool:
+    """Pin `fd` at `path` in a checked pin dir; False if the name already exists (someone
+    pinned first: read theirs with open_pinned_program, which verifies it)."""
+    full = os.path.abspath(os.fspath(path))
+    dirfd = check_pin_dir(os.path.dirname(full))
+    try:
+        bpfsys.obj_pin(fd, f"/proc/self/fd/{dirfd}/{os.path.basename(full)}")
+    except BpfError as e:
+        if e.errno == errno.EEXIST:
+            return False
+        raise
+    finally:
+        os.close(dirfd)
+    return True
