@@ -14,6 +14,7 @@ before (and independently of) the project's own code.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shlex
 import shutil
@@ -238,6 +239,8 @@ def list_kernels() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # CI logs are pipes: heartbeats must not wait
+        sys.stdout.reconfigure(line_buffering=True)
     pytest_args: list[str] = []
     if "--" in argv:
         i = argv.index("--")
