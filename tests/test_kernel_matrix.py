@@ -4,7 +4,8 @@ Why: this host's cgroups are hybrid, so controller effects (`v2_controllers` tes
 proven on a pure cgroup v2 kernel, and the BPF features must hold on the kernels people run.
 The host's own kernel is the ordinary run; `-m "not matrix"` deselects this file.
 Kernels: $PELAGOS_MATRIX_KERNELS (space-separated) or the runner's defaults; extra guest pytest
-args: $PELAGOS_MATRIX_PYTEST_ARGS.
+args: $PELAGOS_MATRIX_PYTEST_ARGS; the middle kernels run a declared subset unless
+$PELAGOS_MATRIX_FULL=1 (see `tests.vm.run.guest_args`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def test_guest_suite(kernel: str, bpf_cache: Path | None, request: pytest.Fixtur
         _show(request, f"[matrix] {line}")
 
     try:
-        res = vmrun.run_kernel(kernel, GUEST_ARGS, bpf_cache=bpf_cache, log=show)
+        args = vmrun.guest_args(kernel, GUEST_ARGS)
+        res = vmrun.run_kernel(kernel, args, bpf_cache=bpf_cache, log=show)
     except vmrun.RUNNER_ERRORS as e:
         pytest.fail(f"{kernel}: {e}", pytrace=False)
     vmrun.report(res)  # captured: shown when the test fails
@@ -221,3 +223,14 @@ def test_heartbeat_reads_the_last_line_of_a_growing_log(tmp_path: Path) -> None:
     with log.open("a") as f:
         f.write("tests/test_b.py " + "." * 5000)  # a long line still in progress
     assert qemu.last_line(log, limit=20) == "." * 20
+
+
+def test_middle_kernels_run_the_declared_subset_and_user_args_win() -> None:
+    assert vmrun.guest_args("5.10", None, full=False) == []
+    assert vmrun.guest_args("sid", [], full=False) == []
+    assert vmrun.guest_args("6.12", None, full=False) == list(vmrun.SUBSET_ARGS)
+    assert vmrun.guest_args("6.12", None, full=True) == []
+    assert vmrun.guest_args("6.1", ["-k", "memory"], full=False) == ["-k", "memory"]
+    # the subset names a test that exists (a renamed test would silently run everywhere)
+    path, _, func = vmrun.SUBSET_ARGS[1].partition("::")
+    assert f"def {func}(" in (_ROOT / path).read_text()
