@@ -60,6 +60,10 @@ class KernelError(RuntimeError):
     """A kernel could not be resolved, downloaded or unpacked (the message says why)."""
 
 
+class DownloadError(KernelError):
+    """apt could not download a package it listed: stale lists, worth one refresh."""
+
+
 @dataclass(frozen=True)
 class Kernel:
     """An unpacked kernel: what QEMU boots and where its modules are."""
@@ -137,7 +141,8 @@ def resolve_package(name: str) -> str:
 
 
 def _suites() -> list[str | None]:
-    return list(dict.fromkeys(s.suite for s in KERNELS.values()))
+    """The system's configuration first, then each private suite."""
+    return list(dict.fromkeys([None, *(s.suite for s in KERNELS.values())]))
 
 
 def _meta_target(apt: Apt, meta: str) -> str | None:
@@ -161,22 +166,25 @@ def ensure_kernel(name: str, log=print) -> Kernel:
     package, apt = resolve(name, log)
     try:
         _fetch_locked(package, apt, cache, log)
-    except KernelError as e:
+    except DownloadError as e:
         # stale lists name a package the mirror no longer has: refresh once and retry
         if not apt.update(log, why=f"download failed ({e})"):
             raise
         package, apt = resolve(name, log)
         _fetch_locked(package, apt, cache, log)
     dest = cache / package
-    release = _release(dest)
+    release = _release(dest, package)
     return Kernel(name=name, package=package, root=dest, release=release)
 
 
-def _release(tree: Path) -> str:
+def _release(tree: Path, package: str) -> str:
     mods = tree / "lib" / "modules"
     releases = [p.name for p in mods.iterdir() if p.is_dir()] if mods.is_dir() else []
     if len(releases) != 1:
-        raise KernelError(f"{tree}: expected one lib/modules/<release>, found {releases}")
+        raise KernelError(
+            f"{package}: expected one lib/modules/<release> (a kernel image package), "
+            f"found {releases or 'none'}"
+        )
     return releases[0]
 
 
@@ -188,7 +196,7 @@ def _fetch_locked(package: str, apt: Apt, cache: Path, log) -> None:
             try:
                 _fetch(package, apt, dest, log)
             except AptError as e:
-                raise KernelError(str(e)) from None
+                raise DownloadError(str(e)) from None
             except (OSError, subprocess.SubprocessError) as e:
                 raise KernelError(f"cannot unpack {package}: {e}") from None
 
@@ -207,7 +215,7 @@ def _fetch(package: str, apt: Apt, dest: Path, log) -> None:
         if not (tree / "lib").exists() and usr_mods.is_dir():
             # merged-/usr: depmod (kmod 30) and the guest's bind mount expect <root>/lib/modules
             (tree / "lib").symlink_to("usr/lib")
-        release = _release(tree)
+        release = _release(tree, package)
         vmlinuz = _vmlinuz(tree, release)
         if not vmlinuz.is_file():
             raise KernelError(f"{package} (+{parts}): no kernel image for {release}")
