@@ -39,6 +39,9 @@ class ResourceStats:
     # The cgroup's `cgroup.controllers`: which counters above are real and which are 0 only
     # because the controller is absent (e.g. bound to cgroup v1 on a hybrid host).
     controllers: list[str] = field(default_factory=list)
+    # Counter files this kernel lacks although their controller is on (memory.peak before
+    # 5.19): their fields above are 0 for that reason, not measured.
+    unavailable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +125,10 @@ def _files_stats(dfd: int) -> ResourceStats:
     s = ResourceStats()
     s.controllers = _read(dfd, "cgroup.controllers").split()
     s.memory_current_bytes = _int(_read(dfd, "memory.current"))
-    s.memory_peak_bytes = _int(_read(dfd, "memory.peak"))
+    peak = _read(dfd, "memory.peak")
+    s.memory_peak_bytes = _int(peak)
+    if "memory" in s.controllers and not peak:  # memory.peak: 5.19+
+        s.unavailable.append("memory.peak")
     events = parse_flat_keyed(_read(dfd, "memory.events"))
     s.memory_oom = events.get("oom", 0)
     s.memory_oom_kill = events.get("oom_kill", 0)

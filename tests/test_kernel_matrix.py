@@ -4,7 +4,8 @@ Why: this host's cgroups are hybrid, so controller effects (`v2_controllers` tes
 proven on a pure cgroup v2 kernel, and the BPF features must hold on the kernels people run.
 The host's own kernel is the ordinary run; `-m "not matrix"` deselects this file.
 Kernels: $PELAGOS_MATRIX_KERNELS (space-separated) or the runner's defaults; extra guest pytest
-args: $PELAGOS_MATRIX_PYTEST_ARGS.
+args: $PELAGOS_MATRIX_PYTEST_ARGS; the middle kernels run a declared subset unless
+$PELAGOS_MATRIX_FULL=1 (see `tests.vm.run.guest_args`).
 """
 
 from __future__ import annotations
@@ -45,21 +46,28 @@ def bpf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]
 
 
 def _show(request: pytest.FixtureRequest, line: str) -> None:
-    """Write past pytest's capture: the per-kernel counts belong in every run's output."""
+    """Write past pytest's capture: progress and the per-kernel counts belong in every run's
+    output (write_line starts a fresh line after pytest's own progress dots)."""
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     cap = request.config.pluginmanager.get_plugin("capturemanager")
     if tr is None or cap is None:
         print(line)
         return
     with cap.global_and_fixture_disabled():
-        tr.write_line("")
         tr.write_line(line)
 
 
 @pytest.mark.matrix
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_guest_suite(kernel: str, bpf_cache: Path | None, request: pytest.FixtureRequest) -> None:
-    res = vmrun.run_kernel(kernel, GUEST_ARGS, bpf_cache=bpf_cache)
+    def show(line: str) -> None:  # start line and heartbeats: CI must see the guest moving
+        _show(request, f"[matrix] {line}")
+
+    try:
+        args = vmrun.guest_args(kernel, GUEST_ARGS)
+        res = vmrun.run_kernel(kernel, args, bpf_cache=bpf_cache, log=show)
+    except vmrun.RUNNER_ERRORS as e:
+        pytest.fail(f"{kernel}: {e}", pytrace=False)
     vmrun.report(res)  # captured: shown when the test fails
     request.node.user_properties.append(("matrix", res.summary()))
     _show(request, f"[matrix] {res.summary()}")
@@ -147,3 +155,82 @@ def test_junit_counts_and_job_script() -> None:
     job = vmrun.job_script(Path("/src/my proj"), Path("/v/bin/python"), ["-k", "a b"], None, "6.1")
     assert "cd '/src/my proj'" in job
     assert "-m 'not matrix'" in job and "'a b'" in job and "PELAGOS_VM_KERNEL=6.1" in job
+
+
+def test_split_kernel_parts_come_from_the_image_packages_depends() -> None:
+    from tests.vm.apt import parse_depends
+
+    sid = parse_depends(
+        "linux-image-7.2.13+deb14-amd64\n"
+        "  PreDepends: linux-base\n |Depends: dracut\n |Depends: initramfs-tools\n"
+        "  Depends: <linux-initramfs-tool>\n    dracut\n"
+        "  Depends: linux-base-7.2.13+deb14-amd64\n  Depends: linux-binary-7.2.13+deb14-amd64\n"
+        "  Depends: linux-modules-7.2.13+deb14-amd64\n  Breaks: initramfs-tools\n"
+        "  Recommends: apparmor\n"
+    )
+    assert sid == [
+        "dracut",
+        "initramfs-tools",
+        "linux-initramfs-tool",
+        "linux-base-7.2.13+deb14-amd64",
+        "linux-binary-7.2.13+deb14-amd64",
+        "linux-modules-7.2.13+deb14-amd64",
+    ]
+    assert kernels.split_parts("linux-image-7.2.13+deb14-amd64", sid) == sid[3:]
+    # classic one-package kernel: its Depends name no linux-*-<same release> package
+    classic = ["kmod", "linux-base", "initramfs-tools", "linux-base-7.2.13+deb14-amd64"]
+    assert kernels.split_parts("linux-image-5.10.0-32-amd64", classic) == []
+    # the cloud flavour's parts are not the generic one's
+    assert kernels.split_parts("linux-image-7.2.13+deb14-cloud-amd64", sid) == []
+
+
+def test_private_apt_uses_the_systems_archive_and_never_its_state(tmp_path: Path) -> None:
+    from tests.vm.apt import Apt, archive_uri
+
+    d822 = tmp_path / "sources.list.d"
+    d822.mkdir()
+    (d822 / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+        "Components: main\n\n"
+        "Types: deb\n# a comment: here\nURIs: http://mirror.example/debian/\n"
+        "Suites: bookworm\nComponents: main\n"
+    )
+    assert archive_uri((tmp_path / "none.list", d822)) == "http://mirror.example/debian"
+    one = tmp_path / "sources.list"
+    one.write_text("# x\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n")
+    assert archive_uri((one,)) == "http://m.example/debian"
+    assert archive_uri((tmp_path / "missing",)) == "http://deb.debian.org/debian"
+
+    opts = Apt("sid", tmp_path / "apt").options()
+    assert f"Dir::State::Lists={tmp_path / 'apt' / 'sid' / 'lists'}" in opts
+    assert "Dir::Etc::SourceParts=/dev/null" in opts  # never the system's sources
+    assert "Dir::State::status=/dev/null" in opts  # the host's installed kernel is no candidate
+    assert not any("Dir::" in o for o in Apt(None, tmp_path / "apt").options())
+
+
+def test_unknown_kernel_is_a_message() -> None:
+    with pytest.raises(kernels.KernelError, match=r"unknown kernel 'nope': use one of 5\.10"):
+        kernels.resolve("nope")
+    assert set(kernels.DEFAULT_KERNELS) <= set(kernels.KERNELS)
+    assert {"5.10", "5.10-cloud", "sid", "6.12-cloud", "6.1-cloud"} <= set(kernels.KERNELS)
+
+
+def test_heartbeat_reads_the_last_line_of_a_growing_log(tmp_path: Path) -> None:
+    log = tmp_path / "output.log"
+    assert qemu.last_line(log) == ""
+    log.write_text("=== test session starts ===\ntests/test_a.py ....\n\n")
+    assert qemu.last_line(log) == "tests/test_a.py ...."
+    with log.open("a") as f:
+        f.write("tests/test_b.py " + "." * 5000)  # a long line still in progress
+    assert qemu.last_line(log, limit=20) == "." * 20
+
+
+def test_middle_kernels_run_the_declared_subset_and_user_args_win() -> None:
+    assert vmrun.guest_args("5.10", None, full=False) == []
+    assert vmrun.guest_args("sid", [], full=False) == []
+    assert vmrun.guest_args("6.12", None, full=False) == list(vmrun.SUBSET_ARGS)
+    assert vmrun.guest_args("6.12", None, full=True) == []
+    assert vmrun.guest_args("6.1", ["-k", "memory"], full=False) == ["-k", "memory"]
+    # the subset names a test that exists (a renamed test would silently run everywhere)
+    path, _, func = vmrun.SUBSET_ARGS[1].partition("::")
+    assert f"def {func}(" in (_ROOT / path).read_text()

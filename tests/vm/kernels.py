@@ -1,45 +1,67 @@
 """Fetch Debian kernels with apt and unpack them into a cache reused between runs.
 
 Why apt and not a URL: the machines this runs on (dev boxes, CI) reach only the package
-registries, and `apt-get download` + `dpkg -x` needs no root-owned install. Each kernel is
-unpacked once into `<cache>/<package>/` with its modules indexed (`depmod -b`, so the guest's
-modprobe works) and the uncompressed vmlinux extracted for a PVH direct boot.
+registries, and `apt-get download` + `dpkg -x` needs no root-owned install. Kernels of other
+Debian releases (bullseye's 5.10, sid's newest) come from PRIVATE apt lists kept in the cache
+(`apt.py`); the system's sources are never touched. Each kernel is unpacked once into
+`<cache>/<package>/` with its modules indexed (`depmod -b`, so the guest's modprobe works) and
+the uncompressed vmlinux extracted for a PVH direct boot. Two package layouts exist: the classic
+one (one package: /lib/modules, /boot/vmlinuz-*) and sid's split merged-/usr one (linux-image-X
+depends on linux-binary-X with /usr/lib/modules/<rel>/vmlinuz, linux-modules-X, linux-base-X).
 """
 
 from __future__ import annotations
 
-import fcntl
 import lzma
 import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .apt import Apt, AptError, apt_for, locked
 
 CACHE_ENV = "PELAGOS_VM_CACHE"
 DEFAULT_CACHE = Path("/var/cache/pelagos-bpf-vm/kernels")
 
-# Short name -> Debian bookworm meta-package whose Depends names the current kernel package.
-META_PACKAGES: dict[str, str] = {
-    "6.1": "linux-image-amd64",
-    "6.12": "linux-image-6.12-amd64",
-    "6.1-cloud": "linux-image-cloud-amd64",
-    "6.12-cloud": "linux-image-6.12-cloud-amd64",
+
+@dataclass(frozen=True)
+class Source:
+    """Where a short name's kernel comes from: a meta-package whose Depends names the kernel
+    package, in the system's apt lists (suite None: Debian 12 here) or a private suite's."""
+
+    meta: str
+    suite: str | None = None
+
+
+KERNELS: dict[str, Source] = {
+    "5.10": Source("linux-image-amd64", "bullseye"),
+    "5.10-cloud": Source("linux-image-cloud-amd64", "bullseye"),
+    "6.1": Source("linux-image-amd64"),
+    "6.1-cloud": Source("linux-image-cloud-amd64"),
+    "6.12": Source("linux-image-6.12-amd64"),
+    "6.12-cloud": Source("linux-image-6.12-cloud-amd64"),
+    "trixie": Source("linux-image-amd64", "trixie"),  # 6.12 again, built by Debian 13
+    "sid": Source("linux-image-amd64", "sid"),
+    "sid-cloud": Source("linux-image-cloud-amd64", "sid"),
 }
-DEFAULT_KERNELS: tuple[str, ...] = ("6.1", "6.12", "6.12-cloud")
+DEFAULT_KERNELS: tuple[str, ...] = ("5.10", "6.1", "6.12", "sid")
 
 # Modules the first stage needs before it can reach the host's root (built in on 6.12).
 INITRD_MODULES: tuple[str, ...] = ("virtio_pci", "virtiofs", "overlay")
 
-_APT_TIMEOUT = 600
+_TIMEOUT = 600
 
 
 class KernelError(RuntimeError):
-    """A kernel could not be resolved, downloaded or unpacked."""
+    """A kernel could not be resolved, downloaded or unpacked (the message says why)."""
+
+
+class DownloadError(KernelError):
+    """apt could not download a package it listed: stale lists, worth one refresh."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +70,7 @@ class Kernel:
 
     name: str  # short name given by the user ("6.1") or the package name
     package: str  # linux-image-6.1.0-56-amd64
-    root: Path  # the dpkg -x tree
+    root: Path  # the dpkg -x tree (a split kernel's packages unpacked together)
     release: str  # uname -r, e.g. 6.1.0-56-amd64
 
     @property
@@ -57,7 +79,7 @@ class Kernel:
 
     @property
     def bzimage(self) -> Path:
-        return self.root / "boot" / f"vmlinuz-{self.release}"
+        return _vmlinuz(self.root, self.release)
 
     @property
     def modules_dir(self) -> Path:
@@ -69,136 +91,142 @@ class Kernel:
         return self.vmlinux if self.vmlinux.exists() else self.bzimage
 
 
+def _vmlinuz(tree: Path, release: str) -> Path:
+    """Classic: /boot/vmlinuz-<rel>; split merged-/usr: /usr/lib/modules/<rel>/vmlinuz."""
+    classic = tree / "boot" / f"vmlinuz-{release}"
+    return classic if classic.exists() else tree / "lib" / "modules" / release / "vmlinuz"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
-def resolve_package(name: str) -> str:
-    """Map a short name to the current package name (via apt-cache), or pass a package through."""
+def _apt(suite: str | None) -> Apt:
+    return Apt(suite, cache_dir() / ".apt")
+
+
+def resolve(name: str, log=print) -> tuple[str, Apt]:
+    """Map a short name to (kernel package, apt that has it); pass linux-image-* through."""
     if name.startswith("linux-image-"):
-        return name
-    meta = META_PACKAGES.get(name)
-    if meta is None:
-        known = ", ".join(META_PACKAGES)
+        try:
+            return name, apt_for(name, [_apt(s) for s in _suites()], log)
+        except AptError as e:
+            raise KernelError(str(e)) from None
+    src = KERNELS.get(name)
+    if src is None:
+        known = ", ".join(KERNELS)
         raise KernelError(f"unknown kernel {name!r}: use one of {known} or a linux-image-* package")
-    for attempt in (1, 2):
-        try:
-            out = subprocess.run(
-                ["apt-cache", "depends", "--important", meta],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            out, why = "", f"apt-cache depends {meta} failed: {e}"
-        else:
-            why = f"apt-cache depends {meta} names no linux-image package"
-        for line in out.splitlines():
-            line = line.strip()
-            if line.startswith("Depends:") and "linux-image-" in line:
-                return line.split(":", 1)[1].strip()
-        if attempt == 1 and not _apt_update():
-            break
-    return _cached_fallback(name, why + " (apt lists: run `apt-get update`)")
+    apt = _apt(src.suite)
+    remembered = cache_dir() / ".resolved" / name
+    try:
+        apt.ensure_lists(log)
+        package = _meta_target(apt, src.meta)
+        if package is None and apt.update(log, why="names no kernel"):
+            package = _meta_target(apt, src.meta)
+        if package is None:
+            raise AptError(f"{apt}: {src.meta} names no linux-image package")
+    except AptError as e:  # offline: the kernel this name resolved to last time, if unpacked
+        last = remembered.read_text().strip() if remembered.exists() else ""
+        if last and (cache_dir() / last / ".complete").exists():
+            log(f"vm: {e}; using the cached {last}")
+            return last, apt
+        raise KernelError(f"{e}; and no cached kernel for {name!r} in {cache_dir()}") from None
+    remembered.parent.mkdir(parents=True, exist_ok=True)
+    remembered.write_text(package + "\n")
+    return package, apt
 
 
-_updated = False
+def resolve_package(name: str) -> str:
+    return resolve(name)[0]
 
 
-def _apt_update() -> bool:
-    """Refresh apt's lists once per process: a fresh machine may have none or stale ones."""
-    global _updated
-    if _updated or os.geteuid() != 0:
-        return False
-    _updated = True
-    print("vm: apt-get update (kernel package lists missing or stale)")
-    r = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=_APT_TIMEOUT)
-    return r.returncode == 0
+def _suites() -> list[str | None]:
+    """The system's configuration first, then each private suite."""
+    return list(dict.fromkeys([None, *(s.suite for s in KERNELS.values())]))
 
 
-def _cached_fallback(name: str, why: str) -> str:
-    """Without apt metadata, reuse the newest cached kernel of that flavour (offline runs)."""
-    flavour = "-cloud-amd64" if name.endswith("-cloud") else "-amd64"
-    series = name.removesuffix("-cloud")
-    found = sorted(
-        (
-            p.name
-            for p in cache_dir().glob(f"linux-image-{series}.*")
-            if p.name.endswith(flavour)
-            and (flavour == "-cloud-amd64" or not p.name.endswith("-cloud-amd64"))
-            and (p / ".complete").exists()
-        ),
-        key=_version_key,
-    )
-    if not found:
-        raise KernelError(f"{why}; and no cached kernel for {name!r} in {cache_dir()}")
-    return found[-1]
+def _meta_target(apt: Apt, meta: str) -> str | None:
+    return next((d for d in apt.depends(meta) if d.startswith("linux-image-")), None)
 
 
-def _version_key(pkg: str) -> list[int]:
-    return [int(x) for x in "".join(c if c.isdigit() else " " for c in pkg).split()]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def split_parts(package: str, depends: list[str]) -> list[str]:
+    """The packages a split image needs unpacked with it: its Depends on linux-*-<same suffix>
+    (linux-binary-X, linux-modules-X, linux-base-X); [] for a classic one-package kernel."""
+    suffix = package.removeprefix("linux-image-")
+    pat = re.compile(r"linux-[a-z]+-" + re.escape(suffix))
+    return [d for d in depends if d != package and pat.fullmatch(d)]
 
 
 def ensure_kernel(name: str, log=print) -> Kernel:
-    """Resolve, download and unpack a kernel unless the cache already holds it."""
+    """Resolve, download and unpack a kernel unless the cache already holds it.
+
+    Every failure is a KernelError with a message (the runner prints it; no traceback).
+    """
     cache = cache_dir()
-    package = resolve_package(name)
+    package, apt = resolve(name, log)
     try:
-        _fetch_locked(package, cache, log)
-    except KernelError:
-        if not _apt_update():  # stale lists name a package the mirror no longer has
+        _fetch_locked(package, apt, cache, log)
+    except DownloadError as e:
+        # stale lists name a package the mirror no longer has: refresh once and retry
+        if not apt.update(log, why=f"download failed ({e})"):
             raise
-        package = resolve_package(name)
-        _fetch_locked(package, cache, log)
+        package, apt = resolve(name, log)
+        _fetch_locked(package, apt, cache, log)
     dest = cache / package
-    releases = [p.name for p in (dest / "lib" / "modules").iterdir() if p.is_dir()]
+    release = _release(dest, package)
+    return Kernel(name=name, package=package, root=dest, release=release)
+
+
+def _release(tree: Path, package: str) -> str:
+    mods = tree / "lib" / "modules"
+    releases = [p.name for p in mods.iterdir() if p.is_dir()] if mods.is_dir() else []
     if len(releases) != 1:
-        raise KernelError(f"{dest}: expected one lib/modules/<release>, found {releases}")
-    return Kernel(name=name, package=package, root=dest, release=releases[0])
+        raise KernelError(
+            f"{package}: expected one lib/modules/<release> (a kernel image package), "
+            f"found {releases or 'none'}"
+        )
+    return releases[0]
 
 
-def _fetch_locked(package: str, cache: Path, log) -> None:
+def _fetch_locked(package: str, apt: Apt, cache: Path, log) -> None:
     dest = cache / package
-    with _locked(cache / f".{package}.lock"):
+    with locked(cache / f".{package}.lock"):
         if not (dest / ".complete").exists():
-            log(f"vm: fetching {package} into {cache}")
-            _fetch(package, dest)
+            log(f"vm: fetching {package} ({apt}) into {cache}")
+            try:
+                _fetch(package, apt, dest, log)
+            except AptError as e:
+                raise DownloadError(str(e)) from None
+            except (OSError, subprocess.SubprocessError) as e:
+                raise KernelError(f"cannot unpack {package}: {e}") from None
 
 
-def _fetch(package: str, dest: Path) -> None:
+def _fetch(package: str, apt: Apt, dest: Path, log) -> None:
     cache = dest.parent
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache) as tmp:
         t = Path(tmp)
-        argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package]
-        r = subprocess.run(argv, cwd=t, timeout=_APT_TIMEOUT, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise KernelError(f"apt-get download {package} failed: {r.stderr.strip()}")
-        debs = list(t.glob("*.deb"))
-        if len(debs) != 1:
-            raise KernelError(f"apt-get download {package} produced {debs}")
+        parts = split_parts(package, apt.depends(package, important=False))
+        debs = apt.download([package, *parts], t)
         tree = t / "tree"
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(tree)], check=True, timeout=_APT_TIMEOUT)
-        debs[0].unlink()
-        (release,) = [p.name for p in (tree / "lib" / "modules").iterdir()]
-        subprocess.run(["depmod", "-b", str(tree), release], check=True, timeout=300)
-        vmlinuz = tree / "boot" / f"vmlinuz-{release}"
+        for deb in debs:
+            subprocess.run(["dpkg", "-x", str(deb), str(tree)], check=True, timeout=_TIMEOUT)
+            deb.unlink()
+        usr_mods = tree / "usr" / "lib" / "modules"
+        if not (tree / "lib").exists() and usr_mods.is_dir():
+            # merged-/usr: depmod (kmod 30) and the guest's bind mount expect <root>/lib/modules
+            (tree / "lib").symlink_to("usr/lib")
+        release = _release(tree, package)
+        vmlinuz = _vmlinuz(tree, release)
+        if not vmlinuz.is_file():
+            raise KernelError(f"{package} (+{parts}): no kernel image for {release}")
+        subprocess.run(
+            ["depmod", "-b", str(tree), release], check=True, timeout=300, capture_output=True
+        )
         try:
             (tree / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
         except KernelError as e:  # bzImage still boots, only slower
-            print(f"vm: {package}: no vmlinux ({e}); will boot the bzImage")
-        (tree / ".complete").write_text(package + "\n")
+            log(f"vm: {package}: no vmlinux ({e}); will boot the bzImage")
+        (tree / ".complete").write_text(" ".join([package, *parts]) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         tree.rename(dest)

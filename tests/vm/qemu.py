@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,10 @@ VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/u
 QEMU = "qemu-system-x86_64"
 GUEST_OUT = "/run/pelagos-vm"  # where the writable share appears in the guest
 CMDLINE = "console=ttyS0 rdinit=/init panic=-1 oops=panic loglevel=4 mitigations=off"
+
+
+class BootError(RuntimeError):
+    """The guest could not be launched (virtiofsd or QEMU failed to start)."""
 
 
 def virtiofsd_path() -> str | None:
@@ -177,9 +181,13 @@ def _boot(
     memory: str = "2G",
     smp: int = 2,
     keep: Path | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    heartbeat: float = 30.0,
 ) -> GuestRun:
     """share_paths: host paths the job needs (project, interpreter); their filesystems are shared.
     prefill: name -> host dir copied into the writable share before boot (e.g. the BPF cache).
+    progress: called every `heartbeat` seconds with the elapsed time and the job's last output
+    line, so a person watching a long TCG run sees it moving.
     """
     run = Path(tempfile.mkdtemp(prefix="pelagos-vm-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -231,10 +239,15 @@ def _boot(
             argv += ["-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag}"]
         qemu = _spawn(argv, run / "qemu.log")
         procs.insert(0, qemu)
+        beat = t0 + heartbeat
         while qemu.poll() is None:
             now = time.monotonic()
             if started_at is None and (out / "started").exists():
                 started_at = now
+            if progress is not None and now >= beat:
+                beat = now + heartbeat
+                idle = "(booting)" if started_at is None else "(job started, no output yet)"
+                progress(now - t0, last_line(out / "output.log") or idle)
             if (started_at is None and now - t0 > boot_timeout) or now - t0 > timeout:
                 timed_out = True
                 break
@@ -279,11 +292,11 @@ def _wait_sockets(run: Path, tags: list[str], procs: dict[str, subprocess.Popen[
         sock = run / f"{tag}.sock"
         while not sock.exists():
             if procs[tag].poll() is not None:
-                raise RuntimeError(
+                raise BootError(
                     f"virtiofsd for {tag} exited: {_read(run / f'virtiofsd-{tag}.log')}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"virtiofsd for {tag} did not create {sock}")
+                raise BootError(f"virtiofsd for {tag} did not create {sock}")
             time.sleep(0.05)
 
 
@@ -297,6 +310,18 @@ def _remove_run_dir(run: Path) -> None:
             return
         d.rmdir()
     shutil.rmtree(run, ignore_errors=True)
+
+
+def last_line(p: Path, limit: int = 160) -> str:
+    """The last non-empty line of a growing log (pytest's progress dots included)."""
+    try:
+        with p.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][-limit:] if lines else ""
 
 
 def _read(p: Path) -> str:
