@@ -49,7 +49,7 @@ class CgroupDeviceRule:
 
 @dataclass
 class CgroupConfig:
-    """Resource settings for one container cgroup (the seed's fields, all optional).
+    """Resource settings for one container cgroup (pelagos' fields plus OCI's; all optional).
 
     `ignored` lists (setting, reason) pairs a reader accepted but does not apply (e.g. OCI
     `memory.kernel: -1`); setup copies them into `SetupReport.skipped`. `device_semantics`

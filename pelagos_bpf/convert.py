@@ -1,7 +1,7 @@
-"""Pure unit conversions from the seed's (cgroup v1 / OCI) units to cgroup v2 file values.
+"""Pure unit conversions from cgroup v1 / OCI units to cgroup v2 file values.
 
 Why pure: these are the semantics runtimes disagree on; unit tests pin them with the vectors
-runc/crun/youki use (see /work/shared/ANCHORS.md) without needing a kernel.
+runc/crun/youki use (docs/OCI.md names each peer and version) without needing a kernel.
 """
 
 from __future__ import annotations

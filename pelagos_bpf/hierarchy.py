@@ -3,8 +3,8 @@
 Why mountinfo and not a fixed path: on hybrid hosts cgroup2 lives at e.g. /sys/fs/cgroup/unified,
 and inside containers or QEMU guests it may be mounted anywhere.
 
-Why a cache: parsing /proc/self/mountinfo was the largest Python cost of a container start
-(issue 12). `discover()` remembers its answer per process, keyed by everything that can change
+Why a cache: parsing /proc/self/mountinfo was the largest Python cost of a container start.
+`discover()` remembers its answer per process, keyed by everything that can change
 it cheaply: the explicit root (argument, else $PELAGOS_CGROUP_ROOT), the process id (a forked
 child re-checks) and the mount namespace (a process that unshares or setns's into another mount
 namespace re-checks). An explicit root is checked (it must hold cgroup.procs) once per key; if

@@ -19,7 +19,6 @@ from .devices.v1emulator import SEMANTICS, to_last_match
 from .errors import ConfigError
 from .net.plan import validate_net
 
-U32_MAX = 0xFFFF_FFFF
 MAJOR_MAX = 4095  # Linux dev_t: 12-bit major
 MINOR_MAX = 1_048_575  # 20-bit minor
 CPU_QUOTA_MIN = 1000  # kernel: quota >= 1 ms

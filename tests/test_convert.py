@@ -1,4 +1,4 @@
-"""Conversions pinned with the anchors' vectors (runc / crun / youki, see ANCHORS.md)."""
+"""Conversions pinned with the peers' vectors (runc / crun / youki; docs/OCI.md cites each)."""
 
 from __future__ import annotations
 

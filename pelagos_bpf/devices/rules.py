@@ -1,6 +1,6 @@
 """Device rule semantics: validation, the default allowlist and the reference evaluator.
 
-The evaluator is the specification (issue 3): the kernel program, the map encoding and the tests
+The evaluator is the specification: the kernel program, the map encoding and the tests
 are all checked against it. Per requested access bit, the LAST rule matching the device and
 carrying that bit decides; a bit no rule mentions is allowed; an access is allowed only if every
 requested bit is.
@@ -8,7 +8,7 @@ requested bit is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from itertools import permutations
 from typing import Any
@@ -175,7 +175,3 @@ def parse_rule(text: str) -> CgroupDeviceRule:
     rule = CgroupDeviceRule(parts[0] == "allow", parts[1], major, minor, access)
     validate_device_rule(rule, "device rule")
     return rule
-
-
-def parse_rules(texts: Iterable[str]) -> list[CgroupDeviceRule]:
-    return [parse_rule(t) for t in texts]
