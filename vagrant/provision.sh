@@ -16,8 +16,9 @@ if [ "$mode" = deps ]; then
   [ "$fs" = cgroup2fs ] || { echo "provision: /sys/fs/cgroup is $fs, not pure cgroup v2"; exit 1; }
   case "$ID" in
     debian | ubuntu)
-      pkgs=(python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 iproute2 kmod)
-      # Boxes that already carry them (vagrant/build-box) need no mirror.
+      pkgs=(python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 iproute2 kmod linux-libc-dev)
+      # linux-libc-dev: bcc compiles against /usr/include's uapi headers. Boxes that already
+      # carry all of them (vagrant/build-box) need no mirror.
       if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
