@@ -8,13 +8,21 @@ cd "$dir"
 . /etc/os-release
 
 if [ "$mode" = deps ]; then
+  # A wheelhouse from the host (vagrant/test) stands in for PyPI: every later pip uses it.
+  if [ -n "${PELAGOS_WHEELHOUSE:-}" ]; then
+    printf '[global]\nno-index = true\nfind-links = %s\n' "$PELAGOS_WHEELHOUSE" >/etc/pip.conf
+  fi
   fs=$(stat -fc %T /sys/fs/cgroup)
   [ "$fs" = cgroup2fs ] || { echo "provision: /sys/fs/cgroup is $fs, not pure cgroup v2"; exit 1; }
   case "$ID" in
     debian | ubuntu)
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip \
-        python3-bpfcc libbpfcc libbpf1 iproute2 kmod >/dev/null
+      pkgs=(python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 iproute2 kmod linux-libc-dev)
+      # linux-libc-dev: bcc compiles against /usr/include's uapi headers. Boxes that already
+      # carry all of them (vagrant/build-box) need no mirror.
+      if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+      fi
       ;;
     fedora)
       dnf -y -q install python3 python3-pip python3-bcc libbpf bpftool iproute kmod
