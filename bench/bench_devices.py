@@ -170,7 +170,7 @@ def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[
     pf.write_bytes(
         struct.pack("<I", 2) + b"".join(struct.pack("<I", len(p) // 8) + p for p in (runc, ours))
     )
-    entries = enc.with_ruleset(1, devprog.prepare(RULES).template)
+    entries = enc.with_ruleset(1, 1, devprog.prepare(RULES).template)
     ef = tmp / "cost_entries.bin"
     ef.write_bytes(
         struct.pack("<III", len(entries), enc.RULE_KEY.size, enc.RULE_VAL.size)
@@ -183,7 +183,7 @@ def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[
         check=True,
         capture_output=True,
         text=True,
-        pass_fds=(own.fd, *own.maps.values()),
+        pass_fds=(*own.progs.values(), *own.maps.values()),
     ).stdout
     rows = [list(map(int, line.split())) for line in out.splitlines() if line.strip()]
     med: dict[str, float] = {}

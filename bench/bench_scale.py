@@ -30,6 +30,7 @@ from bench_devices import remove_tree
 from pelagos_bpf.cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from pelagos_bpf.config import CgroupConfig
 from pelagos_bpf.devices import DEFAULT_DEVICE_RULES
+from pelagos_bpf.devices import layout as devlay
 from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.stats import read_stats, read_stats_many
@@ -69,8 +70,8 @@ def main() -> int:
     entries = devprog.prepare(DEFAULT_DEVICE_RULES)
     print(
         f"DEFAULT_DEVICE_RULES: {len(DEFAULT_DEVICE_RULES)} rules -> {len(entries.template)} "
-        f"map entries per cgroup; dev_rules holds {devprog.RULES_MAX} entries "
-        f"(~{devprog.RULES_MAX // len(entries.template)} cgroups)"
+        f"map entries per cgroup; dev_rules holds {devlay.RULES_MAX} entries "
+        f"(~{devlay.RULES_MAX // len(entries.template)} cgroups)"
     )
     try:
         times: list[float] = []
