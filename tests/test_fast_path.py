@@ -126,3 +126,18 @@ def test_net_priorities_are_dropped_after_rmdir(cg_root: Path) -> None:
     assert any(int.from_bytes(k[:8], "little") == cg.id for k in bpfsys.map_keys(fd, 16))
     teardown_cgroup(cg)
     assert not any(int.from_bytes(k[:8], "little") == cg.id for k in bpfsys.map_keys(fd, 16))
+
+
+def test_rule_map_size_is_a_node_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pelagos_bpf.devices import layout
+    from pelagos_bpf.errors import BpfError
+
+    spec = layout.LAYER.map("dev_rules")
+    monkeypatch.delenv(layout.RULES_ENV, raising=False)
+    assert spec.entries() == layout.RULES_MAX == 262144
+    monkeypatch.setenv(layout.RULES_ENV, "1000000")
+    assert spec.entries() == 1_000_000
+    for bad in ("0", "-5", "lots"):
+        monkeypatch.setenv(layout.RULES_ENV, bad)
+        with pytest.raises(BpfError, match=layout.RULES_ENV):
+            spec.entries()

@@ -128,7 +128,9 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, prep: Prepared) -> 
         FEATURE.retry_when_full(cg, maps, store)
     except BpfError as e:
         hint = (
-            " (dev_rules map full, even after reclaiming dead cgroups)"
+            f" (dev_rules map full, even after reclaiming dead cgroups: {len(entries)} entries "
+            f"per set; raise the node setting {lay.RULES_ENV}, read when a process first loads "
+            "the program, or remove stale pins)"
             if e.errno == errno.E2BIG
             else ""
         )
