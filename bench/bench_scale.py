@@ -2,8 +2,8 @@
 
 1. setup cost with few cgroups live vs with N live: `--probe` setup+teardown cycles of an extra
    cgroup at 10 live, then again at N live (goal of issue 12: within 1.2x);
-2. what happens at the map limit (the shared rule map, sized by $PELAGOS_BPF_RULES_MAX: a clear error, and
-   nothing of the failed cgroup left behind);
+2. what happens at the map limit (the shared rule map, sized by $PELAGOS_BPF_RULES_MAX: a
+   clear error, and nothing of the failed cgroup left behind);
 3. `read_stats_many` for up to 1,000 of the live cgroups in one call vs `read_stats` on each;
 4. teardown of them all.
 
