@@ -183,7 +183,7 @@ def setup_cgroup(
             net.attach_net(cg, plan.net_plan)
             _net_applied(cfg, report)
         if pid is not None:
-            _write_at(cfd, target, "cgroup.procs", str(pid), "pid")
+            write_file(target / "cgroup.procs", str(pid), "pid", dir_fd=cfd)
     except BaseException as e:
         _rollback(target, created, attached, e)
         raise
@@ -232,22 +232,6 @@ def _mkdir_open(target: Path, created: list[Path]) -> int:
         return os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
     finally:
         os.close(pfd)
-
-
-def _write_at(dfd: int, d: Path, name: str, value: str, setting: str) -> None:
-    """write_file through the cgroup's dir fd (no path walk); errors name the setting."""
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError as e:
-        raise CgroupError(e.errno, f"{setting}: cannot open {d / name}: {e.strerror}") from e
-    try:
-        os.write(fd, value.encode())
-    except OSError as e:
-        raise CgroupError(
-            e.errno, f"{setting}: writing {value!r} to {d / name} failed: {e.strerror}"
-        ) from e
-    finally:
-        os.close(fd)
 
 
 def _enable_controllers(root: Path, target: Path, needed: list[str]) -> None:
