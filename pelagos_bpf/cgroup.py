@@ -111,9 +111,11 @@ class _Plan:
 
 def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _Plan:
     problems = [(u.setting, u.reason) for u in controllers.unsupported(cfg)]
-    available = set(read_text(root / "cgroup.controllers").split())
+    planned = controllers.plan(cfg)
+    # Read only when there is something to check (a devices-only start skips a file read).
+    available = set(read_text(root / "cgroup.controllers").split()) if planned else set()
     writes = []
-    for w in controllers.plan(cfg):
+    for w in planned:
         if w.controller in available:
             writes.append(w)
         elif w.setting not in (s for s, _ in problems):
@@ -316,8 +318,8 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
         return
     errors: list[BaseException] = []
     if cg.path.exists():
-        _kill_all(cg.path, timeout)
-        _wait_unpopulated(cg.path, timeout)
+        if _kill_all(cg.path, timeout):
+            _wait_unpopulated(cg.path, timeout)
         dev_keys = devprog.removal_keys(cg)
         prio_key = netprog.removal_key(cg)
         for name, fast, detach in (
@@ -354,23 +356,26 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
         raise errors[0]
 
 
-def _kill_all(path: Path, timeout: float) -> None:
-    """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid."""
+def _kill_all(path: Path, timeout: float) -> bool:
+    """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid.
+
+    False when the cgroup was already empty (the caller need not wait)."""
     if not read_text(path / "cgroup.events").count("populated 1"):
-        return
+        return False
     kill_file = path / KILL_FILE
     if kill_file.exists():
         write_file(kill_file, "1", "teardown")
-        return
+        return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = [int(p) for d in subtree_dirs(path) for p in read_text(d / "cgroup.procs").split()]
         if not pids:
-            return
+            return True
         for p in pids:  # these are the container's own processes: the cgroup is ours
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.005)
+    return True
 
 
 def _wait_unpopulated(path: Path, timeout: float) -> None:
