@@ -5,7 +5,9 @@
    map batch update, cgroup.procs write, PROG_DETACH, rmdir with and without attachments), so
    a reader sees why a ratio below moves from one machine to the next.
 1. setup (and setup+teardown) of a container cgroup with DEFAULT_DEVICE_RULES + 3 user rules:
-   `setup_cgroup` from Python (repeated and never-seen rule sets) vs a C program, built here,
+   `setup_cgroup` from Python (repeated and never-seen rule sets; and with pid=None, the call
+   of a runtime that starts its process with clone3(CLONE_INTO_CGROUP, cg.open_fd()), which
+   costs what fork does: bench_proto.py) vs a C program, built here,
    issuing the peers' bare syscalls (mkdir, PROG_LOAD of a per-container runc-shaped filter,
    PROG_ATTACH, cgroup.procs; cleanup = pid back out + rmdir).
 2. per-open overhead of /dev/null in a cgroup with 1, 16, 1000 rules vs no program (our
@@ -170,7 +172,7 @@ def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[
     pf.write_bytes(
         struct.pack("<I", 2) + b"".join(struct.pack("<I", len(p) // 8) + p for p in (runc, ours))
     )
-    entries = enc.with_ruleset(1, devprog.prepare(RULES).template)
+    entries = enc.with_ruleset(1, 1, devprog.prepare(RULES).template)
     ef = tmp / "cost_entries.bin"
     ef.write_bytes(
         struct.pack("<III", len(entries), enc.RULE_KEY.size, enc.RULE_VAL.size)
@@ -183,7 +185,7 @@ def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[
         check=True,
         capture_output=True,
         text=True,
-        pass_fds=(own.fd, *own.maps.values()),
+        pass_fds=(*own.progs.values(), *own.maps.values()),
     ).stdout
     rows = [list(map(int, line.split())) for line in out.splitlines() if line.strip()]
     med: dict[str, float] = {}
@@ -246,8 +248,15 @@ def bench_c_setup(
 
 
 def bench_py_setup(
-    root: Path, parent: Path, pid: int, rules_for: Callable[[int], list[R]], n: int, tag: str
+    root: Path,
+    parent: Path,
+    pid: int | None,
+    rules_for: Callable[[int], list[R]],
+    n: int,
+    tag: str,
 ) -> Timings:
+    """pid None: `setup_cgroup(cfg, None)`, what a runtime that clone3s into `cg.open_fd()`
+    (CLONE_INTO_CGROUP) calls; its child starts inside, nothing is moved in or back out."""
     out: Timings = []
     rel = parent.relative_to(root)
     parent_procs = parent / "cgroup.procs"
@@ -257,7 +266,8 @@ def bench_py_setup(
         c0, t0 = cpu(), wall()
         cg = setup_cgroup(cfg, pid, root=root)
         t1, c1 = wall(), cpu()
-        parent_procs.write_text(str(pid))
+        if pid is not None:
+            parent_procs.write_text(str(pid))
         teardown_cgroup(cg)
         t2, c2 = wall(), cpu()
         out.append((t1 - t0, t2 - t0, c1 - c0, c2 - c0))
@@ -450,6 +460,7 @@ def main() -> int:
             c_runs: Timings = []
             py_runs: Timings = []
             new_runs: Timings = []
+            clone_runs: Timings = []
             warm = [runc_program(RULES)]
             bench_c_setup(exe, parent, pid, warm, 20, tmp)
             bench_py_setup(root, parent, pid, lambda i: RULES, 20, "w")
@@ -460,11 +471,13 @@ def main() -> int:
                 new_runs += bench_py_setup(
                     root, parent, pid, lambda i, r=r: never_seen(10_000 + r * n + i), n, f"n{r}_"
                 )
+                clone_runs += bench_py_setup(root, parent, None, lambda i: RULES, n, f"k{r}_")
             ratios = print_setup(
                 [
                     ("C, peers' syscalls (per-container PROG_LOAD)", c_runs),
                     ("Python setup_cgroup, repeated rule set", py_runs),
                     ("Python setup_cgroup, never-seen rule sets", new_runs),
+                    ("Python setup_cgroup(pid=None), for clone3", clone_runs),
                 ]
             )
             if not args.skip_opens:

@@ -31,6 +31,7 @@ from pelagos_bpf import bpfsys, net
 from pelagos_bpf.bpfsys import AttachType, ProgType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
+from pelagos_bpf.net import layout as netlay
 from tests import netlab as lab
 
 SENDER_C = r"""
@@ -157,7 +158,9 @@ def _drop_ingress(cg: Cgroup) -> None:
     """Detach our ingress program: what attach_net would do if accounting were optional."""
     fd = cg.open_fd()
     try:
-        bpfsys.prog_detach(net.shared_programs().ing, fd, AttachType.CGROUP_INET_INGRESS)
+        bpfsys.prog_detach(
+            net.shared_programs().progs[netlay.IN.func], fd, AttachType.CGROUP_INET_INGRESS
+        )
     finally:
         os.close(fd)
 

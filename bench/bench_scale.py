@@ -2,8 +2,8 @@
 
 1. setup cost with few cgroups live vs with N live: `--probe` setup+teardown cycles of an extra
    cgroup at 10 live, then again at N live (goal of issue 12: within 1.2x);
-2. what happens at the map limit (today the shared 65,536-entry rule map: a clear error, and
-   nothing of the failed cgroup left behind);
+2. what happens at the map limit (the shared rule map, sized by $PELAGOS_BPF_RULES_MAX: a
+   clear error, and nothing of the failed cgroup left behind);
 3. `read_stats_many` for up to 1,000 of the live cgroups in one call vs `read_stats` on each;
 4. teardown of them all.
 
@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_devices import remove_tree
 
+from pelagos_bpf import bpfsys
 from pelagos_bpf.cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from pelagos_bpf.config import CgroupConfig
 from pelagos_bpf.devices import DEFAULT_DEVICE_RULES
+from pelagos_bpf.devices import layout as devlay
 from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.stats import read_stats, read_stats_many
@@ -67,10 +69,12 @@ def main() -> int:
     rel = str(parent.relative_to(root))
     live: list[Cgroup] = []
     entries = devprog.prepare(DEFAULT_DEVICE_RULES)
+    size = bpfsys.map_info(devprog.FEATURE.loaded().maps["dev_rules"]).max_entries
     print(
         f"DEFAULT_DEVICE_RULES: {len(DEFAULT_DEVICE_RULES)} rules -> {len(entries.template)} "
-        f"map entries per cgroup; dev_rules holds {devprog.RULES_MAX} entries "
-        f"(~{devprog.RULES_MAX // len(entries.template)} cgroups)"
+        f"map entries per cgroup; dev_rules holds {size} entries "
+        f"(~{size // len(entries.template)} cgroups; ${devlay.RULES_ENV}, "
+        f"default {devlay.RULES_MAX})"
     )
     try:
         times: list[float] = []

@@ -20,12 +20,15 @@ from types import TracebackType
 from typing import Any
 
 from . import controllers, devices, net
+from .cgref import open_dir
 from .cgroupfs import missing_controller_reason, read_text, subtree_dirs, write_file
 from .config import CgroupConfig
 from .controllers import Write
+from .devices import program as devprog
 from .devices.v1emulator import effective_rules
 from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSettings
 from .hierarchy import discover
+from .net import program as netprog
 from .owner import creating
 from .validate import validate_config, validate_path
 
@@ -60,6 +63,9 @@ class Cgroup:
     created: list[Path] = field(default_factory=list)
     report: SetupReport = field(default_factory=SetupReport)
     torn_down: bool = field(default=False, compare=False)
+    # BPF features this process attached (set by setup/update); None: unknown (an opened
+    # handle), so teardown asks the kernel what is attached.
+    features: set[str] | None = field(default=None, compare=False)
 
     @classmethod
     def open(
@@ -70,8 +76,14 @@ class Cgroup:
         return cls(path=p, id=os.stat(p).st_ino, root=Path(root) if root else p.parent)
 
     def open_fd(self) -> int:
-        """An O_RDONLY|O_DIRECTORY fd of the cgroup dir for bpf(2) attach calls; caller closes."""
-        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """An O_RDONLY|O_DIRECTORY|O_CLOEXEC fd of the cgroup dir; the caller closes it.
+
+        For bpf(2) attach calls, and for CLONE_INTO_CGROUP: `setup_cgroup(cfg, pid=None)` then
+        clone3 with `clone_args.cgroup = cg.open_fd()` (flag 0x200000000, Linux 5.7+) starts the
+        process inside the cgroup, so the cgroup.procs write (and the RCU grace period the
+        kernel waits for in it) disappears from the start path (docs/PERFORMANCE.md).
+        """
+        return open_dir(self.path)
 
     def __enter__(self) -> Cgroup:
         return self
@@ -99,9 +111,11 @@ class _Plan:
 
 def _plan(cfg: CgroupConfig, pid: int | None, root: Path, net_carrier: str) -> _Plan:
     problems = [(u.setting, u.reason) for u in controllers.unsupported(cfg)]
-    available = set(read_text(root / "cgroup.controllers").split())
+    planned = controllers.plan(cfg)
+    # Read only when there is something to check (a devices-only start skips a file read).
+    available = set(read_text(root / "cgroup.controllers").split()) if planned else set()
     writes = []
-    for w in controllers.plan(cfg):
+    for w in planned:
         if w.controller in available:
             writes.append(w)
         elif w.setting not in (s for s, _ in problems):
@@ -146,30 +160,38 @@ def setup_cgroup(
     plan = _plan(cfg, pid, hier.root, net_carrier or cfg.net_carrier or "auto")
     if plan.problems and strict:
         raise UnsupportedSettings(plan.problems)
-    if target.exists():
-        raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists")
 
     report = SetupReport(skipped=[*cfg.ignored, *plan.problems])
     created: list[Path] = []
     attached: list[Callable[[Cgroup], None]] = []  # the detach of each feature we attached
+    cfd = -1
     try:
-        _mkdirs(hier.root, target, created)
-        cg = Cgroup(target, os.stat(target).st_ino, hier.root, created, report)
+        # Through dir fds: the new cgroup is created and opened once, its id read with fstat,
+        # its features attached and its cgroup.procs written through that one fd.
+        _mkdirs(hier.root, target.parent, created)
+        cfd = _mkdir_open(target, created)
+        cg = Cgroup(target, os.fstat(cfd).st_ino, hier.root, created, report)
         _enable_controllers(hier.root, target, plan.controllers)
         _apply_writes(target, plan.writes, strict, report)
+        cg.features = set()
         if plan.devices:
             attached.append(devices.detach_devices)
-            devices.attach_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
+            cg.features.add("devices")
+            devprog.attach_fresh(cg, cfd, effective_rules(cfg.device_rules, cfg.device_semantics))
             report._applied("device_rules")
         if plan.net_plan is not None:
             attached.append(net.detach_net)
+            cg.features.add("net")
             net.attach_net(cg, plan.net_plan)
             _net_applied(cfg, report)
         if pid is not None:
-            write_file(target / "cgroup.procs", str(pid), "pid")
+            write_file(target / "cgroup.procs", str(pid), "pid", dir_fd=cfd)
     except BaseException as e:
         _rollback(target, created, attached, e)
         raise
+    finally:
+        if cfd >= 0:
+            os.close(cfd)
     return cg
 
 
@@ -181,21 +203,37 @@ def _net_applied(cfg: CgroupConfig, report: SetupReport) -> None:
         report._applied("net_priorities")
 
 
-def _mkdirs(root: Path, target: Path, created: list[Path]) -> None:
-    """mkdir target and missing parents below root, appending each dir we made to `created`."""
+def _mkdirs(root: Path, parent: Path, created: list[Path]) -> None:
+    """mkdir the missing dirs from root down to `parent` (the new cgroup's), appending each
+    dir we made to `created`."""
     cur = root
-    for part in target.relative_to(root).parts:
+    for part in parent.relative_to(root).parts:
         cur = cur / part
         try:
             with creating(os.fspath(cur)):  # marks it ours, for gc after a crash
                 os.mkdir(cur)
         except FileExistsError:
-            if cur == target:
-                raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
             continue
         except OSError as e:
             raise CgroupError(e.errno, f"path: mkdir {cur} failed: {e.strerror}") from e
         created.append(cur)
+
+
+def _mkdir_open(target: Path, created: list[Path]) -> int:
+    """mkdir the cgroup through its parent's dir fd and open it; returns the new dir's fd."""
+    pfd = open_dir(target.parent)
+    try:
+        try:
+            with creating(os.fspath(target)):
+                os.mkdir(target.name, dir_fd=pfd)
+        except FileExistsError:
+            raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
+        except OSError as e:
+            raise CgroupError(e.errno, f"path: mkdir {target} failed: {e.strerror}") from e
+        created.append(target)
+        return os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+    finally:
+        os.close(pfd)
 
 
 def _enable_controllers(root: Path, target: Path, needed: list[str]) -> None:
@@ -264,18 +302,32 @@ def _rollback(
 
 
 def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
-    """Kill what is left inside, wait until empty, detach BPF features, rmdir (children first).
+    """Kill what is left inside, wait until empty, rmdir (children first), drop BPF entries.
 
     Removes the cgroup, its sub-cgroups, and the ancestors setup created (if now empty).
     Idempotent: a second call is a no-op.
+
+    Why no PROG_DETACH: rmdir frees the cgroup's attachments and its cgroup storage. What this
+    process's programs keep for the cgroup (device rule sets, net priorities) is located
+    before the rmdir (from the storage: the generation, then the index entries) and deleted
+    after it, when no task can run the programs for this cgroup any more. A cgroup this
+    process's programs do not serve (set up by another process, or detached from inside)
+    takes the general path: find ours of every version, detach, delete.
     """
     if cg.torn_down:
         return
     errors: list[BaseException] = []
     if cg.path.exists():
-        _kill_all(cg.path, timeout)
-        _wait_unpopulated(cg.path, timeout)
-        for detach in (net.detach_net, devices.detach_devices):
+        if _kill_all(cg.path, timeout):
+            _wait_unpopulated(cg.path, timeout)
+        dev_keys = devprog.removal_keys(cg)
+        prio_key = netprog.removal_key(cg)
+        for name, fast, detach in (
+            ("net", prio_key, net.detach_net),
+            ("devices", dev_keys, devices.detach_devices),
+        ):
+            if fast is not None or (cg.features is not None and name not in cg.features):
+                continue  # rmdir frees it; another process's entries are gc's
             try:
                 detach(cg)
             except Exception as e:
@@ -287,6 +339,10 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
                 pass
             except OSError as e:
                 raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+        if prio_key is not None:
+            netprog.remove_entries(cg.id, prio_key)
+        if dev_keys is not None:
+            devprog.remove_entries(dev_keys)
     for d in reversed(cg.created):
         if d == cg.path or not d.exists():
             continue
@@ -300,23 +356,26 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
         raise errors[0]
 
 
-def _kill_all(path: Path, timeout: float) -> None:
-    """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid."""
+def _kill_all(path: Path, timeout: float) -> bool:
+    """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid.
+
+    False when the cgroup was already empty (the caller need not wait)."""
     if not read_text(path / "cgroup.events").count("populated 1"):
-        return
+        return False
     kill_file = path / KILL_FILE
     if kill_file.exists():
         write_file(kill_file, "1", "teardown")
-        return
+        return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = [int(p) for d in subtree_dirs(path) for p in read_text(d / "cgroup.procs").split()]
         if not pids:
-            return
+            return True
         for p in pids:  # these are the container's own processes: the cgroup is ours
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.005)
+    return True
 
 
 def _wait_unpopulated(path: Path, timeout: float) -> None:
@@ -352,6 +411,8 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
     if plan.devices:
         devices.update_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
         report._applied("device_rules")
+        if cg.features is not None:
+            cg.features.add("devices")
     if plan.net_plan is not None or carrier is not None:
         named = frozenset(
             n
@@ -363,4 +424,6 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
         )
         net.update_net(cg, plan.net_plan or net.NetPlan(), named, carrier)
         _net_applied(cfg, report)
+        if cg.features is not None:
+            cg.features.add("net")
     return report

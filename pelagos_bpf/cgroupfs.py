@@ -11,10 +11,13 @@ from .errors import CgroupError
 _V1_NAME = {"io": "blkio"}
 
 
-def write_file(path: Path, value: str, setting: str) -> None:
-    """One write(2) of `value` (cgroupfs parses one value per write); errors name the setting."""
+def write_file(path: Path, value: str, setting: str, *, dir_fd: int | None = None) -> None:
+    """One write(2) of `value` (cgroupfs parses one value per write); errors name the setting.
+
+    dir_fd: the fd of path's directory; the file is opened through it (no path walk)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # as runc
+        name = path if dir_fd is None else path.name
+        fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=dir_fd)  # as runc
     except OSError as e:
         raise CgroupError(e.errno, f"{setting}: cannot open {path}: {e.strerror}") from e
     try:

@@ -84,10 +84,32 @@ class MapSpec:
     max_entries: int = 0
     flags: int = 0
     cgroup_of: Callable[[bytes], int] | None = None
+    size_env: str | None = None  # a node setting overriding max_entries (read at map create)
 
     @property
     def layout(self) -> tuple[int, int, int]:
         return (int(self.type), self.key_size, self.value_size)
+
+    def entries(self) -> int:
+        """max_entries, or the node setting `size_env` when set (checked: a positive int).
+
+        Read when this process creates the map (its first load): a program already loaded or
+        pinned keeps the map it was created with, whatever the setting says now.
+        """
+        raw = os.environ.get(self.size_env) if self.size_env else None
+        if raw is None or raw == "":
+            return self.max_entries
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if not 0 < n <= 0xFFFF_FFFF:
+            raise BpfError(
+                errno.EINVAL,
+                self.size_env or self.name,
+                f"{raw!r} is not a map size (entries, a positive integer) for map {self.name}",
+            )
+        return n
 
 
 @dataclass(frozen=True)
@@ -239,7 +261,7 @@ class Feature:
         try:
             for m in layer.maps:
                 maps[m.name] = bpfsys.map_create(
-                    m.type, m.key_size, m.value_size, m.max_entries, name=m.name, flags=m.flags
+                    m.type, m.key_size, m.value_size, m.entries(), name=m.name, flags=m.flags
                 )
             for spec in layer.progs:
                 progs[spec.func] = progcache.load_program(

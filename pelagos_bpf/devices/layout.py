@@ -25,7 +25,8 @@ SOURCE = "device"
 FUNC = "pelagos_dev"
 PROG_NAME = "pelagos_dev_v2"
 ATTACH = AttachType.CGROUP_DEVICE
-RULES_MAX = 65536  # shared by all cgroups: ~20 entries per container
+RULES_MAX = 262144  # shared by all cgroups: 13-20 entries per container (~13,000-20,000)
+RULES_ENV = "PELAGOS_BPF_RULES_MAX"  # node setting: dev_rules size, read at map creation
 DENIALS_MAX = 16384
 
 CUR = Layout("dev_cur", (("cgroup", "Q"), ("gen", "I"), ("pad", "I")))
@@ -56,6 +57,7 @@ LAYER = Layer(
             RULES_MAX,
             BPF_F_NO_PREALLOC,
             u64_prefix,
+            RULES_ENV,
         ),
         MapSpec(
             "dev_denials",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -75,8 +76,8 @@ def current_gen(maps: dict[str, int], cgroup_id: int) -> int:
     return enc.CUR.unpack(raw)[1] if raw else 0
 
 
-def delete_set(maps: dict[str, int], cgroup_id: int, gen: int) -> int:
-    """Delete every entry of one rule set (found through its index); returns patterns removed."""
+def set_keys(maps: dict[str, int], cgroup_id: int, gen: int) -> tuple[list[bytes], list[bytes]]:
+    """(rule keys, index keys) of one stored rule set, found through its index (no scan)."""
     fd = maps["dev_rules"]
     rule_keys: list[bytes] = []
     index_keys: list[bytes] = []
@@ -85,13 +86,26 @@ def delete_set(maps: dict[str, int], cgroup_id: int, gen: int) -> int:
     ) is not None:
         index_keys.append(enc.index_key(cgroup_id, gen, len(index_keys)))
         rule_keys.extend(enc.RULE_KEY.pack(cgroup_id, gen, *p) for p in enc.index_patterns(val))
+    return rule_keys, index_keys
+
+
+def delete_keys(maps: dict[str, int], keys: tuple[list[bytes], list[bytes]]) -> int:
+    """Delete what set_keys found; returns patterns removed.
+
+    Reverse write order (sentinels first), the index last: any state on the way is a prefix of
+    the write, which the program treats as strictly as the whole set (encode.write_rank).
+    """
+    rule_keys, index_keys = keys
     if not index_keys:
         return 0
-    # Reverse write order (sentinels first), the index last: any state on the way is a prefix
-    # of the write, which the program treats as strictly as the whole set (encode.write_rank).
-    n = bpfsys.map_delete_batch(fd, rule_keys[::-1])
-    bpfsys.map_delete_batch(fd, index_keys)
+    n = bpfsys.map_delete_batch(maps["dev_rules"], rule_keys[::-1])
+    bpfsys.map_delete_batch(maps["dev_rules"], index_keys)
     return n
+
+
+def delete_set(maps: dict[str, int], cgroup_id: int, gen: int) -> int:
+    """Delete every entry of one rule set (found through its index); returns patterns removed."""
+    return delete_keys(maps, set_keys(maps, cgroup_id, gen))
 
 
 def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, prep: Prepared) -> None:
@@ -114,7 +128,9 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, prep: Prepared) -> 
         FEATURE.retry_when_full(cg, maps, store)
     except BpfError as e:
         hint = (
-            " (dev_rules map full, even after reclaiming dead cgroups)"
+            f" (dev_rules map full, even after reclaiming dead cgroups: {len(entries)} entries "
+            f"per set; raise the node setting {lay.RULES_ENV}, read when a process first loads "
+            "the program, or remove stale pins)"
             if e.errno == errno.E2BIG
             else ""
         )
@@ -154,6 +170,77 @@ def _attach_new(cg: CgroupRef, cgfd: int, prep: Prepared) -> None:
         if gen:
             delete_set(loaded.maps, cg.id, gen)
         raise
+
+
+def attach_fresh(cg: CgroupRef, cgfd: int, rules: Sequence[CgroupDeviceRule]) -> None:
+    """`apply` for a cgroup the caller has just created (setup's fast path), through its fd.
+
+    Write the whole rule set (generation 1), attach, switch: no find() of the programs of every
+    layout version, no storage read. The flock stays (one syscall): the directory is new, but
+    any process may open it by path, so this writer serialises like every other. Under the
+    lock one PROG_QUERY must come back empty (no writer got in between our mkdir and our
+    lock; every writer attaches under the lock), else the general `apply` runs. The rule set
+    write still deletes an index it finds first (one lookup): a writer that got in, failed, and
+    died between its detach and its deletes may have left generation 1 entries of this id.
+    """
+    prep = prepare(rules)
+    fcntl.flock(cgfd, fcntl.LOCK_EX)
+    try:
+        fresh = not bpfsys.prog_query(cgfd, lay.ATTACH)
+        if fresh:
+            loaded = FEATURE.loaded()
+            write_set(cg, loaded.maps, 1, prep)
+            prog = loaded.progs[lay.FUNC]
+            attached = False
+            try:
+                FEATURE.attach(prog, cgfd, lay.LAYER.progs[0], "device_rules")
+                attached = True
+                _switch(loaded.maps, cg.id, 1)
+            except BaseException:
+                if attached:
+                    bpfsys.prog_detach(prog, cgfd, lay.ATTACH)
+                delete_set(loaded.maps, cg.id, 1)
+                raise
+    finally:
+        fcntl.flock(cgfd, fcntl.LOCK_UN)  # the caller keeps the fd: unlock for other writers
+    if not fresh:
+        apply(cg, rules)
+
+
+def removal_keys(cg: CgroupRef) -> tuple[list[bytes], list[bytes]] | None:
+    """Keys of this process's rule sets of the cgroup, read before an rmdir (teardown's fast
+    path: rmdir frees the attachment, these entries go after it in one batch).
+
+    None when this process's program has no storage for the cgroup (never attached here, or
+    detached from inside): the caller then takes the general detach path.
+    """
+    loaded = FEATURE.loaded_if_any()
+    if loaded is None:
+        return None
+    raw = bpfsys.map_lookup(loaded.maps["dev_cur"], storage_key(cg.id, lay.ATTACH), enc.CUR.size)
+    if raw is None:
+        return None
+    gen = enc.CUR.unpack(raw)[1]
+    rule_keys: list[bytes] = []
+    index_keys: list[bytes] = []
+    for g in (gen - 1, gen, gen + 1):  # as _detach: the kept previous set, a dead writer's next
+        if 0 < g <= GEN_MAX:
+            r, i = set_keys(loaded.maps, cg.id, g)
+            rule_keys += r
+            index_keys += i
+    return rule_keys, index_keys
+
+
+def remove_entries(keys: tuple[list[bytes], list[bytes]]) -> None:
+    """After the cgroup's rmdir (no task can run the program for it any more): drop the rule
+    sets `removal_keys` found, in one batch.
+
+    The cgroup's denial counters stay for gc (`pelagos-bpf gc`, and the collection a full rule
+    map triggers): finding them means a walk of the counter hash, and an empty 16 Ki-bucket
+    hash costs ~100 us to walk (GET_NEXT_KEY scans buckets), more than the rest of teardown.
+    A dead cgroup's counters mislead no reader (cgroup ids are never reused).
+    """
+    delete_keys(FEATURE.loaded().maps, keys)
 
 
 def _update(cg: CgroupRef, group: Attached, prep: Prepared) -> None:

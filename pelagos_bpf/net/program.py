@@ -20,7 +20,7 @@ from ..cgref import CgroupRef, opened
 from ..errors import ConfigError
 from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
 from . import layout as lay
-from .plan import F_MARK, NetPlan, choose_carrier
+from .plan import F_MARK, F_PRIOS, NetPlan, choose_carrier
 
 FEATURE = Feature(lay.LAYER)
 EGRESS = lay.EGRESS
@@ -222,6 +222,33 @@ def detach_net(cg: CgroupRef) -> None:
 
 
 FEATURE.teardown = detach_net
+
+
+def removal_key(cg: CgroupRef) -> int | None:
+    """The priority-map key of the cgroup in this process's maps, read before an rmdir
+    (teardown's fast path: rmdir frees the attachments and the cgroup storage); None when this
+    process's programs have no storage for it (the caller takes the general detach path), 0
+    when the cgroup has no priorities (nothing outside the storage to delete)."""
+    loaded = FEATURE.loaded_if_any()
+    if loaded is None:
+        return None
+    raw = bpfsys.map_lookup(loaded.maps["net_cfg"], storage_key(cg.id, EGRESS), lay.CFG.size)
+    if raw is None:
+        return None
+    _, flags, prio_key = lay.CFG.unpack(raw)
+    return prio_key if flags & F_PRIOS else 0
+
+
+def remove_entries(cg_id: int, prio_key: int) -> None:
+    """After the cgroup's rmdir: drop its priority entries (the only ones not in storage).
+
+    A walk of the priority hash (O(buckets)): paid only by cgroups with net_priorities."""
+    if not prio_key:
+        return
+    loaded = FEATURE.loaded()
+    FEATURE.purge(
+        loaded.layer, {"net_prios": loaded.maps["net_prios"]}, lambda i: i in (prio_key, cg_id)
+    )
 
 
 # ---------------------------------------------------------------- reading back
