@@ -225,12 +225,16 @@ def test_heartbeat_reads_the_last_line_of_a_growing_log(tmp_path: Path) -> None:
     assert qemu.last_line(log, limit=20) == "." * 20
 
 
-def test_middle_kernels_run_the_declared_subset_and_user_args_win() -> None:
-    assert vmrun.guest_args("5.10", None, full=False) == []
-    assert vmrun.guest_args("sid", [], full=False) == []
-    assert vmrun.guest_args("6.12", None, full=False) == list(vmrun.SUBSET_ARGS)
+def test_guests_run_the_declared_kernel_suite_and_user_args_win() -> None:
+    suite = list(vmrun.KERNEL_SUITE)
+    assert vmrun.guest_args("5.10", None, full=False) == suite
+    assert vmrun.guest_args("sid", [], full=False) == suite
+    middle = [*vmrun.SUBSET_ARGS, *suite, *vmrun.RUNTIME_TESTS]
+    assert vmrun.guest_args("6.12", None, full=False) == middle
     assert vmrun.guest_args("6.12", None, full=True) == []
     assert vmrun.guest_args("6.1", ["-k", "memory"], full=False) == ["-k", "memory"]
-    # the subset names a test that exists (a renamed test would silently run everywhere)
+    # every declared file exists, and the deselected test too (a rename would silently drop it)
+    for f in (*suite, *vmrun.RUNTIME_TESTS):
+        assert (_ROOT / f).is_file(), f
     path, _, func = vmrun.SUBSET_ARGS[1].partition("::")
     assert f"def {func}(" in (_ROOT / path).read_text()
