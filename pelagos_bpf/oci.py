@@ -224,8 +224,10 @@ class Reader:
         if quota or period:  # runc fs2: cpu.max only when either is non-zero
             q = -1 if quota is None or quota <= 0 else quota  # negative: "max" (runc/crun/youki)
             out["cpu_quota"] = (q, period or 100_000)
-        out["cpu_burst"] = self.int_(f"{p}.burst", c.get("burst"), UINT64)
-        out["cpu_idle"] = self.int_(f"{p}.idle", c.get("idle"), INT64)
+        # 0 is each knob's kernel default: unset, as shares 0, so a config that names the
+        # default imports on kernels without the file (cpu.max.burst 5.14+, cpu.idle 5.15+).
+        out["cpu_burst"] = self.int_(f"{p}.burst", c.get("burst"), UINT64) or None
+        out["cpu_idle"] = self.int_(f"{p}.idle", c.get("idle"), INT64) or None
         for key, bounds in (("realtimeRuntime", INT64), ("realtimePeriod", UINT64)):
             v = self.int_(f"{p}.{key}", c.get(key), bounds)
             self.refuse_unless(

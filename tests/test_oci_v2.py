@@ -19,7 +19,7 @@ from cgtest import loop_device, rel, root_controllers
 from pelagos_bpf import CgroupConfig, setup_cgroup, teardown_cgroup, update_cgroup
 from pelagos_bpf.controllers import hugetlb
 from pelagos_bpf.convert import blkio_weight_to_io_weight
-from pelagos_bpf.errors import ConfigError
+from pelagos_bpf.errors import ConfigError, UnsupportedSetting
 from pelagos_bpf.hierarchy import discover
 
 NEEDED = {"memory", "cpu", "pids", "io", "hugetlb"}
@@ -52,6 +52,7 @@ def test_moby_shaped_config_with_limits_applies(cg_root: Path, spawn) -> None:
         "unified": {"memory.high": "48M", "memory.oom.group": "1"},
     }
     cfg = CgroupConfig.from_oci(r, rel(cg_root, "moby"))
+    assert cfg.cpu_burst is None and cfg.cpu_idle is None  # 0 is the default: unset (any kernel)
     cg = setup_cgroup(cfg, spawn().pid)
     try:
         assert read(cg, "memory.max") == str(64 << 20)
@@ -59,7 +60,6 @@ def test_moby_shaped_config_with_limits_applies(cg_root: Path, spawn) -> None:
         assert read(cg, "pids.max") == "0"  # runtime-spec v1.3: 0 is a real limit
         assert read(cg, "memory.high") == str(48 << 20)  # unified, written after typed
         assert read(cg, "memory.oom.group") == "1"
-        assert read(cg, "cpu.idle") == "0"
         assert ("linux.resources.memory.kernel", cfg.ignored[0][1]) in cg.report.skipped
     finally:
         teardown_cgroup(cg)
@@ -89,7 +89,26 @@ def test_pids_zero_forbids_forks(cg_root: Path) -> None:
         teardown_cgroup(cg)
 
 
+def _cpu_knobs_missing(cg_root: Path) -> list[str]:
+    """Probe: the cpu files this kernel lacks in a child cgroup (cpu.max.burst 5.14+, cpu.idle
+    5.15+)."""
+    probe = setup_cgroup(CgroupConfig(cpu_quota=(50000, 100000), path=rel(cg_root, "probe")), None)
+    try:
+        return [f for f in ("cpu.max.burst", "cpu.idle") if not (probe.path / f).exists()]
+    finally:
+        teardown_cgroup(probe)
+
+
 def test_cpu_burst_and_idle_accepted(cg_root: Path, spawn) -> None:
+    missing = _cpu_knobs_missing(cg_root)
+    if missing:  # an old kernel: each knob is refused by name, and nothing is left behind
+        cfg = CgroupConfig(cpu_quota=(50000, 100000), cpu_burst=20000, cpu_idle=1)
+        cfg.path = rel(cg_root, "old")
+        with pytest.raises(UnsupportedSetting) as e:
+            setup_cgroup(cfg, None)
+        assert e.value.setting in ("cpu_burst", "cpu_idle"), e.value
+        assert not (cg_root / "old").exists()
+        pytest.skip(f"kernel lacks {', '.join(missing)}: refused by name (checked)")
     cg = setup_cgroup(
         CgroupConfig(
             cpu_quota=(50000, 100000), cpu_burst=20000, cpu_idle=1, path=rel(cg_root, "b")
