@@ -174,6 +174,20 @@ def test_sigkill_anywhere_then_gc_leaves_nothing(cg_root: Path, tmp_path: Path) 
     with bpffs(tmp_path) as pins:
         rel = f"{cg_root.name}/crash"
         (cg_root / "crash").mkdir()
+        # Load and pin our programs once, in a child that finishes: under TCG a first load can
+        # outlast every kill delay below, and the killed children must use pinned maps.
+        prepin = os.fork()
+        if prepin == 0:
+            code = 1
+            try:
+                os.environ["PELAGOS_BPF_PIN_DIR"] = str(pins)
+                for feat in FEATURES:
+                    feat._loaded = None
+                    feat.loaded()
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitpid(prepin, 0)[1] == 0
         killed = 0
         for n in range(KILLS):
             rfd, wfd = os.pipe()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cgtest import root_controllers
 from net_helpers import C10, C20, Topo, topology
 
 from pelagos_bpf import bpfsys, net
@@ -59,7 +60,7 @@ def _pure_v2_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
     h = discover()
-    if h.mode != "unified" or not h.controllers():
+    if h.mode != "unified" or not root_controllers():
         return (
             f"needs a pure cgroup v2 host (this one is {h.mode} at {h.root}; runc would try v1 "
             "net_cls): run `python -m tests.vm.run --kernel 6.12 -- tests/test_runtimes.py`"
