@@ -21,7 +21,7 @@ from typing import Any
 
 from . import controllers, devices, net
 from .cgref import open_dir
-from .cgroupfs import missing_controller_reason, read_text, subtree_dirs, write_file
+from .cgroupfs import missing_controller_reason, read_at, read_text, subtree_dirs, write_file
 from .config import CgroupConfig
 from .controllers import Write
 from .devices import program as devprog
@@ -29,8 +29,8 @@ from .devices.v1emulator import effective_rules
 from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSettings
 from .hierarchy import discover
 from .net import program as netprog
-from .owner import creating
-from .validate import validate_config, validate_path
+from .owner import creating, mark
+from .validate import validate_config
 
 TEARDOWN_TIMEOUT = 10.0
 KILL_FILE = "cgroup.kill"  # a module constant so tests can force the pre-5.14 fallback
@@ -150,7 +150,7 @@ def setup_cgroup(
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
         raise ConfigError("pid", pid, "must be a process id >= 1")
     if cfg.path is not None:
-        rel = validate_path(cfg.path)
+        rel = cfg.path.lstrip("/")  # validate_config checked it (validate_path)
     elif pid is not None:
         rel = f"pelagos-{pid}"
     else:
@@ -168,8 +168,7 @@ def setup_cgroup(
     try:
         # Through dir fds: the new cgroup is created and opened once, its id read with fstat,
         # its features attached and its cgroup.procs written through that one fd.
-        _mkdirs(hier.root, target.parent, created)
-        cfd = _mkdir_open(target, created)
+        cfd = _mkdir_open(hier.root, target, created)
         cg = Cgroup(target, os.fstat(cfd).st_ino, hier.root, created, report)
         _enable_controllers(hier.root, target, plan.controllers)
         _apply_writes(target, plan.writes, strict, report)
@@ -177,7 +176,8 @@ def setup_cgroup(
         if plan.devices:
             attached.append(devices.detach_devices)
             cg.features.add("devices")
-            devprog.attach_fresh(cg, cfd, effective_rules(cfg.device_rules, cfg.device_semantics))
+            rules = effective_rules(cfg.device_rules, cfg.device_semantics)
+            devprog.attach_fresh(cg, cfd, rules, validated=True)  # by validate_config
             report._applied("device_rules")
         if plan.net_plan is not None:
             attached.append(net.detach_net)
@@ -209,9 +209,12 @@ def _mkdirs(root: Path, parent: Path, created: list[Path]) -> None:
     cur = root
     for part in parent.relative_to(root).parts:
         cur = cur / part
+        if os.path.isdir(cur):
+            continue
         try:
-            with creating(os.fspath(cur)):  # marks it ours, for gc after a crash
+            with creating(os.fspath(cur.parent), part):  # marks it ours, for gc after a crash
                 os.mkdir(cur)
+                mark(os.fspath(cur))
         except FileExistsError:
             continue
         except OSError as e:
@@ -219,19 +222,26 @@ def _mkdirs(root: Path, parent: Path, created: list[Path]) -> None:
         created.append(cur)
 
 
-def _mkdir_open(target: Path, created: list[Path]) -> int:
-    """mkdir the cgroup through its parent's dir fd and open it; returns the new dir's fd."""
-    pfd = open_dir(target.parent)
+def _mkdir_open(root: Path, target: Path, created: list[Path]) -> int:
+    """mkdir the cgroup through its parent's dir fd (making missing ancestors first), open it
+    and mark it ours through its own fd; returns the new dir's fd."""
     try:
-        try:
-            with creating(os.fspath(target)):
+        pfd = open_dir(target.parent)
+    except FileNotFoundError:
+        _mkdirs(root, target.parent, created)
+        pfd = open_dir(target.parent)
+    try:
+        with creating(pfd, target.name):
+            try:
                 os.mkdir(target.name, dir_fd=pfd)
-        except FileExistsError:
-            raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
-        except OSError as e:
-            raise CgroupError(e.errno, f"path: mkdir {target} failed: {e.strerror}") from e
-        created.append(target)
-        return os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            except FileExistsError:
+                raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
+            except OSError as e:
+                raise CgroupError(e.errno, f"path: mkdir {target} failed: {e.strerror}") from e
+            created.append(target)
+            cfd = os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            mark(cfd)
+            return cfd
     finally:
         os.close(pfd)
 
@@ -317,9 +327,16 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
     if cg.torn_down:
         return
     errors: list[BaseException] = []
-    if cg.path.exists():
-        if _kill_all(cg.path, timeout):
-            _wait_unpopulated(cg.path, timeout)
+    try:
+        cfd = open_dir(cg.path)
+    except FileNotFoundError:
+        cfd = -1
+    if cfd >= 0:
+        try:
+            if _kill_all(cfd, cg.path, timeout):
+                _wait_unpopulated(cfd, cg.path, timeout)
+        finally:
+            os.close(cfd)
         dev_keys = devprog.removal_keys(cg)
         prio_key = netprog.removal_key(cg)
         for name, fast, detach in (
@@ -332,13 +349,7 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
                 detach(cg)
             except Exception as e:
                 errors.append(e)
-        for d in subtree_dirs(cg.path):
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+        _rmdir_tree(cg.path)
         if prio_key is not None:
             netprog.remove_entries(cg.id, prio_key)
         if dev_keys is not None:
@@ -356,11 +367,31 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
         raise errors[0]
 
 
-def _kill_all(path: Path, timeout: float) -> bool:
+def _rmdir_tree(path: Path) -> None:
+    """rmdir the cgroup; if it has sub-cgroups (EBUSY), them first, deepest first. A leaf (the
+    usual container) costs one rmdir and no directory listing."""
+    try:
+        os.rmdir(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+            raise CgroupError(e.errno, f"rmdir {path} failed: {e.strerror}") from e
+    for d in subtree_dirs(path):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+
+
+def _kill_all(cfd: int, path: Path, timeout: float) -> bool:
     """cgroup.kill (5.14+) kills the whole subtree at once; else SIGKILL each listed pid.
 
     False when the cgroup was already empty (the caller need not wait)."""
-    if not read_text(path / "cgroup.events").count("populated 1"):
+    if not read_at(cfd, "cgroup.events").count("populated 1"):
         return False
     kill_file = path / KILL_FILE
     if kill_file.exists():
@@ -378,10 +409,10 @@ def _kill_all(path: Path, timeout: float) -> bool:
     return True
 
 
-def _wait_unpopulated(path: Path, timeout: float) -> None:
+def _wait_unpopulated(cfd: int, path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.0005
-    while "populated 1" in read_text(path / "cgroup.events"):
+    while "populated 1" in read_at(cfd, "cgroup.events"):
         if time.monotonic() >= deadline:
             raise CgroupError(errno.EBUSY, f"{path} still has processes after {timeout}s")
         time.sleep(delay)

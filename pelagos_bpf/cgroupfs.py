@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -35,6 +36,26 @@ def read_text(path: Path) -> str:
         return path.read_text()
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+def read_at(dir_fd: int, name: str) -> str:
+    """A small cgroup file read through its directory's fd (no path walk, no io stack); ""
+    when it is gone."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ESRCH, errno.ENODEV):  # removed under us
+            return ""
+        raise
+    finally:
+        os.close(fd)
 
 
 def _v1_bound() -> dict[str, tuple[int, bool]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .cgref import Liveness, Ref
 from .cgroupfs import read_text, subtree_dirs
-from .feature import Feature
+from .feature import Feature, pin_dir
 from .features import FEATURES
 from .hierarchy import discover
 from .owner import forget_pending, is_ours
@@ -35,6 +35,7 @@ class GcReport:
     entries_removed: dict[str, int] = field(default_factory=dict)  # "devices v2 dev_rules": n
     cgroups_removed: list[str] = field(default_factory=list)
     programs_detached: int = 0
+    pins_removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -46,6 +47,8 @@ class GcReport:
             f"cgroups removed: {len(self.cgroups_removed)}",
             *(f"  {p}" for p in self.cgroups_removed),
             f"programs detached: {self.programs_detached}",
+            f"stale pins removed: {len(self.pins_removed)}",
+            *(f"  {p}" for p in self.pins_removed),
             f"map entries removed: {self.total_entries} (of {self.dead_cgroups} dead cgroups)",
             *(f"  {k}: {n}" for k, n in sorted(self.entries_removed.items())),
         ]
@@ -80,7 +83,35 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
                     for fd in maps.values():
                         os.close(fd)
     report.dead_cgroups = len(dead_ids)
+    _remove_stale_pins(report)
     return report
+
+
+def _remove_stale_pins(report: GcReport) -> None:
+    """Unpin our programs that this release would not fetch (an older bytecode, another map
+    size setting): a pin keeps its program and maps loaded for as long as it exists. A process
+    still using one holds its own fds; a process wanting one pins it again."""
+    d = pin_dir()
+    if d is None:
+        return
+    ours = {p.name for feat in FEATURES for lay in feat.layers for p in lay.progs}
+    try:
+        current = {os.path.basename(p) for feat in FEATURES for p in feat.pin_paths(d).values()}
+        names = os.listdir(d)
+    except OSError as e:
+        report.errors.append(f"pins in {d}: {e}")
+        return
+    for name in sorted(names):
+        prog, _, digest = name.rpartition("_")
+        if prog not in ours or len(digest) != 16 or name in current:
+            continue
+        try:
+            os.unlink(os.path.join(d, name))
+            report.pins_removed.append(os.path.join(d, name))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            report.errors.append(f"{d}/{name}: {e}")
 
 
 def _remove_abandoned(prefix: str, report: GcReport) -> None:

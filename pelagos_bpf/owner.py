@@ -22,22 +22,27 @@ def _pending_key(name: str) -> str:
 
 
 @contextlib.contextmanager
-def creating(path: str) -> Iterator[None]:
-    """Wrap one mkdir of `path`: pending marker on the parent, then the marker on the child.
+def creating(parent: str | int, name: str) -> Iterator[None]:
+    """Wrap one mkdir of `name` in `parent` (a path, or a dir fd: no path walk): a pending
+    marker on the parent for as long as the block runs. The block marks the child (`mark`)
+    once it exists, so no moment leaves an unmarked directory of ours.
 
     Markers are best effort (a kernel without xattrs on cgroupfs only makes gc more careful).
     """
-    parent, name = os.path.split(path)
     key = _pending_key(name)
     with contextlib.suppress(OSError):
         os.setxattr(parent, key, b"")
     try:
         yield
-        with contextlib.suppress(OSError):
-            os.setxattr(path, MARK, b"1")
     finally:
         with contextlib.suppress(OSError):
             os.removexattr(parent, key)
+
+
+def mark(cgroup: str | int) -> None:
+    """Mark a cgroup we created (a path or a dir fd) as ours."""
+    with contextlib.suppress(OSError):
+        os.setxattr(cgroup, MARK, b"1")
 
 
 def is_ours(path: str, attached: Callable[[str], bool]) -> bool:

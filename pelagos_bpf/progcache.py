@@ -32,9 +32,9 @@ import struct
 import subprocess
 import sysconfig
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 from . import bpfsys, trust
@@ -48,6 +48,7 @@ _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 _MAX_INSNS = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS: the kernel loads nothing longer
 _HEX_INSNS = re.compile(r"(?:[0-9a-f]{16})+")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,18 @@ class CompiledProgram:
         return len(self.insns) // 8
 
 
+@cache
 def project_bpf_dir() -> Path:
-    """The BPF C sources and stub headers, found as package data (every kind of install)."""
-    d = Path(str(resources.files(__package__) / SOURCES))
+    """The BPF C sources and stub headers, found as package data (every kind of install).
+
+    Beside this module first: importlib.resources costs ~4 ms on its first call in a process
+    (it imports its readers), which a fresh process's first attach cannot afford; it is the
+    fallback for loaders that do not keep packages as directories."""
+    d = Path(os.path.dirname(os.path.abspath(__file__))) / SOURCES
+    if not os.path.isdir(d / "include"):
+        from importlib import resources
+
+        d = Path(str(resources.files(__package__) / SOURCES))
     if not (d / "include").is_dir():
         raise BpfError(errno.ENOENT, "find BPF sources", f"{d} is missing (broken install?)")
     return d
@@ -80,49 +90,182 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
+# The stub kernel headers under bpf/include (tests/test_progcache.py checks this is the tree):
+# a fixed list, because walking the tree costs a fresh process ~0.3 ms of its first attach.
+STUB_HEADERS = (
+    "asm/page.h",
+    "linux/kconfig.h",
+    "linux/log2.h",
+    "linux/types.h",
+    "linux/version.h",
+)
+
+
 @cache
 def _stub_files() -> list[Path]:
     inc = project_bpf_dir() / "include"
-    return sorted(p for p in inc.rglob("*") if p.is_file())
+    return [inc / h for h in STUB_HEADERS]
 
 
 @cache
-def _bcc_version() -> str:
-    # Locate bcc without importing it (importing loads LLVM) and read its version file.
+def _bcc_version_file() -> str | None:
+    """bcc's version.py, located without importing bcc (importing loads LLVM)."""
     import importlib.util
 
     spec = importlib.util.find_spec("bcc")
     if spec is None or spec.origin is None:
+        return None
+    return os.path.join(os.path.dirname(spec.origin), "version.py")
+
+
+def _bcc_version(version_file: str | None) -> str:
+    if version_file is None:
         return "none"
     try:
-        return (Path(spec.origin).parent / "version.py").read_text().strip()
+        return Path(version_file).read_text().strip()
     except OSError:
         return "unknown"
 
 
-def _fingerprint(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+Stamp = tuple[str, int, int]  # (path, mtime_ns, size): what a file looked like when hashed
+
+
+def _stamp(path: str | os.PathLike[str]) -> Stamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.fspath(path), st.st_mtime_ns, st.st_size)
+
+
+def _fingerprint(paths: list[Path]) -> tuple[Stamp, ...]:
     out = []
     for p in paths:
-        st = p.stat()
-        out.append((str(p), st.st_mtime_ns, st.st_size))
+        stamp = _stamp(p)
+        if stamp is None:
+            raise BpfError(errno.ENOENT, "find BPF sources", f"{p} is missing (broken install?)")
+        out.append(stamp)
     return tuple(out)
 
 
 def cache_key(source: Path, func: str, prog_type: int) -> str:
-    """Key over the C source, stub headers, bcc version, function and type (memoized per
-    process on the files' mtimes and sizes: stat is ~10x cheaper than re-hashing)."""
-    return _cache_key(func, int(prog_type), _fingerprint([source, *_stub_files()]))
+    """Key over the C source, stub headers, bcc version, function and type.
+
+    Hashing reads every input and locates bcc (~0.5 ms in a fresh process), so the key is
+    remembered by the inputs' stamps (path, mtime, size): per process, and across processes in
+    the cache dir's key index (see _KeyIndex). A stamp that moved means hashing again."""
+    files = _fingerprint([source, *_stub_files()])
+    return _cache_key(func, int(prog_type), files)
 
 
 @cache
-def _cache_key(func: str, prog_type: int, files: tuple[tuple[str, int, int], ...]) -> str:
+def _cache_key(func: str, prog_type: int, files: tuple[Stamp, ...]) -> str:
+    index = _KeyIndex.shared()
+    slot = f"{files[0][0]}|{func}|{prog_type}"
+    known = index.get(slot, files)
+    if known is not None:
+        return known
+    bcc_file = _bcc_version_file()
+    key = hash_key(func, prog_type, files, _bcc_version(bcc_file))
+    index.put(slot, files, bcc_file, key)
+    return key
+
+
+def hash_key(func: str, prog_type: int, files: tuple[Stamp, ...], bcc_version: str) -> str:
+    """The content key itself (pure): format, function, type, bcc version, the source and the
+    stub headers' names and bytes."""
     h = hashlib.sha256()
-    h.update(f"fmt={_FORMAT} func={func} type={prog_type} bcc={_bcc_version()}\n".encode())
+    h.update(f"fmt={_FORMAT} func={func} type={prog_type} bcc={bcc_version}\n".encode())
     source, *stubs = (Path(f) for f, _, _ in files)
     h.update(source.read_bytes())
     for f in stubs:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:32]
+
+
+class _KeyIndex:
+    """`keys.json` in the cache dir: slot -> (input stamps, bcc's version.py stamp, key).
+
+    Why: a fresh process's first attach has ~1 ms; the index turns the key into a dozen stats.
+    It is read and written like the cache files (trust checks, atomic rename), so it is as
+    trustworthy as what it points at; an entry whose stamps moved is ignored and rewritten.
+    Concurrent writers may drop each other's entries: that only costs a hash next time."""
+
+    NAME = "keys.json"
+    _instance: _KeyIndex | None = None
+
+    def __init__(self, cdir: str) -> None:
+        self.cdir = cdir
+        self.entries: dict[str, object] | None = None
+
+    @classmethod
+    def shared(cls) -> _KeyIndex:
+        cdir = str(cache_dir())
+        if cls._instance is None or cls._instance.cdir != cdir:
+            cls._instance = cls(cdir)
+        return cls._instance
+
+    def _load(self) -> dict[str, object]:
+        if self.entries is None:
+            self.entries = {}
+            try:
+                dirfd = _open_cache_dir(self.cdir, create=False)
+            except BpfError:
+                return self.entries  # an untrusted dir is refused where the file is read
+            if dirfd is None:
+                return self.entries
+            try:
+                data = trust.read_trusted_file(dirfd, self.NAME, self.cdir, "cache key index")
+            except BpfError:
+                data = None
+            finally:
+                os.close(dirfd)
+            if data:
+                try:
+                    d = json.loads(data)
+                except ValueError:
+                    d = None
+                if isinstance(d, dict) and d.get("format") == _FORMAT:
+                    slots = d.get("slots")
+                    if isinstance(slots, dict):
+                        self.entries = slots
+        return self.entries
+
+    def get(self, slot: str, files: tuple[Stamp, ...]) -> str | None:
+        e = self._load().get(slot)
+        if not isinstance(e, dict) or e.get("files") != [list(f) for f in files]:
+            return None
+        key, bcc = e.get("key"), e.get("bcc")
+        if not (isinstance(key, str) and len(key) == 32 and set(key) <= _HEX_DIGITS):
+            return None
+        if bcc is None:  # recorded "no bcc": still true only if bcc is still not importable
+            return key if _bcc_version_file() is None else None
+        if not (isinstance(bcc, list) and len(bcc) == 3 and isinstance(bcc[0], str)):
+            return None
+        found = _stamp(bcc[0])
+        return key if found is not None and list(found) == bcc else None
+
+    def put(self, slot: str, files: tuple[Stamp, ...], bcc_file: str | None, key: str) -> None:
+        bcc = None if bcc_file is None else _stamp(bcc_file)
+        entries = self._load()
+        entries[slot] = {
+            "files": [list(f) for f in files],
+            "bcc": None if bcc is None else list(bcc),
+            "key": key,
+        }
+        try:
+            dirfd = _open_cache_dir(self.cdir, create=False)
+        except BpfError:
+            return
+        if dirfd is None:
+            return
+        try:
+            data = json.dumps({"format": _FORMAT, "slots": entries}).encode()
+            trust.write_trusted_file(dirfd, self.NAME, data)
+        except OSError:
+            pass  # read-only or not ours to write: the key is only recomputed next time
+        finally:
+            os.close(dirfd)
 
 
 def cache_file_name(source: str | os.PathLike[str], func: str, prog_type: int) -> str:
@@ -175,13 +318,41 @@ def _get_cached(
             os.close(dirfd)
 
 
+_DIR_FDS: dict[str, int] = {}  # cache dir -> an fd opened (and checked) once per process
+_DIR_LOCK = threading.Lock()
+
+
 def _open_cache_dir(cdir: str, *, create: bool) -> int | None:
+    """A fd of the checked cache dir (the caller closes it); None if absent and not created.
+
+    The walk from / (one open and fstat per component) runs once per process: later calls
+    dup the fd after two cheap checks, that `cdir` still names the same live directory and
+    that it is still trusted (owner, mode). A moved, removed or re-created dir is walked again."""
+    with _DIR_LOCK:
+        return _open_cache_dir_locked(cdir, create)
+
+
+def _open_cache_dir_locked(cdir: str, create: bool) -> int | None:
+    held = _DIR_FDS.get(cdir)
+    if held is not None:
+        try:
+            st, fst = os.stat(cdir), os.fstat(held)
+            same = (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino) and fst.st_nlink > 0
+        except OSError:
+            same = False
+        if same:
+            trust.check_dir_stat(fst, cdir, "cache dir")
+            return os.dup(held)
+        del _DIR_FDS[cdir]
+        os.close(held)
     try:
-        return trust.open_trusted_dir(cdir, "cache dir", create=create)
+        fd = trust.open_trusted_dir(cdir, "cache dir", create=create)
     except BpfError as e:
         if e.errno == errno.ENOENT and not create:
             return None
         raise
+    _DIR_FDS[cdir] = fd
+    return os.dup(fd)
 
 
 def _to_json(p: CompiledProgram) -> dict[str, object]:

@@ -16,6 +16,7 @@ may trust its own files: whoever can write them already runs as that user). See 
 from __future__ import annotations
 
 import contextlib
+import ctypes as ct
 import errno
 import hashlib
 import os
@@ -53,6 +54,11 @@ def _check_st(st: os.stat_result, path: str, what: str, *, sticky_ok: bool) -> N
     if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
         mode = stat.S_IMODE(st.st_mode)
         raise _refuse(path, what, f"mode {mode:04o} is group/world-writable", f"chmod go-w {path}")
+
+
+def check_dir_stat(st: os.stat_result, path: str, what: str) -> None:
+    """The leaf check of open_trusted_dir, for a dir fd opened (and walked) earlier."""
+    _check_st(st, path, what, sticky_ok=False)
 
 
 def open_trusted_dir(
@@ -203,11 +209,28 @@ def is_our_program(info: bpfsys.ProgInfo, insns: bytes, prog_type: int) -> bool:
     return info.type == int(prog_type) and bytes.fromhex(info.tag) in prog_tags(insns)
 
 
-def check_pin_dir(path: str | os.PathLike[str]) -> int:
+def check_pin_dir(path: str | os.PathLike[str], *, create: bool = False) -> int:
     """O_DIRECTORY fd of a pin dir we may use: it and its ancestors trusted; the dir itself may
     be sticky and world-writable (a plain bpffs mount is 1777), because every pin we read is
-    then checked to be root's own (open_pinned_program)."""
-    return open_trusted_dir(path, "pin dir", sticky_leaf_ok=True)
+    then checked to be root's own (open_pinned_program). create: make it (0755, ours)."""
+    return open_trusted_dir(path, "pin dir", create=create, sticky_leaf_ok=True)
+
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+class _Statfs(ct.Structure):
+    # struct statfs starts with f_type (__fsword_t, a long) on every Linux ABI; room for the rest.
+    _fields_ = (("f_type", ct.c_long), ("rest", ct.c_byte * 248))
+
+
+def is_bpffs(path: str) -> bool:
+    """Is a bpffs mounted at (or holding) `path`? statfs(2): os.statvfs has no f_type."""
+    buf = _Statfs()
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), ct.byref(buf)) != 0:
+        return False
+    return buf.f_type & 0xFFFF_FFFF == BPF_FS_MAGIC
 
 
 def open_pinned_program(

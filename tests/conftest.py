@@ -17,6 +17,12 @@ from pelagos_bpf.hierarchy import discover
 
 IS_ROOT = os.geteuid() == 0
 
+# No default pins for the suite (set but empty = nowhere; inherited by subprocesses): guests
+# mount a bpffs at /sys/fs/bpf, and a pinned program outlives the process on purpose, which
+# would read as a leak to every test that checks programs are gone. Pins are tested where a
+# test asks for them (test_default_pins.py runs the default in a private mount namespace).
+os.environ.setdefault("PELAGOS_BPF_PIN_DIR", "")
+
 
 def _kill_and_remove(d: Path) -> None:
     """Remove a test cgroup subtree, killing only processes inside it (which tests started)."""

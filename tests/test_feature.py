@@ -89,7 +89,7 @@ def test_a_squatted_pin_with_another_program_is_refused(
     try:
         monkeypatch.setenv(PIN_ENV, str(d))
         feat = Feature(layout.LAYER)
-        (path,) = feat._pin_paths().values()  # type: ignore[union-attr]
+        (path,) = feat.pin_paths(str(d)).values()
         m = bpfsys.map_create(MapType.HASH, 4, 4, 8, "x")
         squat = _prog_using(m, layout.PROG_NAME)
         bpfsys.obj_pin(squat, path)
@@ -100,7 +100,7 @@ def test_a_squatted_pin_with_another_program_is_refused(
         assert path in str(e.value) and "tag" in str(e.value)
         os.unlink(path)
         assert feat.loaded().progs  # the real program loads and pins once the squat is gone
-        again = feat._from_pins(feat._pin_paths())  # type: ignore[arg-type]
+        again = feat._from_pins(feat.pin_paths(str(d)))
         assert again.ids == feat.loaded().ids  # a second user shares the pinned program
         again.close()
         feat.loaded().close()

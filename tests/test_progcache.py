@@ -231,6 +231,14 @@ def test_sources_are_package_data() -> None:
     )
 
 
+def test_stub_header_list_is_the_tree() -> None:
+    """The cache key hashes STUB_HEADERS (a fixed list, no walk on the hot path): a header
+    added to bpf/include but not to the list would change programs without changing keys."""
+    inc = ROOT / "bpf" / "include"
+    on_disk = sorted(str(p.relative_to(inc)) for p in inc.rglob("*") if p.is_file())
+    assert on_disk == sorted(progcache.STUB_HEADERS)
+
+
 def test_kernel_arch_names() -> None:
     cases = {
         "x86_64": "x86",

@@ -221,7 +221,7 @@ def bpffs() -> Iterator[Path]:
 
 def _pin_name(monkeypatch: pytest.MonkeyPatch, pin_dir: Path) -> Path:
     monkeypatch.setenv(PIN_ENV, str(pin_dir))
-    pins = devprog.FEATURE._pin_paths()
+    pins = devprog.FEATURE.pin_paths(str(pin_dir))
     assert pins is not None
     return Path(pins[devlay.FUNC])
 

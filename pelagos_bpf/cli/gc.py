@@ -2,6 +2,7 @@
 
 Map entries keyed by a cgroup that no longer exists are deleted; with --prefix, empty cgroups
 this library created under PATH (and never finished, or whose runtime died) are torn down.
+Pins of ours this release would not fetch (older bytecode, another map size) are removed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def register(sub: Any) -> None:
         help="remove BPF state of cgroups that are gone, and abandoned cgroups under a prefix",
         description="Delete the map entries (device rules, denial counters, net priorities) "
         "of cgroups that no longer exist. With --prefix, first tear down the empty cgroups "
-        "under PATH that pelagos_bpf created (crashed setups). Runs by itself when a map is "
+        "under PATH that pelagos_bpf created (crashed setups). Unpins programs of ours that this "
+        "release would not fetch (older bytecode, another map size). Runs by itself when a map is "
         "full; a runtime daemon may also run it periodically.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -64,9 +64,11 @@ def _prepare(rules: tuple[CgroupDeviceRule, ...]) -> Prepared:
     return Prepared(len(table), enc.entry_template(table))
 
 
-def prepare(rules: Sequence[CgroupDeviceRule]) -> Prepared:
-    """Validate and encode (memoized: a repeated rule list costs a dict lookup)."""
-    validate_device_rules(rules)  # valid rules have exact types, so the cache key is exact
+def prepare(rules: Sequence[CgroupDeviceRule], *, validated: bool = False) -> Prepared:
+    """Validate (unless the caller just did: setup's validate_config) and encode (memoized: a
+    repeated rule list costs a dict lookup)."""
+    if not validated:
+        validate_device_rules(rules)  # valid rules have exact types, so the cache key is exact
     return _prepare(tuple(rules))
 
 
@@ -81,11 +83,16 @@ def set_keys(maps: dict[str, int], cgroup_id: int, gen: int) -> tuple[list[bytes
     fd = maps["dev_rules"]
     rule_keys: list[bytes] = []
     index_keys: list[bytes] = []
-    while (
-        val := bpfsys.map_lookup(fd, enc.index_key(cgroup_id, gen, len(index_keys)), 128)
-    ) is not None:
-        index_keys.append(enc.index_key(cgroup_id, gen, len(index_keys)))
-        rule_keys.extend(enc.RULE_KEY.pack(cgroup_id, gen, *p) for p in enc.index_patterns(val))
+    while True:
+        key = enc.index_key(cgroup_id, gen, len(index_keys))
+        val = bpfsys.map_lookup(fd, key, lay.VAL_SIZE)
+        if val is None:
+            break
+        index_keys.append(key)
+        patterns = enc.index_patterns(val)
+        rule_keys.extend(enc.RULE_KEY.pack(cgroup_id, gen, *p) for p in patterns)
+        if len(patterns) < enc.INDEX_CHUNK:  # chunks fill in order: a partial one is the last
+            break
     return rule_keys, index_keys
 
 
@@ -172,7 +179,9 @@ def _attach_new(cg: CgroupRef, cgfd: int, prep: Prepared) -> None:
         raise
 
 
-def attach_fresh(cg: CgroupRef, cgfd: int, rules: Sequence[CgroupDeviceRule]) -> None:
+def attach_fresh(
+    cg: CgroupRef, cgfd: int, rules: Sequence[CgroupDeviceRule], *, validated: bool = False
+) -> None:
     """`apply` for a cgroup the caller has just created (setup's fast path), through its fd.
 
     Write the whole rule set (generation 1), attach, switch: no find() of the programs of every
@@ -182,8 +191,9 @@ def attach_fresh(cg: CgroupRef, cgfd: int, rules: Sequence[CgroupDeviceRule]) ->
     lock; every writer attaches under the lock), else the general `apply` runs. The rule set
     write still deletes an index it finds first (one lookup): a writer that got in, failed, and
     died between its detach and its deletes may have left generation 1 entries of this id.
+    validated: the caller validated `rules` (validate_config), so they are not checked twice.
     """
-    prep = prepare(rules)
+    prep = prepare(rules, validated=validated)
     fcntl.flock(cgfd, fcntl.LOCK_EX)
     try:
         fresh = not bpfsys.prog_query(cgfd, lay.ATTACH)
@@ -240,7 +250,9 @@ def remove_entries(keys: tuple[list[bytes], list[bytes]]) -> None:
     hash costs ~100 us to walk (GET_NEXT_KEY scans buckets), more than the rest of teardown.
     A dead cgroup's counters mislead no reader (cgroup ids are never reused).
     """
-    delete_keys(FEATURE.loaded().maps, keys)
+    rule_keys, index_keys = keys
+    if index_keys:  # no program reads them any more: any order, one syscall
+        bpfsys.map_delete_batch(FEATURE.loaded().maps["dev_rules"], rule_keys + index_keys)
 
 
 def _update(cg: CgroupRef, group: Attached, prep: Prepared) -> None:
