@@ -295,3 +295,70 @@ def test_pip_install_target_compiles(tmp_path: Path) -> None:
     assert r.stdout.count("compiled ") == 4, r.stdout
     assert (cdir / _file(DEV)).is_file()
     assert _same_code(json.loads((cdir / _file(DEV)).read_text()), _real(DEV))
+
+
+# ---------------------------------------------------------------- the key index (keys.json)
+
+
+@pytest.fixture
+def fresh_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private cache dir and a copy of the device source; per-process key memos cleared."""
+    cdir = tmp_path / "cache"
+    cdir.mkdir(mode=0o755)
+    os.chmod(cdir, 0o755)
+    monkeypatch.setenv(progcache.CACHE_ENV, str(cdir))
+    src = tmp_path / "device.c"
+    shutil.copy(ROOT / "bpf" / "device.c", src)
+
+    _forget()
+    yield src
+    _forget()
+
+
+def _forget() -> None:
+    """What a fresh process starts with: no key memo, no index read yet."""
+    progcache._cache_key.cache_clear()
+    progcache._KeyIndex._instance = None
+
+
+def _no_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a: object) -> str:
+        raise AssertionError("hashed the sources although the index knew the key")
+
+    monkeypatch.setattr(progcache, "hash_key", refuse)
+
+
+def test_key_index_spares_a_fresh_process_the_hash(
+    fresh_keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = progcache.cache_key(fresh_keys, DEV[1], DEV[2])
+    index = Path(os.environ[progcache.CACHE_ENV]) / progcache._KeyIndex.NAME
+    assert index.is_file() and stat.S_IMODE(index.stat().st_mode) == 0o644
+    _forget()
+    real_hash = progcache.hash_key
+    _no_hashing(monkeypatch)
+    assert progcache.cache_key(fresh_keys, DEV[1], DEV[2]) == key
+    # The same inputs hashed for real give the same key (the index holds no made-up keys).
+    monkeypatch.setattr(progcache, "hash_key", real_hash)
+    _forget()
+    index.unlink()
+    assert progcache.cache_key(fresh_keys, DEV[1], DEV[2]) == key
+
+
+def test_key_index_entry_is_ignored_when_the_source_changes(fresh_keys: Path) -> None:
+    key = progcache.cache_key(fresh_keys, DEV[1], DEV[2])
+    fresh_keys.write_text(fresh_keys.read_text() + "\n/* changed */\n")
+    _forget()
+    assert progcache.cache_key(fresh_keys, DEV[1], DEV[2]) != key
+
+
+def test_untrusted_key_index_is_not_used(fresh_keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    progcache.cache_key(fresh_keys, DEV[1], DEV[2])
+    index = Path(os.environ[progcache.CACHE_ENV]) / progcache._KeyIndex.NAME
+    doc = json.loads(index.read_text())
+    (slot,) = doc["slots"]
+    doc["slots"][slot]["key"] = "0" * 32  # a forged key, in a file anyone may write
+    index.write_text(json.dumps(doc))
+    os.chmod(index, 0o666)
+    _forget()
+    assert progcache.cache_key(fresh_keys, DEV[1], DEV[2]) != "0" * 32
