@@ -386,7 +386,7 @@ def parse_cached(data: bytes, func: str, prog_type: int) -> CompiledProgram:
         raise ValueError(f"format {d['format']}, want {_FORMAT}")
     if _want(d, "func", str) != func or _want(d, "prog_type", int) != int(prog_type):
         raise ValueError(
-            f"describes {d['func']} type {d['prog_type']}, not {func} type {prog_type}"
+            f"describes {d.get('func')} type {d.get('prog_type')}, not {func} type {prog_type}"
         )
     hexed = str(_want(d, "insns", str))
     if not _HEX_INSNS.fullmatch(hexed):
