@@ -127,7 +127,9 @@ def _bcc_version(version_file: str | None) -> str:
         return "unknown"
 
 
-Stamp = tuple[str, int, int]  # (path, mtime_ns, size): what a file looked like when hashed
+# (path, inode, mtime_ns, size): what a file looked like when hashed. An edit moves the mtime,
+# a package upgrade's rename-into-place the inode.
+Stamp = tuple[str, int, int, int]
 
 
 def _stamp(path: str | os.PathLike[str]) -> Stamp | None:
@@ -135,7 +137,7 @@ def _stamp(path: str | os.PathLike[str]) -> Stamp | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (os.fspath(path), st.st_mtime_ns, st.st_size)
+    return (os.fspath(path), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _fingerprint(paths: list[Path]) -> tuple[Stamp, ...]:
@@ -152,8 +154,8 @@ def cache_key(source: Path, func: str, prog_type: int) -> str:
     """Key over the C source, stub headers, bcc version, function and type.
 
     Hashing reads every input and locates bcc (~0.5 ms in a fresh process), so the key is
-    remembered by the inputs' stamps (path, mtime, size): per process, and across processes in
-    the cache dir's key index (see _KeyIndex). A stamp that moved means hashing again."""
+    remembered by the inputs' stamps (path, inode, mtime, size): per process, and across
+    processes in the cache dir's key index (see _KeyIndex). A stamp that moved: hash again."""
     files = _fingerprint([source, *_stub_files()])
     return _cache_key(func, int(prog_type), files)
 
@@ -172,11 +174,11 @@ def _cache_key(func: str, prog_type: int, files: tuple[Stamp, ...]) -> str:
 
 
 def hash_key(func: str, prog_type: int, files: tuple[Stamp, ...], bcc_version: str) -> str:
-    """The content key itself (pure): format, function, type, bcc version, the source and the
-    stub headers' names and bytes."""
+    """The content key itself: a hash of the format, function, type, bcc version, the source
+    and the stub headers' names and bytes (read from the files the stamps name)."""
     h = hashlib.sha256()
     h.update(f"fmt={_FORMAT} func={func} type={prog_type} bcc={bcc_version}\n".encode())
-    source, *stubs = (Path(f) for f, _, _ in files)
+    source, *stubs = (Path(f[0]) for f in files)
     h.update(source.read_bytes())
     for f in stubs:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -240,7 +242,7 @@ class _KeyIndex:
             return None
         if bcc is None:  # recorded "no bcc": still true only if bcc is still not importable
             return key if _bcc_version_file() is None else None
-        if not (isinstance(bcc, list) and len(bcc) == 3 and isinstance(bcc[0], str)):
+        if not (isinstance(bcc, list) and len(bcc) == 4 and isinstance(bcc[0], str)):
             return None
         found = _stamp(bcc[0])
         return key if found is not None and list(found) == bcc else None
