@@ -44,26 +44,26 @@ POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 
 
-class Cmd(IntEnum):
-    """enum bpf_cmd: the commands this layer issues."""
-
-    MAP_CREATE = 0
-    MAP_LOOKUP_ELEM = 1
-    MAP_UPDATE_ELEM = 2
-    MAP_DELETE_ELEM = 3
-    MAP_GET_NEXT_KEY = 4
-    PROG_LOAD = 5
-    OBJ_PIN = 6
-    OBJ_GET = 7
-    PROG_ATTACH = 8
-    PROG_DETACH = 9
-    PROG_GET_NEXT_ID = 11
-    PROG_GET_FD_BY_ID = 13
-    MAP_GET_FD_BY_ID = 14
-    OBJ_GET_INFO_BY_FD = 15
-    PROG_QUERY = 16
-    MAP_UPDATE_BATCH = 26
-    MAP_DELETE_BATCH = 27
+# enum bpf_cmd: the commands this layer issues, by the name errors report them under.
+CMDS = {
+    "BPF_MAP_CREATE": 0,
+    "BPF_MAP_LOOKUP_ELEM": 1,
+    "BPF_MAP_UPDATE_ELEM": 2,
+    "BPF_MAP_DELETE_ELEM": 3,
+    "BPF_MAP_GET_NEXT_KEY": 4,
+    "BPF_PROG_LOAD": 5,
+    "BPF_OBJ_PIN": 6,
+    "BPF_OBJ_GET": 7,
+    "BPF_PROG_ATTACH": 8,
+    "BPF_PROG_DETACH": 9,
+    "BPF_PROG_GET_NEXT_ID": 11,
+    "BPF_PROG_GET_FD_BY_ID": 13,
+    "BPF_MAP_GET_FD_BY_ID": 14,
+    "BPF_OBJ_GET_INFO_BY_FD": 15,
+    "BPF_PROG_QUERY": 16,
+    "BPF_MAP_UPDATE_BATCH": 26,
+    "BPF_MAP_DELETE_BATCH": 27,
+}
 
 
 class ProgType(IntEnum):
@@ -91,31 +91,33 @@ class MapType(IntEnum):
 
 
 _U32 = ct.c_uint32
-_U64 = ct.c_uint64  # __aligned_u64; pointers go in as ct.addressof(...)
+_U64 = ct.c_uint64  # __aligned_u64: a pointer the kernel writes through goes in as an address
+# A pointer the kernel only reads: bytes go in without a copy (ctypes keeps them alive with the
+# attr). 8 bytes and 8-aligned, as __aligned_u64, on the 64-bit arches SYS_BPF lists; an int
+# address is taken too (MAP_LOOKUP_ELEM's value is an output).
+_IN = ct.c_char_p
 
 
-ATTRS: list[type[ct.Structure]] = []  # every command's attr layout, for the layout test
+_Field = tuple[str, type[ct._SimpleCData] | type[ct.Array[ct.c_char]]]
 
 
-def _attr(prefix: str) -> Callable[[type[ct.Structure]], type[ct.Structure]]:
-    """Pad a command's leading fields with zeros to ATTR_SIZE bytes.
-
-    `prefix` is how the header names the command's struct inside the union ("" for anonymous
-    structs), so the layout test can ask the C compiler for `offsetof(union bpf_attr, prefix+f)`.
-    """
-
-    def pad(head: type[ct.Structure]) -> type[ct.Structure]:
-        tail = (("_tail", ct.c_uint8 * (ATTR_SIZE - ct.sizeof(head))),)
-        cls = type(head.__name__, (head,), {"_fields_": tail, "c_prefix": prefix})
-        ATTRS.append(cls)
-        return cls
-
-    return pad
+def _padded(*fields: _Field) -> tuple[_Field, ...]:
+    """A command's leading fields, then zeros up to ATTR_SIZE bytes (C layout rules)."""
+    end = 0
+    for _, t in fields:
+        align = ct.alignment(t)
+        end = (end + align - 1) // align * align + ct.sizeof(t)
+    return (*fields, ("_tail", ct.c_uint8 * (ATTR_SIZE - end)))
 
 
-@_attr("")
-class _MapCreateAttr(ct.Structure):
-    _fields_ = (
+class _Attr(ct.Structure):
+    """One command's view of `union bpf_attr`, ATTR_SIZE bytes, zero-filled when made."""
+
+    c_prefix = ""  # the struct's name inside the union ("" for the header's anonymous structs)
+
+
+class _MapCreateAttr(_Attr):
+    _fields_ = _padded(
         ("map_type", _U32),
         ("key_size", _U32),
         ("value_size", _U32),
@@ -127,19 +129,18 @@ class _MapCreateAttr(ct.Structure):
     )
 
 
-@_attr("")
-class _ElemAttr(ct.Structure):
+class _ElemAttr(_Attr):
     # `value` is `next_key` for MAP_GET_NEXT_KEY (a union in the header).
-    _fields_ = (("map_fd", _U32), ("key", _U64), ("value", _U64), ("flags", _U64))
+    _fields_ = _padded(("map_fd", _U32), ("key", _IN), ("value", _IN), ("flags", _U64))
 
 
-@_attr("batch.")
-class _BatchAttr(ct.Structure):
-    _fields_ = (
+class _BatchAttr(_Attr):
+    c_prefix = "batch."
+    _fields_ = _padded(
         ("in_batch", _U64),
         ("out_batch", _U64),
-        ("keys", _U64),
-        ("values", _U64),
+        ("keys", _IN),
+        ("values", _IN),
         ("count", _U32),
         ("map_fd", _U32),
         ("elem_flags", _U64),
@@ -147,13 +148,12 @@ class _BatchAttr(ct.Structure):
     )
 
 
-@_attr("")
-class _ProgLoadAttr(ct.Structure):
-    _fields_ = (
+class _ProgLoadAttr(_Attr):
+    _fields_ = _padded(
         ("prog_type", _U32),
         ("insn_cnt", _U32),
-        ("insns", _U64),
-        ("license", _U64),
+        ("insns", _IN),
+        ("license", _IN),
         ("log_level", _U32),
         ("log_size", _U32),
         ("log_buf", _U64),
@@ -165,14 +165,12 @@ class _ProgLoadAttr(ct.Structure):
     )
 
 
-@_attr("")
-class _ObjAttr(ct.Structure):
-    _fields_ = (("pathname", _U64), ("bpf_fd", _U32), ("file_flags", _U32))
+class _ObjAttr(_Attr):
+    _fields_ = _padded(("pathname", _IN), ("bpf_fd", _U32), ("file_flags", _U32))
 
 
-@_attr("")
-class _AttachAttr(ct.Structure):
-    _fields_ = (
+class _AttachAttr(_Attr):
+    _fields_ = _padded(
         ("target_fd", _U32),
         ("attach_bpf_fd", _U32),
         ("attach_type", _U32),
@@ -181,20 +179,19 @@ class _AttachAttr(ct.Structure):
     )
 
 
-@_attr("")
-class _IdAttr(ct.Structure):
+class _IdAttr(_Attr):
     # `start_id` is also `prog_id` / `map_id` (a union in the header).
-    _fields_ = (("start_id", _U32), ("next_id", _U32), ("open_flags", _U32))
+    _fields_ = _padded(("start_id", _U32), ("next_id", _U32), ("open_flags", _U32))
 
 
-@_attr("info.")
-class _InfoAttr(ct.Structure):
-    _fields_ = (("bpf_fd", _U32), ("info_len", _U32), ("info", _U64))
+class _InfoAttr(_Attr):
+    c_prefix = "info."
+    _fields_ = _padded(("bpf_fd", _U32), ("info_len", _U32), ("info", _U64))
 
 
-@_attr("query.")
-class _QueryAttr(ct.Structure):
-    _fields_ = (
+class _QueryAttr(_Attr):
+    c_prefix = "query."
+    _fields_ = _padded(
         ("target_fd", _U32),
         ("attach_type", _U32),
         ("query_flags", _U32),
@@ -254,8 +251,8 @@ class MapInfo:
 
 
 @cache
-def _syscall() -> Callable[..., int]:
-    """libc's syscall(), bound to __NR_bpf for this machine."""
+def _syscall() -> tuple[Callable[..., int], int]:
+    """libc's syscall() and __NR_bpf for this machine."""
     # os.uname() is what platform.machine() reads; `import platform` alone costs ~4 ms.
     machine = os.uname().machine
     nr = SYS_BPF.get(machine)
@@ -264,28 +261,28 @@ def _syscall() -> Callable[..., int]:
     fn = ct.CDLL(None, use_errno=True).syscall
     fn.argtypes = (ct.c_long, ct.c_int, ct.c_void_p, ct.c_uint)
     fn.restype = ct.c_long
-
-    def bpf(cmd: int, attr: ct.Structure) -> int:
-        return fn(nr, cmd, ct.byref(attr), ATTR_SIZE)
-
-    return bpf
+    return fn, nr
 
 
-def _bpf(cmd: Cmd, attr: ct.Structure) -> int:
+def _bpf(op: str, attr: _Attr) -> int:
     """One bpf(2) call; the result, or -errno on failure (as libbpf 1.x returned)."""
-    ret = _syscall()(cmd, attr)
+    fn, nr = _syscall()
+    ret = fn(nr, CMDS[op], ct.byref(attr), ATTR_SIZE)
     return -ct.get_errno() if ret < 0 else ret
 
 
-def _bpf_fd(cmd: Cmd, attr: ct.Structure) -> int:
-    """A call that returns a new fd (or -errno); never 0-2, as libbpf's ensure_good_fd."""
-    fd = _bpf(cmd, attr)
-    if 0 <= fd < 3:
-        try:
-            return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-        finally:
-            os.close(fd)
-    return fd
+def _call(op: str, attr: _Attr, detail: str = "") -> int:
+    return _check(_bpf(op, attr), op, detail)
+
+
+def _new_fd(fd: int) -> int:
+    """A new fd, moved above 0-2 (libbpf's ensure_good_fd): stdio must never be a BPF object."""
+    if fd >= 3:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 def _check(ret: int, op: str, detail: str = "") -> int:
@@ -295,15 +292,8 @@ def _check(ret: int, op: str, detail: str = "") -> int:
     return ret
 
 
-_Buf = ct.Array[ct.c_char]
-
-
-def _buf(data: bytes) -> _Buf:
-    return ct.create_string_buffer(data, len(data))
-
-
 def _addr(obj: ct.Array[ct.c_char] | ct.Array[ct.c_uint32] | ct.Structure | None) -> int:
-    """Where the kernel finds (or writes) obj: a pointer field is a plain u64 in bpf_attr."""
+    """Where the kernel writes obj: an output pointer is a plain u64 in bpf_attr."""
     return ct.addressof(obj) if obj is not None else 0
 
 
@@ -323,22 +313,23 @@ def map_create(
         map_flags=flags,
         map_name=name[:15].encode(),
     )
-    return _check(_bpf_fd(Cmd.MAP_CREATE, attr), "BPF_MAP_CREATE", f"type {int(map_type)} {name!r}")
+    return _new_fd(_call("BPF_MAP_CREATE", attr, f"type {int(map_type)} {name!r}"))
 
 
-def _elem(cmd: Cmd, fd: int, key: _Buf | None, value: _Buf | None, flags: int = 0) -> int:
-    return _bpf(cmd, _ElemAttr(map_fd=fd, key=_addr(key), value=_addr(value), flags=flags))
+def _elem(op: str, fd: int, key: bytes | None, value: bytes | int | None, flags: int = 0) -> int:
+    """A MAP_*_ELEM command; `value` is bytes going in, or the address of an output buffer."""
+    return _bpf(op, _ElemAttr(map_fd=fd, key=key, value=value, flags=flags))
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    ret = _elem(Cmd.MAP_UPDATE_ELEM, fd, _buf(key), _buf(value), flags)
+    ret = _elem("BPF_MAP_UPDATE_ELEM", fd, key, value, flags)
     _check(ret, "BPF_MAP_UPDATE_ELEM")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value for key, or None when the key is absent."""
     out = ct.create_string_buffer(value_size)
-    ret = _elem(Cmd.MAP_LOOKUP_ELEM, fd, _buf(key), out)
+    ret = _elem("BPF_MAP_LOOKUP_ELEM", fd, key, ct.addressof(out))
     if ret == -errno.ENOENT:
         return None
     _check(ret, "BPF_MAP_LOOKUP_ELEM")
@@ -361,7 +352,7 @@ def map_lookup_percpu(fd: int, key: bytes, value_size: int) -> list[bytes] | Non
 
 def map_delete(fd: int, key: bytes) -> bool:
     """Delete key; False when it was absent (so teardown can be idempotent)."""
-    ret = _elem(Cmd.MAP_DELETE_ELEM, fd, _buf(key), None)
+    ret = _elem("BPF_MAP_DELETE_ELEM", fd, key, None)
     if ret == -errno.ENOENT:
         return False
     _check(ret, "BPF_MAP_DELETE_ELEM")
@@ -376,12 +367,10 @@ def map_update_batch(fd: int, items: list[tuple[bytes, bytes]], flags: int = BPF
     """
     if not items:
         return
-    keys = _buf(b"".join(k for k, _ in items))
-    values = _buf(b"".join(v for _, v in items))
-    attr = _BatchAttr(
-        keys=_addr(keys), values=_addr(values), count=len(items), map_fd=fd, elem_flags=flags
-    )
-    ret = _bpf(Cmd.MAP_UPDATE_BATCH, attr)
+    keys = b"".join(k for k, _ in items)
+    values = b"".join(v for _, v in items)
+    attr = _BatchAttr(keys=keys, values=values, count=len(items), map_fd=fd, elem_flags=flags)
+    ret = _bpf("BPF_MAP_UPDATE_BATCH", attr)
     _check(ret, "BPF_MAP_UPDATE_BATCH", f"{attr.count} of {len(items)} written")
 
 
@@ -389,9 +378,8 @@ def map_delete_batch(fd: int, keys: list[bytes]) -> int:
     """Delete many keys in one syscall; absent keys are skipped. Returns how many were deleted."""
     deleted = i = 0
     while i < len(keys):
-        rest = _buf(b"".join(keys[i:]))
-        attr = _BatchAttr(keys=_addr(rest), count=len(keys) - i, map_fd=fd)
-        ret = _bpf(Cmd.MAP_DELETE_BATCH, attr)
+        attr = _BatchAttr(keys=b"".join(keys[i:]), count=len(keys) - i, map_fd=fd)
+        ret = _bpf("BPF_MAP_DELETE_BATCH", attr)
         deleted += attr.count
         if ret == 0:
             break
@@ -405,14 +393,14 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     """All keys (a snapshot; concurrent updates may add or drop some)."""
     keys: list[bytes] = []
     cur = ct.create_string_buffer(key_size)
-    prev: _Buf | None = None
+    prev: bytes | None = None
     while True:
-        ret = _elem(Cmd.MAP_GET_NEXT_KEY, fd, prev, cur)
+        ret = _elem("BPF_MAP_GET_NEXT_KEY", fd, prev, ct.addressof(cur))
         if ret == -errno.ENOENT:
             return keys
         _check(ret, "BPF_MAP_GET_NEXT_KEY")
         keys.append(cur.raw)
-        prev = _buf(cur.raw)
+        prev = cur.raw
 
 
 def prog_load(
@@ -425,16 +413,14 @@ def prog_load(
     """Load bytecode; on failure load again with a verifier log so the error says why."""
     if len(insns) % 8:
         raise BpfError(errno.EINVAL, "BPF_PROG_LOAD", "bytecode length is not a multiple of 8")
-    code = _buf(insns)
-    lic = ct.create_string_buffer(license.encode())
     log_size = 0
     while True:
         log = ct.create_string_buffer(log_size) if log_size else None
         attr = _ProgLoadAttr(
             prog_type=prog_type,
             insn_cnt=len(insns) // 8,
-            insns=_addr(code),
-            license=_addr(lic),
+            insns=insns,
+            license=license.encode(),
             log_level=1 if log_size else 0,
             log_size=log_size,
             log_buf=_addr(log),
@@ -442,11 +428,11 @@ def prog_load(
             expected_attach_type=expected_attach_type or 0,
         )
         for _ in range(PROG_LOAD_ATTEMPTS):
-            ret = _bpf_fd(Cmd.PROG_LOAD, attr)
+            ret = _bpf("BPF_PROG_LOAD", attr)
             if ret != -errno.EAGAIN:
                 break
         if ret >= 0:
-            return ret
+            return _new_fd(ret)
         err = -ret
         if log is None and err in (errno.EACCES, errno.EINVAL, errno.E2BIG):
             log_size = 1 << 16
@@ -472,12 +458,12 @@ def prog_attach(
     if replace_fd is not None:
         attr.attach_flags |= BPF_F_REPLACE
         attr.replace_bpf_fd = replace_fd
-    _check(_bpf(Cmd.PROG_ATTACH, attr), "BPF_PROG_ATTACH", f"attach type {int(attach_type)}")
+    _call("BPF_PROG_ATTACH", attr, f"attach type {int(attach_type)}")
 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     attr = _AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
-    _check(_bpf(Cmd.PROG_DETACH, attr), "BPF_PROG_DETACH", f"attach type {int(attach_type)}")
+    _call("BPF_PROG_DETACH", attr, f"attach type {int(attach_type)}")
 
 
 def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
@@ -492,7 +478,7 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
             prog_ids=_addr(ids),
             prog_cnt=cnt,
         )
-        ret = _bpf(Cmd.PROG_QUERY, attr)
+        ret = _bpf("BPF_PROG_QUERY", attr)
         if ret == -errno.ENOSPC and attr.prog_cnt > cnt:
             cnt = attr.prog_cnt
             continue
@@ -501,8 +487,7 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
-    ret = _bpf_fd(Cmd.PROG_GET_FD_BY_ID, _IdAttr(start_id=prog_id))
-    return _check(ret, "BPF_PROG_GET_FD_BY_ID", f"id {prog_id}")
+    return _new_fd(_call("BPF_PROG_GET_FD_BY_ID", _IdAttr(start_id=prog_id), f"id {prog_id}"))
 
 
 def prog_ids() -> list[int]:
@@ -510,7 +495,7 @@ def prog_ids() -> list[int]:
     out: list[int] = []
     attr = _IdAttr()
     while True:
-        ret = _bpf(Cmd.PROG_GET_NEXT_ID, attr)
+        ret = _bpf("BPF_PROG_GET_NEXT_ID", attr)
         if ret == -errno.ENOENT:
             return out
         _check(ret, "BPF_PROG_GET_NEXT_ID")
@@ -519,13 +504,12 @@ def prog_ids() -> list[int]:
 
 
 def map_get_fd_by_id(map_id: int) -> int:
-    ret = _bpf_fd(Cmd.MAP_GET_FD_BY_ID, _IdAttr(start_id=map_id))
-    return _check(ret, "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
+    return _new_fd(_call("BPF_MAP_GET_FD_BY_ID", _IdAttr(start_id=map_id), f"id {map_id}"))
 
 
 def _obj_info(fd: int, info: ct.Structure) -> None:
     attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=_addr(info))
-    _check(_bpf(Cmd.OBJ_GET_INFO_BY_FD, attr), "BPF_OBJ_GET_INFO_BY_FD")
+    _call("BPF_OBJ_GET_INFO_BY_FD", attr)
 
 
 def prog_info(fd: int) -> ProgInfo:
@@ -560,15 +544,13 @@ def map_info(fd: int) -> MapInfo:
 
 
 def obj_pin(fd: int, path: str | os.PathLike[str]) -> None:
-    name = ct.create_string_buffer(os.fsencode(path))
-    attr = _ObjAttr(pathname=_addr(name), bpf_fd=fd)
-    _check(_bpf(Cmd.OBJ_PIN, attr), "BPF_OBJ_PIN", str(path))
+    attr = _ObjAttr(pathname=os.fsencode(path), bpf_fd=fd)
+    _call("BPF_OBJ_PIN", attr, str(path))
 
 
 def obj_get(path: str | os.PathLike[str]) -> int:
-    name = ct.create_string_buffer(os.fsencode(path))
-    attr = _ObjAttr(pathname=_addr(name))
-    return _check(_bpf_fd(Cmd.OBJ_GET, attr), "BPF_OBJ_GET", str(path))
+    attr = _ObjAttr(pathname=os.fsencode(path))
+    return _new_fd(_call("BPF_OBJ_GET", attr, str(path)))
 
 
 def count_cpu_list(text: str) -> int:

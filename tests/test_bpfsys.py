@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes as ct
 import errno
 import json
 import os
@@ -126,15 +127,14 @@ def test_percpu_values_span_exactly_the_possible_cpus(fds: list[int]) -> None:
     """The kernel writes one 8-byte slot per possible CPU: not one more, not one less."""
     n = bpfsys.possible_cpus()
     m = _map(fds, MapType.PERCPU_ARRAY, 4, 8, 1, name="rawsys_pcpu")
-    key = bpfsys._buf(bytes(4))
-    vals = bpfsys._buf(b"".join(i.to_bytes(8, "little") for i in range(1, n + 1)) + b"\x55" * 64)
-    assert bpfsys._elem(bpfsys.Cmd.MAP_UPDATE_ELEM, m, key, vals) == 0
-    out = bpfsys._buf(b"\xaa" * (8 * n + 64))
-    assert bpfsys._elem(bpfsys.Cmd.MAP_LOOKUP_ELEM, m, key, out) == 0
-    assert out.raw == vals.raw[: 8 * n] + b"\xaa" * 64
-    assert bpfsys.map_lookup_percpu(m, bytes(4), 8) == [
-        vals.raw[i * 8 : i * 8 + 8] for i in range(n)
-    ]
+    key = bytes(4)
+    vals = b"".join(i.to_bytes(8, "little") for i in range(1, n + 1)) + b"\x55" * 64
+    assert bpfsys._elem("BPF_MAP_UPDATE_ELEM", m, key, vals) == 0
+    out = ct.create_string_buffer(b"\xaa" * (8 * n + 64), 8 * n + 64)
+    assert bpfsys._elem("BPF_MAP_LOOKUP_ELEM", m, key, ct.addressof(out)) == 0
+    assert out.raw == vals[: 8 * n] + b"\xaa" * 64
+    slots = [vals[i * 8 : i * 8 + 8] for i in range(n)]
+    assert bpfsys.map_lookup_percpu(m, key, 8) == slots
 
 
 @root
