@@ -105,6 +105,46 @@ def test_a_refused_program_reports_the_verifier_log() -> None:
     assert "R0 !read_ok" in ei.value.log
 
 
+def eagain_first(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """The real bpf(2), except that the first n PROG_LOADs fail with EAGAIN (as when a signal
+    interrupts the verifier); returns the list of PROG_LOAD results as they happen."""
+    fn, nr = bpfsys._syscall()
+    seen: list[int] = []
+
+    def flaky(nr_: int, cmd: int, attr: object, size: int) -> int:
+        if cmd != bpfsys.CMDS["BPF_PROG_LOAD"]:
+            return fn(nr_, cmd, attr, size)
+        if len(seen) < n:
+            ct.set_errno(errno.EAGAIN)
+            seen.append(-errno.EAGAIN)
+            return -1
+        ret = fn(nr_, cmd, attr, size)
+        seen.append(ret)
+        return ret
+
+    monkeypatch.setattr(bpfsys, "_syscall", lambda: (flaky, nr))
+    return seen
+
+
+@root
+def test_prog_load_retries_eagain_like_libbpf(
+    monkeypatch: pytest.MonkeyPatch, fds: list[int]
+) -> None:
+    seen = eagain_first(monkeypatch, bpfsys.PROG_LOAD_ATTEMPTS - 1)
+    fds.append(bpfsys.prog_load(ProgType.CGROUP_SKB, ALLOW, name="rawsys_again"))
+    assert bpfsys.prog_info(fds[-1]).name == "rawsys_again"
+    assert seen[-1] == fds[-1] and len(seen) == bpfsys.PROG_LOAD_ATTEMPTS
+
+
+@root
+def test_prog_load_gives_up_after_the_last_eagain(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = eagain_first(monkeypatch, bpfsys.PROG_LOAD_ATTEMPTS)
+    with pytest.raises(BpfError, match="BPF_PROG_LOAD") as ei:
+        bpfsys.prog_load(ProgType.CGROUP_SKB, ALLOW, name="rawsys_again")
+    assert ei.value.errno == errno.EAGAIN
+    assert len(seen) == bpfsys.PROG_LOAD_ATTEMPTS
+
+
 @root
 def test_map_calls_round_trip(fds: list[int]) -> None:
     m = _map(fds, MapType.HASH, 4, 8, 16, name="rawsys_rt")
