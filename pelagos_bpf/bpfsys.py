@@ -6,7 +6,7 @@ What libbpf gave us is kept here: every command's `union bpf_attr` is a zero-fil
 ATTR_SIZE bytes, bigger than any kernel's union we know (the kernel takes a bigger size when the
 tail is zero, and fields a newer kernel writes back, such as PROG_QUERY's `revision` on 6.17+,
 land in owned memory); PROG_LOAD is retried on EAGAIN (libbpf's 5 attempts); map and program
-names are cut to the kernel's 15 characters; fds 0-2 are never returned (libbpf's
+names are cut to the kernel's 15 bytes; fds 0-2 are never returned (libbpf's
 ensure_good_fd: a runtime that closed stdio must not get a BPF object as stdin); the possible-CPU
 count is parsed from /sys/devices/system/cpu/possible as libbpf_num_possible_cpus() does. The
 attr layouts mirror /usr/include/linux/bpf.h; tests/test_bpfsys_layout.py checks every offset
@@ -304,14 +304,14 @@ def close(fd: int) -> None:
 def map_create(
     map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "", flags: int = 0
 ) -> int:
-    """Create a map; name is truncated to the kernel's 15 characters."""
+    """Create a map; the name is cut to the kernel's 15 bytes (as libbpf's strlcpy did)."""
     attr = _MapCreateAttr(
         map_type=map_type,
         key_size=key_size,
         value_size=value_size,
         max_entries=max_entries,
         map_flags=flags,
-        map_name=name[:15].encode(),
+        map_name=name.encode()[:15],
     )
     return _new_fd(_call("BPF_MAP_CREATE", attr, f"type {int(map_type)} {name!r}"))
 
@@ -424,7 +424,7 @@ def prog_load(
             log_level=1 if log_size else 0,
             log_size=log_size,
             log_buf=_addr(log),
-            prog_name=name[:15].encode(),
+            prog_name=name.encode()[:15],
             expected_attach_type=expected_attach_type or 0,
         )
         for _ in range(PROG_LOAD_ATTEMPTS):

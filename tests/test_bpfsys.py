@@ -80,6 +80,9 @@ def test_names_are_cut_to_15_characters(fds: list[int]) -> None:
     p = _prog(fds, long)
     assert bpfsys.map_info(m).name == long[:15]
     assert bpfsys.prog_info(p).name == long[:15]
+    with pytest.raises(BpfError, match="BPF_MAP_CREATE") as ei:  # cut bytes; the kernel refuses
+        bpfsys.map_create(MapType.HASH, 4, 4, 1, name="rawsys_\u00e9" * 3)
+    assert ei.value.errno == errno.EINVAL
 
 
 @root
