@@ -3,7 +3,7 @@
 1. CLONE_INTO_CGROUP (clone3 with the cgroup dir fd from `setup_cgroup(cfg, pid=None)` +
    `cg.open_fd()`) vs fork + a cgroup.procs write.
 2. dirfd-relative syscalls vs pathlib for mkdir + open + procs write + rmdir.
-3. first attach in a fresh process, by component: libbpf dlopen, bytecode cache read, each
+3. first attach in a fresh process, by component: bpf(2) handle, bytecode cache read, each
    map create, PROG_LOAD, and fetching the program and maps from a pin instead.
 
 The earlier prototypes (attach once at the parent cgroup, a "lean" per-cgroup attach) were
@@ -184,7 +184,7 @@ from pelagos_bpf.devices import layout as lay
 from pelagos_bpf.devices import program as dp
 from pelagos_bpf.feature import open_maps
 t = {}
-t0 = w(); bpfsys._lib(); t["dlopen libbpf.so.1 + argtypes"] = w() - t0
+t0 = w(); bpfsys._syscall(); t["libc syscall() handle (CDLL(None))"] = w() - t0
 t0 = w(); prog = dp.compiled(); t["bytecode cache: key + JSON read"] = w() - t0
 pin = sys.argv[1]
 if os.path.exists(pin):

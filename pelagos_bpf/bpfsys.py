@@ -1,8 +1,16 @@
-"""The one low-level BPF layer: libbpf's syscall wrappers (`libbpf.so.1`) through ctypes.
+"""The one low-level BPF layer: bpf(2) issued directly through libc's `syscall()` (ctypes).
 
-Why libbpf and not hand-packed `union bpf_attr`: libbpf zero-fills a full-size attr for every
-command (so kernel fields added later, such as PROG_QUERY's `revision` that 6.17+ writes
-whatever size is passed, land in owned memory), retries PROG_LOAD on EAGAIN, and needs no LLVM.
+Why no libbpf: dlopening `libbpf.so.1` costs ~0.6 ms in every fresh process, more than half the
+budget of a container's first attach, while `CDLL(None)` (libc, already mapped) costs ~0.08 ms.
+What libbpf gave us is kept here: every command's `union bpf_attr` is a zero-filled buffer of
+ATTR_SIZE bytes, bigger than any kernel's union we know (the kernel takes a bigger size when the
+tail is zero, and fields a newer kernel writes back, such as PROG_QUERY's `revision` on 6.17+,
+land in owned memory); PROG_LOAD is retried on EAGAIN (libbpf's 5 attempts); map and program
+names are cut to the kernel's 15 bytes; fds 0-2 are never returned (libbpf's
+ensure_good_fd: a runtime that closed stdio must not get a BPF object as stdin); the possible-CPU
+count is parsed from /sys/devices/system/cpu/possible as libbpf_num_possible_cpus() does. The
+attr layouts mirror /usr/include/linux/bpf.h; tests/test_bpfsys_layout.py checks every offset
+against that header with the system C compiler.
 Every other module goes through these functions; none touches ctypes or bpf(2) itself.
 """
 
@@ -10,7 +18,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
@@ -24,6 +34,36 @@ BPF_F_ALLOW_OVERRIDE = 1
 BPF_F_ALLOW_MULTI = 2
 BPF_F_REPLACE = 4
 BPF_F_QUERY_EFFECTIVE = 1
+
+ATTR_SIZE = 256  # > sizeof(union bpf_attr) of every kernel we know (6.18: < 160 bytes)
+PROG_LOAD_ATTEMPTS = 5  # libbpf's default for PROG_LOAD on EAGAIN
+POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
+
+# __NR_bpf per `uname -m` (the kernel's syscall tables; asm-generic arches share 280). Only
+# 64-bit arches: the attrs below rely on c_uint64 being 8-byte aligned, as __aligned_u64 is.
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+
+
+# enum bpf_cmd: the commands this layer issues, by the name errors report them under.
+CMDS = {
+    "BPF_MAP_CREATE": 0,
+    "BPF_MAP_LOOKUP_ELEM": 1,
+    "BPF_MAP_UPDATE_ELEM": 2,
+    "BPF_MAP_DELETE_ELEM": 3,
+    "BPF_MAP_GET_NEXT_KEY": 4,
+    "BPF_PROG_LOAD": 5,
+    "BPF_OBJ_PIN": 6,
+    "BPF_OBJ_GET": 7,
+    "BPF_PROG_ATTACH": 8,
+    "BPF_PROG_DETACH": 9,
+    "BPF_PROG_GET_NEXT_ID": 11,
+    "BPF_PROG_GET_FD_BY_ID": 13,
+    "BPF_MAP_GET_FD_BY_ID": 14,
+    "BPF_OBJ_GET_INFO_BY_FD": 15,
+    "BPF_PROG_QUERY": 16,
+    "BPF_MAP_UPDATE_BATCH": 26,
+    "BPF_MAP_DELETE_BATCH": 27,
+}
 
 
 class ProgType(IntEnum):
@@ -50,80 +90,143 @@ class MapType(IntEnum):
     PERCPU_CGROUP_STORAGE = 21
 
 
-class _MapCreateOpts(ct.Structure):
-    _fields_ = (
-        ("sz", ct.c_size_t),
-        ("btf_fd", ct.c_uint32),
-        ("btf_key_type_id", ct.c_uint32),
-        ("btf_value_type_id", ct.c_uint32),
-        ("btf_vmlinux_value_type_id", ct.c_uint32),
-        ("inner_map_fd", ct.c_uint32),
-        ("map_flags", ct.c_uint32),
-        ("map_extra", ct.c_uint64),
-        ("numa_node", ct.c_uint32),
-        ("map_ifindex", ct.c_uint32),
+_U32 = ct.c_uint32
+_U64 = ct.c_uint64  # __aligned_u64: a pointer the kernel writes through goes in as an address
+# A pointer the kernel only reads: bytes go in without a copy (ctypes keeps them alive with the
+# attr). 8 bytes and 8-aligned, as __aligned_u64, on the 64-bit arches SYS_BPF lists; an int
+# address is taken too (MAP_LOOKUP_ELEM's value is an output).
+_IN = ct.c_char_p
+
+
+_Field = tuple[str, type[ct._SimpleCData] | type[ct.Array[ct.c_char]]]
+
+
+def _padded(*fields: _Field) -> tuple[_Field, ...]:
+    """A command's leading fields, then zeros up to ATTR_SIZE bytes (C layout rules)."""
+    end = 0
+    for _, t in fields:
+        align = ct.alignment(t)
+        end = (end + align - 1) // align * align + ct.sizeof(t)
+    return (*fields, ("_tail", ct.c_uint8 * (ATTR_SIZE - end)))
+
+
+class _Attr(ct.Structure):
+    """One command's view of `union bpf_attr`, ATTR_SIZE bytes, zero-filled when made."""
+
+    c_prefix = ""  # the struct's name inside the union ("" for the header's anonymous structs)
+
+
+class _MapCreateAttr(_Attr):
+    _fields_ = _padded(
+        ("map_type", _U32),
+        ("key_size", _U32),
+        ("value_size", _U32),
+        ("max_entries", _U32),
+        ("map_flags", _U32),
+        ("inner_map_fd", _U32),
+        ("numa_node", _U32),
+        ("map_name", ct.c_char * 16),
     )
 
 
-class _ProgLoadOpts(ct.Structure):
-    _fields_ = (
-        ("sz", ct.c_size_t),
-        ("attempts", ct.c_int),
-        ("expected_attach_type", ct.c_int),
-        ("prog_btf_fd", ct.c_uint32),
-        ("prog_flags", ct.c_uint32),
-        ("prog_ifindex", ct.c_uint32),
-        ("kern_version", ct.c_uint32),
-        ("attach_btf_id", ct.c_uint32),
-        ("attach_prog_fd", ct.c_uint32),
-        ("attach_btf_obj_fd", ct.c_uint32),
-        ("fd_array", ct.c_void_p),
-        ("func_info", ct.c_void_p),
-        ("func_info_cnt", ct.c_uint32),
-        ("func_info_rec_size", ct.c_uint32),
-        ("line_info", ct.c_void_p),
-        ("line_info_cnt", ct.c_uint32),
-        ("line_info_rec_size", ct.c_uint32),
-        ("log_level", ct.c_uint32),
-        ("log_size", ct.c_uint32),
-        ("log_buf", ct.c_char_p),
+class _ElemAttr(_Attr):
+    # `value` is `next_key` for MAP_GET_NEXT_KEY (a union in the header).
+    _fields_ = _padded(("map_fd", _U32), ("key", _IN), ("value", _IN), ("flags", _U64))
+
+
+class _BatchAttr(_Attr):
+    c_prefix = "batch."
+    _fields_ = _padded(
+        ("in_batch", _U64),
+        ("out_batch", _U64),
+        ("keys", _IN),
+        ("values", _IN),
+        ("count", _U32),
+        ("map_fd", _U32),
+        ("elem_flags", _U64),
+        ("flags", _U64),
     )
 
 
-class _ProgAttachOpts(ct.Structure):
-    _fields_ = (("sz", ct.c_size_t), ("flags", ct.c_uint32), ("replace_prog_fd", ct.c_int))
+class _ProgLoadAttr(_Attr):
+    _fields_ = _padded(
+        ("prog_type", _U32),
+        ("insn_cnt", _U32),
+        ("insns", _IN),
+        ("license", _IN),
+        ("log_level", _U32),
+        ("log_size", _U32),
+        ("log_buf", _U64),
+        ("kern_version", _U32),
+        ("prog_flags", _U32),
+        ("prog_name", ct.c_char * 16),
+        ("prog_ifindex", _U32),
+        ("expected_attach_type", _U32),
+    )
 
 
-class _BatchOpts(ct.Structure):
-    _fields_ = (("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64))
+class _ObjAttr(_Attr):
+    _fields_ = _padded(("pathname", _IN), ("bpf_fd", _U32), ("file_flags", _U32))
+
+
+class _AttachAttr(_Attr):
+    _fields_ = _padded(
+        ("target_fd", _U32),
+        ("attach_bpf_fd", _U32),
+        ("attach_type", _U32),
+        ("attach_flags", _U32),
+        ("replace_bpf_fd", _U32),
+    )
+
+
+class _IdAttr(_Attr):
+    # `start_id` is also `prog_id` / `map_id` (a union in the header).
+    _fields_ = _padded(("start_id", _U32), ("next_id", _U32), ("open_flags", _U32))
+
+
+class _InfoAttr(_Attr):
+    c_prefix = "info."
+    _fields_ = _padded(("bpf_fd", _U32), ("info_len", _U32), ("info", _U64))
+
+
+class _QueryAttr(_Attr):
+    c_prefix = "query."
+    _fields_ = _padded(
+        ("target_fd", _U32),
+        ("attach_type", _U32),
+        ("query_flags", _U32),
+        ("attach_flags", _U32),
+        ("prog_ids", _U64),
+        ("prog_cnt", _U32),
+    )
 
 
 class _ProgInfo(ct.Structure):
     # Leading part of struct bpf_prog_info; the kernel copies min(its size, ours).
     _fields_ = (
-        ("type", ct.c_uint32),
-        ("id", ct.c_uint32),
+        ("type", _U32),
+        ("id", _U32),
         ("tag", ct.c_uint8 * 8),
-        ("jited_prog_len", ct.c_uint32),
-        ("xlated_prog_len", ct.c_uint32),
-        ("jited_prog_insns", ct.c_uint64),
-        ("xlated_prog_insns", ct.c_uint64),
-        ("load_time", ct.c_uint64),
-        ("created_by_uid", ct.c_uint32),
-        ("nr_map_ids", ct.c_uint32),
-        ("map_ids", ct.c_uint64),
+        ("jited_prog_len", _U32),
+        ("xlated_prog_len", _U32),
+        ("jited_prog_insns", _U64),
+        ("xlated_prog_insns", _U64),
+        ("load_time", _U64),
+        ("created_by_uid", _U32),
+        ("nr_map_ids", _U32),
+        ("map_ids", _U64),
         ("name", ct.c_char * 16),
     )
 
 
 class _MapInfo(ct.Structure):
     _fields_ = (
-        ("type", ct.c_uint32),
-        ("id", ct.c_uint32),
-        ("key_size", ct.c_uint32),
-        ("value_size", ct.c_uint32),
-        ("max_entries", ct.c_uint32),
-        ("map_flags", ct.c_uint32),
+        ("type", _U32),
+        ("id", _U32),
+        ("key_size", _U32),
+        ("value_size", _U32),
+        ("max_entries", _U32),
+        ("map_flags", _U32),
         ("name", ct.c_char * 16),
     )
 
@@ -147,55 +250,51 @@ class MapInfo:
     max_entries: int
 
 
-_P = ct.c_void_p
-_U32 = ct.c_uint32
-_INT = ct.c_int
-
-_SIGNATURES: dict[str, tuple[list[object], object]] = {
-    "bpf_map_create": ([_INT, ct.c_char_p, _U32, _U32, _U32, _P], _INT),
-    "bpf_map_update_elem": ([_INT, _P, _P, ct.c_uint64], _INT),
-    "bpf_map_lookup_elem": ([_INT, _P, _P], _INT),
-    "bpf_map_delete_elem": ([_INT, _P], _INT),
-    "bpf_map_get_next_key": ([_INT, _P, _P], _INT),
-    "bpf_map_update_batch": ([_INT, _P, _P, _P, _P], _INT),
-    "bpf_map_delete_batch": ([_INT, _P, _P, _P], _INT),
-    "bpf_prog_load": ([_INT, ct.c_char_p, ct.c_char_p, _P, ct.c_size_t, _P], _INT),
-    "bpf_prog_attach_opts": ([_INT, _INT, _INT, _P], _INT),
-    "bpf_prog_detach2": ([_INT, _INT, _INT], _INT),
-    "bpf_prog_query": ([_INT, _INT, _U32, _P, _P, _P], _INT),
-    "bpf_prog_get_fd_by_id": ([_U32], _INT),
-    "bpf_prog_get_next_id": ([_U32, ct.POINTER(_U32)], _INT),
-    "bpf_map_get_fd_by_id": ([_U32], _INT),
-    "bpf_obj_get_info_by_fd": ([_INT, _P, _P], _INT),
-    "bpf_obj_pin": ([_INT, ct.c_char_p], _INT),
-    "bpf_obj_get": ([ct.c_char_p], _INT),
-    "libbpf_num_possible_cpus": ([], _INT),
-}
-
-
 @cache
-def _lib() -> ct.CDLL:
+def _syscall() -> tuple[Callable[..., int], int]:
+    """libc's syscall() and __NR_bpf for this machine."""
+    # os.uname() is what platform.machine() reads; `import platform` alone costs ~4 ms.
+    machine = os.uname().machine
+    nr = SYS_BPF.get(machine)
+    if nr is None:
+        raise BpfError(errno.ENOSYS, "bpf(2)", f"no bpf syscall number known for {machine}")
+    fn = ct.CDLL(None, use_errno=True).syscall
+    fn.argtypes = (ct.c_long, ct.c_int, ct.c_void_p, ct.c_uint)
+    fn.restype = ct.c_long
+    return fn, nr
+
+
+def _bpf(op: str, attr: _Attr) -> int:
+    """One bpf(2) call; the result, or -errno on failure (as libbpf 1.x returned)."""
+    fn, nr = _syscall()
+    ret = fn(nr, CMDS[op], ct.byref(attr), ATTR_SIZE)
+    return -ct.get_errno() if ret < 0 else ret
+
+
+def _call(op: str, attr: _Attr, detail: str = "") -> int:
+    return _check(_bpf(op, attr), op, detail)
+
+
+def _new_fd(fd: int) -> int:
+    """A new fd, moved above 0-2 (libbpf's ensure_good_fd): stdio must never be a BPF object."""
+    if fd >= 3:
+        return fd
     try:
-        lib = ct.CDLL("libbpf.so.1", use_errno=True)
-    except OSError as e:
-        raise BpfError(errno.ENOENT, "dlopen libbpf.so.1", "install Debian's libbpf1") from e
-    for fn, (argtypes, restype) in _SIGNATURES.items():
-        f = getattr(lib, fn)
-        f.argtypes = argtypes
-        f.restype = restype
-    return lib
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 def _check(ret: int, op: str, detail: str = "") -> int:
-    # libbpf 1.x returns -errno directly (and also sets errno).
     if ret < 0:
         err = -ret
         raise BpfError(err, op, f"{detail}: {os.strerror(err)}" if detail else os.strerror(err))
     return ret
 
 
-def _buf(data: bytes) -> ct.Array[ct.c_char]:
-    return ct.create_string_buffer(data, len(data))
+def _addr(obj: ct.Array[ct.c_char] | ct.Array[ct.c_uint32] | ct.Structure | None) -> int:
+    """Where the kernel writes obj: an output pointer is a plain u64 in bpf_attr."""
+    return ct.addressof(obj) if obj is not None else 0
 
 
 def close(fd: int) -> None:
@@ -205,22 +304,32 @@ def close(fd: int) -> None:
 def map_create(
     map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "", flags: int = 0
 ) -> int:
-    """Create a map; name is truncated to the kernel's 15 characters."""
-    opts = _MapCreateOpts(sz=ct.sizeof(_MapCreateOpts), map_flags=flags)
-    ret = _lib().bpf_map_create(
-        int(map_type), name[:15].encode() or None, key_size, value_size, max_entries, ct.byref(opts)
+    """Create a map; the name is cut to the kernel's 15 bytes (as libbpf's strlcpy did)."""
+    attr = _MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=flags,
+        map_name=name.encode()[:15],
     )
-    return _check(ret, "BPF_MAP_CREATE", f"type {int(map_type)} {name!r}")
+    return _new_fd(_call("BPF_MAP_CREATE", attr, f"type {int(map_type)} {name!r}"))
+
+
+def _elem(op: str, fd: int, key: bytes | None, value: bytes | int | None, flags: int = 0) -> int:
+    """A MAP_*_ELEM command; `value` is bytes going in, or the address of an output buffer."""
+    return _bpf(op, _ElemAttr(map_fd=fd, key=key, value=value, flags=flags))
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    _check(_lib().bpf_map_update_elem(fd, _buf(key), _buf(value), flags), "BPF_MAP_UPDATE_ELEM")
+    ret = _elem("BPF_MAP_UPDATE_ELEM", fd, key, value, flags)
+    _check(ret, "BPF_MAP_UPDATE_ELEM")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value for key, or None when the key is absent."""
     out = ct.create_string_buffer(value_size)
-    ret = _lib().bpf_map_lookup_elem(fd, _buf(key), out)
+    ret = _elem("BPF_MAP_LOOKUP_ELEM", fd, key, ct.addressof(out))
     if ret == -errno.ENOENT:
         return None
     _check(ret, "BPF_MAP_LOOKUP_ELEM")
@@ -243,7 +352,7 @@ def map_lookup_percpu(fd: int, key: bytes, value_size: int) -> list[bytes] | Non
 
 def map_delete(fd: int, key: bytes) -> bool:
     """Delete key; False when it was absent (so teardown can be idempotent)."""
-    ret = _lib().bpf_map_delete_elem(fd, _buf(key))
+    ret = _elem("BPF_MAP_DELETE_ELEM", fd, key, None)
     if ret == -errno.ENOENT:
         return False
     _check(ret, "BPF_MAP_DELETE_ELEM")
@@ -260,26 +369,23 @@ def map_update_batch(fd: int, items: list[tuple[bytes, bytes]], flags: int = BPF
         return
     keys = b"".join(k for k, _ in items)
     values = b"".join(v for _, v in items)
-    count = ct.c_uint32(len(items))
-    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts), elem_flags=flags)
-    ret = _lib().bpf_map_update_batch(fd, _buf(keys), _buf(values), ct.byref(count), ct.byref(opts))
-    _check(ret, "BPF_MAP_UPDATE_BATCH", f"{count.value} of {len(items)} written")
+    attr = _BatchAttr(keys=keys, values=values, count=len(items), map_fd=fd, elem_flags=flags)
+    ret = _bpf("BPF_MAP_UPDATE_BATCH", attr)
+    _check(ret, "BPF_MAP_UPDATE_BATCH", f"{attr.count} of {len(items)} written")
 
 
 def map_delete_batch(fd: int, keys: list[bytes]) -> int:
     """Delete many keys in one syscall; absent keys are skipped. Returns how many were deleted."""
     deleted = i = 0
     while i < len(keys):
-        rest = keys[i:]
-        count = ct.c_uint32(len(rest))
-        opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
-        ret = _lib().bpf_map_delete_batch(fd, _buf(b"".join(rest)), ct.byref(count), ct.byref(opts))
-        deleted += count.value
+        attr = _BatchAttr(keys=b"".join(keys[i:]), count=len(keys) - i, map_fd=fd)
+        ret = _bpf("BPF_MAP_DELETE_BATCH", attr)
+        deleted += attr.count
         if ret == 0:
             break
         if ret != -errno.ENOENT:
             _check(ret, "BPF_MAP_DELETE_BATCH")
-        i += count.value + 1  # the kernel stopped at an absent key: skip it and go on
+        i += attr.count + 1  # the kernel stopped at an absent key: skip it and go on
     return deleted
 
 
@@ -287,14 +393,14 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     """All keys (a snapshot; concurrent updates may add or drop some)."""
     keys: list[bytes] = []
     cur = ct.create_string_buffer(key_size)
-    prev: ct.Array[ct.c_char] | None = None
+    prev: bytes | None = None
     while True:
-        ret = _lib().bpf_map_get_next_key(fd, prev, cur)
+        ret = _elem("BPF_MAP_GET_NEXT_KEY", fd, prev, ct.addressof(cur))
         if ret == -errno.ENOENT:
             return keys
         _check(ret, "BPF_MAP_GET_NEXT_KEY")
         keys.append(cur.raw)
-        prev = _buf(cur.raw)
+        prev = cur.raw
 
 
 def prog_load(
@@ -307,27 +413,26 @@ def prog_load(
     """Load bytecode; on failure load again with a verifier log so the error says why."""
     if len(insns) % 8:
         raise BpfError(errno.EINVAL, "BPF_PROG_LOAD", "bytecode length is not a multiple of 8")
-    code = _buf(insns)
     log_size = 0
     while True:
         log = ct.create_string_buffer(log_size) if log_size else None
-        opts = _ProgLoadOpts(
-            sz=ct.sizeof(_ProgLoadOpts),
-            expected_attach_type=expected_attach_type or 0,
+        attr = _ProgLoadAttr(
+            prog_type=prog_type,
+            insn_cnt=len(insns) // 8,
+            insns=insns,
+            license=license.encode(),
             log_level=1 if log_size else 0,
             log_size=log_size,
-            log_buf=ct.cast(log, ct.c_char_p) if log is not None else None,
+            log_buf=_addr(log),
+            prog_name=name.encode()[:15],
+            expected_attach_type=expected_attach_type or 0,
         )
-        ret = _lib().bpf_prog_load(
-            int(prog_type),
-            name[:15].encode() or None,
-            license.encode(),
-            code,
-            len(insns) // 8,
-            ct.byref(opts),
-        )
+        for _ in range(PROG_LOAD_ATTEMPTS):
+            ret = _bpf("BPF_PROG_LOAD", attr)
+            if ret != -errno.EAGAIN:
+                break
         if ret >= 0:
-            return ret
+            return _new_fd(ret)
         err = -ret
         if log is None and err in (errno.EACCES, errno.EINVAL, errno.E2BIG):
             log_size = 1 << 16
@@ -347,17 +452,18 @@ def prog_attach(
     replace_fd: int | None = None,
 ) -> None:
     """Attach to a cgroup; MULTI by default because exclusive locks out child cgroups."""
-    opts = _ProgAttachOpts(sz=ct.sizeof(_ProgAttachOpts), flags=flags)
+    attr = _AttachAttr(
+        target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type, attach_flags=flags
+    )
     if replace_fd is not None:
-        opts.flags |= BPF_F_REPLACE
-        opts.replace_prog_fd = replace_fd
-    ret = _lib().bpf_prog_attach_opts(prog_fd, target_fd, int(attach_type), ct.byref(opts))
-    _check(ret, "BPF_PROG_ATTACH", f"attach type {int(attach_type)}")
+        attr.attach_flags |= BPF_F_REPLACE
+        attr.replace_bpf_fd = replace_fd
+    _call("BPF_PROG_ATTACH", attr, f"attach type {int(attach_type)}")
 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
-    ret = _lib().bpf_prog_detach2(prog_fd, target_fd, int(attach_type))
-    _check(ret, "BPF_PROG_DETACH", f"attach type {int(attach_type)}")
+    attr = _AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
+    _call("BPF_PROG_DETACH", attr, f"attach type {int(attach_type)}")
 
 
 def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
@@ -365,41 +471,45 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
     cnt = 64
     while True:
         ids = (ct.c_uint32 * cnt)()
-        n = ct.c_uint32(cnt)
-        flags = ct.c_uint32(0)
-        ret = _lib().bpf_prog_query(
-            target_fd,
-            int(attach_type),
-            BPF_F_QUERY_EFFECTIVE if effective else 0,
-            ct.byref(flags),
-            ids,
-            ct.byref(n),
+        attr = _QueryAttr(
+            target_fd=target_fd,
+            attach_type=attach_type,
+            query_flags=BPF_F_QUERY_EFFECTIVE if effective else 0,
+            prog_ids=_addr(ids),
+            prog_cnt=cnt,
         )
-        if ret == -errno.ENOSPC and n.value > cnt:
-            cnt = n.value
+        ret = _bpf("BPF_PROG_QUERY", attr)
+        if ret == -errno.ENOSPC and attr.prog_cnt > cnt:
+            cnt = attr.prog_cnt
             continue
         _check(ret, "BPF_PROG_QUERY", f"attach type {int(attach_type)}")
-        return list(ids[: n.value])
+        return list(ids[: attr.prog_cnt])
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
-    return _check(_lib().bpf_prog_get_fd_by_id(prog_id), "BPF_PROG_GET_FD_BY_ID", f"id {prog_id}")
+    return _new_fd(_call("BPF_PROG_GET_FD_BY_ID", _IdAttr(start_id=prog_id), f"id {prog_id}"))
 
 
 def prog_ids() -> list[int]:
     """Ids of every program loaded on the host (a snapshot), for garbage collection."""
     out: list[int] = []
-    nxt = ct.c_uint32(0)
+    attr = _IdAttr()
     while True:
-        ret = _lib().bpf_prog_get_next_id(nxt.value, ct.byref(nxt))
+        ret = _bpf("BPF_PROG_GET_NEXT_ID", attr)
         if ret == -errno.ENOENT:
             return out
         _check(ret, "BPF_PROG_GET_NEXT_ID")
-        out.append(nxt.value)
+        out.append(attr.next_id)
+        attr.start_id = attr.next_id
 
 
 def map_get_fd_by_id(map_id: int) -> int:
-    return _check(_lib().bpf_map_get_fd_by_id(map_id), "BPF_MAP_GET_FD_BY_ID", f"id {map_id}")
+    return _new_fd(_call("BPF_MAP_GET_FD_BY_ID", _IdAttr(start_id=map_id), f"id {map_id}"))
+
+
+def _obj_info(fd: int, info: ct.Structure) -> None:
+    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=_addr(info))
+    _call("BPF_OBJ_GET_INFO_BY_FD", attr)
 
 
 def prog_info(fd: int) -> ProgInfo:
@@ -407,12 +517,8 @@ def prog_info(fd: int) -> ProgInfo:
     nmaps = 16
     while True:
         ids = (ct.c_uint32 * nmaps)()
-        info = _ProgInfo(nr_map_ids=nmaps, map_ids=ct.addressof(ids))
-        size = ct.c_uint32(ct.sizeof(info))
-        _check(
-            _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)),
-            "BPF_OBJ_GET_INFO_BY_FD",
-        )
+        info = _ProgInfo(nr_map_ids=nmaps, map_ids=_addr(ids))
+        _obj_info(fd, info)
         if info.nr_map_ids <= nmaps:
             return ProgInfo(
                 id=info.id,
@@ -426,10 +532,7 @@ def prog_info(fd: int) -> ProgInfo:
 
 def map_info(fd: int) -> MapInfo:
     info = _MapInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    _check(
-        _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "BPF_OBJ_GET_INFO_BY_FD"
-    )
+    _obj_info(fd, info)
     return MapInfo(
         id=info.id,
         type=info.type,
@@ -441,13 +544,37 @@ def map_info(fd: int) -> MapInfo:
 
 
 def obj_pin(fd: int, path: str | os.PathLike[str]) -> None:
-    _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), "BPF_OBJ_PIN", str(path))
+    attr = _ObjAttr(pathname=os.fsencode(path), bpf_fd=fd)
+    _call("BPF_OBJ_PIN", attr, str(path))
 
 
 def obj_get(path: str | os.PathLike[str]) -> int:
-    return _check(_lib().bpf_obj_get(os.fsencode(path)), "BPF_OBJ_GET", str(path))
+    attr = _ObjAttr(pathname=os.fsencode(path))
+    return _new_fd(_call("BPF_OBJ_GET", attr, str(path)))
+
+
+def count_cpu_list(text: str) -> int:
+    """How many CPUs a kernel cpu list names ("0-3,5-7" -> 7), as libbpf's parse_cpu_mask_str."""
+    n = 0
+    for part in text.strip().split(","):
+        lo, dash, hi = part.partition("-")
+        first = int(lo)
+        last = int(hi) if dash else first
+        if last < first:
+            raise ValueError(f"bad CPU range {part!r}")
+        n += last - first + 1
+    return n
 
 
 @cache
 def possible_cpus() -> int:
-    return _check(_lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+    """Possible CPUs: the kernel lays per-CPU map values out one per possible CPU."""
+    try:
+        with open(POSSIBLE_CPUS) as f:
+            text = f.read()
+    except OSError as e:
+        raise BpfError(e.errno or errno.EIO, "possible CPUs", f"{POSSIBLE_CPUS}: {e}") from e
+    try:
+        return count_cpu_list(text)
+    except ValueError as e:
+        raise BpfError(errno.EINVAL, "possible CPUs", f"{POSSIBLE_CPUS}: {text!r}") from e
