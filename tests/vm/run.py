@@ -46,6 +46,7 @@ TIMEOUT = float(os.environ.get("PELAGOS_MATRIX_TIMEOUT", "1500"))
 # `--full` or PELAGOS_MATRIX_FULL=1 runs every test everywhere; explicit pytest args always win.
 KERNEL_SUITE = (
     "tests/test_cgroup_lifecycle.py",
+    "tests/test_bpfsys.py",
     "tests/test_controllers_v2.py",
     "tests/test_oci_v2.py",
     "tests/test_cli_v2.py",
