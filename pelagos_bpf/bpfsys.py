@@ -275,6 +275,32 @@ def _call(op: str, attr: _Attr, detail: str = "") -> int:
     return _check(_bpf(op, attr), op, detail)
 
 
+_memlock_raised = False
+
+
+def _charged(op: str, attr: _Attr) -> int:
+    """A MAP_CREATE or PROG_LOAD: kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK
+    (64 KiB by default there) and say EPERM when it runs out; 5.11+ charge the memcg. So, as
+    libbpf's bump_rlimit_memlock does for those kernels, the first EPERM raises the limit (to
+    infinity, else to the hard limit) and the call is retried once; a real permission error
+    stays EPERM."""
+    global _memlock_raised
+    ret = _bpf(op, attr)
+    if ret == -errno.EPERM and not _memlock_raised:
+        _memlock_raised = True
+        import resource
+
+        inf = resource.RLIM_INFINITY
+        hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+        for limit in ((inf, inf), (hard, hard)):  # infinity needs CAP_SYS_RESOURCE
+            try:
+                resource.setrlimit(resource.RLIMIT_MEMLOCK, limit)
+            except (OSError, ValueError):
+                continue
+            return _bpf(op, attr)
+    return ret
+
+
 def _new_fd(fd: int) -> int:
     """A new fd, moved above 0-2 (libbpf's ensure_good_fd): stdio must never be a BPF object."""
     if fd >= 3:
@@ -313,7 +339,8 @@ def map_create(
         map_flags=flags,
         map_name=name.encode()[:15],
     )
-    return _new_fd(_call("BPF_MAP_CREATE", attr, f"type {int(map_type)} {name!r}"))
+    ret = _charged("BPF_MAP_CREATE", attr)
+    return _new_fd(_check(ret, "BPF_MAP_CREATE", f"type {int(map_type)} {name!r}"))
 
 
 def _elem(op: str, fd: int, key: bytes | None, value: bytes | int | None, flags: int = 0) -> int:
