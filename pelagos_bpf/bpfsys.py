@@ -275,30 +275,36 @@ def _call(op: str, attr: _Attr, detail: str = "") -> int:
     return _check(_bpf(op, attr), op, detail)
 
 
-_memlock_raised = False
-
-
 def _charged(op: str, attr: _Attr) -> int:
     """A MAP_CREATE or PROG_LOAD: kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK
     (64 KiB by default there) and say EPERM when it runs out; 5.11+ charge the memcg. So, as
-    libbpf's bump_rlimit_memlock does for those kernels, the first EPERM raises the limit (to
-    infinity, else to the hard limit) and the call is retried once; a real permission error
-    stays EPERM."""
-    global _memlock_raised
+    libbpf's bump_rlimit_memlock does for those kernels, an EPERM while the limit is finite
+    raises it (to infinity, else to the hard limit) and the call is retried once; a real
+    permission error stays EPERM."""
     ret = _bpf(op, attr)
-    if ret == -errno.EPERM and not _memlock_raised:
-        _memlock_raised = True
-        import resource
-
-        inf = resource.RLIM_INFINITY
-        hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
-        for limit in ((inf, inf), (hard, hard)):  # infinity needs CAP_SYS_RESOURCE
-            try:
-                resource.setrlimit(resource.RLIMIT_MEMLOCK, limit)
-            except (OSError, ValueError):
-                continue
-            return _bpf(op, attr)
+    if ret == -errno.EPERM and _raise_memlock():
+        ret = _bpf(op, attr)
     return ret
+
+
+def _raise_memlock() -> bool:
+    """Raise RLIMIT_MEMLOCK (to infinity, which needs CAP_SYS_RESOURCE, else the soft limit to
+    the hard one); False when it cannot go any higher."""
+    import resource
+
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == inf:
+        return False
+    for limit in ((inf, inf), (hard, hard)):
+        if limit[0] == soft:
+            continue  # no higher than it is
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, limit)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
 
 
 def _new_fd(fd: int) -> int:
@@ -455,7 +461,7 @@ def prog_load(
             expected_attach_type=expected_attach_type or 0,
         )
         for _ in range(PROG_LOAD_ATTEMPTS):
-            ret = _bpf("BPF_PROG_LOAD", attr)
+            ret = _charged("BPF_PROG_LOAD", attr)
             if ret != -errno.EAGAIN:
                 break
         if ret >= 0:
