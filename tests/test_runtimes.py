@@ -31,6 +31,7 @@ from net_helpers import C10, C20, Topo, topology
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.bpfsys import AttachType
 from pelagos_bpf.errors import BpfError
+from pelagos_bpf.feature import PIN_ENV
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.ocihook.locate import cgroup_of_pid
 
@@ -148,9 +149,7 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
     cfg["mounts"].append(
         {"destination": "/dev/kmsg", "type": "bind", "source": "/dev/kmsg", "options": ["bind"]}
     )
-    env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}"]
-    if os.environ.get("PELAGOS_BPF_CACHE"):
-        env.append(f"PELAGOS_BPF_CACHE={os.environ['PELAGOS_BPF_CACHE']}")
+    env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", *_passed_env()]
     hook = {"path": str(HOOK_BIN), "args": ["pelagos-bpf", "oci-hook"], "env": env}
     cfg["hooks"] = {"createRuntime": [hook], "poststop": [hook]}
     cfg["annotations"] = annotations
@@ -221,6 +220,14 @@ def _ours(cg_path: Path) -> tuple[list[int], list[int]]:
     finally:
         os.close(fd)
     return progs, maps
+
+
+def _passed_env() -> list[str]:
+    """The suite's cache and pin settings for the hook, which runtimes start with the hook's own
+    env only. Pins are off in the suite (conftest): with the guests' bpffs on /sys/fs/bpf the
+    hook would otherwise pin its programs (the default), which outlive the container on purpose
+    and would fail the checks below that everything of ours is gone afterwards."""
+    return [f"{k}={os.environ[k]}" for k in ("PELAGOS_BPF_CACHE", PIN_ENV) if k in os.environ]
 
 
 def _gone(get_fd, obj_id: int) -> bool:  # type: ignore[no-untyped-def]
@@ -312,9 +319,7 @@ def test_podman_hooks_dir_and_annotation(tmp_path: Path) -> None:
     hooks.mkdir()
     spec = json.loads((Path(__file__).parents[1] / "contrib/hooks.d/pelagos-bpf.json").read_text())
     spec["hook"]["path"] = str(HOOK_BIN)
-    spec["hook"]["env"] = [f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}"] + [
-        f"PELAGOS_BPF_CACHE={v}" for k, v in os.environ.items() if k == "PELAGOS_BPF_CACHE"
-    ]
+    spec["hook"]["env"] = [f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}", *_passed_env()]
     (hooks / "pelagos-bpf.json").write_text(json.dumps(spec))
     short = Path(tempfile.mkdtemp(prefix="pgpm", dir="/tmp"))  # podman: runroot < 50 chars
     pm = [
