@@ -249,22 +249,29 @@ class Feature:
         d = pin_dir()
         if d is None:
             return self._load()
-        if d == DEFAULT_PIN_DIR:
-            os.close(trust.check_pin_dir(d, create=True))
-        pins = self.pin_paths(d)
-        fetched = self._from_pins(pins)
+        # Walked and checked once; every pin below is opened (or made) through this fd.
+        dirfd = trust.check_pin_dir(d, create=d == DEFAULT_PIN_DIR)
+        try:
+            return self._load_or_fetch_at(dirfd, self.pin_paths(d))
+        finally:
+            os.close(dirfd)
+
+    def _load_or_fetch_at(self, dirfd: int, pins: dict[str, str]) -> Loaded:
+        fetched = self._from_pins(dirfd, pins)
         if fetched is not None:
             return fetched
         loaded = self._load()
         try:
-            pinned = all(trust.pin_program(loaded.progs[f], path) for f, path in pins.items())
+            pinned = all(
+                trust.pin_program_at(loaded.progs[f], dirfd, path) for f, path in pins.items()
+            )
         except BaseException:
             loaded.close()
             raise
         if pinned:
             return loaded
         loaded.close()
-        fetched = self._from_pins(pins)  # another process pinned first: share its objects
+        fetched = self._from_pins(dirfd, pins)  # another process pinned first: share its objects
         if fetched is None:
             raise BpfError(errno.EAGAIN, "pinned program", f"pins {sorted(pins.values())} vanished")
         return fetched
@@ -289,22 +296,26 @@ class Feature:
         ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
         return Loaded(layer, progs, ids, maps)
 
-    def _from_pins(self, pins: dict[str, str]) -> Loaded | None:
-        """Our programs and maps from their pins (None: not all pinned yet). trust checks each
-        pin (no symlink, root's own, our program type and bytecode tag) before we use it."""
+    def _from_pins(self, dirfd: int, pins: dict[str, str]) -> Loaded | None:
+        """Our programs and maps from their pins in the checked pin dir `dirfd` (None: not all
+        pinned yet). trust checks each pin (no symlink, root's own, our program type and
+        bytecode tag) before we use it."""
         progs: dict[str, int] = {}
+        ids: dict[str, int] = {}
         maps: dict[str, int] = {}
         try:
             for func, path in pins.items():
                 spec = self.current.prog(func)
                 insns = _compiled(self.current, spec).insns
-                fd = trust.open_pinned_program(path, insns=insns, prog_type=spec.prog_type)
-                if fd is None:
+                got = trust.open_pinned_program_at(
+                    dirfd, path, insns=insns, prog_type=spec.prog_type
+                )
+                if got is None:
                     for x in (*progs.values(), *maps.values()):
                         os.close(x)
                     return None
-                progs[func] = fd
-                info = bpfsys.prog_info(fd)
+                progs[func], info = got
+                ids[func] = info.id
                 if info.name != spec.name:
                     raise BpfError(errno.EINVAL, "pinned program", f"{path} is not {spec.name}")
                 for k, v in open_maps(info, self.current).items():
@@ -319,7 +330,6 @@ class Feature:
             for fd in (*progs.values(), *maps.values()):
                 os.close(fd)
             raise
-        ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
         return Loaded(self.current, progs, ids, maps)
 
     # ------------------------------------------------------------ find what is attached

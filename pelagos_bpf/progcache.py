@@ -207,13 +207,18 @@ class _KeyIndex:
             cls._instance = cls(cdir)
         return cls._instance
 
+    def _dirfd(self) -> int | None:
+        """The cache dir's fd; None when absent or untrusted (refused where a cache file is
+        read: the index alone can only cost time)."""
+        try:
+            return _open_cache_dir(self.cdir, create=False)
+        except BpfError:
+            return None
+
     def _load(self) -> dict[str, object]:
         if self.entries is None:
             self.entries = {}
-            try:
-                dirfd = _open_cache_dir(self.cdir, create=False)
-            except BpfError:
-                return self.entries  # an untrusted dir is refused where the file is read
+            dirfd = self._dirfd()
             if dirfd is None:
                 return self.entries
             try:
@@ -222,15 +227,14 @@ class _KeyIndex:
                 data = None
             finally:
                 os.close(dirfd)
-            if data:
-                try:
-                    d = json.loads(data)
-                except ValueError:
-                    d = None
-                if isinstance(d, dict) and d.get("format") == _FORMAT:
-                    slots = d.get("slots")
-                    if isinstance(slots, dict):
-                        self.entries = slots
+            try:
+                d = json.loads(data) if data else None
+            except ValueError:
+                d = None
+            if isinstance(d, dict) and d.get("format") == _FORMAT:
+                slots = d.get("slots")
+                if isinstance(slots, dict):
+                    self.entries = slots
         return self.entries
 
     def get(self, slot: str, files: tuple[Stamp, ...]) -> str | None:
@@ -255,10 +259,7 @@ class _KeyIndex:
             "bcc": None if bcc is None else list(bcc),
             "key": key,
         }
-        try:
-            dirfd = _open_cache_dir(self.cdir, create=False)
-        except BpfError:
-            return
+        dirfd = self._dirfd()
         if dirfd is None:
             return
         try:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .cgroup import Cgroup
+from .cgroupfs import read_at
 
 
 @dataclass
@@ -58,24 +59,12 @@ def _open_dir(path: str | os.PathLike[str]) -> int | None:
 
 
 def _read(dfd: int, name: str) -> str:
-    """A cgroupfs file relative to the cgroup's dir fd; "" when missing (controller off).
-
-    Why not pathlib: the Path objects and io wrappers cost more than the two syscalls, and a
-    node agent polls hundreds of cgroups.
-    """
+    """A cgroupfs file relative to the cgroup's dir fd; "" when it cannot be read (missing
+    controller, removed cgroup): a stats poll reports what it can."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+        return read_at(dfd, name)
     except OSError:
         return ""
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks).decode()
-    except OSError:  # e.g. ENODEV from a cgroup removed between open and read
-        return ""
-    finally:
-        os.close(fd)
 
 
 def _int(text: str) -> int:

@@ -245,12 +245,17 @@ def open_pinned_program(
     full = os.path.abspath(os.fspath(path))
     dirfd = check_pin_dir(os.path.dirname(full))
     try:
-        return _open_pin_at(dirfd, full, insns, int(prog_type))
+        got = open_pinned_program_at(dirfd, full, insns=insns, prog_type=prog_type)
     finally:
         os.close(dirfd)
+    return None if got is None else got[0]
 
 
-def _open_pin_at(dirfd: int, full: str, insns: bytes, prog_type: int) -> int | None:
+def open_pinned_program_at(
+    dirfd: int, full: str, *, insns: bytes, prog_type: int
+) -> tuple[int, bpfsys.ProgInfo] | None:
+    """open_pinned_program in a pin dir the caller checked (check_pin_dir), so a caller with
+    several pins walks the dir once; returns the program's info too, which the check read."""
     name = os.path.basename(full)
     try:
         pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
@@ -278,15 +283,15 @@ def _open_pin_at(dirfd: int, full: str, insns: bytes, prog_type: int) -> int | N
     except BaseException:
         os.close(fd)
         raise
-    if not is_our_program(info, insns, prog_type):
+    if not is_our_program(info, insns, int(prog_type)):
         os.close(fd)
         want = "/".join(sorted(t.hex() for t in prog_tags(insns)))
         why = (
             f"holds program {info.id} (type {info.type}, tag {info.tag}), not ours "
-            f"(type {prog_type}, tag {want})"
+            f"(type {int(prog_type)}, tag {want})"
         )
         raise _refuse(full, "pin", why, f"rm {full}")
-    return fd
+    return fd, info
 
 
 def pin_program(fd: int, path: str | os.PathLike[str]) -> bool:
@@ -295,11 +300,17 @@ def pin_program(fd: int, path: str | os.PathLike[str]) -> bool:
     full = os.path.abspath(os.fspath(path))
     dirfd = check_pin_dir(os.path.dirname(full))
     try:
+        return pin_program_at(fd, dirfd, full)
+    finally:
+        os.close(dirfd)
+
+
+def pin_program_at(fd: int, dirfd: int, full: str) -> bool:
+    """pin_program in a pin dir the caller checked (check_pin_dir)."""
+    try:
         bpfsys.obj_pin(fd, f"/proc/self/fd/{dirfd}/{os.path.basename(full)}")
     except BpfError as e:
         if e.errno == errno.EEXIST:
             return False
         raise
-    finally:
-        os.close(dirfd)
     return True

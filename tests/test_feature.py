@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pelagos_bpf import bpfsys
+from pelagos_bpf import bpfsys, trust
 from pelagos_bpf.bpfsys import AttachType, MapType, ProgType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.devices import layout
@@ -100,7 +100,12 @@ def test_a_squatted_pin_with_another_program_is_refused(
         assert path in str(e.value) and "tag" in str(e.value)
         os.unlink(path)
         assert feat.loaded().progs  # the real program loads and pins once the squat is gone
-        again = feat._from_pins(feat.pin_paths(str(d)))
+        dirfd = trust.check_pin_dir(d)
+        try:
+            again = feat._from_pins(dirfd, feat.pin_paths(str(d)))
+        finally:
+            os.close(dirfd)
+        assert again is not None
         assert again.ids == feat.loaded().ids  # a second user shares the pinned program
         again.close()
         feat.loaded().close()
