@@ -251,6 +251,13 @@ class MapInfo:
 
 
 @cache
+def libc() -> ct.CDLL:
+    """The process's libc, one handle for every module: each CDLL makes a new ctypes class
+    (~40 us in a fresh process)."""
+    return ct.CDLL(None, use_errno=True)
+
+
+@cache
 def _syscall() -> tuple[Callable[..., int], int]:
     """libc's syscall() and __NR_bpf for this machine."""
     # os.uname() is what platform.machine() reads; `import platform` alone costs ~4 ms.
@@ -258,7 +265,7 @@ def _syscall() -> tuple[Callable[..., int], int]:
     nr = SYS_BPF.get(machine)
     if nr is None:
         raise BpfError(errno.ENOSYS, "bpf(2)", f"no bpf syscall number known for {machine}")
-    fn = ct.CDLL(None, use_errno=True).syscall
+    fn = libc().syscall
     fn.argtypes = (ct.c_long, ct.c_int, ct.c_void_p, ct.c_uint)
     fn.restype = ct.c_long
     return fn, nr
@@ -329,6 +336,18 @@ def _addr(obj: ct.Array[ct.c_char] | ct.Array[ct.c_uint32] | ct.Structure | None
     return ct.addressof(obj) if obj is not None else 0
 
 
+def _out_buffer(size: int) -> tuple[bytearray, int]:
+    """A zeroed output buffer and its address. A bytearray, not `ct.c_char * size`: ctypes
+    makes (and caches) a new array type per size, ~40 us each in a fresh process, and a first
+    attach would make four."""
+    buf = bytearray(max(size, 1))
+    return buf, ct.addressof(ct.c_char.from_buffer(buf))
+
+
+def _u32s(buf: bytearray, n: int) -> list[int]:
+    return memoryview(buf).cast("I")[:n].tolist()
+
+
 def close(fd: int) -> None:
     os.close(fd)
 
@@ -361,12 +380,12 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value for key, or None when the key is absent."""
-    out = ct.create_string_buffer(value_size)
-    ret = _elem("BPF_MAP_LOOKUP_ELEM", fd, key, ct.addressof(out))
+    out, addr = _out_buffer(value_size)
+    ret = _elem("BPF_MAP_LOOKUP_ELEM", fd, key, addr)
     if ret == -errno.ENOENT:
         return None
     _check(ret, "BPF_MAP_LOOKUP_ELEM")
-    return out.raw
+    return bytes(out[:value_size])
 
 
 def percpu_stride(value_size: int) -> int:
@@ -503,12 +522,12 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
     """Ids of the programs attached (or, effective=True, in effect) at a cgroup."""
     cnt = 64
     while True:
-        ids = (ct.c_uint32 * cnt)()
+        ids, addr = _out_buffer(4 * cnt)
         attr = _QueryAttr(
             target_fd=target_fd,
             attach_type=attach_type,
             query_flags=BPF_F_QUERY_EFFECTIVE if effective else 0,
-            prog_ids=_addr(ids),
+            prog_ids=addr,
             prog_cnt=cnt,
         )
         ret = _bpf("BPF_PROG_QUERY", attr)
@@ -516,7 +535,7 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
             cnt = attr.prog_cnt
             continue
         _check(ret, "BPF_PROG_QUERY", f"attach type {int(attach_type)}")
-        return list(ids[: attr.prog_cnt])
+        return _u32s(ids, attr.prog_cnt)
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
@@ -549,8 +568,8 @@ def prog_info(fd: int) -> ProgInfo:
     """Id, type, name, tag and map ids of a loaded program."""
     nmaps = 16
     while True:
-        ids = (ct.c_uint32 * nmaps)()
-        info = _ProgInfo(nr_map_ids=nmaps, map_ids=_addr(ids))
+        ids, addr = _out_buffer(4 * nmaps)
+        info = _ProgInfo(nr_map_ids=nmaps, map_ids=addr)
         _obj_info(fd, info)
         if info.nr_map_ids <= nmaps:
             return ProgInfo(
@@ -558,7 +577,7 @@ def prog_info(fd: int) -> ProgInfo:
                 type=info.type,
                 name=info.name.decode(errors="replace"),
                 tag=bytes(info.tag).hex(),
-                map_ids=list(ids[: info.nr_map_ids]),
+                map_ids=_u32s(ids, info.nr_map_ids),
             )
         nmaps = info.nr_map_ids
 

@@ -235,14 +235,25 @@ class Feature:
     def loaded_if_any(self) -> Loaded | None:
         return self._loaded
 
-    def pin_paths(self, d: str) -> dict[str, str]:
+    def idents(self) -> dict[str, progcache.ProgramIdent]:
+        """func -> what a pin of it must match (key index: no cache file read when current)."""
+        src = progcache.source_file(self.current.source)
+        return {
+            p.func: progcache.program_ident(src, p.func, p.prog_type) for p in self.current.progs
+        }
+
+    def pin_paths(
+        self, d: str, idents: dict[str, progcache.ProgramIdent] | None = None
+    ) -> dict[str, str]:
         """func -> pin path in `d`. The name hashes the bytecode and the map sizes: a new
         program or a new `size_env` setting gets new pins (and new maps), never old ones."""
-        sizes = ",".join(f"{m.name}={m.entries()}" for m in self.current.maps).encode()
+        idents = idents or self.idents()
+        sizes = ",".join(f"{m.name}={m.entries()}" for m in self.current.maps)
         out = {}
         for spec in self.current.progs:
-            h = hashlib.sha256(_compiled(self.current, spec).insns + b"\0" + sizes)
-            out[spec.func] = os.path.join(d, f"{spec.name}_{h.hexdigest()[:16]}")
+            # blake2b: built in, where sha256's first use loads OpenSSL (~60 us in a fresh process)
+            h = hashlib.blake2b(f"{idents[spec.func].digest}\0{sizes}".encode(), digest_size=8)
+            out[spec.func] = f"{d.rstrip('/')}/{spec.name}_{h.hexdigest()}"
         return out
 
     def _load_or_fetch(self) -> Loaded:
@@ -252,12 +263,15 @@ class Feature:
         # Walked and checked once; every pin below is opened (or made) through this fd.
         dirfd = trust.check_pin_dir(d, create=d == DEFAULT_PIN_DIR)
         try:
-            return self._load_or_fetch_at(dirfd, self.pin_paths(d))
+            idents = self.idents()
+            return self._load_or_fetch_at(dirfd, self.pin_paths(d, idents), idents)
         finally:
             os.close(dirfd)
 
-    def _load_or_fetch_at(self, dirfd: int, pins: dict[str, str]) -> Loaded:
-        fetched = self._from_pins(dirfd, pins)
+    def _load_or_fetch_at(
+        self, dirfd: int, pins: dict[str, str], idents: dict[str, progcache.ProgramIdent]
+    ) -> Loaded:
+        fetched = self._from_pins(dirfd, pins, idents)
         if fetched is not None:
             return fetched
         loaded = self._load()
@@ -271,7 +285,7 @@ class Feature:
         if pinned:
             return loaded
         loaded.close()
-        fetched = self._from_pins(dirfd, pins)  # another process pinned first: share its objects
+        fetched = self._from_pins(dirfd, pins, idents)  # another process pinned first
         if fetched is None:
             raise BpfError(errno.EAGAIN, "pinned program", f"pins {sorted(pins.values())} vanished")
         return fetched
@@ -296,19 +310,25 @@ class Feature:
         ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
         return Loaded(layer, progs, ids, maps)
 
-    def _from_pins(self, dirfd: int, pins: dict[str, str]) -> Loaded | None:
+    def _from_pins(
+        self,
+        dirfd: int,
+        pins: dict[str, str],
+        idents: dict[str, progcache.ProgramIdent] | None = None,
+    ) -> Loaded | None:
         """Our programs and maps from their pins in the checked pin dir `dirfd` (None: not all
         pinned yet). trust checks each pin (no symlink, root's own, our program type and
-        bytecode tag) before we use it."""
+        bytecode tag) before we use it; the tags come from `idents` (the key index), so no
+        bytecode is read."""
+        idents = idents or self.idents()
         progs: dict[str, int] = {}
         ids: dict[str, int] = {}
         maps: dict[str, int] = {}
         try:
             for func, path in pins.items():
                 spec = self.current.prog(func)
-                insns = _compiled(self.current, spec).insns
                 got = trust.open_pinned_program_at(
-                    dirfd, path, insns=insns, prog_type=spec.prog_type
+                    dirfd, path, tags=idents[func].tags, prog_type=spec.prog_type
                 )
                 if got is None:
                     for x in (*progs.values(), *maps.values()):

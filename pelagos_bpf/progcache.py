@@ -33,15 +33,19 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 from . import bpfsys, trust
 from .errors import BpfError
 
 CACHE_ENV = "PELAGOS_BPF_CACHE"
 DEFAULT_CACHE = Path("/var/cache/pelagos-bpf")
+_DEFAULT_CACHE_STR = str(DEFAULT_CACHE)
+_HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = "bpfsrc"  # package data: a symlink to the top-level bpf/ in a checkout, files installed
 _FORMAT = 1
 _LD_IMM64 = 0x18
@@ -65,25 +69,35 @@ class CompiledProgram:
 
 
 @cache
-def project_bpf_dir() -> Path:
+def _bpf_dir() -> str:
     """The BPF C sources and stub headers, found as package data (every kind of install).
 
     Beside this module first: importlib.resources costs ~4 ms on its first call in a process
     (it imports its readers), which a fresh process's first attach cannot afford; it is the
-    fallback for loaders that do not keep packages as directories."""
-    d = Path(os.path.dirname(os.path.abspath(__file__))) / SOURCES
-    if not os.path.isdir(d / "include"):
+    fallback for loaders that do not keep packages as directories. A str, not a Path: pathlib's
+    first use costs a fresh process ~0.1 ms."""
+    d = f"{_HERE}/{SOURCES}"
+    if not os.path.isdir(d + "/include"):
         from importlib import resources
 
-        d = Path(str(resources.files(__package__) / SOURCES))
-    if not (d / "include").is_dir():
-        raise BpfError(errno.ENOENT, "find BPF sources", f"{d} is missing (broken install?)")
+        d = str(resources.files(__package__) / SOURCES)
+        if not os.path.isdir(d + "/include"):
+            raise BpfError(errno.ENOENT, "find BPF sources", f"{d} is missing (broken install?)")
     return d
+
+
+def project_bpf_dir() -> Path:
+    return Path(_bpf_dir())
 
 
 def bpf_source(name: str) -> Path:
     """Path of the packaged bpf/<name>.c."""
-    return project_bpf_dir() / f"{name}.c"
+    return Path(source_file(name))
+
+
+def source_file(name: str) -> str:
+    """bpf_source as a str (the first-attach path avoids pathlib)."""
+    return f"{_bpf_dir()}/{name}.c"
 
 
 def cache_dir() -> Path:
@@ -102,9 +116,8 @@ STUB_HEADERS = (
 
 
 @cache
-def _stub_files() -> list[Path]:
-    inc = project_bpf_dir() / "include"
-    return [inc / h for h in STUB_HEADERS]
+def _stub_files() -> list[str]:
+    return [f"{_bpf_dir()}/include/{h}" for h in STUB_HEADERS]
 
 
 @cache
@@ -140,7 +153,7 @@ def _stamp(path: str | os.PathLike[str]) -> Stamp | None:
     return (os.fspath(path), st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _fingerprint(paths: list[Path]) -> tuple[Stamp, ...]:
+def _fingerprint(paths: list[str | os.PathLike[str]]) -> tuple[Stamp, ...]:
     out = []
     for p in paths:
         stamp = _stamp(p)
@@ -186,26 +199,35 @@ def hash_key(func: str, prog_type: int, files: tuple[Stamp, ...], bcc_version: s
 
 
 class _KeyIndex:
-    """`keys.json` in the cache dir: slot -> (input stamps, bcc's version.py stamp, key).
+    """The key index: one small file per program slot (source path, function, type) in the
+    cache dir, `keys-<func>-<type>-<crc of the slot>.json`, holding the input stamps, bcc's
+    version.py stamp, the key and, once known, the ProgramIdent.
 
-    Why: a fresh process's first attach has ~1 ms; the index turns the key into a dozen stats.
-    It is read and written like the cache files (trust checks, atomic rename), so it is as
-    trustworthy as what it points at; an entry whose stamps moved is ignored and rewritten.
-    Concurrent writers may drop each other's entries: that only costs a hash next time."""
+    Why: a fresh process's first attach has ~1 ms; the index turns the key into a dozen stats
+    and spares reading the cache file when the program is pinned. One file per slot keeps the
+    read small (a shared index of every checkout's slots cost ~0.1 ms to parse) and writers of
+    different slots independent. Read and written like the cache files (trust checks, atomic
+    rename), so it is as trustworthy as what it points at; an entry whose stamps moved, or that
+    names another slot (a crc collision), is ignored and rewritten."""
 
-    NAME = "keys.json"
+    PREFIX = "keys-"
     _instance: _KeyIndex | None = None
 
     def __init__(self, cdir: str) -> None:
         self.cdir = cdir
-        self.entries: dict[str, object] | None = None
+        self.entries: dict[str, dict[str, object] | None] = {}
 
     @classmethod
     def shared(cls) -> _KeyIndex:
-        cdir = str(cache_dir())
+        cdir = os.environ.get(CACHE_ENV) or _DEFAULT_CACHE_STR
         if cls._instance is None or cls._instance.cdir != cdir:
             cls._instance = cls(cdir)
         return cls._instance
+
+    @classmethod
+    def file_name(cls, slot: str) -> str:
+        _, func, prog_type = slot.rsplit("|", 2)
+        return f"{cls.PREFIX}{func}-{prog_type}-{zlib.crc32(slot.encode()):08x}.json"
 
     def _dirfd(self) -> int | None:
         """The cache dir's fd; None when absent or untrusted (refused where a cache file is
@@ -215,14 +237,16 @@ class _KeyIndex:
         except BpfError:
             return None
 
-    def _load(self) -> dict[str, object]:
-        if self.entries is None:
-            self.entries = {}
-            dirfd = self._dirfd()
-            if dirfd is None:
-                return self.entries
+    def _load(self, slot: str) -> dict[str, object] | None:
+        if slot in self.entries:
+            return self.entries[slot]
+        entry = None
+        dirfd = self._dirfd()
+        if dirfd is not None:
             try:
-                data = trust.read_trusted_file(dirfd, self.NAME, self.cdir, "cache key index")
+                data = trust.read_trusted_file(
+                    dirfd, self.file_name(slot), self.cdir, "cache key index"
+                )
             except BpfError:
                 data = None
             finally:
@@ -231,44 +255,111 @@ class _KeyIndex:
                 d = json.loads(data) if data else None
             except ValueError:
                 d = None
-            if isinstance(d, dict) and d.get("format") == _FORMAT:
-                slots = d.get("slots")
-                if isinstance(slots, dict):
-                    self.entries = slots
-        return self.entries
+            if isinstance(d, dict) and d.get("format") == _FORMAT and d.get("slot") == slot:
+                entry = d
+        self.entries[slot] = entry
+        return entry
 
-    def get(self, slot: str, files: tuple[Stamp, ...]) -> str | None:
-        e = self._load().get(slot)
-        if not isinstance(e, dict) or e.get("files") != [list(f) for f in files]:
+    def _entry(self, slot: str, files: tuple[Stamp, ...]) -> dict[str, object] | None:
+        """The slot's entry if its stamps (inputs and bcc) still hold and its key is sane."""
+        e = self._load(slot)
+        if e is None or e.get("files") != [list(f) for f in files]:
             return None
         key, bcc = e.get("key"), e.get("bcc")
         if not (isinstance(key, str) and len(key) == 32 and set(key) <= _HEX_DIGITS):
             return None
         if bcc is None:  # recorded "no bcc": still true only if bcc is still not importable
-            return key if _bcc_version_file() is None else None
+            return e if _bcc_version_file() is None else None
         if not (isinstance(bcc, list) and len(bcc) == 4 and isinstance(bcc[0], str)):
             return None
         found = _stamp(bcc[0])
-        return key if found is not None and list(found) == bcc else None
+        return e if found is not None and list(found) == bcc else None
 
-    def put(self, slot: str, files: tuple[Stamp, ...], bcc_file: str | None, key: str) -> None:
+    def get(self, slot: str, files: tuple[Stamp, ...]) -> str | None:
+        e = self._entry(slot, files)
+        return None if e is None else str(e["key"])
+
+    def ident(self, slot: str, files: tuple[Stamp, ...]) -> ProgramIdent | None:
+        """The slot's recorded ProgramIdent (None: not recorded, stale or malformed)."""
+        e = self._entry(slot, files)
+        if e is None:
+            return None
+        digest, tags = e.get("digest"), e.get("tags")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX_DIGITS):
+            return None
+        if not (isinstance(tags, list) and tags and all(_is_tag(t) for t in tags)):
+            return None
+        return ProgramIdent(str(e["key"]), digest, frozenset(bytes.fromhex(t) for t in tags))
+
+    def put(
+        self,
+        slot: str,
+        files: tuple[Stamp, ...],
+        bcc_file: str | None,
+        key: str,
+        ident: ProgramIdent | None = None,
+    ) -> None:
         bcc = None if bcc_file is None else _stamp(bcc_file)
-        entries = self._load()
-        entries[slot] = {
+        entry: dict[str, object] = {
+            "format": _FORMAT,
+            "slot": slot,
             "files": [list(f) for f in files],
             "bcc": None if bcc is None else list(bcc),
             "key": key,
         }
+        if ident is not None:
+            entry["digest"] = ident.digest
+            entry["tags"] = sorted(t.hex() for t in ident.tags)
+        self.entries[slot] = entry
         dirfd = self._dirfd()
         if dirfd is None:
             return
         try:
-            data = json.dumps({"format": _FORMAT, "slots": entries}).encode()
-            trust.write_trusted_file(dirfd, self.NAME, data)
+            trust.write_trusted_file(dirfd, self.file_name(slot), json.dumps(entry).encode())
         except OSError:
             pass  # read-only or not ours to write: the key is only recomputed next time
         finally:
             os.close(dirfd)
+
+
+def _is_tag(t: object) -> bool:
+    return isinstance(t, str) and len(t) == 16 and set(t) <= _HEX_DIGITS
+
+
+class ProgramIdent(NamedTuple):
+    """What identifies a cached program without its bytecode: the cache key, a digest of the
+    instructions (pin names hash it) and the tags a kernel may give them (a pin must carry
+    one). Recorded in the key index beside the key, so a process that fetches pinned programs
+    never reads a cache file (docs/PERFORMANCE.md: first attach)."""
+
+    key: str
+    digest: str  # sha256 of the instructions, hex
+    tags: frozenset[bytes]
+
+    @classmethod
+    def of(cls, key: str, insns: bytes) -> ProgramIdent:
+        return cls(key, hashlib.sha256(insns).hexdigest(), trust.prog_tags(insns))
+
+
+def program_ident(source: str | os.PathLike[str], func: str, prog_type: int) -> ProgramIdent:
+    """The program's ProgramIdent: from the key index when its input stamps hold (a dozen
+    stats, no file read beyond the index), else from the cache file (compiled if missing),
+    and then recorded in the index for the next process."""
+    files = _fingerprint([source, *_stub_files()])
+    return _program_ident(os.fspath(source), func, int(prog_type), files)
+
+
+@cache
+def _program_ident(src: str, func: str, prog_type: int, files: tuple[Stamp, ...]) -> ProgramIdent:
+    index = _KeyIndex.shared()
+    slot = f"{files[0][0]}|{func}|{prog_type}"
+    known = index.ident(slot, files)
+    if known is not None:
+        return known
+    key = _cache_key(func, prog_type, files)
+    ident = ProgramIdent.of(key, get_program(src, func, prog_type).insns)
+    index.put(slot, files, _bcc_version_file(), key, ident)
+    return ident
 
 
 def cache_file_name(source: str | os.PathLike[str], func: str, prog_type: int) -> str:

@@ -317,8 +317,15 @@ def fresh_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 def _forget() -> None:
     """What a fresh process starts with: no key memo, no index read yet."""
-    progcache._cache_key.cache_clear()
+    for memo in (progcache._cache_key, progcache._program_ident, progcache._get_cached):
+        getattr(memo, "cache_clear", lambda: None)()  # a test may have swapped one out
     progcache._KeyIndex._instance = None
+
+
+def _index_file() -> Path:
+    """The key index file of the one slot a test used (one file per slot)."""
+    (f,) = Path(os.environ[progcache.CACHE_ENV]).glob(f"{progcache._KeyIndex.PREFIX}*.json")
+    return f
 
 
 def _no_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,7 +339,7 @@ def test_key_index_spares_a_fresh_process_the_hash(
     fresh_keys: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = progcache.cache_key(fresh_keys, DEV[1], DEV[2])
-    index = Path(os.environ[progcache.CACHE_ENV]) / progcache._KeyIndex.NAME
+    index = _index_file()
     assert index.is_file() and stat.S_IMODE(index.stat().st_mode) == 0o644
     _forget()
     real_hash = progcache.hash_key
@@ -354,11 +361,60 @@ def test_key_index_entry_is_ignored_when_the_source_changes(fresh_keys: Path) ->
 
 def test_untrusted_key_index_is_not_used(fresh_keys: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     progcache.cache_key(fresh_keys, DEV[1], DEV[2])
-    index = Path(os.environ[progcache.CACHE_ENV]) / progcache._KeyIndex.NAME
+    index = _index_file()
     doc = json.loads(index.read_text())
-    (slot,) = doc["slots"]
-    doc["slots"][slot]["key"] = "0" * 32  # a forged key, in a file anyone may write
+    doc["key"] = "0" * 32  # a forged key, in a file anyone may write
     index.write_text(json.dumps(doc))
     os.chmod(index, 0o666)
     _forget()
     assert progcache.cache_key(fresh_keys, DEV[1], DEV[2]) != "0" * 32
+
+
+def test_index_entry_of_another_slot_is_ignored(fresh_keys: Path) -> None:
+    """The file name holds a crc of the slot: an entry naming another slot (a collision, or a
+    copied file) is a miss, never another program's key."""
+    key = progcache.cache_key(fresh_keys, DEV[1], DEV[2])
+    index = _index_file()
+    doc = json.loads(index.read_text())
+    doc["slot"] = "/elsewhere/device.c|pelagos_dev|15"
+    doc["key"] = "1" * 32
+    index.write_text(json.dumps(doc))
+    _forget()
+    assert progcache.cache_key(fresh_keys, DEV[1], DEV[2]) == key
+
+
+def test_ident_is_the_bytecodes_and_spares_the_cache_file(
+    fresh_keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """program_ident records digest and tags of the cached bytecode in the index; a fresh
+    process then gets them without reading (or compiling) the cache file."""
+    import hashlib
+
+    ident = progcache.program_ident(fresh_keys, DEV[1], DEV[2])
+    insns = progcache.get_program(fresh_keys, DEV[1], DEV[2]).insns
+    assert ident.digest == hashlib.sha256(insns).hexdigest()
+    assert ident.tags == trust.prog_tags(insns)
+    assert ident.key == progcache.cache_key(fresh_keys, DEV[1], DEV[2])
+    _forget()
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("read the cache file although the index knew the ident")
+
+    monkeypatch.setattr(progcache, "_get_cached", refuse)
+    _no_hashing(monkeypatch)
+    assert progcache.program_ident(fresh_keys, DEV[1], DEV[2]) == ident
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("tags", ["zz" * 8]), ("tags", []), ("tags", "00" * 8), ("digest", "00"), ("digest", 7)],
+)
+def test_malformed_ident_is_recomputed(fresh_keys: Path, field: str, value: object) -> None:
+    ident = progcache.program_ident(fresh_keys, DEV[1], DEV[2])
+    index = _index_file()
+    doc = json.loads(index.read_text())
+    doc[field] = value
+    index.write_text(json.dumps(doc))
+    _forget()
+    assert progcache.program_ident(fresh_keys, DEV[1], DEV[2]) == ident
+    assert json.loads(index.read_text())[field] != value  # and written back whole
