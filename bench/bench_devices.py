@@ -51,6 +51,7 @@ from pelagos_bpf.devices import (
     detach_devices,
 )
 from pelagos_bpf.devices import encode as enc
+from pelagos_bpf.devices import layout as devlay
 from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.feature import DEFAULT_PIN_DIR, PIN_ENV
 from pelagos_bpf.hierarchy import discover
@@ -409,6 +410,107 @@ print(json.dumps(out))
 """
 
 
+# The floor of a pinned first attach: the syscalls ours makes (trust walks as lstats, input
+# stamps, the key index read, the pin's OBJ_GET and checks, the map fds, then the cgroup's lock,
+# query, attach, lookups and writes), issued in straight-line Python through the same ctypes
+# layer, with the rule encoding, but none of the library's structure or checks' logic. What a
+# fresh CPython process on this machine cannot go below, whatever the library does.
+_FIRST_FLOOR = """
+import fcntl, json, os, sys, time
+from pelagos_bpf import bpfsys
+from pelagos_bpf.devices import encode as enc, layout as lay
+from pelagos_bpf.devices.rules import DEFAULT_DEVICE_RULES
+from pelagos_bpf.feature import storage_key
+d, plan = sys.argv[1], json.loads(sys.argv[2])
+t0 = time.perf_counter_ns()
+for p in plan["walk"]:
+    os.lstat(p)
+pfd = os.open(plan["pin_dir"], os.O_RDONLY | os.O_DIRECTORY)
+os.fstat(pfd)
+cfd = os.open(plan["cache_dir"], os.O_RDONLY | os.O_DIRECTORY)
+os.fstat(cfd)
+for f in plan["stamps"]:
+    os.stat(f)
+fd = os.open(plan["index"], os.O_RDONLY, dir_fd=cfd)
+os.fstat(fd)
+data = os.read(fd, 1 << 16)
+os.read(fd, 1 << 16)
+os.close(fd)
+json.loads(data)
+p = os.open(plan["pin"], os.O_PATH | os.O_NOFOLLOW, dir_fd=pfd)
+os.fstat(p)
+prog = bpfsys.obj_get(f"/proc/self/fd/{p}")
+os.close(p)
+os.readlink(f"/proc/self/fd/{prog}")
+maps = {}
+for mid in bpfsys.prog_info(prog).map_ids:
+    mfd = bpfsys.map_get_fd_by_id(mid)
+    maps[bpfsys.map_info(mfd).name] = mfd
+cg = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(cg, fcntl.LOCK_EX)
+bpfsys.prog_query(cg, lay.ATTACH)
+template = enc.entry_template(enc.encode_rules(DEFAULT_DEVICE_RULES))
+bpfsys.prog_attach(prog, cg, lay.ATTACH)
+cid = os.fstat(cg).st_ino
+key = storage_key(cid, lay.ATTACH)
+bpfsys.map_lookup(maps["dev_cur"], key, enc.CUR.size)
+entries = enc.with_ruleset(cid, 1, template)
+bpfsys.map_lookup(maps["dev_rules"], entries[0][0], lay.VAL_SIZE)
+bpfsys.map_update_batch(maps["dev_rules"], entries)
+bpfsys.map_update(maps["dev_cur"], key, enc.CUR.pack(cid, 1, 0))
+fcntl.flock(cg, fcntl.LOCK_UN)
+t1 = time.perf_counter_ns()
+bpfsys.prog_detach(prog, cg, lay.ATTACH)
+bpfsys.map_delete_batch(maps["dev_rules"], [k for k, _ in entries])
+print((t1 - t0) / 1000, 0)
+"""
+
+
+def _floor_plan(pin_dir: Path) -> str:
+    """What the floor process touches, found by the library here (not timed there)."""
+    src = progcache.source_file(devlay.SOURCE)
+    files = progcache._fingerprint([src, *progcache._stub_files()])
+    slot = f"{files[0][0]}|{devlay.FUNC}|{int(ProgType.CGROUP_DEVICE)}"
+    cdir = os.environ.get(progcache.CACHE_ENV) or str(progcache.DEFAULT_CACHE)
+
+    def prefixes(path: str) -> list[str]:
+        parts = [p for p in path.split("/") if p]
+        return ["/"] + ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+    pins = devprog.FEATURE.pin_paths(str(pin_dir))
+    return json.dumps(
+        {
+            "walk": prefixes(str(pin_dir)) + prefixes(cdir),
+            "pin_dir": str(pin_dir),
+            "cache_dir": cdir,
+            "stamps": [f[0] for f in files] + [progcache._bcc_version_file() or "/"],
+            "index": progcache._KeyIndex.file_name(slot),
+            "pin": os.path.basename(pins[devlay.FUNC]),
+        }
+    )
+
+
+def _run_floor(parent: Path, pin_dir: Path, runs: int) -> float:
+    """Median of `runs` fresh processes doing the floor (the pins exist: the caller's
+    $PELAGOS_BPF_PIN_DIR variant made them)."""
+    plan = _floor_plan(pin_dir)
+    out = []
+    for i in range(runs):
+        d = parent / f"floor{i}"
+        d.mkdir()
+        try:
+            r = subprocess.run(
+                [sys.executable, "-c", _FIRST_FLOOR, str(d), plan],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            out.append(float(r.stdout.split()[0]))
+        finally:
+            d.rmdir()
+    return statistics.median(out)
+
+
 def bench_first_attach(parent: Path, tmp: Path, runs: int) -> dict[str, float]:
     """A fresh process's first attach: load (no pin), or fetch the pinned program from
     $PELAGOS_BPF_PIN_DIR or from the default pin dir. The first run of a pinned variant loads
@@ -447,6 +549,10 @@ def bench_first_attach(parent: Path, tmp: Path, runs: int) -> dict[str, float]:
             then = statistics.median(float(b) for _, b in measured)
             print(f"{label:50} first {first:8.0f} us, then {then:6.0f} us")
             result[key] = first
+            if key == "pin":
+                floor = _run_floor(parent, pin_dir, runs)
+                label = "  its floor: the same syscalls, straight-line Python"
+                print(f"{label:50} {floor:8.0f} us")
         for p in pin_dir.iterdir():
             if p.name.startswith(devprog.PROG_NAME):
                 p.unlink()

@@ -26,12 +26,8 @@ import errno
 import hashlib
 import json
 import os
-import platform
 import re
 import struct
-import subprocess
-import sysconfig
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
@@ -538,6 +534,9 @@ def _kernel_arch(machine: str) -> str:
 def _uapi_asm_dir() -> Path:
     """This machine's uapi <asm/...> headers: /usr/include/<multiarch>/asm on Debian, else
     /usr/include/asm."""
+    import subprocess  # compile-time only: these imports cost every hook process ~18 ms
+    import sysconfig
+
     multiarch = sysconfig.get_config_var("MULTIARCH")
     if not multiarch:
         try:
@@ -559,7 +558,7 @@ def _kernel_source_tree(dest: Path) -> None:
     for sub in ("linux", "asm"):
         (dest / "include" / sub).symlink_to(stub / sub)
     (dest / "include" / "uapi").symlink_to("/usr/include")
-    arch = dest / "arch" / _kernel_arch(platform.machine()) / "include" / "uapi"
+    arch = dest / "arch" / _kernel_arch(os.uname().machine) / "include" / "uapi"
     arch.mkdir(parents=True)
     (arch / "asm").symlink_to(_uapi_asm_dir())
 
@@ -567,6 +566,7 @@ def _kernel_source_tree(dest: Path) -> None:
 def compile_program(source: str | os.PathLike[str], func: str, prog_type: int) -> CompiledProgram:
     """Run bcc (imports LLVM: ~0.3 s, ~125 MB) and return relocatable bytecode."""
     import ctypes as ct
+    import tempfile
 
     src = Path(source)
     text = src.read_text()

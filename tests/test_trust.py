@@ -112,6 +112,60 @@ def test_symlink_in_path_is_refused(base: Path) -> None:
     assert not (base / "real" / "x").exists()
 
 
+def test_symlink_in_an_existing_path_is_refused(base: Path) -> None:
+    (base / "real" / "x").mkdir(parents=True)
+    (base / "link").symlink_to(base / "real")
+    with pytest.raises(BpfError) as ei:
+        _open(base / "link" / "x")
+    assert "symlink" in str(ei.value) and f"{base}/link: " in str(ei.value)
+
+
+def test_existing_dir_is_opened_once(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path: lstat per prefix, one open of the whole path (the fd walk opens every
+    component); the fd is the dir's."""
+    leaf = base / "a" / "b"
+    leaf.mkdir(parents=True)
+    opened: list[object] = []
+    real_open = os.open
+
+    def counting_open(path: object, *a: object, **kw: object) -> int:
+        opened.append(path)
+        return real_open(path, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trust.os, "open", counting_open)
+    fd = trust.open_trusted_dir(leaf, "cache dir")
+    try:
+        assert opened == [str(leaf)]
+        assert os.fstat(fd).st_ino == leaf.stat().st_ino
+    finally:
+        os.close(fd)
+
+
+def test_leaf_swapped_after_its_check_is_checked_again(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the dir opened is not the one lstat checked (swapped in between), the fd walk runs
+    and checks what is there now: a world-writable replacement is refused."""
+    leaf = base / "leaf"
+    leaf.mkdir(mode=0o755)
+    evil = base / "evil"
+    evil.mkdir()
+    os.chmod(evil, 0o777)
+    real_open = os.open
+    swapped: list[bool] = []
+
+    def swapping_open(path: object, *a: object, **kw: object) -> int:
+        if path == str(leaf) and not swapped:
+            swapped.append(True)
+            os.rename(leaf, base / "old")
+            os.rename(evil, leaf)
+        return real_open(path, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trust.os, "open", swapping_open)
+    _refused(leaf, f"chmod go-w {leaf}")
+    assert swapped
+
+
 def test_create_makes_0755_dirs_whatever_the_umask(base: Path) -> None:
     target = base / "a" / "b"
     with umask(0):
