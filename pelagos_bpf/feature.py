@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import os
@@ -245,16 +246,16 @@ class Feature:
     def pin_paths(
         self, d: str, idents: dict[str, progcache.ProgramIdent] | None = None
     ) -> dict[str, str]:
-        """func -> pin path in `d`. The name hashes the bytecode and the map sizes: a new
-        program or a new `size_env` setting gets new pins (and new maps), never old ones."""
+        """func -> pin path in `d`. One name suffix per layer, hashing the bytecode of EVERY
+        program of the layer and the map sizes: a release that changes any program, adds one,
+        or a new `size_env` setting gets a whole new set of pins (and maps), never a mix of its
+        programs and an older set's, which would not share maps."""
         idents = idents or self.idents()
         sizes = ",".join(f"{m.name}={m.entries()}" for m in self.current.maps)
-        out = {}
-        for spec in self.current.progs:
-            # blake2b: built in, where sha256's first use loads OpenSSL (~60 us in a fresh process)
-            h = hashlib.blake2b(f"{idents[spec.func].digest}\0{sizes}".encode(), digest_size=8)
-            out[spec.func] = f"{d.rstrip('/')}/{spec.name}_{h.hexdigest()}"
-        return out
+        progs = ",".join(f"{p.func}={idents[p.func].digest}" for p in self.current.progs)
+        # blake2b: built in, where sha256's first use loads OpenSSL (~60 us in a fresh process)
+        suffix = hashlib.blake2b(f"{progs}\0{sizes}".encode(), digest_size=8).hexdigest()
+        return {p.func: f"{d.rstrip('/')}/{p.name}_{suffix}" for p in self.current.progs}
 
     def _load_or_fetch(self) -> Loaded:
         d = pin_dir()
@@ -271,24 +272,32 @@ class Feature:
     def _load_or_fetch_at(
         self, dirfd: int, pins: dict[str, str], idents: dict[str, progcache.ProgramIdent]
     ) -> Loaded:
+        """The pinned set if whole, else load and pin one, under an exclusive flock of the pin
+        dir: so two fresh processes never pin halves of two sets, and a set a dead process left
+        half pinned (or mixed) is replaced rather than blocking every later process. Nobody can
+        be using such a set: _from_pins hands out only whole sets whose programs share maps."""
         fetched = self._from_pins(dirfd, pins, idents)
         if fetched is not None:
             return fetched
-        loaded = self._load()
+        fcntl.flock(dirfd, fcntl.LOCK_EX)
         try:
-            pinned = all(
-                trust.pin_program_at(loaded.progs[f], dirfd, path) for f, path in pins.items()
-            )
-        except BaseException:
-            loaded.close()
-            raise
-        if pinned:
+            fetched = self._from_pins(dirfd, pins, idents)  # pinned while we waited
+            if fetched is not None:
+                return fetched
+            loaded = self._load()
+            try:
+                for func, path in pins.items():
+                    name = os.path.basename(path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dirfd)  # part of an unusable set (see above)
+                    if not trust.pin_program_at(loaded.progs[func], dirfd, path):
+                        raise BpfError(errno.EEXIST, "pin", f"{path} appeared under our lock")
+            except BaseException:
+                loaded.close()
+                raise
             return loaded
-        loaded.close()
-        fetched = self._from_pins(dirfd, pins, idents)  # another process pinned first
-        if fetched is None:
-            raise BpfError(errno.EAGAIN, "pinned program", f"pins {sorted(pins.values())} vanished")
-        return fetched
+        finally:
+            fcntl.flock(dirfd, fcntl.LOCK_UN)
 
     def _load(self) -> Loaded:
         layer = self.current
@@ -317,13 +326,14 @@ class Feature:
         idents: dict[str, progcache.ProgramIdent] | None = None,
     ) -> Loaded | None:
         """Our programs and maps from their pins in the checked pin dir `dirfd` (None: not all
-        pinned yet). trust checks each pin (no symlink, root's own, our program type and
+        pinned, or not one set). trust checks each pin (no symlink, root's own, our program type and
         bytecode tag) before we use it; the tags come from `idents` (the key index), so no
         bytecode is read."""
         idents = idents or self.idents()
         progs: dict[str, int] = {}
         ids: dict[str, int] = {}
         maps: dict[str, int] = {}
+        map_ids: dict[str, int] = {}
         try:
             for func, path in pins.items():
                 spec = self.current.prog(func)
@@ -338,11 +348,19 @@ class Feature:
                 ids[func] = info.id
                 if info.name != spec.name:
                     raise BpfError(errno.EINVAL, "pinned program", f"{path} is not {spec.name}")
-                for k, v in open_maps(info, self.current).items():
+                seen: dict[str, int] = {}
+                for k, v in open_maps(info, self.current, seen).items():
                     if k in maps:
                         os.close(v)
                     else:
                         maps[k] = v
+                if any(map_ids.setdefault(k, i) != i for k, i in seen.items()):
+                    # Programs of two loads (a half-pinned set completed by another process):
+                    # they do not share maps, so settings written to one would not reach the
+                    # other. Not a usable set; the caller replaces it under its lock.
+                    for x in (*progs.values(), *maps.values()):
+                        os.close(x)
+                    return None
             missing = {m.name for m in self.current.maps} - set(maps)
             if missing:
                 raise BpfError(errno.EPROTO, "pinned program", f"lacks maps {sorted(missing)}")
@@ -541,9 +559,12 @@ def open_prog(prog_id: int) -> int | None:
         raise
 
 
-def open_maps(info: bpfsys.ProgInfo, layer: Layer) -> dict[str, int]:
-    """fds of the program's maps declared by `layer`; BpfError (EPROTO) when a map's layout
-    differs from its declaration (a program with our name but not our layout is refused)."""
+def open_maps(
+    info: bpfsys.ProgInfo, layer: Layer, ids: dict[str, int] | None = None
+) -> dict[str, int]:
+    """fds of the program's maps declared by `layer` (and their ids into `ids`); BpfError
+    (EPROTO) when a map's layout differs from its declaration (a program with our name but not
+    our layout is refused)."""
     specs = {m.name: m for m in layer.maps}
     fds: dict[str, int] = {}
     try:
@@ -559,6 +580,8 @@ def open_maps(info: bpfsys.ProgInfo, layer: Layer) -> dict[str, int]:
                 os.close(fd)
                 continue
             fds[mi.name] = fd
+            if ids is not None:
+                ids.setdefault(mi.name, mi.id)
             if (mi.type, mi.key_size, mi.value_size) != spec.layout:
                 raise BpfError(
                     errno.EPROTO,

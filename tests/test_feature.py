@@ -111,3 +111,111 @@ def test_a_squatted_pin_with_another_program_is_refused(
         feat.loaded().close()
     finally:
         subprocess.run(["umount", str(d)], check=True)
+
+
+# ---------------------------------------------------------------- pin sets (several programs)
+
+
+@pytest.fixture
+def pin_fs(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """A private bpffs as $PELAGOS_BPF_PIN_DIR, unmounted afterwards."""
+    import subprocess
+    import uuid
+
+    from pelagos_bpf.feature import PIN_ENV
+
+    d = tmp_path / f"bpffs-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
+    monkeypatch.setenv(PIN_ENV, str(d))
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def _own_load(monkeypatch: pytest.MonkeyPatch, layer):
+    """A private load of `layer` (pins off), as another process would have made it."""
+    from pelagos_bpf.feature import PIN_ENV, Feature
+
+    with monkeypatch.context() as m:
+        m.setenv(PIN_ENV, "")
+        return Feature(layer).loaded()
+
+
+def _net_layer():
+    from pelagos_bpf.net import layout as netlay
+
+    assert len(netlay.LAYER.progs) >= 2  # the point: a set of programs sharing maps
+    return netlay.LAYER
+
+
+def test_a_half_pinned_set_is_replaced_whole(pin_fs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that died after pinning part of a set must not block the next ones: the set
+    is loaded and pinned again, whole, under the pin dir's lock."""
+    from pelagos_bpf.feature import Feature
+
+    layer = _net_layer()
+    dead = _own_load(monkeypatch, layer)
+    feat = Feature(layer)
+    pins = feat.pin_paths(str(pin_fs))
+    first = layer.progs[0].func
+    bpfsys.obj_pin(dead.progs[first], pins[first])  # the dead writer got this far
+    loaded = feat.loaded()
+    try:
+        assert loaded.ids[first] != dead.ids[first]
+        for func, path in pins.items():  # every pin now holds this load's program
+            fd = bpfsys.obj_get(path)
+            try:
+                assert bpfsys.prog_info(fd).id == loaded.ids[func]
+            finally:
+                os.close(fd)
+        other = Feature(layer).loaded()  # and the next process fetches that set
+        assert other.ids == loaded.ids
+        other.close()
+    finally:
+        loaded.close()
+        dead.close()
+
+
+def test_a_mixed_set_is_not_handed_out(pin_fs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins whose programs come from two loads (they do not share maps) are not a set: a
+    fetch would write settings one program never reads. The set is replaced."""
+    from pelagos_bpf.feature import Feature
+
+    layer = _net_layer()
+    a, b = _own_load(monkeypatch, layer), _own_load(monkeypatch, layer)
+    feat = Feature(layer)
+    pins = feat.pin_paths(str(pin_fs))
+    for i, (func, path) in enumerate(pins.items()):
+        bpfsys.obj_pin((a if i % 2 == 0 else b).progs[func], path)
+    dirfd = trust.check_pin_dir(pin_fs)
+    try:
+        assert feat._from_pins(dirfd, pins) is None
+    finally:
+        os.close(dirfd)
+    loaded = feat.loaded()
+    try:
+        assert not set(loaded.ids.values()) & {*a.ids.values(), *b.ids.values()}
+        maps_of = {bpfsys.map_info(fd).id for fd in loaded.maps.values()}
+        for fd in loaded.progs.values():
+            assert set(bpfsys.prog_info(fd).map_ids) <= maps_of
+    finally:
+        loaded.close()
+        a.close()
+        b.close()
+
+
+def test_pin_names_change_with_any_program_of_the_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One suffix per set over every program's bytecode: a release that changes (or adds) one
+    program gets all new names, so an older set is never completed with newer programs."""
+    from pelagos_bpf.feature import Feature
+
+    feat = Feature(_net_layer())
+    idents = feat.idents()
+    before = feat.pin_paths("/p", idents)
+    last = feat.current.progs[-1].func
+    changed = {**idents, last: idents[last]._replace(digest="0" * 64)}
+    after = feat.pin_paths("/p", changed)
+    assert all(before[f] != after[f] for f in before)
+    assert len({p.rsplit("_", 1)[1] for p in after.values()}) == 1
