@@ -234,9 +234,8 @@ def apply(
             _attach_new(cg, cg_fd, merged, carry)
             stale = groups
         own = FEATURE.loaded_if_any()
-        own_maps = {bpfsys.map_info(fd).id for fd in own.maps.values()} if own else set()
         for g in stale:
-            if g.map_ids & own_maps:
+            if own is not None and g.maps == own.maps:  # find() hands out our own map fds
                 # A carrier switch in our own maps: the entries are the new carrier's now
                 # (written above), so only the old programs go.
                 FEATURE.detach(g, cg_fd)
