@@ -2,7 +2,8 @@
 
 1. UDP packets/s over a veth pair from a sender in a cgroup WITHOUT our programs vs WITH them:
    classid via skb->priority (egress program, no lookup), classid via mark + a per-interface
-   priority lookup, each with and without the ingress accounting program. The receiving
+   priority lookup, each with and without the ingress accounting program; and the carrier
+   "socket" of the library (classid set once at socket creation, SO_PRIORITY guard). The receiving
    socket sits in the same cgroup as the sender, so the ingress program (run in the receive
    softirq, which veth runs inline on the sender's CPU) is part of the CPU measured. The sender
    is a small C program (sendmmsg, 64 datagrams per call) built here, so Python's loop does
@@ -137,6 +138,7 @@ VARIANTS = (
     "classid+prio, no ingress",
     "noop egress prog (2 insns)",
     "sock_create sets priority",
+    "carrier socket (feature)",
 )
 NOOP = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
 # *(u32 *)(ctx + offsetof(struct bpf_sock, priority)) = 0x10010; r0 = 1; exit
@@ -193,6 +195,8 @@ def bench_pps(args: argparse.Namespace, root: Path, tmp: Path) -> None:
                     net.attach_net(cg, plan)
                 elif name.startswith("classid"):
                     net.attach_net(cg, net.resolve_net(0x10010, [], None))
+                elif name.startswith("carrier socket"):  # the real feature: no packet program
+                    net.attach_net(cg, net.resolve_net(0x10010, [], None, carrier="socket"))
                 if name.endswith("no ingress"):
                     _drop_ingress(cg)
             raw = [
@@ -294,6 +298,31 @@ def bench_attach(args: argparse.Namespace, root: Path) -> None:
         ("detach_net", t_detach),
     ):
         print(f"  {label:<24}{statistics.median(vals) * 1e6:>8.0f} us")
+    sock = net.resolve_net(0x10010, [], None, carrier="socket")
+    sock2 = net.resolve_net(0x10030, [], None, carrier="socket")
+    t_attach, t_update, t_detach = [], [], []
+    for i in range(args.cgroups):
+        p = root / f"s{i}"
+        p.mkdir()
+        cg = Cgroup.open(p)
+        t1 = time.perf_counter()
+        net.attach_net(cg, sock)
+        t2 = time.perf_counter()
+        net.update_net(cg, sock2)
+        t3 = time.perf_counter()
+        net.detach_net(cg)
+        t4 = time.perf_counter()
+        p.rmdir()
+        t_attach.append(t2 - t1)
+        t_update.append(t3 - t2)
+        t_detach.append(t4 - t3)
+    print(f"carrier socket, median of {args.cgroups} cgroups (1 classid):")
+    for label, vals in (
+        ("attach_net", t_attach),
+        ("update_net", t_update),
+        ("detach_net", t_detach),
+    ):
+        print(f"  {label:<24}{statistics.median(vals) * 1e6:>8.0f} us")
 
 
 def main() -> int:
@@ -313,7 +342,7 @@ def main() -> int:
             t0 = time.perf_counter()
             net.shared_programs()
             print(
-                f"first shared_programs() (cache lookup/compile + 2 PROG_LOADs): "
+                f"first shared_programs() (cache lookup/compile + 4 PROG_LOADs): "
                 f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
             )
             bench_pps(args, root, Path(tmp))

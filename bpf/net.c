@@ -10,6 +10,7 @@
 
 #define NET_F_MARK 1  /* carry the classid in skb->mark (else skb->priority) */
 #define NET_F_PRIOS 2 /* look up net_prios[(prio_key, skb->ifindex)] */
+#define NET_F_SOCKET 4 /* carrier "socket": classid set once on the socket, at creation */
 
 struct net_cfg {
     u32 classid;  /* major<<16 | minor, 0 = none */
@@ -86,4 +87,49 @@ int pelagos_net_in(struct __sk_buff *skb) {
 // kernels built without cls_fw. 0 = no match (next filter, then HTB's default class).
 int pelagos_mark_cls(struct __sk_buff *skb) {
     return skb->mark;
+}
+
+// ---------------------------------------------------------------- carrier "socket"
+// No per-packet program: the classid goes into sk->sk_priority once, when the socket is created
+// (the kernel copies it into skb->priority of every packet the socket sends, and HTB maps that
+// to class major:minor). Config: the same net_cfg cgroup storage, whose key carries the attach
+// type, so these programs read their own entry (written for INET_SOCK_CREATE and SETSOCKOPT).
+// Why cgroup storage and not a hash keyed by cgroup id: the program of each cgroup of a nested
+// chain then reads that cgroup's own value (bpf_get_current_cgroup_id would name only the
+// innermost one), and the kernel frees it with the cgroup; bpf_get_local_storage is allowed for
+// CGROUP_SOCK and CGROUP_SOCKOPT since 5.x (checked on 5.10 and 6.12 by the tests).
+
+#define SOL_SOCKET 1
+#define SO_PRIORITY 12
+
+int pelagos_net_sk(struct bpf_sock *sk) {
+    struct net_cfg *c = (struct net_cfg *)(long)net_cfg.get_local_storage(0);
+    u32 classid = c->classid;
+    // Child first, as with the packet carriers: a classid a nearer cgroup set is kept.
+    if (classid && (sk->priority >> 16) == 0)
+        sk->priority = classid;
+    return 1;
+}
+
+// The guard: an app's plain SO_PRIORITY (major 0) on a classified socket would move it out of
+// its class. Bypassing the kernel's handler (optlen = -1) keeps the class and still succeeds;
+// rewriting the value to the classid would fail with EPERM for an app without CAP_NET_ADMIN
+// (the kernel allows only 0..6 then). A classid-valued SO_PRIORITY goes to the kernel (kept, as
+// with the "priority" carrier); a socket that carries no class (created before the classid was
+// set) keeps the app's value.
+int pelagos_net_so(struct bpf_sockopt *ctx) {
+    struct net_cfg *c = (struct net_cfg *)(long)net_cfg.get_local_storage(0);
+    if (c->classid == 0 || ctx->level != SOL_SOCKET || ctx->optname != SO_PRIORITY)
+        return 1;
+    if (ctx->optlen < 4) // also -1: a nearer cgroup's program already bypassed the kernel
+        return 1;
+    void *optval = (void *)(long)ctx->optval;
+    void *end = (void *)(long)ctx->optval_end;
+    if (optval + 4 > end)
+        return 1;
+    u32 val = *(u32 *)optval;
+    struct bpf_sock *sk = ctx->sk;
+    if ((val >> 16) == 0 && (sk->priority >> 16) != 0)
+        ctx->optlen = -1;
+    return 1;
 }

@@ -71,6 +71,7 @@ class ProgType(IntEnum):
     CGROUP_SKB = 8
     CGROUP_SOCK = 9
     CGROUP_DEVICE = 15
+    CGROUP_SOCKOPT = 25
 
 
 class AttachType(IntEnum):
@@ -78,6 +79,7 @@ class AttachType(IntEnum):
     CGROUP_INET_EGRESS = 1
     CGROUP_INET_SOCK_CREATE = 2
     CGROUP_DEVICE = 6
+    CGROUP_SETSOCKOPT = 22
 
 
 class MapType(IntEnum):

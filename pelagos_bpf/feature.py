@@ -198,6 +198,11 @@ def pin_dir() -> str | None:
     return DEFAULT_PIN_DIR if trust.is_bpffs(os.path.dirname(DEFAULT_PIN_DIR)) else None
 
 
+def _expected(spec: ProgSpec) -> int | None:
+    """PROG_LOAD's expected_attach_type: sockopt programs do not load without theirs."""
+    return spec.attach_type if spec.prog_type == ProgType.CGROUP_SOCKOPT else None
+
+
 def _compiled(layer: Layer, spec: ProgSpec) -> progcache.CompiledProgram:
     return progcache.get_program(progcache.bpf_source(layer.source), spec.func, spec.prog_type)
 
@@ -310,7 +315,10 @@ class Feature:
                 )
             for spec in layer.progs:
                 progs[spec.func] = progcache.load_program(
-                    _compiled(layer, spec), maps, name=spec.name
+                    _compiled(layer, spec),
+                    maps,
+                    name=spec.name,
+                    expected_attach_type=_expected(spec),
                 )
         except BaseException:
             for fd in (*progs.values(), *maps.values()):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import socket
 
 import pytest
 
-from pelagos_bpf.bpfsys import MapType
+from pelagos_bpf.bpfsys import MapType, ProgType
 from pelagos_bpf.devices import layout as dev
-from pelagos_bpf.feature import Layer, Layout
+from pelagos_bpf.feature import Layer, Layout, ProgSpec
 from pelagos_bpf.net import layout as net
+from pelagos_bpf.net import plan
 from pelagos_bpf.progcache import bpf_source
 
 C_CODES = {"u64": "Q", "u32": "I", "s64": "q", "s32": "i"}
@@ -69,3 +71,38 @@ def test_map_sizes_match_the_c_declarations(layer: Layer) -> None:
 def test_dev_val_is_a_named_union_of_rule_and_index_entries() -> None:
     assert c_structs("device")["dev_val"] == ["dev_rule", "dev_index"]
     assert dev.VAL_SIZE == dev.INDEX.size == 128
+
+
+CTX_OF = {  # the context struct the kernel passes each program type
+    ProgType.CGROUP_SKB: "__sk_buff",
+    ProgType.SCHED_CLS: "__sk_buff",
+    ProgType.CGROUP_SOCK: "bpf_sock",
+    ProgType.CGROUP_SOCKOPT: "bpf_sockopt",
+    ProgType.CGROUP_DEVICE: "bpf_cgroup_dev_ctx",
+}
+
+
+@pytest.mark.parametrize(
+    "spec", [*dev.LAYER.progs, *net.LAYER.progs, net.MARK_CLS], ids=lambda s: s.func
+)
+def test_every_declared_program_has_a_c_function_of_its_type(spec: ProgSpec) -> None:
+    source = "device" if spec in dev.LAYER.progs else "net"
+    text = bpf_source(source).read_text()
+    (ctx,) = re.findall(rf"^int {spec.func}\(struct (\w+) \*\w+\)", text, flags=re.M)
+    assert ctx == CTX_OF[spec.prog_type]
+    if spec.attach_type is not None:  # found again by kernel name, which keeps 15 bytes
+        assert len(spec.name) <= 15
+
+
+def test_net_flag_bits_and_socket_constants_match() -> None:
+    text = bpf_source("net").read_text()
+    defines = {k: int(v) for k, v in re.findall(r"#define (\w+) (\d+)", text)}
+    assert (defines["NET_F_MARK"], defines["NET_F_PRIOS"], defines["NET_F_SOCKET"]) == (
+        plan.F_MARK,
+        plan.F_PRIOS,
+        plan.F_SOCKET,
+    )
+    assert (defines["SOL_SOCKET"], defines["SO_PRIORITY"]) == (
+        socket.SOL_SOCKET,
+        socket.SO_PRIORITY,
+    )

@@ -110,3 +110,19 @@ def test_empty_plan() -> None:
 def test_classid_str() -> None:
     assert classid_str(0x00010010) == "1:10"
     assert classid_str(0xABCD_0001) == "abcd:1"
+
+
+def test_socket_carrier_rules() -> None:
+    from pelagos_bpf.net.plan import F_SOCKET, carried_in
+
+    assert choose_carrier("socket", False) == "socket"  # never picked by "auto"
+    assert choose_carrier("auto", False) == "priority"
+    plan = build_plan(0x10010, None, "socket", {})
+    assert (plan.carrier, plan.flags) == ("socket", F_SOCKET)
+    validate_net(None, [], "socket")  # nothing to classify: allowed, as with the others
+    with pytest.raises(ConfigError) as e:
+        validate_net(0x10010, [("eth0", 1)], "socket")
+    assert e.value.setting == "net_carrier"
+    assert "egress interface" in str(e.value)
+    assert carried_in("socket").startswith("sk->sk_priority")
+    assert carried_in("mark") == "skb->mark"

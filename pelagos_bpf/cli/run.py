@@ -236,9 +236,10 @@ def register(sub: Any) -> None:
     add_config_flags(r)
     r.add_argument(
         "--net-carrier",
-        choices=("auto", "priority", "mark"),
+        choices=("auto", "priority", "mark", "socket"),
         default="auto",
-        help="where --net-classid goes: skb->priority or skb->mark (auto: mark if --net-prio)",
+        help="where --net-classid goes: skb->priority or skb->mark per packet, or the socket's "
+        "priority once at its creation (socket: no per-packet cost; auto: mark if --net-prio)",
     )
     r.add_argument("--path", help="cgroup path under the root (default pelagos-<pid>)")
     r.add_argument("--root", help="cgroup2 root (default: $PELAGOS_CGROUP_ROOT or mountinfo)")

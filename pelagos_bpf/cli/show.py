@@ -122,9 +122,12 @@ def _device_lines(dev: Any) -> list[str]:
 def _net_lines(net: Any) -> list[str]:
     if short := _unavailable("net:", net, "no net program attached"):
         return short
+    from ..net.plan import carried_in
+
     progs = ", ".join(f"{p['attach']} id {p['id']} tag {p['tag']}" for p in net["programs"])
     classid = net["classid_tc"] or "none"
-    lines = [f"net:         classid {classid} carried in skb->{net['carrier']}; programs {progs}"]
+    where = carried_in(net["carrier"])
+    lines = [f"net:         classid {classid} carried in {where}; programs {progs}"]
     lines += [
         f"  ifindex {p['ifindex']:<6} {p['ifname'] or '?':<15} priority {p['priority']}"
         for p in net["priorities"]

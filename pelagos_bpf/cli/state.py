@@ -19,6 +19,8 @@ _ATTACH_NAMES = {
     AttachType.CGROUP_DEVICE: "device",
     AttachType.CGROUP_INET_EGRESS: "egress",
     AttachType.CGROUP_INET_INGRESS: "ingress",
+    AttachType.CGROUP_INET_SOCK_CREATE: "sock_create",
+    AttachType.CGROUP_SETSOCKOPT: "setsockopt",
 }
 
 

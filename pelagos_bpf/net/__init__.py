@@ -1,4 +1,4 @@
-"""net_cls / net_prio semantics on cgroup v2 through cgroup_skb programs, plus IP accounting.
+"""net_cls / net_prio semantics on cgroup v2 through cgroup BPF programs, plus IP accounting.
 
 Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
 
@@ -10,8 +10,25 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   equivalent, works without CONFIG_NET_CLS_FW), `tc.add_fw_filter`, or an nft `netdev egress`
   rule. Not iptables/nft POSTROUTING: the kernel runs those before the cgroup egress hook.
   "auto" = "mark" when net_priorities is set (both cannot share skb->priority), else
-  "priority". The priority carrier replaces plain SO_PRIORITY values (0..0xffff, not classids)
-  but keeps a classid-valued one; the mark carrier keeps a non-zero mark (SO_MARK, netfilter).
+  "priority" ("socket" is chosen only by name). The priority carrier replaces plain
+  SO_PRIORITY values (0..0xffff, not classids) but keeps a classid-valued one; the mark
+  carrier keeps a non-zero mark (SO_MARK, netfilter).
+- Carrier "socket" (opt-in, never chosen by "auto"): no per-packet program at all (a
+  cgroup_skb egress program, even an empty one, costs ~+8 % CPU per packet on a veth; this one
+  costs nothing per packet). The classid goes into the socket's priority once, when an
+  AF_INET/AF_INET6 socket is created by a process of the cgroup or a descendant
+  (cgroup/sock_create); the kernel copies it into skb->priority of every packet the socket
+  sends, so HTB picks the class exactly as with "priority". A cgroup/setsockopt program guards
+  it: a plain SO_PRIORITY (major 0) on a classified socket is swallowed (the call succeeds, the
+  socket keeps its class; rewriting the value instead would fail with EPERM for apps without
+  CAP_NET_ADMIN), a classid-valued one goes to the kernel as usual. What differs from the packet
+  carriers: a classid update reaches sockets created AFTER it only (existing sockets keep their
+  class; v1 net_cls updated them: a classid write rewrote the sockets its tasks held); an
+  IPv4 socket's IP_TOS makes the kernel reset its priority (rt_tos2priority), which takes it
+  out of its class (known gap, tested); no net_priorities (ConfigError naming net_carrier: they
+  need each packet's egress interface); no accounting (`read_net_stats` returns NOT_ACCOUNTED,
+  `{"not_accounted": 1}`, never zeros; an ancestor with a packet carrier still counts the
+  subtree). Nesting works across carriers: the nearest cgroup with a classid wins.
 - `net_priorities` [(ifname, prio)]: per egress interface priority, written only while the
   packet's priority is still 0 (net_prio semantics: an app's SO_PRIORITY is kept).
 - Nesting: a child cgroup's program runs before its parent's and the parent keeps what the
@@ -24,6 +41,10 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   another netns are matched by ifindex too, which there may name another interface.
 - Updates change what they name: `update_cgroup` with only net_priorities keeps the classid
   and the carrier, with only net_classid keeps the priorities and the carrier.
+- Sockets created outside the cgroup and passed in are not classified, by any carrier: all
+  go by the cgroup the socket was created in.
+- Switching carriers is an update (`update_net(..., carrier=...)`, `update_cgroup` with
+  net_carrier): the new carrier's programs are attached first, then the old ones detached.
 - Labels act on the devices of the sender's netns: crossing into another netns (veth) clears
   skb->mark, and forwarding resets skb->priority, like net_cls whose socket lookup fails for
   forwarded packets. Shape a container's traffic on its own eth0 (or use the host-side veth
@@ -32,9 +53,10 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   cgroup's sockets, subtree included. Bytes are IP-level (IP header + payload, no link layer;
   a GSO/GRO skb counts its headers once); packets count wire segments (gso_segs).
 
-Cost: one egress and one ingress program (plus their maps) are loaded once per process from
-the bytecode cache; a container start is 2 PROG_ATTACH + map writes, a live update is map
-writes. `PROGRAMS` lists the programs so `pelagos-bpf compile` can fill the cache ahead.
+Cost: one egress, one ingress, one sock_create and one setsockopt program (plus their maps)
+are loaded once per process from the bytecode cache; a container start is 2 PROG_ATTACH + map
+writes (egress + ingress, or sock_create + setsockopt), a live update is map writes.
+`PROGRAMS` lists the programs so `pelagos-bpf compile` can fill the cache ahead.
 
 Importing this package is cheap: no bcc, no pyroute2 (tc.py takes its IPRoute from the caller).
 """

@@ -21,6 +21,7 @@ from typing import Any
 from ..cgroup import setup_cgroup, teardown_cgroup
 from ..config import CgroupConfig
 from . import tc
+from .plan import carried_in
 from .program import read_net_stats
 from .resolve import _setns, run_in_netns
 
@@ -121,7 +122,7 @@ def cmd_net_demo(args: argparse.Namespace) -> int:
         try:
             print(
                 f"cgroup {cg.path}: net_classid {tc.classid_str(args.classid)} "
-                f"carried in skb->{args.carrier}"
+                f"carried in {carried_in(args.carrier)}"
             )
             before = tc.class_counters(ipr, ia)
             _send(a, args.count, cg.path)
@@ -145,6 +146,6 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("net-demo", help="show net_classid classifying real packets into HTB")
     p.add_argument("--classid", type=parse_classid, default=0x10010, help="default 1:10")
-    p.add_argument("--carrier", choices=("priority", "mark"), default="priority")
+    p.add_argument("--carrier", choices=("priority", "mark", "socket"), default="priority")
     p.add_argument("--count", type=int, default=20)
     p.set_defaults(func=cmd_net_demo)

@@ -16,6 +16,15 @@ EGRESS = AttachType.CGROUP_INET_EGRESS
 INGRESS = AttachType.CGROUP_INET_INGRESS
 EG = ProgSpec("pelagos_net_eg", "pelagos_net_eg", ProgType.CGROUP_SKB, EGRESS)
 IN = ProgSpec("pelagos_net_in", "pelagos_net_in", ProgType.CGROUP_SKB, INGRESS)
+# Carrier "socket": classify once at socket creation, guard SO_PRIORITY; no per-packet program.
+# Same layer (version 1) and maps: the layout of net_cfg is unchanged (one more flag bit), so
+# programs attached by the previous release are still recognised and read as before.
+SOCK_CREATE = AttachType.CGROUP_INET_SOCK_CREATE
+SETSOCKOPT = AttachType.CGROUP_SETSOCKOPT
+SK = ProgSpec("pelagos_net_sk", "pelagos_net_sk", ProgType.CGROUP_SOCK, SOCK_CREATE)
+SO = ProgSpec("pelagos_net_so", "pelagos_net_so", ProgType.CGROUP_SOCKOPT, SETSOCKOPT)
+PACKET_PROGS = (EG, IN)
+SOCKET_PROGS = (SK, SO)
 # The tc classifier of the "mark" carrier: no maps, loaded only when a mark filter is installed.
 MARK_CLS = ProgSpec("pelagos_mark_cls", "pelagos_mark_cls", ProgType.SCHED_CLS, None)
 PRIOS_MAX = 65536
@@ -29,7 +38,7 @@ LAYER = Layer(
     feature="net",
     version=VERSION,
     source=SOURCE,
-    progs=(EG, IN),
+    progs=(*PACKET_PROGS, *SOCKET_PROGS),
     maps=(
         MapSpec("net_cfg", MapType.CGROUP_STORAGE, STORAGE_KEY.size, CFG.size),
         MapSpec("net_acct", MapType.PERCPU_CGROUP_STORAGE, STORAGE_KEY.size, ACCT.size),

@@ -14,11 +14,16 @@ from ..errors import ConfigError
 
 U32_MAX = 0xFFFFFFFF
 IFNAMSIZ = 16
-CARRIERS = ("auto", "priority", "mark")
+CARRIERS = ("auto", "priority", "mark", "socket")
 
 # Flag bits of struct net_cfg.flags in bpf/net.c.
 F_MARK = 1
 F_PRIOS = 2
+F_SOCKET = 4
+SOCKET_NO_PRIOS = (
+    "a socket is classified once, at creation, before it has an egress interface: "
+    "net_priorities need a per-packet carrier ('mark' or 'auto')"
+)
 
 
 def _u32(setting: str, value: Any) -> int:
@@ -98,6 +103,8 @@ def validate_carrier(carrier: Any, has_priorities: bool) -> None:
             "net_priorities also write skb->priority; carry net_classid in skb->mark "
             "('mark' or 'auto')",
         )
+    if carrier == "socket" and has_priorities:
+        raise ConfigError("net_carrier", carrier, SOCKET_NO_PRIOS)
 
 
 def validate_net(classid: Any, priorities: Any, carrier: Any = "auto") -> None:
@@ -109,6 +116,13 @@ def validate_net(classid: Any, priorities: Any, carrier: Any = "auto") -> None:
     validate_classid(classid)
     validate_priorities(priorities if priorities is not None else [])
     validate_carrier(carrier, bool(priorities))
+
+
+def carried_in(carrier: str | None) -> str:
+    """Where a carrier puts the classid, for messages ("skb->priority", ...)."""
+    if carrier == "socket":
+        return "sk->sk_priority (set at socket creation)"
+    return f"skb->{carrier}"
 
 
 def choose_carrier(carrier: str, has_priorities: bool) -> str:
@@ -133,7 +147,8 @@ class NetPlan:
 
     @property
     def flags(self) -> int:
-        return (F_MARK if self.carrier == "mark" else 0) | (F_PRIOS if self.priorities else 0)
+        carrier = {"mark": F_MARK, "socket": F_SOCKET}.get(self.carrier, 0)
+        return carrier | (F_PRIOS if self.priorities else 0)
 
     @property
     def empty(self) -> bool:

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from .. import bpfsys, progcache
 from ..cgref import CgroupRef, opened
 from ..errors import ConfigError
-from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
+from ..feature import Attached, Feature, Loaded, ProgSpec, prog_tags, storage_key
 from . import layout as lay
-from .plan import F_MARK, F_PRIOS, NetPlan, choose_carrier
+from .plan import F_MARK, F_PRIOS, F_SOCKET, SOCKET_NO_PRIOS, NetPlan, choose_carrier
 
 FEATURE = Feature(lay.LAYER)
 EGRESS = lay.EGRESS
 INGRESS = lay.INGRESS
+NOT_ACCOUNTED = {"not_accounted": 1}
+"""read_net_stats of a cgroup classified by carrier "socket": no per-packet program, no counts."""
 PROGRAMS: tuple[tuple[str, str, int], ...] = tuple(
     (lay.SOURCE, p.func, int(p.prog_type)) for p in (*lay.LAYER.progs, lay.MARK_CLS)
 )
@@ -64,11 +66,27 @@ def _prio_keys_of(prios_fd: int, prio_key: int) -> list[bytes]:
     ]
 
 
-def _read_plan(maps: dict[str, int], cgroup_id: int) -> NetPlan | None:
-    raw = bpfsys.map_lookup(maps["net_cfg"], storage_key(cgroup_id, EGRESS), lay.CFG.size)
+def _progs_for(carrier: str) -> tuple[ProgSpec, ...]:
+    return lay.SOCKET_PROGS if carrier == "socket" else lay.PACKET_PROGS
+
+
+def _cfg_at(group: Attached) -> int | None:
+    """Which storage entry holds the config of the carrier attached in `group` (cgroup storage
+    outlives a detach, so an entry of a carrier switched away from may still be there)."""
+    if lay.EG.func in group.progs:
+        return EGRESS
+    if lay.SK.func in group.progs:
+        return lay.SOCK_CREATE
+    return None
+
+
+def _read_plan(maps: dict[str, int], cgroup_id: int, at: int = EGRESS) -> NetPlan | None:
+    raw = bpfsys.map_lookup(maps["net_cfg"], storage_key(cgroup_id, at), lay.CFG.size)
     if raw is None:
         return None
     classid, flags, prio_key = lay.CFG.unpack(raw)
+    if flags & F_SOCKET:
+        return NetPlan(classid=classid, carrier="socket")
     prios = []
     for key in _prio_keys_of(maps["net_prios"], prio_key):
         val = bpfsys.map_lookup(maps["net_prios"], key, lay.PRIO_VAL.size)
@@ -91,7 +109,10 @@ def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan) -> None:
 
     FEATURE.retry_when_full(cg, maps, store)  # a full map: GC of dead cgroups, then once more
     cfg = lay.CFG.pack(plan.classid, plan.flags, cg.id)
-    bpfsys.map_update(maps["net_cfg"], storage_key(cg.id, EGRESS), cfg)
+    for spec in _progs_for(plan.carrier):
+        if spec.attach_type != INGRESS:  # the ingress program only counts
+            assert spec.attach_type is not None
+            bpfsys.map_update(maps["net_cfg"], storage_key(cg.id, spec.attach_type), cfg)
     for key in _prio_keys_of(maps["net_prios"], cg.id):
         if key not in wanted:
             bpfsys.map_delete(maps["net_prios"], key)
@@ -127,6 +148,8 @@ def _merge(
             chosen = "mark"  # no classid is carried: the carrier is free to follow the priorities
     else:
         chosen = choose_carrier(carrier or "auto", bool(prios))
+    if chosen == "socket" and prios:
+        raise ConfigError("net_carrier", chosen, SOCKET_NO_PRIOS)
     if chosen == "priority" and prios:
         raise ConfigError(
             "net_carrier",
@@ -138,24 +161,36 @@ def _merge(
 
 
 def _attach_new(cg: CgroupRef, cg_fd: int, plan: NetPlan, carry: dict[int, bytes | None]) -> None:
+    """Attach the programs of the plan's carrier: egress + ingress (per packet) or socket
+    create + setsockopt (once per socket); each one's storage is written right after its attach
+    (the kernel creates a cgroup's storage entry at attach time)."""
     loaded = FEATURE.loaded()
+    progs = _progs_for(plan.carrier)
     done: list[int] = []
     try:
-        for spec in lay.LAYER.progs:
+        for spec in progs:
             FEATURE.attach(loaded.progs[spec.func], cg_fd, spec, "net")
             done.append(loaded.progs[spec.func])
             assert spec.attach_type is not None
-            _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
+            if spec in lay.PACKET_PROGS:
+                _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
             if spec.attach_type == EGRESS:
                 _write_config(loaded.maps, cg, plan)
+            elif spec in lay.SOCKET_PROGS:
+                cfg = lay.CFG.pack(plan.classid, plan.flags, cg.id)
+                bpfsys.map_update(loaded.maps["net_cfg"], storage_key(cg.id, spec.attach_type), cfg)
+        if plan.carrier == "socket":  # entries of a packet carrier switched away from
+            for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
+                bpfsys.map_delete(loaded.maps["net_prios"], key)
     except BaseException as exc:
-        for spec in reversed(lay.LAYER.progs[: len(done)]):
+        for spec in reversed(progs[: len(done)]):
             try:
                 bpfsys.prog_detach(loaded.progs[spec.func], cg_fd, spec.attach_type or 0)
             except OSError as undo:
                 exc.add_note(f"net rollback: detach failed: {undo}")
-        for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
-            bpfsys.map_delete(loaded.maps["net_prios"], key)
+        if plan.carrier != "socket":  # a socket plan wrote no priority entries
+            for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
+                bpfsys.map_delete(loaded.maps["net_prios"], key)
         raise
 
 
@@ -180,22 +215,32 @@ def apply(
     in force. `carrier` None keeps the cgroup's carrier ("auto" on a first attach)."""
     with opened(cg, "net") as cg_fd, FEATURE.find(cg_fd) as groups:
         assert cg_fd is not None
-        current = [g for g in groups if g.version == lay.VERSION and lay.EG.func in g.progs]
-        old = _read_plan(current[0].maps, cg.id) if current else None
+        current = [g for g in groups if g.version == lay.VERSION and _cfg_at(g) is not None]
+        at = _cfg_at(current[0]) if current else None
+        old = _read_plan(current[0].maps, cg.id, at) if at is not None else None
         merged = _merge(old, plan, named, carrier)
-        if current and len(current[0].progs) == len(lay.LAYER.progs):
+        wanted = {spec.func for spec in _progs_for(merged.carrier)}
+        if current and set(current[0].progs) == wanted:
             _write_config(current[0].maps, cg, merged)
             stale = [g for g in groups if g is not current[0]]
         else:
             carry = {}
             for g in groups:  # carry the counters over a migration
-                if "net_acct" in g.maps:
+                if "net_acct" in g.maps and lay.EG.func in g.progs:
                     for spec in g.layer.cgroup_progs:
-                        carry[spec.attach_type] = _counters(g.maps, cg.id, spec.attach_type)
+                        if spec.func in g.progs:
+                            assert spec.attach_type is not None
+                            carry[spec.attach_type] = _counters(g.maps, cg.id, spec.attach_type)
             _attach_new(cg, cg_fd, merged, carry)
             stale = groups
+        own = FEATURE.loaded_if_any()
         for g in stale:
-            _detach(cg, g, cg_fd)
+            if own is not None and g.maps == own.maps:  # find() hands out our own map fds
+                # A carrier switch in our own maps: the entries are the new carrier's now
+                # (written above), so only the old programs go.
+                FEATURE.detach(g, cg_fd)
+            else:
+                _detach(cg, g, cg_fd)
         return merged
 
 
@@ -233,8 +278,9 @@ def removal_key(cg: CgroupRef) -> int | None:
     if loaded is None:
         return None
     raw = bpfsys.map_lookup(loaded.maps["net_cfg"], storage_key(cg.id, EGRESS), lay.CFG.size)
-    if raw is None:
-        return None
+    if raw is None:  # carrier "socket" only: no priority entries anywhere
+        sock = storage_key(cg.id, lay.SOCK_CREATE)
+        return None if bpfsys.map_lookup(loaded.maps["net_cfg"], sock, lay.CFG.size) is None else 0
     _, flags, prio_key = lay.CFG.unpack(raw)
     return prio_key if flags & F_PRIOS else 0
 
@@ -296,7 +342,8 @@ def read_state(cg: CgroupRef) -> NetState:
         if not groups:
             return NetState(attached=False)
         g = groups[0]
-        plan = _read_plan(g.maps, cg.id) if lay.EG.func in g.progs else None
+        at = _cfg_at(g)
+        plan = _read_plan(g.maps, cg.id, at) if at is not None else None
         ids = tuple(i for x in groups for i in x.ids.values())
         trusted = g.version == lay.VERSION and all(
             tag in _trusted_tags(func) for func, tag in g.tags.items()
@@ -319,19 +366,26 @@ def read_config(cg: CgroupRef) -> NetPlan | None:
     """The classid/carrier/priorities in force (ifnames come back as ""); None when our
     programs are not attached."""
     with FEATURE.find_at(cg) as groups:
-        g = next((x for x in groups if lay.EG.func in x.progs), None)
-        return _read_plan(g.maps, cg.id) if g is not None else None
+        for g in groups:
+            at = _cfg_at(g)
+            if at is not None:
+                return _read_plan(g.maps, cg.id, at)
+        return None
 
 
 def read_net_stats(cg: CgroupRef) -> dict[str, int]:
     """Bytes and packets of IPv4/IPv6 traffic of the cgroup's sockets (subtree included).
 
     Bytes are IP packet lengths (IP header and payload, no link-layer header). Empty when our
-    programs are not attached (nothing is counted then).
+    programs are not attached (nothing is counted then); NOT_ACCOUNTED ({"not_accounted": 1},
+    no byte or packet keys) when the cgroup's carrier is "socket", which has no per-packet
+    program to count with (its traffic still counts in an ancestor with a packet carrier).
     """
     out: dict[str, int] = {}
     with FEATURE.find_at(cg) as groups:
         for g in groups[:1]:
+            if lay.EG.func not in g.progs and lay.SK.func in g.progs:
+                return dict(NOT_ACCOUNTED)
             for spec, label in ((lay.EG, "egress"), (lay.IN, "ingress")):
                 if spec.func not in g.progs or spec.attach_type is None:
                     continue

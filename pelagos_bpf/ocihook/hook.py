@@ -87,6 +87,7 @@ def create(state: State, req: Request) -> list[str]:
     if state.pid is None:
         raise HookError("state.pid is missing: the create stage needs the container's process")
     from .. import devices, net
+    from ..net.plan import carried_in
 
     cg = Cgroup.open(locate.cgroup_of_pid(state.pid))
     plan = net.resolve_net(req.classid, req.priorities, state.pid) if req.wants_net else None
@@ -97,7 +98,7 @@ def create(state: State, req: Request) -> list[str]:
     try:
         if plan is not None:
             net.update_net(cg, plan)
-            done.append(f"net classid {plan.classid:#x} carried in skb->{plan.carrier}")
+            done.append(f"net classid {plan.classid:#x} carried in {carried_in(plan.carrier)}")
             if plan.priorities:
                 done.append(
                     "net priorities " + ", ".join(f"{n}={p}" for n, _, p in plan.priorities)
