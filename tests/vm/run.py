@@ -64,6 +64,7 @@ KERNEL_SUITE = (
     "tests/test_net_update.py",
     "tests/test_net_leak.py",
     "tests/test_net_resolve.py",
+    "tests/test_net_socket.py",
 )
 SUBSET_KERNELS = ("6.1", "6.12")
 SUBSET_ARGS = ("--deselect", "tests/test_device_kernel.py::test_kernel_matches_evaluator")
