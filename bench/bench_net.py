@@ -313,60 +313,54 @@ class _pid_in:
 
 def bench_attach(args: argparse.Namespace, root: Path) -> None:
     net.shared_programs()  # loaded once per process: not part of the per-container cost
-    plan = net.resolve_net(0x10010, [("lo", 0x10020)], None)
-    plan2 = net.resolve_net(0x10030, [("lo", 0x10010)], None)
-    t_resolve, t_attach, t_update, t_detach = [], [], [], []
-    for i in range(args.cgroups):
-        p = root / f"c{i}"
+    _lifecycle(
+        root,
+        args.cgroups,
+        "c",
+        "1 classid + 1 priority",
+        lambda: net.resolve_net(0x10010, [("lo", 0x10020)], os.getpid()),
+        net.resolve_net(0x10030, [("lo", 0x10010)], None),
+    )
+    _lifecycle(
+        root,
+        args.cgroups,
+        "s",
+        'carrier "socket", 1 classid',
+        lambda: net.resolve_net(0x10010, [], os.getpid(), carrier="socket"),
+        net.resolve_net(0x10030, [], None, carrier="socket"),
+    )
+
+
+def _lifecycle(
+    root: Path,
+    n: int,
+    prefix: str,
+    what: str,
+    plan_for: Callable[[], net.NetPlan],
+    update: net.NetPlan,
+) -> None:
+    """Median per-container cost of resolving the plan (`plan_for`), attach, update, detach."""
+    times: dict[str, list[float]] = {
+        k: [] for k in ("resolve_net (own netns)", "attach_net", "update_net", "detach_net")
+    }
+    for i in range(n):
+        p = root / f"{prefix}{i}"
         p.mkdir()
         cg = Cgroup.open(p)
         t0 = time.perf_counter()
-        pl = net.resolve_net(0x10010, [("lo", 0x10020)], os.getpid())
+        plan = plan_for()
         t1 = time.perf_counter()
-        net.attach_net(cg, pl)
+        net.attach_net(cg, plan)
         t2 = time.perf_counter()
-        net.update_net(cg, plan2)
+        net.update_net(cg, update)
         t3 = time.perf_counter()
         net.detach_net(cg)
         t4 = time.perf_counter()
         p.rmdir()
-        t_resolve.append(t1 - t0)
-        t_attach.append(t2 - t1)
-        t_update.append(t3 - t2)
-        t_detach.append(t4 - t3)
-    _ = plan
-    print(f"\nper-container net cost, median of {args.cgroups} cgroups (1 classid + 1 priority):")
-    for label, vals in (
-        ("resolve_net (own netns)", t_resolve),
-        ("attach_net", t_attach),
-        ("update_net", t_update),
-        ("detach_net", t_detach),
-    ):
-        print(f"  {label:<24}{statistics.median(vals) * 1e6:>8.0f} us")
-    sock = net.resolve_net(0x10010, [], None, carrier="socket")
-    sock2 = net.resolve_net(0x10030, [], None, carrier="socket")
-    t_attach, t_update, t_detach = [], [], []
-    for i in range(args.cgroups):
-        p = root / f"s{i}"
-        p.mkdir()
-        cg = Cgroup.open(p)
-        t1 = time.perf_counter()
-        net.attach_net(cg, sock)
-        t2 = time.perf_counter()
-        net.update_net(cg, sock2)
-        t3 = time.perf_counter()
-        net.detach_net(cg)
-        t4 = time.perf_counter()
-        p.rmdir()
-        t_attach.append(t2 - t1)
-        t_update.append(t3 - t2)
-        t_detach.append(t4 - t3)
-    print(f"carrier socket, median of {args.cgroups} cgroups (1 classid):")
-    for label, vals in (
-        ("attach_net", t_attach),
-        ("update_net", t_update),
-        ("detach_net", t_detach),
-    ):
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            times[k].append(v)
+    print(f"\nper-container net cost ({what}), median of {n} cgroups:")
+    for label, vals in times.items():
         print(f"  {label:<24}{statistics.median(vals) * 1e6:>8.0f} us")
 
 

@@ -342,6 +342,7 @@ class Feature:
         ids: dict[str, int] = {}
         maps: dict[str, int] = {}
         map_ids: dict[str, int] = {}
+        whole = False
         try:
             for func, path in pins.items():
                 spec = self.current.prog(func)
@@ -349,8 +350,6 @@ class Feature:
                     dirfd, path, tags=idents[func].tags, prog_type=spec.prog_type
                 )
                 if got is None:
-                    for x in (*progs.values(), *maps.values()):
-                        os.close(x)
                     return None
                 progs[func], info = got
                 ids[func] = info.id
@@ -366,16 +365,15 @@ class Feature:
                     # Programs of two loads (a half-pinned set completed by another process):
                     # they do not share maps, so settings written to one would not reach the
                     # other. Not a usable set; the caller replaces it under its lock.
-                    for x in (*progs.values(), *maps.values()):
-                        os.close(x)
                     return None
             missing = {m.name for m in self.current.maps} - set(maps)
             if missing:
                 raise BpfError(errno.EPROTO, "pinned program", f"lacks maps {sorted(missing)}")
-        except BaseException:
-            for fd in (*progs.values(), *maps.values()):
-                os.close(fd)
-            raise
+            whole = True
+        finally:
+            if not whole:  # not pinned, not one set, or refused: nothing handed out
+                for fd in (*progs.values(), *maps.values()):
+                    os.close(fd)
         return Loaded(self.current, progs, ids, maps)
 
     # ------------------------------------------------------------ find what is attached

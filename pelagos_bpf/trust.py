@@ -253,7 +253,12 @@ def prog_tags(insns: bytes) -> frozenset[bytes]:
 
 def is_our_program(info: bpfsys.ProgInfo, insns: bytes, prog_type: int) -> bool:
     """Does this loaded program run exactly `insns` (up to map fds) with our program type?"""
-    return info.type == int(prog_type) and bytes.fromhex(info.tag) in prog_tags(insns)
+    return has_tag(info, prog_tags(insns), prog_type)
+
+
+def has_tag(info: bpfsys.ProgInfo, tags: frozenset[bytes], prog_type: int) -> bool:
+    """is_our_program with the bytecode's tags already known (e.g. recorded in the key index)."""
+    return info.type == int(prog_type) and bytes.fromhex(info.tag) in tags
 
 
 def check_pin_dir(path: str | os.PathLike[str], *, create: bool = False) -> int:
@@ -330,7 +335,7 @@ def open_pinned_program_at(
     except BaseException:
         os.close(fd)
         raise
-    if info.type != int(prog_type) or bytes.fromhex(info.tag) not in tags:
+    if not has_tag(info, tags, prog_type):
         os.close(fd)
         want = "/".join(sorted(t.hex() for t in tags))
         why = (

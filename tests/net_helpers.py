@@ -149,3 +149,44 @@ def pid_in(netns_path: str) -> Iterator[int]:
         yield child.pid
     finally:
         child.kill()
+
+
+class TcpSink(lab.Worker):
+    """Listens in prepare(); run() accepts one connection, reads it to EOF, returns the bytes
+    read (so the peer's FIN, its last segment, has passed the qdisc when it returns)."""
+
+    def __init__(self, bind: str, port: int = 9998) -> None:
+        self.bind, self.port = bind, port
+
+    def prepare(self) -> None:
+        import socket
+
+        self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.s.bind((self.bind, self.port))
+        self.s.listen(1)
+        self.s.settimeout(20)
+
+    def run(self) -> str:
+        conn, _ = self.s.accept()
+        total = 0
+        while data := conn.recv(1 << 16):
+            total += len(data)
+        return str(total)
+
+
+class TcpSend(lab.Worker):
+    """Connects, sends `size` bytes in `chunks` writes (TCP_NODELAY: a segment each at least),
+    closes; returns the bytes sent."""
+
+    def __init__(self, dst: str, size: int, port: int = 9998, chunks: int = 1) -> None:
+        self.dst, self.size, self.port, self.chunks = dst, size, port, chunks
+
+    def run(self) -> str:
+        import socket
+
+        with socket.create_connection((self.dst, self.port), timeout=20) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            part = self.size // self.chunks
+            for _ in range(self.chunks):
+                s.sendall(b"t" * part)
+        return str(part * self.chunks)

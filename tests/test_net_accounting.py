@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import netlab as lab
 import pytest
-from net_helpers import IP4_LEN, IP6_LEN, PAYLOAD, send, topology
+from net_helpers import IP4_LEN, IP6_LEN, PAYLOAD, TcpSend, TcpSink, send, topology
 
 from pelagos_bpf import net
 
@@ -58,40 +58,6 @@ def test_read_stats_includes_net(make_cgroup) -> None:
             assert s.net["egress_bytes"] == 3 * IP4_LEN
         finally:
             net.detach_net(cg)
-
-
-class TcpSink(lab.Worker):
-    """Listens in prepare(); run() accepts one connection and reads it to EOF."""
-
-    def __init__(self, bind: str, port: int = 9998) -> None:
-        self.bind, self.port = bind, port
-
-    def prepare(self) -> None:
-        import socket
-
-        self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.s.bind((self.bind, self.port))
-        self.s.listen(1)
-        self.s.settimeout(20)
-
-    def run(self) -> str:
-        conn, _ = self.s.accept()
-        total = 0
-        while data := conn.recv(1 << 16):
-            total += len(data)
-        return str(total)
-
-
-class TcpSend(lab.Worker):
-    def __init__(self, dst: str, size: int, port: int = 9998) -> None:
-        self.dst, self.size, self.port = dst, size, port
-
-    def run(self) -> str:
-        import socket
-
-        with socket.create_connection((self.dst, self.port), timeout=20) as s:
-            s.sendall(b"y" * self.size)
-        return ""
 
 
 def test_tcp_gso_packets_are_counted_as_segments(make_cgroup) -> None:

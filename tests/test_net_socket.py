@@ -14,7 +14,18 @@ from dataclasses import dataclass
 
 import netlab as lab
 import pytest
-from net_helpers import C10, C20, C30, PAYLOAD, delta, our_bpf_objects, send, topology
+from net_helpers import (
+    C10,
+    C20,
+    C30,
+    PAYLOAD,
+    TcpSend,
+    TcpSink,
+    delta,
+    our_bpf_objects,
+    send,
+    topology,
+)
 
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.errors import BpfError, ConfigError
@@ -96,56 +107,6 @@ class EarlySocket(lab.Worker):
         return str(got)
 
 
-@dataclass
-class TcpServer(lab.Worker):
-    """Listens in prepare(); run() accepts one connection, reads `size` bytes, answers 'k'."""
-
-    bind: str
-    size: int
-    port: int = 9998
-    _sock: socket.socket | None = None
-
-    def prepare(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((self.bind, self.port))
-        self._sock.listen(1)
-        self._sock.settimeout(20)
-
-    def run(self) -> str:
-        assert self._sock is not None
-        conn, _ = self._sock.accept()
-        got = 0
-        while got < self.size:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            got += len(chunk)
-        conn.sendall(b"k")
-        conn.close()
-        self._sock.close()
-        return str(got)
-
-
-@dataclass
-class TcpClient(lab.Worker):
-    """Connects, sends `size` bytes in `chunks` writes, waits for the server's answer."""
-
-    dst: str
-    size: int
-    chunks: int = 5
-    port: int = 9998
-
-    def run(self) -> str:
-        s = socket.create_connection((self.dst, self.port), timeout=20)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        part = self.size // self.chunks
-        for _ in range(self.chunks):
-            s.sendall(b"t" * part)
-        answer = s.recv(1)
-        s.close()
-        return answer.decode()
-
-
 def test_udp_and_tcp_sockets_created_in_the_cgroup_are_classified(make_cgroup) -> None:
     cg = make_cgroup("sock")
     with topology() as t:
@@ -156,14 +117,14 @@ def test_udp_and_tcp_sockets_created_in_the_cgroup_are_classified(make_cgroup) -
             assert send(t, "va", N, cg) == {C10: N}
             assert send(t, "va", 5) == {C20: 5}  # a sender outside the cgroup: default class
 
-            server = lab.spawn(TcpServer(t.peers["va"], 5000), netns_path=t.path_b)
+            server = lab.spawn(TcpSink(t.peers["va"]), netns_path=t.path_b)
             try:
                 server.start()
                 before = t.counters("va")
                 client = lab.spawn(
-                    TcpClient(t.peers["va"], 5000), netns_path=t.path_a, cgroup=cg.path
+                    TcpSend(t.peers["va"], 5000, chunks=5), netns_path=t.path_a, cgroup=cg.path
                 )
-                assert client.go() == "k"
+                assert client.go() == "5000"
                 assert server.result() == "5000"
                 d = delta(before, t.counters("va"))
             finally:

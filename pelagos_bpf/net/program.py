@@ -162,8 +162,9 @@ def _merge(
 
 def _attach_new(cg: CgroupRef, cg_fd: int, plan: NetPlan, carry: dict[int, bytes | None]) -> None:
     """Attach the programs of the plan's carrier: egress + ingress (per packet) or socket
-    create + setsockopt (once per socket); each one's storage is written right after its attach
-    (the kernel creates a cgroup's storage entry at attach time)."""
+    create + setsockopt (once per socket), then write the config into the storage of each
+    (the kernel creates a cgroup's storage entry at attach time). _write_config also drops
+    priority entries the plan does not name, such as a packet carrier's switched away from."""
     loaded = FEATURE.loaded()
     progs = _progs_for(plan.carrier)
     done: list[int] = []
@@ -174,14 +175,7 @@ def _attach_new(cg: CgroupRef, cg_fd: int, plan: NetPlan, carry: dict[int, bytes
             assert spec.attach_type is not None
             if spec in lay.PACKET_PROGS:
                 _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
-            if spec.attach_type == EGRESS:
-                _write_config(loaded.maps, cg, plan)
-            elif spec in lay.SOCKET_PROGS:
-                cfg = lay.CFG.pack(plan.classid, plan.flags, cg.id)
-                bpfsys.map_update(loaded.maps["net_cfg"], storage_key(cg.id, spec.attach_type), cfg)
-        if plan.carrier == "socket":  # entries of a packet carrier switched away from
-            for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
-                bpfsys.map_delete(loaded.maps["net_prios"], key)
+        _write_config(loaded.maps, cg, plan)
     except BaseException as exc:
         for spec in reversed(progs[: len(done)]):
             try:
