@@ -152,11 +152,15 @@ def pid_in(netns_path: str) -> Iterator[int]:
 
 
 class TcpSink(lab.Worker):
-    """Listens in prepare(); run() accepts one connection, reads it to EOF, returns the bytes
-    read (so the peer's FIN, its last segment, has passed the qdisc when it returns)."""
+    """Listens in prepare(); run() accepts one connection and returns the bytes read.
 
-    def __init__(self, bind: str, port: int = 9998) -> None:
-        self.bind, self.port = bind, port
+    By default it reads to EOF (so the peer's FIN, its last segment, has passed the qdisc when
+    it returns). With `expect` it reads that many bytes and closes first: the peer then sends
+    its last ACK from its own socket, not from a timewait socket (see TcpSend.wait_eof).
+    """
+
+    def __init__(self, bind: str, port: int = 9998, expect: int | None = None) -> None:
+        self.bind, self.port, self.expect = bind, port, expect
 
     def prepare(self) -> None:
         import socket
@@ -169,17 +173,29 @@ class TcpSink(lab.Worker):
     def run(self) -> str:
         conn, _ = self.s.accept()
         total = 0
-        while data := conn.recv(1 << 16):
-            total += len(data)
+        with conn:
+            while self.expect is None or total < self.expect:
+                if not (data := conn.recv(1 << 16)):
+                    break
+                total += len(data)
         return str(total)
 
 
 class TcpSend(lab.Worker):
     """Connects, sends `size` bytes in `chunks` writes (TCP_NODELAY: a segment each at least),
-    closes; returns the bytes sent."""
+    closes; returns the bytes sent.
 
-    def __init__(self, dst: str, size: int, port: int = 9998, chunks: int = 1) -> None:
+    `wait_eof`: close only after the peer closed (pair with TcpSink(expect=size)). Otherwise
+    this side closes first and the connection's last ACK may leave from a FIN_WAIT2 timewait
+    socket, which the kernel sends through its control socket without the socket's priority
+    (measured on 6.18 with a plain SO_PRIORITY too): a packet no cgroup hook classifies.
+    """
+
+    def __init__(
+        self, dst: str, size: int, port: int = 9998, chunks: int = 1, *, wait_eof: bool = False
+    ) -> None:
         self.dst, self.size, self.port, self.chunks = dst, size, port, chunks
+        self.wait_eof = wait_eof
 
     def run(self) -> str:
         import socket
@@ -189,4 +205,6 @@ class TcpSend(lab.Worker):
             part = self.size // self.chunks
             for _ in range(self.chunks):
                 s.sendall(b"t" * part)
+            if self.wait_eof and s.recv(1) != b"":
+                raise RuntimeError("the peer sent data instead of closing")
         return str(part * self.chunks)

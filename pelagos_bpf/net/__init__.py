@@ -13,22 +13,26 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   "priority" ("socket" is chosen only by name). The priority carrier replaces plain
   SO_PRIORITY values (0..0xffff, not classids) but keeps a classid-valued one; the mark
   carrier keeps a non-zero mark (SO_MARK, netfilter).
-- Carrier "socket" (opt-in, never chosen by "auto"): no per-packet program at all (a
-  cgroup_skb egress program, even an empty one, costs ~+8 % CPU per packet on a veth; this one
-  costs nothing per packet). The classid goes into the socket's priority once, when an
-  AF_INET/AF_INET6 socket is created by a process of the cgroup or a descendant
+- Carrier "socket" (opt-in, never chosen by "auto"): no per-packet program at all (a cgroup_skb
+  egress program, even an empty one, costs ~+4 % CPU per packet on a veth, the default classid
+  carrier ~+6 %; this one costs nothing per packet). The classid goes into the socket's priority
+  once, when an AF_INET/AF_INET6 socket is created by a process of the cgroup or a descendant
   (cgroup/sock_create); the kernel copies it into skb->priority of every packet the socket
   sends, so HTB picks the class exactly as with "priority". A cgroup/setsockopt program guards
   it: a plain SO_PRIORITY (major 0) on a classified socket is swallowed (the call succeeds, the
   socket keeps its class; rewriting the value instead would fail with EPERM for apps without
   CAP_NET_ADMIN), a classid-valued one goes to the kernel as usual. What differs from the packet
   carriers: a classid update reaches sockets created AFTER it only (existing sockets keep their
-  class; v1 net_cls updated them: a classid write rewrote the sockets its tasks held); an
-  IPv4 socket's IP_TOS makes the kernel reset its priority (rt_tos2priority), which takes it
-  out of its class (known gap, tested); no net_priorities (ConfigError naming net_carrier: they
-  need each packet's egress interface); no accounting (`read_net_stats` returns NOT_ACCOUNTED,
+  class; v1 net_cls updated them: a classid write rewrote the sockets its tasks held); an IPv4
+  socket's IP_TOS makes the kernel reset its priority (rt_tos2priority), which takes it out of
+  its class (known gap, tested); no net_priorities (ConfigError naming net_carrier: they need
+  each packet's egress interface); no accounting (`read_net_stats` returns NOT_ACCOUNTED,
   `{"not_accounted": 1}`, never zeros; an ancestor with a packet carrier still counts the
   subtree). Nesting works across carriers: the nearest cgroup with a classid wins.
+- Every carrier: a TCP connection's last ACK, when the kernel sends it for a FIN_WAIT2
+  timewait socket (the app closed first), leaves from the kernel's control socket without the
+  socket's priority and outside the cgroup, so it lands in the default class (the same with a
+  plain SO_PRIORITY and no program at all; tests/net_helpers.py TcpSend.wait_eof).
 - `net_priorities` [(ifname, prio)]: per egress interface priority, written only while the
   packet's priority is still 0 (net_prio semantics: an app's SO_PRIORITY is kept).
 - Nesting: a child cgroup's program runs before its parent's and the parent keeps what the
