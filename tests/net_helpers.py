@@ -7,6 +7,7 @@ the context exits, even on failure.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,10 +158,14 @@ class TcpSink(lab.Worker):
     By default it reads to EOF (so the peer's FIN, its last segment, has passed the qdisc when
     it returns). With `expect` it reads that many bytes and closes first: the peer then sends
     its last ACK from its own socket, not from a timewait socket (see TcpSend.wait_eof).
+    `linger`: seconds to wait after EOF before closing, so that a peer which closed first is
+    a FIN_WAIT2 timewait socket when this side's FIN reaches it.
     """
 
-    def __init__(self, bind: str, port: int = 9998, expect: int | None = None) -> None:
-        self.bind, self.port, self.expect = bind, port, expect
+    def __init__(
+        self, bind: str, port: int = 9998, expect: int | None = None, linger: float = 0.0
+    ) -> None:
+        self.bind, self.port, self.expect, self.linger = bind, port, expect, linger
 
     def prepare(self) -> None:
         import socket
@@ -178,6 +183,7 @@ class TcpSink(lab.Worker):
                 if not (data := conn.recv(1 << 16)):
                     break
                 total += len(data)
+            time.sleep(self.linger)
         return str(total)
 
 
@@ -189,18 +195,32 @@ class TcpSend(lab.Worker):
     this side closes first and the connection's last ACK may leave from a FIN_WAIT2 timewait
     socket, which the kernel sends through its control socket without the socket's priority
     (measured on 6.18 with a plain SO_PRIORITY too): a packet no cgroup hook classifies.
+
+    `priority`: SO_PRIORITY set before connecting (root), for comparisons with the kernel's own
+    handling of a socket priority.
     """
 
     def __init__(
-        self, dst: str, size: int, port: int = 9998, chunks: int = 1, *, wait_eof: bool = False
+        self,
+        dst: str,
+        size: int,
+        port: int = 9998,
+        chunks: int = 1,
+        *,
+        wait_eof: bool = False,
+        priority: int | None = None,
     ) -> None:
         self.dst, self.size, self.port, self.chunks = dst, size, port, chunks
-        self.wait_eof = wait_eof
+        self.wait_eof, self.priority = wait_eof, priority
 
     def run(self) -> str:
         import socket
 
-        with socket.create_connection((self.dst, self.port), timeout=20) as s:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(20)
+            if self.priority is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, self.priority)
+            s.connect((self.dst, self.port))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             part = self.size // self.chunks
             for _ in range(self.chunks):

@@ -143,6 +143,45 @@ def test_udp_and_tcp_sockets_created_in_the_cgroup_are_classified(make_cgroup) -
         assert send(t, "va", 3, cg) == {C20: 3}  # detached: new sockets are not classified
 
 
+def _tcp_classes(t, cg, priority: int | None) -> dict[int, int]:
+    """Class deltas of one TCP connection from a client in `cg` that closes first, the server
+    closing a second later: the client's last ACK leaves from a FIN_WAIT2 timewait socket."""
+    server = lab.spawn(TcpSink(t.peers["va"], linger=1.0), netns_path=t.path_b)
+    try:
+        server.start()
+        before = t.counters("va")
+        client = lab.spawn(
+            TcpSend(t.peers["va"], 5000, chunks=5, priority=priority),
+            netns_path=t.path_a,
+            cgroup=cg.path,
+        )
+        assert client.go() == "5000"
+        assert server.result() == "5000"
+        time.sleep(0.2)  # the ACK of the server's FIN: sent in softirq once it arrives
+        return delta(before, t.counters("va"))
+    finally:
+        server.kill()
+
+
+def test_timewait_ack_is_classified_as_the_kernel_does_for_a_plain_so_priority(
+    make_cgroup,
+) -> None:
+    """What the carrier cannot reach, the kernel does not give a socket priority either: the
+    classes of a client-closes-first connection equal those of a socket with SO_PRIORITY set
+    to the classid before connect, with no program at all (docs: the timewait ACK)."""
+    cg = make_cgroup("tw")
+    with topology() as t:
+        plain = _tcp_classes(t, cg, C10)
+        net.attach_net(cg, socket_plan(C10))
+        try:
+            carried = _tcp_classes(t, cg, None)
+        finally:
+            net.detach_net(cg)
+    assert carried == plain
+    assert carried.get(C10, 0) >= 7  # SYN, 5 data segments, FIN
+    assert carried.get(C20, 0) <= 1  # at most the timewait ACK
+
+
 def test_ipv6_sockets_are_classified(make_cgroup) -> None:
     cg = make_cgroup("six")
     with topology(ipv6=True) as t:
