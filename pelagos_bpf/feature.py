@@ -25,7 +25,7 @@ import hashlib
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -479,9 +479,12 @@ class Feature:
             ) from e
 
     @staticmethod
-    def detach(group: Attached, cg_fd: int) -> None:
-        """Detach every program of the group; one detached concurrently is fine (idempotent)."""
+    def detach(group: Attached, cg_fd: int, keep: Collection[str] = ()) -> None:
+        """Detach every program of the group but those of the functions in `keep`; one
+        detached concurrently is fine (idempotent)."""
         for func, fd in group.progs.items():
+            if func in keep:
+                continue
             at = group.layer.prog(func).attach_type
             assert at is not None
             try:

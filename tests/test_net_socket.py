@@ -390,6 +390,44 @@ def test_failed_attach_leaves_nothing_and_a_failed_switch_keeps_the_old(
             net.detach_net(cg)
 
 
+def _half_switched(cg) -> None:
+    """What a process killed during a packet -> socket switch leaves: both carriers' programs
+    (the same pinned or shared objects a later call loads) attached at once."""
+    loaded = FEATURE.loaded()
+    fd = cg.open_fd()
+    try:
+        for spec in lay.SOCKET_PROGS:
+            FEATURE.attach(loaded.progs[spec.func], fd, spec, "net")
+    finally:
+        bpfsys.close(fd)
+    assert hooks_in_use(cg) == set(HOOKS)
+
+
+@pytest.mark.parametrize("to_socket", [True, False])
+def test_a_switch_killed_half_way_is_completed_by_the_next_update(
+    make_cgroup, to_socket: bool
+) -> None:
+    """The next update attaches only what is missing (the same program again would be EEXIST)
+    and detaches what its carrier does not use."""
+    cg = make_cgroup("half")
+    with topology() as t:
+        net.attach_net(cg, net.resolve_net(C10, [], None, carrier="priority"))
+        try:
+            _half_switched(cg)
+            if to_socket:
+                net.update_net(cg, socket_plan(C30), carrier="socket")
+                assert hooks_in_use(cg) == {lay.SOCK_CREATE, lay.SETSOCKOPT}
+                assert net.read_config(cg) == net.NetPlan(classid=C30, carrier="socket")
+            else:  # the carrier in force (packet) stays; the update names the classid only
+                net.update_net(cg, net.resolve_net(C30, [], None), frozenset({"classid"}))
+                assert hooks_in_use(cg) == {lay.EGRESS, lay.INGRESS}
+                assert net.read_config(cg).carrier == "priority"
+            assert send(t, "va", N, cg) == {C30: N}
+        finally:
+            net.detach_net(cg)
+        assert hooks_in_use(cg) == set()
+
+
 def test_detach_is_idempotent(make_cgroup) -> None:
     cg = make_cgroup("idem")
     net.attach_net(cg, socket_plan(C10))

@@ -28,7 +28,10 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   its class (known gap, tested); no net_priorities (ConfigError naming net_carrier: they need
   each packet's egress interface); no accounting (`read_net_stats` returns NOT_ACCOUNTED,
   `{"not_accounted": 1}`, never zeros; an ancestor with a packet carrier still counts the
-  subtree). Nesting works across carriers: the nearest cgroup with a classid wins.
+  subtree). Nesting works across carriers: the nearest cgroup with a classid wins. A carrier
+  switch attaches the new carrier's programs before it detaches the old ones; if the switching
+  process dies in between, the next update or attach attaches only what is missing and
+  detaches what its carrier does not use (tested), and detach_net removes both.
 - Every carrier: a TCP connection's last ACK, when the kernel sends it for a FIN_WAIT2
   timewait socket (the app closed first), leaves from the kernel's control socket without the
   socket's priority and outside the cgroup, so it lands in the default class (the same with a

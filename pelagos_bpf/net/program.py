@@ -160,29 +160,38 @@ def _merge(
     return NetPlan(classid=classid, carrier=chosen, priorities=prios, netns_inode=new.netns_inode)
 
 
-def _attach_new(cg: CgroupRef, cg_fd: int, plan: NetPlan, carry: dict[int, bytes | None]) -> None:
+def _attach_new(
+    cg: CgroupRef,
+    cg_fd: int,
+    plan: NetPlan,
+    carry: dict[int, bytes | None],
+    present: frozenset[str] = frozenset(),
+) -> None:
     """Attach the programs of the plan's carrier: egress + ingress (per packet) or socket
     create + setsockopt (once per socket), then write the config into the storage of each
     (the kernel creates a cgroup's storage entry at attach time). _write_config also drops
-    priority entries the plan does not name, such as a packet carrier's switched away from."""
+    priority entries the plan does not name, such as a packet carrier's switched away from.
+    `present`: these very programs are attached already (a switch that died half-way left
+    them): attaching them again would fail with EEXIST, so they are kept as they are."""
     loaded = FEATURE.loaded()
-    progs = _progs_for(plan.carrier)
-    done: list[int] = []
+    done: list[ProgSpec] = []
     try:
-        for spec in progs:
+        for spec in _progs_for(plan.carrier):
+            if spec.func in present:
+                continue
             FEATURE.attach(loaded.progs[spec.func], cg_fd, spec, "net")
-            done.append(loaded.progs[spec.func])
+            done.append(spec)
             assert spec.attach_type is not None
             if spec in lay.PACKET_PROGS:
                 _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
         _write_config(loaded.maps, cg, plan)
     except BaseException as exc:
-        for spec in reversed(progs[: len(done)]):
+        for spec in reversed(done):
             try:
                 bpfsys.prog_detach(loaded.progs[spec.func], cg_fd, spec.attach_type or 0)
             except OSError as undo:
                 exc.add_note(f"net rollback: detach failed: {undo}")
-        if plan.carrier != "socket":  # a socket plan wrote no priority entries
+        if plan.carrier != "socket" and not present:  # a socket plan wrote no priority entries
             for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
                 bpfsys.map_delete(loaded.maps["net_prios"], key)
         raise
@@ -225,14 +234,19 @@ def apply(
                         if spec.func in g.progs:
                             assert spec.attach_type is not None
                             carry[spec.attach_type] = _counters(g.maps, cg.id, spec.attach_type)
-            _attach_new(cg, cg_fd, merged, carry)
+            ids = FEATURE.loaded().ids
+            present = frozenset(
+                f for g in groups for f, i in g.ids.items() if f in wanted and ids.get(f) == i
+            )
+            _attach_new(cg, cg_fd, merged, carry, present)
             stale = groups
         own = FEATURE.loaded_if_any()
         for g in stale:
             if own is not None and g.maps == own.maps:  # find() hands out our own map fds
                 # A carrier switch in our own maps: the entries are the new carrier's now
-                # (written above), so only the old programs go.
-                FEATURE.detach(g, cg_fd)
+                # (written above), so only the old programs go, not the ones of the new
+                # carrier that a switch killed half-way had attached already.
+                FEATURE.detach(g, cg_fd, keep=wanted)
             else:
                 _detach(cg, g, cg_fd)
         return merged
