@@ -145,8 +145,8 @@ def test_udp_and_tcp_sockets_created_in_the_cgroup_are_classified(make_cgroup) -
 
 def _tcp_classes(t, cg, priority: int | None) -> dict[int, int]:
     """Class deltas of one TCP connection from a client in `cg` that closes first, the server
-    closing a second later: the client's last ACK leaves from a FIN_WAIT2 timewait socket."""
-    server = lab.spawn(TcpSink(t.peers["va"], linger=1.0), netns_path=t.path_b)
+    closing 1.5 s later: the client's last ACK leaves from a FIN_WAIT2 timewait socket."""
+    server = lab.spawn(TcpSink(t.peers["va"], linger=1.5), netns_path=t.path_b)
     try:
         server.start()
         before = t.counters("va")
@@ -157,8 +157,15 @@ def _tcp_classes(t, cg, priority: int | None) -> dict[int, int]:
         )
         assert client.go() == "5000"
         assert server.result() == "5000"
-        time.sleep(0.2)  # the ACK of the server's FIN: sent in softirq once it arrives
-        return delta(before, t.counters("va"))
+        # The ACK of the server's FIN is sent in softirq once the FIN arrives: wait until the
+        # counters have stood still for 0.3 s (at most 5 s).
+        last, still_since, deadline = t.counters("va"), time.monotonic(), time.monotonic() + 5
+        while time.monotonic() - still_since < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = t.counters("va")
+            if now != last:
+                last, still_since = now, time.monotonic()
+        return delta(before, last)
     finally:
         server.kill()
 
