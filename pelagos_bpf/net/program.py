@@ -172,7 +172,7 @@ def _attach_new(
     (the kernel creates a cgroup's storage entry at attach time). _write_config also drops
     priority entries the plan does not name, such as a packet carrier's switched away from.
     `present`: these very programs are attached already (a switch that died half-way left
-    them): attaching them again would fail with EEXIST, so they are kept as they are."""
+    them): the kernel refuses the same program twice at one hook (EINVAL), so they stay."""
     loaded = FEATURE.loaded()
     done: list[ProgSpec] = []
     try:
