@@ -56,6 +56,33 @@ class Topo:
     def counters(self, ifname: str) -> dict[int, tuple[int, int]]:
         return tc.class_counters(self.ipr_a, self.links[ifname])
 
+    def tcp_classes(
+        self, sink: TcpSink, sender: TcpSend, cgroup: str, ifname: str = "va", settle: bool = False
+    ) -> dict[int, int]:
+        """Class deltas on `ifname` of one TCP connection: `sink` listening in `b`, `sender`
+        connecting from `a` inside `cgroup`; both must report the same byte count.
+
+        `settle`: then wait until the counters have stood still for 0.3 s (at most 5 s), for a
+        segment the kernel sends in softirq after both sides returned (the ACK of a FIN that
+        reaches a timewait socket)."""
+        server = lab.spawn(sink, netns_path=self.path_b)
+        try:
+            server.start()
+            before = self.counters(ifname)
+            sent = lab.spawn(sender, netns_path=self.path_a, cgroup=cgroup).go()
+            assert sent == str(sender.size)
+            assert server.result() == sent
+            last = self.counters(ifname)
+            still_since, deadline = time.monotonic(), time.monotonic() + 5
+            while settle and time.monotonic() - still_since < 0.3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                now = self.counters(ifname)
+                if now != last:
+                    last, still_since = now, time.monotonic()
+            return delta(before, last)
+        finally:
+            server.kill()
+
 
 @contextmanager
 def topology(

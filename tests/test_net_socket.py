@@ -119,20 +119,11 @@ def test_udp_and_tcp_sockets_created_in_the_cgroup_are_classified(make_cgroup) -
 
             # The server closes first, so every segment of the connection leaves from the
             # client's own socket (see TcpSend.wait_eof for the timewait ACK no hook sees).
-            server = lab.spawn(TcpSink(t.peers["va"], expect=5000), netns_path=t.path_b)
-            try:
-                server.start()
-                before = t.counters("va")
-                client = lab.spawn(
-                    TcpSend(t.peers["va"], 5000, chunks=5, wait_eof=True),
-                    netns_path=t.path_a,
-                    cgroup=cg.path,
-                )
-                assert client.go() == "5000"
-                assert server.result() == "5000"
-                d = delta(before, t.counters("va"))
-            finally:
-                server.kill()
+            d = t.tcp_classes(
+                TcpSink(t.peers["va"], expect=5000),
+                TcpSend(t.peers["va"], 5000, chunks=5, wait_eof=True),
+                cg.path,
+            )
             # SYN, 5 data segments, FIN (ACKs may ride on them): every segment of the client
             # in 1:10.
             assert d.get(C10, 0) >= 7
@@ -146,28 +137,12 @@ def test_udp_and_tcp_sockets_created_in_the_cgroup_are_classified(make_cgroup) -
 def _tcp_classes(t, cg, priority: int | None) -> dict[int, int]:
     """Class deltas of one TCP connection from a client in `cg` that closes first, the server
     closing 1.5 s later: the client's last ACK leaves from a FIN_WAIT2 timewait socket."""
-    server = lab.spawn(TcpSink(t.peers["va"], linger=1.5), netns_path=t.path_b)
-    try:
-        server.start()
-        before = t.counters("va")
-        client = lab.spawn(
-            TcpSend(t.peers["va"], 5000, chunks=5, priority=priority),
-            netns_path=t.path_a,
-            cgroup=cg.path,
-        )
-        assert client.go() == "5000"
-        assert server.result() == "5000"
-        # The ACK of the server's FIN is sent in softirq once the FIN arrives: wait until the
-        # counters have stood still for 0.3 s (at most 5 s).
-        last, still_since, deadline = t.counters("va"), time.monotonic(), time.monotonic() + 5
-        while time.monotonic() - still_since < 0.3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            now = t.counters("va")
-            if now != last:
-                last, still_since = now, time.monotonic()
-        return delta(before, last)
-    finally:
-        server.kill()
+    return t.tcp_classes(
+        TcpSink(t.peers["va"], linger=1.5),
+        TcpSend(t.peers["va"], 5000, chunks=5, priority=priority),
+        cg.path,
+        settle=True,
+    )
 
 
 def test_timewait_ack_is_classified_as_the_kernel_does_for_a_plain_so_priority(
