@@ -74,6 +74,37 @@ def test_pattern_packing_round_trips(type_: int, major: int, minor: int) -> None
     assert enc.unpack_pattern(packed) == (type_, major, minor)
 
 
+def _reference_template(table: dict) -> tuple[tuple[bytes, bytes], ...]:
+    """entry_template as its docstring says, written plainly: a stable sort by write_rank,
+    pack_pattern per index slot, the keys packed whole then cut after the (cgroup, gen) head."""
+    items = sorted(enc.resolve(table).items(), key=lambda it: enc.write_rank(it[0]))
+    head = 12
+    out = []
+    for c in range(0, len(items), enc.INDEX_CHUNK):
+        packed = [enc.pack_pattern(p) for p, _ in items[c : c + enc.INDEX_CHUNK]]
+        packed += [0] * (enc.INDEX_CHUNK - len(packed))
+        chunk = enc.index_key(0, 0, c // enc.INDEX_CHUNK)[head:]
+        out.append((chunk, enc.INDEX_VAL.pack(*packed)))
+    for p, (v, final) in items:
+        out.append((enc.RULE_KEY.pack(0, 0, *p)[head:], enc.RULE_VAL.pack(*v, final)))
+    return tuple(out)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(rules=rules_st)
+def test_template_is_the_plain_sort_by_write_rank(rules: list[R]) -> None:
+    """The inlined entry_template (setup's hot path) writes exactly what the plain form does."""
+    table = enc.encode_rules(rules)
+    assert enc.entry_template(table) == _reference_template(table)
+
+
+def test_template_of_many_patterns_spans_index_chunks() -> None:
+    rules = [R(i % 3 == 0, "abc"[i % 3], 240 + i % 7, i if i % 5 else -1, "rw") for i in range(60)]
+    table = enc.encode_rules(rules)
+    assert len(table) > 2 * enc.INDEX_CHUNK
+    assert enc.entry_template(table) == _reference_template(table)
+
+
 @settings(max_examples=200, derandomize=True, database=None, deadline=None)
 @given(rules=rules_st)
 def test_any_prefix_of_the_write_never_allows_more(rules: list[R]) -> None:

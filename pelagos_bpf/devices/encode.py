@@ -57,16 +57,24 @@ def _num(n: int) -> int:
     return ANY if n == -1 else n
 
 
+_KIND_TYPES = {"a": (TYPE_BLOCK, TYPE_CHAR), "b": (TYPE_BLOCK,), "c": (TYPE_CHAR,)}
+_ACCESS_SLOTS: dict[str, tuple[int, ...]] = {}  # "rw" -> (1, 2): dev_val.bit[] indexes
+
+
 def encode_rules(rules: Sequence[CgroupDeviceRule]) -> dict[Pattern, Winners]:
     """The map contents for one rule list (validated beforehand)."""
     table: dict[Pattern, list[int]] = {}
-    for i, rule in enumerate(rules):
-        win = ((i + 1) << 1) | int(rule.allow)
-        kinds = ("b", "c") if rule.kind == "a" else (rule.kind,)
-        for kind in kinds:
-            slots = table.setdefault((TYPES[kind], _num(rule.major), _num(rule.minor)), [0, 0, 0])
-            for ch in rule.access:
-                slots[BIT_SLOT[ch]] = win
+    for i, rule in enumerate(rules, start=1):
+        win = (i << 1) | rule.allow
+        major, minor, acc = rule.major, rule.minor, rule.access
+        slots_of = _ACCESS_SLOTS.get(acc)
+        if slots_of is None:
+            slots_of = _ACCESS_SLOTS[acc] = tuple(BIT_SLOT[ch] for ch in acc)
+        for type_ in _KIND_TYPES[rule.kind]:
+            pattern = (type_, ANY if major == -1 else major, ANY if minor == -1 else minor)
+            slots = table.setdefault(pattern, [0, 0, 0])
+            for slot in slots_of:
+                slots[slot] = win
     return {p: (s[0], s[1], s[2]) for p, s in table.items()}
 
 
@@ -175,21 +183,35 @@ def write_rank(p: Pattern) -> int:
     return 2 if minor != ANY else 3
 
 
+_KEY_TAIL = struct.Struct("<III")  # dev_key minus its (cgroup, gen) head: type, major, minor
+assert _HEAD.size + _KEY_TAIL.size == RULE_KEY.size
+
+
 def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], ...]:
     """The entries of a rule set minus the (cgroup, gen) head of each map key, in write order.
 
     Index entries first (type 0, major = chunk number: they let any process find and delete
     exactly this rule set's entries without scanning the shared map), then the patterns in the
-    program's lookup order (see write_rank), the `*:*` sentinels last.
+    program's lookup order (see write_rank), the `*:*` sentinels last. On every never-seen rule
+    set's setup path, so write_rank and pack_pattern are inlined: bucketing by rank keeps the
+    order a stable sort by write_rank gives (tests/test_device_encode.py checks both).
     """
-    items = sorted(resolve(table).items(), key=lambda it: write_rank(it[0]))
-    out = []
-    for c in range(0, len(items), INDEX_CHUNK):
-        packed = [pack_pattern(p) for p, _ in items[c : c + INDEX_CHUNK]]
-        packed += [0] * (INDEX_CHUNK - len(packed))
-        out.append((index_key(0, 0, c // INDEX_CHUNK)[_HEAD.size :], INDEX_VAL.pack(*packed)))
-    for p, (v, final) in items:
-        out.append((RULE_KEY.pack(0, 0, *p)[_HEAD.size :], RULE_VAL.pack(*v, final)))
+    ranked: tuple[list[tuple[Pattern, Entry]], ...] = ([], [], [], [])
+    for item in resolve(table).items():
+        _, major, minor = item[0]
+        ranked[(2 if major == ANY else 0) | (minor == ANY)].append(item)
+    items = ranked[0] + ranked[1] + ranked[2] + ranked[3]
+    packed = [
+        (t << 34) | ((0x1FFF if ma == ANY else ma) << 21) | (0x1F_FFFF if mi == ANY else mi)
+        for (t, ma, mi), _ in items
+    ]
+    packed += [0] * (-len(packed) % INDEX_CHUNK)
+    key, rule = _KEY_TAIL.pack, RULE_VAL.pack
+    out = [
+        (key(TYPE_INDEX, c // INDEX_CHUNK, 0), INDEX_VAL.pack(*packed[c : c + INDEX_CHUNK]))
+        for c in range(0, len(packed), INDEX_CHUNK)
+    ]
+    out += [(key(*p), rule(v[0], v[1], v[2], final)) for p, (v, final) in items]
     return tuple(out)
 
 
