@@ -7,7 +7,8 @@
 1. setup (and setup+teardown) of a container cgroup with DEFAULT_DEVICE_RULES + 3 user rules:
    `setup_cgroup` from Python (repeated and never-seen rule sets; and with pid=None, the call
    of a runtime that starts its process with clone3(CLONE_INTO_CGROUP, cg.open_fd()), which
-   costs what fork does: bench_proto.py) vs a C program, built here,
+   costs what fork does: bench_proto.py; and the repeated set through bpfsys's ctypes
+   fallback, the backend of an install without a C compiler) vs a C program, built here,
    issuing the peers' bare syscalls (mkdir, PROG_LOAD of a per-container runc-shaped filter,
    PROG_ATTACH, cgroup.procs; cleanup = pid back out + rmdir).
 2. per-open overhead of /dev/null in a cgroup with 1, 16, 1000 rules vs no program (our
@@ -15,7 +16,8 @@
 
 The run ends with one "goal met / not met" line per goal of issue 12 (setup <= 0.7x the C
 floor, setup+teardown <= 1.0x, for repeated and never-seen rule sets, on wall clock and on
-thread CPU time medians; first attach in a fresh process <= 1 ms).
+thread CPU time medians; first attach in a fresh process <= 1 ms, through the C extension and
+through ctypes).
 
 Usage: .venv/bin/python bench/bench_devices.py [--n 60] [--rounds 10] [--opens 50000]
        [--costs 200] [--skip-opens]
@@ -531,6 +533,12 @@ def bench_first_attach(parent: Path, tmp: Path, runs: int) -> dict[str, float]:
                 False,
             ),
             ("default pin", f"default pins ({DEFAULT_PIN_DIR}, own mount ns)", {}, True),
+            (
+                "pin, ctypes backend",
+                "$PELAGOS_BPF_PIN_DIR, ctypes backend",
+                {PIN_ENV: str(pin_dir), bpfsys.CTYPES_ENV: "1"},
+                False,
+            ),
         ):
             if ns and shutil.which("unshare") is None:
                 print(f"{label:50} skipped: no unshare(1)")
@@ -584,6 +592,7 @@ def main() -> int:
             exe = build_c(tmp)
             insns = len(runc_program(RULES)) // 8
             print(f"runc-shaped program for DEFAULT_DEVICE_RULES + 3 rules: {insns} insns")
+            print(f"syscall backend: {bpfsys.BACKEND} (bpfsys.BACKEND; ctypes is the fallback)")
             print(
                 f"our generic program: {devprog.compiled().insn_count} insns, loaded once per "
                 f"process (load + 3 map creates: {first_load_us:.0f} us, before the timings)"
@@ -594,6 +603,7 @@ def main() -> int:
             py_runs: Timings = []
             new_runs: Timings = []
             clone_runs: Timings = []
+            ctypes_runs: Timings = []
             warm = [runc_program(RULES)]
             bench_c_setup(exe, parent, pid, warm, 20, tmp)
             bench_py_setup(root, parent, pid, lambda i: RULES, 20, "w")
@@ -605,6 +615,14 @@ def main() -> int:
                     root, parent, pid, lambda i, r=r: never_seen(10_000 + r * n + i), n, f"n{r}_"
                 )
                 clone_runs += bench_py_setup(root, parent, None, lambda i: RULES, n, f"k{r}_")
+                if bpfsys.BACKEND == "ext":  # the fallback of an install without a compiler
+                    bpfsys.use_backend("ctypes")
+                    try:
+                        ctypes_runs += bench_py_setup(
+                            root, parent, pid, lambda i: RULES, n, f"t{r}_"
+                        )
+                    finally:
+                        bpfsys.use_backend("ext")
             ratios = print_setup(
                 [
                     ("C, peers' syscalls (per-container PROG_LOAD)", c_runs),
@@ -612,6 +630,11 @@ def main() -> int:
                     ("Python setup_cgroup, never-seen rule sets", new_runs),
                     ("Python setup_cgroup(pid=None), for clone3", clone_runs),
                 ]
+                + (
+                    [("Python setup_cgroup, repeated (ctypes backend)", ctypes_runs)]
+                    if ctypes_runs
+                    else []
+                )
             )
             if not args.skip_opens:
                 bench_opens(exe, parent, args.opens, args.open_rounds)

@@ -1,7 +1,11 @@
-"""The one low-level BPF layer: bpf(2) issued directly through libc's `syscall()` (ctypes).
+"""The one low-level BPF layer: bpf(2) issued directly, by our C extension pelagos_bpf._sys
+when it was built (setup.py, optional) or else through libc's `syscall()` with ctypes.
 
 Why no libbpf: dlopening `libbpf.so.1` costs ~0.6 ms in every fresh process, more than half the
-budget of a container's first attach, while `CDLL(None)` (libc, already mapped) costs ~0.08 ms.
+budget of a container's first attach. Why the extension: ctypes costs a fresh process ~0.15 ms
+for its first call (the CDLL, the prototype) and every call ~4 us of conversions (bench/
+bench_devices.py prints both backends); `BACKEND` says which one this process uses, and
+$PELAGOS_BPF_CTYPES=1 forces ctypes. Both return -errno, so nothing above can tell them apart.
 What libbpf gave us is kept here: every command's `union bpf_attr` is a zero-filled buffer of
 ATTR_SIZE bytes, bigger than any kernel's union we know (the kernel takes a bigger size when the
 tail is zero, and fields a newer kernel writes back, such as PROG_QUERY's `revision` on 6.17+,
@@ -11,7 +15,8 @@ ensure_good_fd: a runtime that closed stdio must not get a BPF object as stdin);
 count is parsed from /sys/devices/system/cpu/possible as libbpf_num_possible_cpus() does. The
 attr layouts mirror /usr/include/linux/bpf.h; tests/test_bpfsys_layout.py checks every offset
 against that header with the system C compiler.
-Every other module goes through these functions; none touches ctypes or bpf(2) itself.
+Every other module goes through these functions; none touches ctypes or bpf(2) itself
+(statfs(2), for the pin dir's filesystem type, comes from here too).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from enum import IntEnum
 from functools import cache
 
 from .errors import BpfError
+
+try:
+    from . import _sys as _ext
+except ImportError:  # not built: an install without a C compiler works through ctypes
+    _ext = None
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -273,11 +283,58 @@ def _syscall() -> tuple[Callable[..., int], int]:
     return fn, nr
 
 
-def _bpf(op: str, attr: _Attr) -> int:
+def _bpf_ctypes(op: str, attr: _Attr) -> int:
     """One bpf(2) call; the result, or -errno on failure (as libbpf 1.x returned)."""
     fn, nr = _syscall()
     ret = fn(nr, CMDS[op], ct.byref(attr), ATTR_SIZE)
     return -ct.get_errno() if ret < 0 else ret
+
+
+def _bpf_ext(op: str, attr: _Attr) -> int:
+    """_bpf_ctypes through pelagos_bpf._sys (the attr passes as a writable buffer)."""
+    return _ext.bpf(CMDS[op], attr)
+
+
+class _Statfs(ct.Structure):
+    # struct statfs starts with f_type (__fsword_t, a long) on every Linux ABI; room for the rest.
+    _fields_ = (("f_type", ct.c_long), ("rest", ct.c_byte * 248))
+
+
+def _statfs_ctypes(path: bytes) -> int:
+    buf = _Statfs()
+    if libc().statfs(path, ct.byref(buf)) != 0:
+        return -ct.get_errno()
+    return buf.f_type & 0xFFFF_FFFF
+
+
+def statfs_type(path: str | os.PathLike[str]) -> int | None:
+    """The f_type of the filesystem holding `path` (os.statvfs has none); None if statfs fails."""
+    ret = _statfs(os.fsencode(path))
+    return None if ret < 0 else ret
+
+
+def use_backend(name: str) -> str:
+    """Issue syscalls through "ext" (pelagos_bpf._sys) or "ctypes"; returns the previous one.
+    For tests and benchmarks that compare the two; "ext" raises ImportError if not built."""
+    global _bpf, _statfs, BACKEND
+    if name == "ext" and _ext is None:
+        raise ImportError("pelagos_bpf._sys was not built (no C compiler at install?)")
+    if name not in ("ext", "ctypes"):
+        raise ValueError(f"unknown backend {name!r}")
+    prev, BACKEND = BACKEND, name
+    if name == "ext":
+        _bpf, _statfs = _bpf_ext, _ext.statfs_type
+    else:
+        _bpf, _statfs = _bpf_ctypes, _statfs_ctypes
+    return prev
+
+
+CTYPES_ENV = "PELAGOS_BPF_CTYPES"
+BACKEND = "ctypes"
+_bpf: Callable[[str, _Attr], int] = _bpf_ctypes
+_statfs: Callable[[bytes], int] = _statfs_ctypes
+if _ext is not None and not os.environ.get(CTYPES_ENV):
+    use_backend("ext")
 
 
 def _call(op: str, attr: _Attr, detail: str = "") -> int:

@@ -16,7 +16,6 @@ may trust its own files: whoever can write them already runs as that user). See 
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import errno
 import hashlib
 import os
@@ -271,17 +270,9 @@ def check_pin_dir(path: str | os.PathLike[str], *, create: bool = False) -> int:
 BPF_FS_MAGIC = 0xCAFE4A11
 
 
-class _Statfs(ct.Structure):
-    # struct statfs starts with f_type (__fsword_t, a long) on every Linux ABI; room for the rest.
-    _fields_ = (("f_type", ct.c_long), ("rest", ct.c_byte * 248))
-
-
 def is_bpffs(path: str) -> bool:
-    """Is a bpffs mounted at (or holding) `path`? statfs(2): os.statvfs has no f_type."""
-    buf = _Statfs()
-    if bpfsys.libc().statfs(os.fsencode(path), ct.byref(buf)) != 0:
-        return False
-    return buf.f_type & 0xFFFF_FFFF == BPF_FS_MAGIC
+    """Is a bpffs mounted at (or holding) `path`? statfs(2)'s f_type (bpfsys)."""
+    return bpfsys.statfs_type(path) == BPF_FS_MAGIC
 
 
 def open_pinned_program(

@@ -16,16 +16,18 @@ if [ "$mode" = deps ]; then
   [ "$fs" = cgroup2fs ] || { echo "provision: /sys/fs/cgroup is $fs, not pure cgroup v2"; exit 1; }
   case "$ID" in
     debian | ubuntu)
-      pkgs=(python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 iproute2 kmod linux-libc-dev)
-      # linux-libc-dev: bcc compiles against /usr/include's uapi headers. Boxes that already
-      # carry all of them (vagrant/build-box) need no mirror.
+      pkgs=(python3-venv python3-pip python3-bpfcc libbpfcc libbpf1 iproute2 kmod linux-libc-dev
+        gcc libc6-dev python3-dev)
+      # linux-libc-dev: bcc compiles against /usr/include's uapi headers. gcc, libc6-dev,
+      # python3-dev: pip builds pelagos_bpf._sys (setup.py). Boxes that already carry all of
+      # them (vagrant/build-box) need no mirror.
       if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
       fi
       ;;
     fedora)
-      dnf -y -q install python3 python3-pip python3-bcc libbpf bpftool iproute kmod
+      dnf -y -q install python3 python3-pip python3-bcc libbpf bpftool iproute kmod gcc python3-devel
       bcc_dir=$(/usr/bin/python3 -c 'import bcc, os; print(os.path.dirname(bcc.__file__))')
       /usr/bin/python3 -m venv .venv
       mkdir -p .venv/distro-bcc
