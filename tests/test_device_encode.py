@@ -90,6 +90,34 @@ def _reference_template(table: dict) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(out)
 
 
+def _reference_resolve(table: dict) -> dict:
+    """resolve as its docstring says, written plainly: an exact entry takes the max over all 4
+    patterns, M:* and *:* the max with *:* when the type has no *:m pattern."""
+    none = (0, 0, 0)
+    table = {**{(t, ANY, ANY): none for t in enc.TYPE_NAMES}, **table}
+    any_minor = {t for t, ma, mi in table if ma == ANY and mi != ANY}
+    out = {}
+    for (t, ma, mi), v in table.items():
+        if ma != ANY and mi != ANY:
+            for p in ((t, ma, ANY), (t, ANY, ANY), (t, ANY, mi)):
+                v = tuple(max(a, b) for a, b in zip(v, table.get(p, none), strict=True))
+            out[(t, ma, mi)] = (v, True)
+        elif mi == ANY and t not in any_minor:
+            star = table[(t, ANY, ANY)]
+            out[(t, ma, mi)] = (tuple(max(a, b) for a, b in zip(v, star, strict=True)), True)
+        else:
+            out[(t, ma, mi)] = (v, False)
+    return out
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(rules=rules_st)
+def test_resolve_is_the_plain_four_pattern_merge(rules: list[R]) -> None:
+    """The merge-skipping resolve (setup's hot path) stores exactly what the plain form does."""
+    table = enc.encode_rules(rules)
+    assert enc.resolve(table) == _reference_resolve(table)
+
+
 @settings(max_examples=300, derandomize=True, database=None, deadline=None)
 @given(rules=rules_st)
 def test_template_is_the_plain_sort_by_write_rank(rules: list[R]) -> None:

@@ -109,17 +109,24 @@ def resolve(table: dict[Pattern, Winners]) -> dict[Pattern, Entry]:
     none = (0, 0, 0)
     table = {**{(t, ANY, ANY): none for t in TYPE_NAMES}, **table}  # the sentinels
     any_minor_types = {t for t, ma, mi in table if ma == ANY and mi != ANY}
+    star = {t: table[(t, ANY, ANY)] for t in TYPE_NAMES}
     out: dict[Pattern, Entry] = {}
     get = table.get
-    for (t, ma, mi), v in table.items():
+    # On a never-seen rule set's setup path: the merges an exact entry needs are mostly with
+    # *:* alone (M:* and *:m entries are rare), so the lookups that miss are skipped.
+    for p, v in table.items():
+        t, ma, mi = p
         if ma != ANY and mi != ANY:
-            v = _max(v, get((t, ma, ANY), none))
-            v = _max(v, get((t, ANY, ANY), none))
-            out[(t, ma, mi)] = (_max(v, get((t, ANY, mi), none)), True)
+            v = _max(v, star[t])
+            if (w := get((t, ma, ANY))) is not None:
+                v = _max(v, w)
+            if t in any_minor_types and (w := get((t, ANY, mi))) is not None:
+                v = _max(v, w)
+            out[p] = (v, True)
         elif mi == ANY and t not in any_minor_types:
-            out[(t, ma, mi)] = (_max(v, get((t, ANY, ANY), none)), True)
+            out[p] = (v if ma == ANY else _max(v, star[t]), True)
         else:
-            out[(t, ma, mi)] = (v, False)
+            out[p] = (v, False)
     return out
 
 
