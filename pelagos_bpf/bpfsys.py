@@ -3,7 +3,7 @@ when it was built (setup.py, optional) or else through libc's `syscall()` with c
 
 Why no libbpf: dlopening `libbpf.so.1` costs ~0.6 ms in every fresh process, more than half the
 budget of a container's first attach. Why the extension: ctypes costs a fresh process ~0.15 ms
-for its first call (the CDLL, the prototype) and every call ~4 us of conversions (bench/
+for its first call (the CDLL, the prototype) and every call ~2 us of conversions (bench/
 bench_devices.py prints both backends); `BACKEND` says which one this process uses, and
 $PELAGOS_BPF_CTYPES=1 forces ctypes. Both return -errno, so nothing above can tell them apart.
 What libbpf gave us is kept here: every command's `union bpf_attr` is a zero-filled buffer of
