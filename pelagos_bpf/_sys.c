@@ -1,10 +1,10 @@
 /* The two system calls of pelagos_bpf's hot paths, without ctypes (optional build).
  *
- * Why: through ctypes, a fresh process pays ~120-190 us for its first bpf(2) (building the
- * CDLL and the syscall() prototype) and every later call ~4 us of argument conversion; here
- * the first call costs ~20 us and later ones ~2 us (bench/bench_devices.py prints both
- * backends). bpfsys.py falls back to ctypes when this module was not built; both return
- * -errno on failure, so the callers cannot tell them apart.
+ * Why: through ctypes, a fresh process pays ~120-200 us for its first bpf(2) (building the
+ * CDLL and the syscall() prototype), here ~20 us; a warm map_lookup takes 6.8 us instead of
+ * 8.8 (docs/BPF_LAYER.md; bench/bench_devices.py times both backends). bpfsys.py falls back
+ * to ctypes when this module was not built; both return -errno on failure, so the callers
+ * cannot tell them apart.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
