@@ -57,7 +57,7 @@ def _num(n: int) -> int:
     return ANY if n == -1 else n
 
 
-_KIND_TYPES = {"a": (TYPE_BLOCK, TYPE_CHAR), "b": (TYPE_BLOCK,), "c": (TYPE_CHAR,)}
+_KIND_TYPES = {**{k: (t,) for k, t in TYPES.items()}, "a": tuple(TYPES.values())}
 _ACCESS_SLOTS: dict[str, tuple[int, ...]] = {}  # "rw" -> (1, 2): dev_val.bit[] indexes
 
 
@@ -66,13 +66,12 @@ def encode_rules(rules: Sequence[CgroupDeviceRule]) -> dict[Pattern, Winners]:
     table: dict[Pattern, list[int]] = {}
     for i, rule in enumerate(rules, start=1):
         win = (i << 1) | rule.allow
-        major, minor, acc = rule.major, rule.minor, rule.access
+        major, minor, acc = _num(rule.major), _num(rule.minor), rule.access
         slots_of = _ACCESS_SLOTS.get(acc)
         if slots_of is None:
             slots_of = _ACCESS_SLOTS[acc] = tuple(BIT_SLOT[ch] for ch in acc)
         for type_ in _KIND_TYPES[rule.kind]:
-            pattern = (type_, ANY if major == -1 else major, ANY if minor == -1 else minor)
-            slots = table.setdefault(pattern, [0, 0, 0])
+            slots = table.setdefault((type_, major, minor), [0, 0, 0])
             for slot in slots_of:
                 slots[slot] = win
     return {p: (s[0], s[1], s[2]) for p, s in table.items()}
@@ -200,18 +199,15 @@ def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], 
     Index entries first (type 0, major = chunk number: they let any process find and delete
     exactly this rule set's entries without scanning the shared map), then the patterns in the
     program's lookup order (see write_rank), the `*:*` sentinels last. On every never-seen rule
-    set's setup path, so write_rank and pack_pattern are inlined: bucketing by rank keeps the
-    order a stable sort by write_rank gives (tests/test_device_encode.py checks both).
+    set's setup path: bucketing by rank gives the order of a stable sort by write_rank without
+    the sort, and keys are packed without their head (tests/test_device_encode.py holds it to
+    the plain form).
     """
     ranked: tuple[list[tuple[Pattern, Entry]], ...] = ([], [], [], [])
     for item in resolve(table).items():
-        _, major, minor = item[0]
-        ranked[(2 if major == ANY else 0) | (minor == ANY)].append(item)
+        ranked[write_rank(item[0])].append(item)
     items = ranked[0] + ranked[1] + ranked[2] + ranked[3]
-    packed = [
-        (t << 34) | ((0x1FFF if ma == ANY else ma) << 21) | (0x1F_FFFF if mi == ANY else mi)
-        for (t, ma, mi), _ in items
-    ]
+    packed = [pack_pattern(p) for p, _ in items]
     packed += [0] * (-len(packed) % INDEX_CHUNK)
     key, rule = _KEY_TAIL.pack, RULE_VAL.pack
     out = [
