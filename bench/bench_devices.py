@@ -553,12 +553,13 @@ def bench_first_attach(parent: Path, tmp: Path, rounds: int, per: int) -> dict[s
     base = {k: v for k, v in os.environ.items() if k != PIN_ENV}
     resident = Resident(parent)
     pinned = {PIN_ENV: str(pin_dir)}
+    ctypes_pinned = {**pinned, bpfsys.CTYPES_ENV: "1"}
     # key, label, environment, in its own mount ns, with a Resident
     variants = [
         ("no pin", "no pin: cache read + 3 map creates + PROG_LOAD", {PIN_ENV: ""}, 0, 1),
         ("pin", "$PELAGOS_BPF_PIN_DIR: fetch the pinned program", pinned, 0, 1),
         ("default pin", f"default pins ({DEFAULT_PIN_DIR}, own mount ns)", {}, 1, 1),
-        ("pin, ctypes backend", "$PELAGOS_BPF_PIN_DIR, ctypes backend", pinned, 0, 1),
+        ("pin, ctypes backend", "$PELAGOS_BPF_PIN_DIR, ctypes backend", ctypes_pinned, 0, 1),
         ("pin, empty node", "$PELAGOS_BPF_PIN_DIR, no device program anywhere", pinned, 0, 0),
     ]
     if shutil.which("unshare") is None:
@@ -569,8 +570,6 @@ def bench_first_attach(parent: Path, tmp: Path, rounds: int, per: int) -> dict[s
     try:
         for _ in range(rounds):
             for key, _label, env, ns, on_node in variants:
-                if key == "pin, ctypes backend":
-                    env = {**env, bpfsys.CTYPES_ENV: "1"}
                 cmd = [sys.executable, "-c", _FIRST_DRIVER, sys.executable, _FIRST, str(parent)]
                 cmd += [str(per + 1), "1" if ns else "0"]
                 if ns:
@@ -652,13 +651,13 @@ def main() -> int:
                 )
                 clone_runs += bench_py_setup(root, parent, None, lambda i: RULES, n, f"k{r}_")
                 if bpfsys.BACKEND == "ext":  # the fallback of an install without a compiler
-                    bpfsys.use_backend("ctypes")
+                    prev = bpfsys.use_backend("ctypes")
                     try:
                         ctypes_runs += bench_py_setup(
                             root, parent, pid, lambda i: RULES, n, f"t{r}_"
                         )
                     finally:
-                        bpfsys.use_backend("ext")
+                        bpfsys.use_backend(prev)
             ratios = print_setup(
                 [
                     ("C, peers' syscalls (per-container PROG_LOAD)", c_runs),
