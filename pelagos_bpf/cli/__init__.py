@@ -45,6 +45,19 @@ def version() -> str:
     return __version__
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, looked up only when asked: the version comes from importlib.metadata,
+    whose import costs a fresh process ~25 ms here, and every command (the OCI hook runs on
+    each container start) builds this parser."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} {version()}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def _chosen(argv: Sequence[str]) -> str | None:
     """The subcommand named in argv (global options take no values), or None."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -58,7 +71,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP + "\n\nPELAGOS_BPF_DEBUG=1 (or --debug) shows tracebacks.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log what the library does (-vv: more)"
     )
