@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import bpfsys
 from .errors import CgroupError
 
 
@@ -92,8 +93,8 @@ class Liveness:
 
     def __init__(self, cgroup2_dir: str | os.PathLike[str]) -> None:
         self._mount_fd = open_dir(cgroup2_dir)
-        self._libc = ct.CDLL(None, use_errno=True)
-        self._libc.open_by_handle_at.argtypes = (ct.c_int, ct.c_void_p, ct.c_int)
+        self._open_by_handle_at = bpfsys.libc().open_by_handle_at
+        self._open_by_handle_at.argtypes = (ct.c_int, ct.c_void_p, ct.c_int)
         own = os.fstat(self._mount_fd).st_ino
         if self._probe(own) != 0:  # the handle path must work before we trust an ESTALE
             err = self._probe(own)
@@ -102,7 +103,7 @@ class Liveness:
 
     def _probe(self, cgroup_id: int) -> int:
         fh = _FileHandle(8, _FILEID_KERNFS, cgroup_id)
-        fd = self._libc.open_by_handle_at(
+        fd = self._open_by_handle_at(
             self._mount_fd, ct.byref(fh), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         )
         if fd >= 0:

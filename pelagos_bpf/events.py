@@ -10,7 +10,6 @@ own select/poll/epoll loop (`FileWatch.fileno()`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -23,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Protocol
 
+from . import bpfsys
 from .cgroupfs import read_text
 from .errors import CgroupError
 from .stats import parse_flat_keyed
@@ -55,7 +55,9 @@ def cgroup_path(cg: CgroupLike) -> Path:
 
 @cache
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """The process's libc (bpfsys's handle: find_library would run ldconfig, ~7 ms) with the
+    inotify prototypes."""
+    libc = bpfsys.libc()
     libc.inotify_init1.argtypes = [ctypes.c_int]
     libc.inotify_init1.restype = ctypes.c_int
     libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
