@@ -2,18 +2,19 @@
 
 `import pelagos_bpf` stays cheap: it never imports bcc (only `pelagos-bpf compile` and a cache
 miss do) or pyroute2 (only the tc helpers' callers do); tests/test_hot_path.py enforces it.
+The API below loads on first use (PEP 562): importing any submodule imports this package first,
+and the OCI hook must not pay for the whole library (~0.1 s of a fresh process here) on the
+paths that need none of it (a container that asks nothing, a poststop after the runtime removed
+the cgroup); tests/test_oci_hook_parse.py enforces it.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .cgref import CgroupRef
-from .cgroup import Cgroup, SetupReport, setup_cgroup, teardown_cgroup, update_cgroup
-from .config import CgroupConfig, CgroupDeviceRule
-from .devices import DEFAULT_DEVICE_RULES
 from .errors import (
     BpfError,
     CgroupError,
@@ -22,7 +23,28 @@ from .errors import (
     UnsupportedSetting,
     UnsupportedSettings,
 )
-from .stats import ResourceStats, read_stats
+
+if TYPE_CHECKING:
+    from .cgref import CgroupRef
+    from .cgroup import Cgroup, SetupReport, setup_cgroup, teardown_cgroup, update_cgroup
+    from .config import CgroupConfig, CgroupDeviceRule
+    from .devices import DEFAULT_DEVICE_RULES
+    from .stats import ResourceStats, read_stats
+
+# name -> the submodule defining it, imported on first access
+_LAZY = {
+    "CgroupRef": "cgref",
+    "Cgroup": "cgroup",
+    "SetupReport": "cgroup",
+    "setup_cgroup": "cgroup",
+    "teardown_cgroup": "cgroup",
+    "update_cgroup": "cgroup",
+    "CgroupConfig": "config",
+    "CgroupDeviceRule": "config",
+    "DEFAULT_DEVICE_RULES": "devices",
+    "ResourceStats": "stats",
+    "read_stats": "stats",
+}
 
 # The library logs (logging.getLogger("pelagos_bpf.*")) but prints nothing unless the
 # application configures logging (the CLI does with -v).
@@ -69,6 +91,15 @@ def _version() -> str:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "__version__":  # lazy: importlib.metadata costs a few ms at import
+    if name == "__version__":  # lazy: importlib.metadata costs ~50 ms of a fresh process
         return _version()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "__version__"})

@@ -95,3 +95,38 @@ def test_no_import_cycles_among_library_modules() -> None:
     for n in sorted(graph):
         if n not in state:
             visit(n)
+
+
+LAZY_API = r"""
+import json, sys
+import pelagos_bpf
+loaded_at_import = [m for m in ("pelagos_bpf.cgroup", "pelagos_bpf.stats") if m in sys.modules]
+from pelagos_bpf import *  # every name of __all__ resolves
+from pelagos_bpf.cgroup import setup_cgroup as direct
+try:
+    pelagos_bpf.no_such_name
+    missing = "no error"
+except AttributeError as e:
+    missing = str(e)
+print(json.dumps({
+    "loaded_at_import": loaded_at_import,
+    "same_object": pelagos_bpf.setup_cgroup is direct,
+    "in_dir": sorted(set(pelagos_bpf.__all__) - set(dir(pelagos_bpf))),
+    "missing": missing,
+}))
+"""
+
+
+def test_package_api_loads_on_first_use() -> None:
+    """`import pelagos_bpf` (which every submodule import, the OCI hook's included, runs first)
+    defers the library to the first use of a name, and every exported name still resolves."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_API], capture_output=True, text=True, check=True, timeout=60
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {
+        "loaded_at_import": [],
+        "same_object": True,
+        "in_dir": [],
+        "missing": "module 'pelagos_bpf' has no attribute 'no_such_name'",
+    }

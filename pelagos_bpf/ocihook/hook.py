@@ -20,12 +20,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..cgroup import Cgroup
 from ..errors import PelagosError
 from . import locate
 from .request import A_BEST_EFFORT, HookError, Request, State, build_request, parse_state, stage_of
+
+if TYPE_CHECKING:  # imported where used: the paths that attach nothing never load the library
+    from ..cgroup import Cgroup
 
 STATE_DIR_ENV = "PELAGOS_BPF_HOOK_STATE"
 DEFAULT_STATE_DIR = "/run/pelagos-bpf/oci-hook"
@@ -87,6 +89,7 @@ def create(state: State, req: Request) -> list[str]:
     if state.pid is None:
         raise HookError("state.pid is missing: the create stage needs the container's process")
     from .. import devices, net
+    from ..cgroup import Cgroup
     from ..net.plan import carried_in
 
     cg = Cgroup.open(locate.cgroup_of_pid(state.pid))
@@ -140,6 +143,7 @@ def poststop(state: State) -> list[str]:
     msg = f"cgroup {cg_path}: removed by the runtime (its programs went with it)"
     if alive:
         from .. import devices, net
+        from ..cgroup import Cgroup
 
         cg = Cgroup.open(cg_path)
         net.detach_net(cg)

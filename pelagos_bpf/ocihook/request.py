@@ -226,7 +226,8 @@ def build_request(annotations: Mapping[str, str], config: Mapping[str, Any]) -> 
     req.best_effort = _flag(A_BEST_EFFORT, annotations.get(A_BEST_EFFORT, ""))
     if req.wants_devices:
         req.runtime_device_rules = runtime_device_rules(linux)
-    from ..net.plan import validate_net
+    if req.classid is not None or req.priorities:  # net loads the BPF runtime: only if asked
+        from ..net.plan import validate_net
 
-    validate_net(req.classid, req.priorities)
+        validate_net(req.classid, req.priorities)
     return req
