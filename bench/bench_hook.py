@@ -1,9 +1,10 @@
 """OCI hook latency, side by side in one run (root; acts only on a cgroup this script creates).
 
-1. Exec -> exit of `pelagos-bpf oci-hook` as a runtime runs it (state JSON on stdin), median of
-   N runs each: create with net classid (annotation), create with classid + device rules, and
-   poststop; with the components beside them: `python -c pass`, the CLI's import + parse
-   (`pelagos-bpf oci-hook` on a state that asks nothing), and the in-process work of one create.
+1. Exec -> exit of `pelagos-bpf oci-hook` as a runtime runs it (state JSON on stdin), medians
+   of N interleaved rounds: create with net classid (annotation), create with classid + device
+   rules, poststop with the cgroup still there and (the usual case) already removed; with the
+   components beside them: `python -c pass`, the hook on a state that asks nothing (the CLI's
+   and the lean entry's), and the in-process work of one create.
 2. If runc is installed and works here: `runc run` of a busybox `true` container end to end,
    without the hook and with it (classid by annotation), interleaved.
 
@@ -31,19 +32,28 @@ from pelagos_bpf import devices, net
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.ocihook import run_hook
+from pelagos_bpf.ocihook.hook import record_path
 
 HOOK = Path(sys.executable).parent / "pelagos-bpf"
 CLASSID = {"io.pelagos-bpf.net.classid": "1:10"}
 DEVICES = {**CLASSID, "io.pelagos-bpf.devices": "deny c 1:5 r"}
 
 
-def median_ms(fn: Callable[[], None], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+Step = tuple[str | None, Callable[[], None]]  # (row label, or None: run but not timed)
+
+
+def interleaved(variants: list[list[Step]], runs: int) -> dict[str, float]:
+    """Median ms of every labelled step. Each round runs every variant once, in turn, so the
+    machine's drift (a few ms over a minute here) falls on all rows alike."""
+    times: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for steps in variants:
+            for label, fn in steps:
+                t0 = time.perf_counter()
+                fn()
+                if label is not None:
+                    times.setdefault(label, []).append(time.perf_counter() - t0)
+    return {label: statistics.median(t) * 1e3 for label, t in times.items()}
 
 
 def state(cid: str, pid: int, bundle: Path, ann: dict[str, str], status: str = "creating") -> str:
@@ -61,6 +71,7 @@ def state(cid: str, pid: int, bundle: Path, ann: dict[str, str], status: str = "
 
 CLI_ARGV = [str(HOOK), "oci-hook"]
 LEAN_ARGV = [sys.executable, "-m", "pelagos_bpf.ocihook"]
+PASS_ARGV = [sys.executable, "-c", "pass"]
 
 
 def exec_hook(text: str, env: dict[str, str], argv: list[str] = CLI_ARGV) -> None:
@@ -81,52 +92,45 @@ def hook_bench(runs: int, tmp: Path) -> None:
         (cg_dir / "cgroup.procs").write_text(str(proc.pid))
         cg = Cgroup.open(cg_dir)
 
-        def cycle(ann: dict[str, str]) -> tuple[Callable[[], None], Callable[[], None]]:
-            create = state("bench", proc.pid, bundle, ann)
-            stop = state("bench", 0, bundle, {}, "stopped")
-            return (lambda: exec_hook(create, env)), (lambda: exec_hook(stop, env))
+        def hook(text: str, argv: list[str] = CLI_ARGV) -> Callable[[], None]:
+            return lambda: exec_hook(text, env, argv)
 
-        rows = []
-        py = median_ms(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), runs)
-        rows.append(("python -c pass (interpreter start)", py))
         noop = state("bench", proc.pid, bundle, {})
-        rows.append(
-            ("hook, nothing asked (start + imports)", median_ms(lambda: exec_hook(noop, env), runs))
-        )
-        rows.append(
-            (
-                "hook, nothing asked, python -m pelagos_bpf.ocihook",
-                median_ms(lambda: exec_hook(noop, env, LEAN_ARGV), runs),
-            )
-        )
-        lean = state("bench", proc.pid, bundle, CLASSID)
-        lean_stop = state("bench", 0, bundle, {}, "stopped")
-        lean_times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            exec_hook(lean, env, LEAN_ARGV)
-            lean_times.append(time.perf_counter() - t0)
-            exec_hook(lean_stop, env, LEAN_ARGV)
-        rows.append(
-            (
-                "hook create: classid, python -m pelagos_bpf.ocihook",
-                statistics.median(lean_times) * 1e3,
-            )
+        stop = state("bench", 0, bundle, {}, "stopped")
+        variants: list[list[Step]] = [
+            [("python -c pass (interpreter start)", lambda: exec_hook("", env, PASS_ARGV))],
+            [("hook, nothing asked (start + imports)", hook(noop))],
+            [("hook, nothing asked, python -m pelagos_bpf.ocihook", hook(noop, LEAN_ARGV))],
+            [
+                (
+                    "hook create: classid, python -m pelagos_bpf.ocihook",
+                    hook(state("bench", proc.pid, bundle, CLASSID), LEAN_ARGV),
+                ),
+                (None, hook(stop, LEAN_ARGV)),
+            ],
+        ]
+        # The usual poststop: the runtime removed the cgroup before running the hook.
+        gone = {"id": "gone", "cgroup": f"{cg_dir}-removed", "cgroup_id": 1}
+        (tmp / "state").mkdir(exist_ok=True)
+        gone_record = record_path("gone", tmp / "state")
+        variants.append(
+            [
+                (None, lambda: gone_record.write_text(json.dumps(gone))),
+                (
+                    "hook poststop: cgroup removed by the runtime (usual)",
+                    hook(state("gone", 0, bundle, {}, "stopped")),
+                ),
+            ]
         )
         for label, ann in (("classid", CLASSID), ("classid + device rules", DEVICES)):
-            create, stop = cycle(ann)
-            c_times, s_times = [], []
-            for _ in range(runs):  # create and poststop alternate, as in a container's life
-                t0 = time.perf_counter()
-                create()
-                t1 = time.perf_counter()
-                stop()
-                c_times.append(t1 - t0)
-                s_times.append(time.perf_counter() - t1)
-            rows.append((f"hook create: {label}", statistics.median(c_times) * 1e3))
-            rows.append(
-                (f"hook poststop: {label} (cgroup alive)", statistics.median(s_times) * 1e3)
+            # create and poststop alternate, as in a container's life
+            variants.append(
+                [
+                    (f"hook create: {label}", hook(state("bench", proc.pid, bundle, ann))),
+                    (f"hook poststop: {label} (cgroup alive)", hook(stop)),
+                ]
             )
+        rows = list(interleaved(variants, runs).items())
         os.environ["PELAGOS_BPF_HOOK_STATE"] = str(tmp / "state")
         inproc = state("bench", proc.pid, bundle, DEVICES)
         stop_s = state("bench", 0, bundle, {}, "stopped")
@@ -144,7 +148,7 @@ def hook_bench(runs: int, tmp: Path) -> None:
         rows.append(
             ("  in-process work of one create (classid + devices)", statistics.median(times) * 1e3)
         )
-        print(f"hook latency, exec -> exit, median of {runs} (ms):")
+        print(f"hook latency, exec -> exit, median of {runs} interleaved rounds (ms):")
         for label, ms in rows:
             print(f"  {label:55} {ms:8.1f}")
         assert net.read_config(cg) is None and devices.read_device_denials(cg) == {}

@@ -27,7 +27,7 @@ from . import locate
 from .request import A_BEST_EFFORT, HookError, Request, State, build_request, parse_state, stage_of
 
 if TYPE_CHECKING:  # imported where used: the paths that attach nothing never load the library
-    from ..cgroup import Cgroup
+    from ..cgref import CgroupRef
 
 STATE_DIR_ENV = "PELAGOS_BPF_HOOK_STATE"
 DEFAULT_STATE_DIR = "/run/pelagos-bpf/oci-hook"
@@ -73,7 +73,7 @@ def read_bundle_config(bundle: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- create
 
 
-def _write_record(state: State, cg: Cgroup) -> Path:
+def _write_record(state: State, cg: CgroupRef) -> Path:
     path = record_path(state.id)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -89,10 +89,10 @@ def create(state: State, req: Request) -> list[str]:
     if state.pid is None:
         raise HookError("state.pid is missing: the create stage needs the container's process")
     from .. import devices, net
-    from ..cgroup import Cgroup
+    from ..cgref import Ref  # not Cgroup: the hook needs none of the controller code it loads
     from ..net.plan import carried_in
 
-    cg = Cgroup.open(locate.cgroup_of_pid(state.pid))
+    cg = Ref.of(locate.cgroup_of_pid(state.pid))
     plan = net.resolve_net(req.classid, req.priorities, state.pid) if req.wants_net else None
     rules = req.device_rules() if req.wants_devices else []
     devices.validate_device_rules(rules)
@@ -143,9 +143,9 @@ def poststop(state: State) -> list[str]:
     msg = f"cgroup {cg_path}: removed by the runtime (its programs went with it)"
     if alive:
         from .. import devices, net
-        from ..cgroup import Cgroup
+        from ..cgref import Ref
 
-        cg = Cgroup.open(cg_path)
+        cg = Ref.of(cg_path)
         net.detach_net(cg)
         devices.detach_devices(cg)
         msg = f"cgroup {cg_path}: our programs detached, map entries deleted"
