@@ -578,9 +578,10 @@ def compile_program(source: str | os.PathLike[str], func: str, prog_type: int) -
             from bcc import BPF  # lazy: the only place bcc/LLVM is imported
             from bcc.libbcc import lib
 
-            b = BPF(text=text, cflags=[f"-I{src.parent}"])
+            # bytes: bcc's Python API takes str with a DeprecationWarning per call
+            b = BPF(text=text.encode(), cflags=[f"-I{src.parent}"])
             try:
-                insns = b.dump_func(func)
+                insns = b.dump_func(func.encode())
                 lib.bpf_num_tables.argtypes = [ct.c_void_p]
                 lib.bpf_num_tables.restype = ct.c_size_t
                 lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_size_t]
