@@ -3,7 +3,7 @@
 `import pelagos_bpf` stays cheap: it never imports bcc (only `pelagos-bpf compile` and a cache
 miss do) or pyroute2 (only the tc helpers' callers do); tests/test_hot_path.py enforces it.
 The API below loads on first use (PEP 562): importing any submodule imports this package first,
-and the OCI hook must not pay for the whole library (~0.1 s of a fresh process here) on the
+and the OCI hook must not pay for the whole library (~80 ms of a fresh process here) on the
 paths that need none of it (a container that asks nothing, a poststop after the runtime removed
 the cgroup); tests/test_oci_hook_parse.py enforces it.
 """
