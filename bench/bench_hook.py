@@ -23,8 +23,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -158,7 +159,20 @@ def hook_bench(runs: int, tmp: Path) -> None:
         cg_dir.rmdir()
 
 
-def runc_bench(runs: int, tmp: Path) -> None:
+def hook_entry(tmp: Path, path: str, args: list[str], env: Sequence[str] = ()) -> dict[str, Any]:
+    """A config.json hook running `args`; its environment is only what the entry lists."""
+    cache = [f"{k}={v}" for k, v in os.environ.items() if k == "PELAGOS_BPF_CACHE"]
+    return {
+        "path": path,
+        "args": args,
+        "env": [f"PELAGOS_BPF_HOOK_STATE={tmp / 'rstate'}", *cache, *env],
+    }
+
+
+def runc_bench(runs: int, tmp: Path, hooks: dict[str, dict[str, Any]] | None = None) -> None:
+    """`runc run` of busybox `true` without a hook and with each of `hooks` (label -> hook
+    entry; default: the installed `pelagos-bpf oci-hook`) as createRuntime and poststop, with
+    a classid annotation; the variants alternate run by run."""
     runc = shutil.which("runc")
     if runc is None:
         print("runc: not installed; skipped")
@@ -172,20 +186,15 @@ def runc_bench(runs: int, tmp: Path) -> None:
     cfg["process"].update(terminal=False, args=["true"])
     cfg["root"]["readonly"] = True
     prefix = f"pelagos-bench-runc-{os.getpid()}"
-    hook = {
-        "path": str(HOOK),
-        "args": ["pelagos-bpf", "oci-hook"],
-        "env": [f"PELAGOS_BPF_HOOK_STATE={tmp / 'rstate'}"]
-        + [f"{k}={v}" for k, v in os.environ.items() if k == "PELAGOS_BPF_CACHE"],
-    }
-    variants = {
-        "runc run (no hook)": dict(cfg),
-        "runc run + oci-hook (classid)": {
+    if hooks is None:
+        hooks = {"oci-hook (classid)": hook_entry(tmp, str(HOOK), ["pelagos-bpf", "oci-hook"])}
+    variants = {"runc run (no hook)": dict(cfg)}
+    for label, hook in hooks.items():
+        variants[f"runc run + {label}"] = {
             **cfg,
             "annotations": CLASSID,
             "hooks": {"createRuntime": [hook], "poststop": [hook]},
-        },
-    }
+        }
     times: dict[str, list[float]] = {k: [] for k in variants}
     root = tmp / "runc-root"
     for i in range(runs):

@@ -3,11 +3,15 @@
 Each revision's `pelagos_bpf/` and `bpf/` are exported with `git archive` into a temporary
 directory (the C extension built in this checkout is copied into both, so the syscall backend
 is the same) and run through PYTHONPATH, which comes before an editable install. Rounds
-alternate the revisions, fresh process by fresh process, after one warm-up run each (the
-bytecode caches get written). Two hook inputs, the ones that attach nothing and so need no root:
-a container that asks nothing, and a poststop after the runtime removed the cgroup.
+alternate the revisions, fresh process by fresh process, after one warm-up run each (Python's
+bytecode caches get written; the BPF programs are compiled into a private cache before, as an
+install would). Two hook inputs, the ones that attach nothing and so need no root:
+a container that asks nothing, and a poststop after the runtime removed the cgroup. As root with
+runc installed, also `runc run` of a busybox `true` with each revision's hook (createRuntime and
+poststop, a classid annotation: the create attaches), alternating (bench_hook.runc_bench).
 
 Usage: .venv/bin/python bench/bench_hook_ab.py OLD_REV [NEW_REV (default HEAD)] [--runs 20]
+       [--runc-runs 10]
 """
 
 from __future__ import annotations
@@ -25,8 +29,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_hook import hook_entry, runc_bench  # noqa: E402
+
 HOOK = "import sys; from pelagos_bpf.cli import main; sys.exit(main(['oci-hook']))"
 WHERE = "import pelagos_bpf, sys; print(pelagos_bpf.__file__)"
+COMPILE = "import sys; from pelagos_bpf.cli import main; sys.exit(main(['compile']))"
+CACHE_ENV = "PELAGOS_BPF_CACHE"
 
 
 def export(rev: str, dest: Path) -> None:
@@ -46,6 +56,7 @@ def main() -> int:
     ap.add_argument("old")
     ap.add_argument("new", nargs="?", default="HEAD")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--runc-runs", type=int, default=10, help="0: skip (needs root and runc)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pelagos-bench-ab-") as d:
         tmp = Path(d)
@@ -63,6 +74,9 @@ def main() -> int:
             "poststop, cgroup removed": json.dumps({**base, "status": "stopped"}),
         }
         record = json.dumps({"id": "c1", "cgroup": str(tmp / "removed"), "cgroup_id": 1})
+        # A private bytecode cache: each tree's sources are new paths, whose key index entries
+        # would otherwise pile up in the node's cache dir (hook_entry passes it on to runc's).
+        os.environ[CACHE_ENV] = str(tmp / "cache")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PELAGOS_BPF_HOOK_STATE"] = str(records)
 
@@ -89,6 +103,13 @@ def main() -> int:
                 text=True,
             ).stdout.strip()
             assert where.startswith(str(tree)), f"{where} is not the exported tree {tree}"
+            subprocess.run(  # what an install runs: no hook below compiles
+                [sys.executable, "-c", COMPILE],
+                env={**env, "PYTHONPATH": str(tree)},
+                cwd=tmp,
+                check=True,
+                capture_output=True,
+            )
             for text in inputs.values():
                 run(tree, text)  # warm-up: writes the bytecode caches
         times: dict[tuple[str, str], list[float]] = {}
@@ -101,6 +122,18 @@ def main() -> int:
             old = statistics.median(times[(args.old, name)]) * 1e3
             new = statistics.median(times[(args.new, name)]) * 1e3
             print(f"  {name:26} {args.old} {old:7.1f}   {args.new} {new:7.1f}   ({new / old:.2f}x)")
+        if args.runc_runs and os.geteuid() == 0:
+            hooks = {
+                # argv[0] absolute: with no PATH in a hook's environment, Python finds its venv
+                # (and bcc, through it) only from there
+                f"hook @ {rev}": hook_entry(
+                    tmp, sys.executable, [sys.executable, "-c", HOOK], [f"PYTHONPATH={tree}"]
+                )
+                for rev, tree in trees.items()
+            }
+            runc_bench(args.runc_runs, tmp, hooks)
+        elif args.runc_runs:
+            print("runc: needs root; skipped")
     return 0
 
 
