@@ -1,7 +1,8 @@
 """`python -m pelagos_bpf.ocihook [create|poststop] [-v]`: the hook without the whole CLI.
 
 Why: the hook's latency is mostly interpreter start and imports; this entry skips the CLI's own
-(its parser of every subcommand, logging): 8-22 ms less per exec here (bench/bench_hook.py).
+(its parser of every subcommand, logging). Since the CLI stopped loading the library up front,
+the two are within the noise of each other here (bench/bench_hook.py: ±10 ms).
 """
 
 from __future__ import annotations
