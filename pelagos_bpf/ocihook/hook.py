@@ -14,7 +14,6 @@ $PELAGOS_BPF_HOOK_STATE (default /run/pelagos-bpf/oci-hook), named by the contai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -54,6 +53,8 @@ def record_path(container_id: str, directory: Path | None = None) -> Path:
     d = directory or state_dir()
     if re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,200}", container_id):
         return d / f"{container_id}.json"
+    import hashlib  # here: it loads OpenSSL, ~12 ms of every hook exec otherwise
+
     return d / f"sha256-{hashlib.sha256(container_id.encode()).hexdigest()}.json"
 
 
