@@ -45,6 +45,9 @@ _LAZY = {
     "ResourceStats": "stats",
     "read_stats": "stats",
 }
+# Submodules the README names as `pelagos_bpf.<module>.<function>`: usable after a bare
+# `import pelagos_bpf`, as when __init__ imported them all.
+_SUBMODULES = frozenset({"cgroup", "config", "devices", "events", "freezer", "gc", "net", "stats"})
 
 # The library logs (logging.getLogger("pelagos_bpf.*")) but prints nothing unless the
 # application configures logging (the CLI does with -v).
@@ -93,6 +96,8 @@ def _version() -> str:
 def __getattr__(name: str) -> Any:
     if name == "__version__":  # lazy: importlib.metadata costs ~50 ms of a fresh process
         return _version()
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # (import binds the attribute)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -102,4 +107,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, "__version__"})
+    return sorted({*globals(), *_LAZY, *_SUBMODULES, "__version__"})

@@ -101,6 +101,7 @@ LAZY_API = r"""
 import json, sys
 import pelagos_bpf
 loaded_at_import = [m for m in ("pelagos_bpf.cgroup", "pelagos_bpf.stats") if m in sys.modules]
+submodules = [pelagos_bpf.gc.collect.__module__, pelagos_bpf.devices.read_state.__module__]
 from pelagos_bpf import *  # every name of __all__ resolves
 from pelagos_bpf.cgroup import setup_cgroup as direct
 try:
@@ -112,6 +113,7 @@ print(json.dumps({
     "loaded_at_import": loaded_at_import,
     "same_object": pelagos_bpf.setup_cgroup is direct,
     "in_dir": sorted(set(pelagos_bpf.__all__) - set(dir(pelagos_bpf))),
+    "submodules": submodules,
     "missing": missing,
 }))
 """
@@ -128,5 +130,6 @@ def test_package_api_loads_on_first_use() -> None:
         "loaded_at_import": [],
         "same_object": True,
         "in_dir": [],
+        "submodules": ["pelagos_bpf.gc", "pelagos_bpf.devices"],  # as the README names them
         "missing": "module 'pelagos_bpf' has no attribute 'no_such_name'",
     }
