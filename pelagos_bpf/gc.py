@@ -9,6 +9,8 @@ are bounded (64 Ki entries), so leaks would eventually block every new container
 process), the entries whose cgroup no longer exists. It runs by itself when a rule map is full
 (then the write is retried once), and from `pelagos-bpf gc`. With a prefix it first tears down
 the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
+It also unpins programs this release would not fetch, and removes bytecode-cache files that can
+never be used again (progcache.prune_cache).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .feature import Feature, pin_dir
 from .features import FEATURES
 from .hierarchy import discover
 from .owner import forget_pending, is_ours
+from .progcache import prune_cache
 
 __all__ = ["GcReport", "collect"]
 
@@ -36,6 +39,7 @@ class GcReport:
     cgroups_removed: list[str] = field(default_factory=list)
     programs_detached: int = 0
     pins_removed: list[str] = field(default_factory=list)
+    cache_files_removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -51,6 +55,8 @@ class GcReport:
             *(f"  {p}" for p in self.pins_removed),
             f"map entries removed: {self.total_entries} (of {self.dead_cgroups} dead cgroups)",
             *(f"  {k}: {n}" for k, n in sorted(self.entries_removed.items())),
+            f"cache files removed: {len(self.cache_files_removed)}",
+            *(f"  {n}" for n in self.cache_files_removed),
         ]
         if self.errors:
             lines += ["errors:", *(f"  {e}" for e in self.errors)]
@@ -84,6 +90,10 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
                         os.close(fd)
     report.dead_cgroups = len(dead_ids)
     _remove_stale_pins(report)
+    try:
+        report.cache_files_removed = prune_cache()
+    except OSError as e:
+        report.errors.append(f"cache dir: {e}")
     return report
 
 

@@ -29,6 +29,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from functools import cache
@@ -316,6 +317,61 @@ class _KeyIndex:
             pass  # read-only or not ours to write: the key is only recomputed next time
         finally:
             os.close(dirfd)
+
+
+TMP_MAX_AGE = 600.0  # s: a write takes milliseconds; an older temporary file's writer died
+
+
+def prune_cache(now: float | None = None) -> list[str]:
+    """Remove what can never be used again from the cache dir (for `pelagos-bpf gc`): temporary
+    files of writers killed mid-write (older than TMP_MAX_AGE) and key index files whose slot's
+    source file is gone (a removed checkout or install). Returns the names removed.
+
+    Cache files themselves stay: they are named by content, and any install with the same
+    sources and bcc may still want one.
+    """
+    try:
+        dirfd = _open_cache_dir(str(cache_dir()), create=False)
+    except BpfError:
+        return []  # untrusted: not ours to clean (get_program refuses it with the fix)
+    if dirfd is None:
+        return []
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        for name in sorted(os.listdir(dirfd)):
+            if name.startswith(trust.TMP_PREFIX):
+                try:
+                    stale = now - os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if stale <= TMP_MAX_AGE:
+                    continue
+            elif name.startswith(_KeyIndex.PREFIX) and name.endswith(".json"):
+                if not _slot_gone(dirfd, name):
+                    continue
+            else:
+                continue
+            try:
+                os.unlink(name, dir_fd=dirfd)
+                removed.append(name)
+            except FileNotFoundError:
+                continue
+    finally:
+        os.close(dirfd)
+    return removed
+
+
+def _slot_gone(dirfd: int, name: str) -> bool:
+    """Is the key index file `name` about a source file that no longer exists? (Unreadable or
+    malformed: False, left alone.)"""
+    try:
+        data = trust.read_trusted_file(dirfd, name, str(cache_dir()), "cache key index")
+        slot = json.loads(data or b"null")["slot"]
+        source = slot.rsplit("|", 2)[0]
+    except (BpfError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return isinstance(source, str) and source.startswith("/") and not os.path.exists(source)
 
 
 def _is_tag(t: object) -> bool:

@@ -189,10 +189,13 @@ def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes 
         os.close(fd)
 
 
+TMP_PREFIX = ".tmp-"  # write_trusted_file's temporary names (a writer killed mid-write leaves one)
+
+
 def write_trusted_file(dirfd: int, name: str, data: bytes) -> None:
     """Atomically replace `name` in a trusted dir: a fresh O_EXCL tmp (0644 whatever the
     umask), fsync, rename; a concurrent reader sees the old file or the new one, never half."""
-    tmp = f".tmp-{name}-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = f"{TMP_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, FILE_MODE, dir_fd=dirfd)
     try:

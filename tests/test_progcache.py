@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -419,3 +420,35 @@ def test_malformed_ident_is_recomputed(fresh_keys: Path, field: str, value: obje
     _forget()
     assert progcache.program_ident(fresh_keys, DEV[1], DEV[2]) == ident
     assert json.loads(index.read_text())[field] != value  # and written back whole
+
+
+# ---------------------------------------------------------------- pruning (pelagos-bpf gc)
+
+
+def test_prune_removes_only_what_can_never_be_used(fresh_keys: Path) -> None:
+    """Temporary files of killed writers (old ones only) and key index files of slots whose
+    source is gone go; the index of a live slot, a young temporary file (a write in flight),
+    cache files and anything else stay."""
+    progcache.program_ident(fresh_keys, "pelagos_dev", 15)  # a live slot's index file
+    cdir = Path(os.environ[progcache.CACHE_ENV])
+    live_index = _index_file()
+    gone_src = fresh_keys.parent / "removed-checkout" / "device.c"
+    gone = cdir / f"{progcache._KeyIndex.PREFIX}pelagos_dev-15-00000000.json"
+    gone.write_text(json.dumps({"format": 1, "slot": f"{gone_src}|pelagos_dev|15"}))
+    old_tmp = cdir / f"{trust.TMP_PREFIX}{gone.name}-1-abcd"
+    young_tmp = cdir / f"{trust.TMP_PREFIX}{gone.name}-2-abcd"
+    for f in (old_tmp, young_tmp):
+        f.write_text("{")
+    now = time.time()
+    os.utime(old_tmp, (now - progcache.TMP_MAX_AGE - 1,) * 2)
+    malformed = cdir / f"{progcache._KeyIndex.PREFIX}pelagos_dev-15-11111111.json"
+    malformed.write_text("not json")
+    other = cdir / "device-pelagos_dev-0123.json"
+    other.write_text("{}")
+
+    removed = progcache.prune_cache(now)
+
+    assert sorted(removed) == sorted([gone.name, old_tmp.name])
+    for kept in (live_index, young_tmp, malformed, other):
+        assert kept.exists(), kept
+    assert progcache.prune_cache(now) == []  # nothing left to remove
