@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--runc-runs", type=int, default=10, help="0: skip (needs root and runc)")
     args = ap.parse_args()
+    if args.old == args.new:
+        ap.error("two different revisions, please")
     with tempfile.TemporaryDirectory(prefix="pelagos-bench-ab-") as d:
         tmp = Path(d)
         trees = {rev: tmp / f"tree{i}" for i, rev in enumerate((args.old, args.new))}
@@ -80,36 +82,27 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PELAGOS_BPF_HOOK_STATE"] = str(records)
 
+        def python(tree: Path, code: str, stdin: str = "") -> str:
+            """A fresh interpreter running `code` with the tree's pelagos_bpf; its stdout."""
+            return subprocess.run(
+                [sys.executable, "-c", code],
+                input=stdin.encode(),
+                env={**env, "PYTHONPATH": str(tree)},
+                cwd=tmp,
+                check=True,
+                capture_output=True,
+            ).stdout.decode()
+
         def run(tree: Path, text: str) -> float:
             (records / "c1.json").write_text(record)  # poststop consumes it
             t0 = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-c", HOOK],
-                input=text.encode(),
-                env={**env, "PYTHONPATH": str(tree)},
-                cwd=tmp,
-                check=True,
-                capture_output=True,
-            )
+            python(tree, HOOK, text)
             return time.perf_counter() - t0
 
         for tree in trees.values():
-            where = subprocess.run(
-                [sys.executable, "-c", WHERE],
-                env={**env, "PYTHONPATH": str(tree)},
-                cwd=tmp,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
+            where = python(tree, WHERE).strip()
             assert where.startswith(str(tree)), f"{where} is not the exported tree {tree}"
-            subprocess.run(  # what an install runs: no hook below compiles
-                [sys.executable, "-c", COMPILE],
-                env={**env, "PYTHONPATH": str(tree)},
-                cwd=tmp,
-                check=True,
-                capture_output=True,
-            )
+            python(tree, COMPILE)  # what an install runs: no hook below compiles
             for text in inputs.values():
                 run(tree, text)  # warm-up: writes the bytecode caches
         times: dict[tuple[str, str], list[float]] = {}
