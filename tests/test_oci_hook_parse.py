@@ -169,7 +169,7 @@ print(json.dumps({"codes": codes, "loaded": sorted(sys.modules)}))
 
 def test_hook_paths_with_nothing_to_attach_never_load_the_library(tmp_path: Path) -> None:
     """A container that asks nothing, and a poststop after the runtime removed the cgroup (the
-    usual case), exit 0 without importing the BPF runtime: ~0.1 s less per hook exec here."""
+    usual case), exit 0 without importing the BPF runtime: half the exec time here."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "linux": {}}))
