@@ -46,7 +46,7 @@ _LAZY = {
     "read_stats": "stats",
 }
 # Submodules the README names as `pelagos_bpf.<module>.<function>`: usable after a bare
-# `import pelagos_bpf`, as when __init__ imported them all.
+# `import pelagos_bpf` (before, only those __init__ happened to import were).
 _SUBMODULES = frozenset({"cgroup", "config", "devices", "events", "freezer", "gc", "net", "stats"})
 
 # The library logs (logging.getLogger("pelagos_bpf.*")) but prints nothing unless the

@@ -22,6 +22,7 @@ top-level `bpf/` in a checkout), found with importlib.resources in every kind of
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -234,6 +235,19 @@ class _KeyIndex:
         except BpfError:
             return None
 
+    @staticmethod
+    def read(dirfd: int, name: str, cdir: str) -> dict[str, object] | None:
+        """An index file's entry (trust-checked, of this format, naming a slot); None when
+        absent, refused or malformed."""
+        try:
+            data = trust.read_trusted_file(dirfd, name, cdir, "cache key index")
+            d = json.loads(data) if data else None
+        except (BpfError, ValueError):
+            return None
+        if isinstance(d, dict) and d.get("format") == _FORMAT and isinstance(d.get("slot"), str):
+            return d
+        return None
+
     def _load(self, slot: str) -> dict[str, object] | None:
         if slot in self.entries:
             return self.entries[slot]
@@ -241,19 +255,11 @@ class _KeyIndex:
         dirfd = self._dirfd()
         if dirfd is not None:
             try:
-                data = trust.read_trusted_file(
-                    dirfd, self.file_name(slot), self.cdir, "cache key index"
-                )
-            except BpfError:
-                data = None
+                entry = self.read(dirfd, self.file_name(slot), self.cdir)
             finally:
                 os.close(dirfd)
-            try:
-                d = json.loads(data) if data else None
-            except ValueError:
-                d = None
-            if isinstance(d, dict) and d.get("format") == _FORMAT and d.get("slot") == slot:
-                entry = d
+            if entry is not None and entry["slot"] != slot:
+                entry = None
         self.entries[slot] = entry
         return entry
 
@@ -328,10 +334,11 @@ def prune_cache(now: float | None = None) -> list[str]:
     source file is gone (a removed checkout or install). Returns the names removed.
 
     Cache files themselves stay: they are named by content, and any install with the same
-    sources and bcc may still want one.
+    sources and bcc may still want one. Unreadable or malformed index files stay too.
     """
+    cdir = str(cache_dir())
     try:
-        dirfd = _open_cache_dir(str(cache_dir()), create=False)
+        dirfd = _open_cache_dir(cdir, create=False)
     except BpfError:
         return []  # untrusted: not ours to clean (get_program refuses it with the fix)
     if dirfd is None:
@@ -342,36 +349,23 @@ def prune_cache(now: float | None = None) -> list[str]:
         for name in sorted(os.listdir(dirfd)):
             if name.startswith(trust.TMP_PREFIX):
                 try:
-                    stale = now - os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mtime
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if stale <= TMP_MAX_AGE:
-                    continue
-            elif name.startswith(_KeyIndex.PREFIX) and name.endswith(".json"):
-                if not _slot_gone(dirfd, name):
-                    continue
+                doomed = now - st.st_mtime > TMP_MAX_AGE
+            elif name.startswith(_KeyIndex.PREFIX):
+                entry = _KeyIndex.read(dirfd, name, cdir)
+                source = str(entry["slot"]).rsplit("|", 2)[0] if entry else ""
+                doomed = source.startswith("/") and not os.path.exists(source)
             else:
-                continue
-            try:
-                os.unlink(name, dir_fd=dirfd)
-                removed.append(name)
-            except FileNotFoundError:
-                continue
+                doomed = False
+            if doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dirfd)
+                    removed.append(name)
     finally:
         os.close(dirfd)
     return removed
-
-
-def _slot_gone(dirfd: int, name: str) -> bool:
-    """Is the key index file `name` about a source file that no longer exists? (Unreadable or
-    malformed: False, left alone.)"""
-    try:
-        data = trust.read_trusted_file(dirfd, name, str(cache_dir()), "cache key index")
-        slot = json.loads(data or b"null")["slot"]
-        source = slot.rsplit("|", 2)[0]
-    except (BpfError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return isinstance(source, str) and source.startswith("/") and not os.path.exists(source)
 
 
 def _is_tag(t: object) -> bool:
