@@ -13,6 +13,9 @@
    PROG_ATTACH, cgroup.procs; cleanup = pid back out + rmdir).
 2. per-open overhead of /dev/null in a cgroup with 1, 16, 1000 rules vs no program (our
    generic program, and the runc-shaped filter for contrast), timed by a C loop inside it.
+3. the first attach in a fresh process (no pin, pinned, ctypes backend, empty node) beside two
+   floors of the pinned one: the same syscalls in straight-line Python through bpfsys, and
+   the same syscalls from C (what a native path could reach).
 
 The run ends with one "goal met / not met" line per goal of issue 12 (setup <= 0.7x the C
 floor, setup+teardown <= 1.0x, for repeated and never-seen rule sets, on wall clock and on
@@ -40,6 +43,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -170,6 +174,16 @@ COST_NAMES = (
 )
 
 
+def write_entries(path: Path, entries: Sequence[tuple[bytes, bytes]]) -> Path:
+    """A rule set's map entries for devbench: count, key and value size, keys, values."""
+    path.write_bytes(
+        struct.pack("<III", len(entries), enc.RULE_KEY.size, enc.RULE_VAL.size)
+        + b"".join(k for k, _ in entries)
+        + b"".join(v for _, v in entries)
+    )
+    return path
+
+
 def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[str, float]:
     """Median wall us of each syscall, from the C program; also returned for the ratios' notes."""
     own = devprog.own_program()
@@ -180,12 +194,7 @@ def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[
         struct.pack("<I", 2) + b"".join(struct.pack("<I", len(p) // 8) + p for p in (runc, ours))
     )
     entries = enc.with_ruleset(1, 1, devprog.prepare(RULES).template)
-    ef = tmp / "cost_entries.bin"
-    ef.write_bytes(
-        struct.pack("<III", len(entries), enc.RULE_KEY.size, enc.RULE_VAL.size)
-        + b"".join(k for k, _ in entries)
-        + b"".join(v for _, v in entries)
-    )
+    ef = write_entries(tmp / "cost_entries.bin", entries)
     rules_fd = own.maps["dev_rules"]
     out = subprocess.run(
         [str(exe), "costs", str(parent), str(pid), str(pf), str(n), str(rules_fd), str(ef)],
@@ -514,6 +523,33 @@ def _run_floor(parent: Path, pin_dir: Path, runs: int) -> list[float]:
     return out
 
 
+def _run_c_floor(exe: Path, parent: Path, pin_dir: Path, runs: int, tmp: Path) -> list[float]:
+    """The floor's syscalls issued from C (devbench `first`), `runs` fresh processes: what a
+    native first attach could reach on this machine (no JSON parse, no rule encoding)."""
+    plan = json.loads(_floor_plan(pin_dir))
+    lines = [f"W {w}" for w in plan["walk"]] + [f"S {s}" for s in plan["stamps"]]
+    lines += [f"D {plan['pin_dir']}", f"C {plan['cache_dir']}", f"I {plan['index']}"]
+    plan_file, entry_file = tmp / "first.plan", tmp / "first.entries"
+    plan_file.write_text("\n".join([*lines, f"N {plan['pin']}"]) + "\n")
+    template = devprog.prepare(DEFAULT_DEVICE_RULES).template
+    write_entries(entry_file, enc.with_ruleset(0, 0, template))
+    out = []
+    for i in range(runs):
+        d = parent / f"cfloor{i}"
+        d.mkdir()
+        try:
+            r = subprocess.run(
+                [str(exe), "first", str(plan_file), str(d), str(entry_file)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            out.append(float(r.stdout.split()[0]))
+        finally:
+            d.rmdir()
+    return out
+
+
 ALLOW_ALL = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
 
 
@@ -540,7 +576,17 @@ class Resident:
         self.dir.rmdir()
 
 
-def bench_first_attach(parent: Path, tmp: Path, rounds: int, per: int) -> dict[str, float]:
+class FirstVariant(NamedTuple):
+    key: str
+    label: str
+    env: dict[str, str]
+    own_ns: bool = False  # in its own mount namespace (a private /sys/fs/bpf)
+    on_node: bool = True  # with a Resident program on another cgroup
+
+
+def bench_first_attach(
+    exe: Path, parent: Path, tmp: Path, rounds: int, per: int
+) -> dict[str, float]:
     """A fresh process's first attach: load (no pin), or fetch the pinned program from
     $PELAGOS_BPF_PIN_DIR or from the default pin dir; on a node where another cgroup has a
     device program (Resident), and once on an empty node. Interleaved: each round runs `per`
@@ -554,36 +600,44 @@ def bench_first_attach(parent: Path, tmp: Path, rounds: int, per: int) -> dict[s
     resident = Resident(parent)
     pinned = {PIN_ENV: str(pin_dir)}
     ctypes_pinned = {**pinned, bpfsys.CTYPES_ENV: "1"}
-    # key, label, environment, in its own mount ns, with a Resident
     variants = [
-        ("no pin", "no pin: cache read + 3 map creates + PROG_LOAD", {PIN_ENV: ""}, 0, 1),
-        ("pin", "$PELAGOS_BPF_PIN_DIR: fetch the pinned program", pinned, 0, 1),
-        ("default pin", f"default pins ({DEFAULT_PIN_DIR}, own mount ns)", {}, 1, 1),
-        ("pin, ctypes backend", "$PELAGOS_BPF_PIN_DIR, ctypes backend", ctypes_pinned, 0, 1),
-        ("pin, empty node", "$PELAGOS_BPF_PIN_DIR, no device program anywhere", pinned, 0, 0),
+        FirstVariant("no pin", "no pin: cache read + 3 map creates + PROG_LOAD", {PIN_ENV: ""}),
+        FirstVariant("pin", "$PELAGOS_BPF_PIN_DIR: fetch the pinned program", pinned),
+        FirstVariant(
+            "default pin", f"default pins ({DEFAULT_PIN_DIR}, own mount ns)", {}, own_ns=True
+        ),
+        FirstVariant("pin, ctypes backend", "$PELAGOS_BPF_PIN_DIR, ctypes backend", ctypes_pinned),
+        FirstVariant(
+            "pin, empty node",
+            "$PELAGOS_BPF_PIN_DIR, no device program anywhere",
+            pinned,
+            on_node=False,
+        ),
     ]
     if shutil.which("unshare") is None:
         print("(default pins skipped: no unshare(1))")
-        variants = [v for v in variants if not v[3]]
-    runs: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in variants}
+        variants = [v for v in variants if not v.own_ns]
+    runs: dict[str, list[tuple[float, float]]] = {v.key: [] for v in variants}
     floor: list[float] = []
+    c_floor: list[float] = []
     try:
         for _ in range(rounds):
-            for key, _label, env, ns, on_node in variants:
+            for v in variants:
                 cmd = [sys.executable, "-c", _FIRST_DRIVER, sys.executable, _FIRST, str(parent)]
-                cmd += [str(per + 1), "1" if ns else "0"]
-                if ns:
+                cmd += [str(per + 1), "1" if v.own_ns else "0"]
+                if v.own_ns:
                     cmd = ["unshare", "--mount", "--propagation", "private", *cmd]
-                with resident if on_node else contextlib.nullcontext():
+                with resident if v.on_node else contextlib.nullcontext():
                     out = json.loads(
                         subprocess.run(
-                            cmd, check=True, capture_output=True, text=True, env={**base, **env}
+                            cmd, check=True, capture_output=True, text=True, env={**base, **v.env}
                         ).stdout
                     )
-                runs[key] += [(float(a), float(b)) for a, b in out[1:]]
-                if key == "pin":
+                runs[v.key] += [(float(a), float(b)) for a, b in out[1:]]
+                if v.key == "pin":
                     with resident:
                         floor += _run_floor(parent, pin_dir, per)
+                        c_floor += _run_c_floor(exe, parent, pin_dir, per, tmp)
         n = rounds * per
         print(f"\n== first attach in a fresh process (medians of {n}, interleaved; cache warm)")
         print("   (a device program attached to another cgroup, as on a node running a container)")
@@ -596,6 +650,8 @@ def bench_first_attach(parent: Path, tmp: Path, rounds: int, per: int) -> dict[s
             if key == "pin":
                 label = "  its floor: the same syscalls, straight-line Python"
                 print(f"{label:50} {statistics.median(floor):8.0f} us")
+                label = "  the same syscalls from C (a native path's floor)"
+                print(f"{label:50} {statistics.median(c_floor):8.0f} us")
         for p in pin_dir.iterdir():
             if p.name.startswith(devprog.PROG_NAME):
                 p.unlink()
@@ -673,7 +729,7 @@ def main() -> int:
             )
             if not args.skip_opens:
                 bench_opens(exe, parent, args.opens, args.open_rounds)
-            first = bench_first_attach(parent, tmp, 4, 3)
+            first = bench_first_attach(exe, parent, tmp, 4, 3)
             print("\n== issue 12 goals, this run (medians; ratios to the C floor)")
             print("   (wall clock counts run-queue waits and RCU grace periods; CPU time does not)")
             for name, (setup, total) in ratios.items():
