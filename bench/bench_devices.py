@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -478,7 +478,7 @@ print((t1 - t0) / 1000, 0)
 """
 
 
-def _floor_plan(pin_dir: Path) -> str:
+def _floor_plan(pin_dir: Path) -> dict[str, Any]:
     """What the floor process touches, found by the library here (not timed there)."""
     src = progcache.source_file(devlay.SOURCE)
     files = progcache._fingerprint([src, *progcache._stub_files()])
@@ -490,60 +490,51 @@ def _floor_plan(pin_dir: Path) -> str:
         return ["/"] + ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
     pins = devprog.FEATURE.pin_paths(str(pin_dir))
-    return json.dumps(
-        {
-            "walk": prefixes(str(pin_dir)) + prefixes(cdir),
-            "pin_dir": str(pin_dir),
-            "cache_dir": cdir,
-            "stamps": [f[0] for f in files] + [progcache._bcc_version_file() or "/"],
-            "index": progcache._KeyIndex.file_name(slot),
-            "pin": os.path.basename(pins[devlay.FUNC]),
-        }
-    )
+    return {
+        "walk": prefixes(str(pin_dir)) + prefixes(cdir),
+        "pin_dir": str(pin_dir),
+        "cache_dir": cdir,
+        "stamps": [f[0] for f in files] + [progcache._bcc_version_file() or "/"],
+        "index": progcache._KeyIndex.file_name(slot),
+        "pin": os.path.basename(pins[devlay.FUNC]),
+    }
 
 
-def _run_floor(parent: Path, pin_dir: Path, runs: int) -> list[float]:
-    """`runs` fresh processes doing the floor (the pins exist: the caller's
-    $PELAGOS_BPF_PIN_DIR variant made them)."""
+Command = Callable[[Path], list[str]]  # a cgroup dir -> the argv of one fresh process
+
+
+def _floors(exe: Path, pin_dir: Path, tmp: Path) -> dict[str, Command]:
+    """The two floors of a pinned first attach, label -> command: the same syscalls in
+    straight-line Python (_FIRST_FLOOR), and from C (devbench `first`: no JSON parse, no rule
+    encoding, what a native path could reach). Their inputs are written once, here."""
     plan = _floor_plan(pin_dir)
-    out = []
-    for i in range(runs):
-        d = parent / f"floor{i}"
-        d.mkdir()
-        try:
-            r = subprocess.run(
-                [sys.executable, "-c", _FIRST_FLOOR, str(d), plan],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            out.append(float(r.stdout.split()[0]))
-        finally:
-            d.rmdir()
-    return out
-
-
-def _run_c_floor(exe: Path, parent: Path, pin_dir: Path, runs: int, tmp: Path) -> list[float]:
-    """The floor's syscalls issued from C (devbench `first`), `runs` fresh processes: what a
-    native first attach could reach on this machine (no JSON parse, no rule encoding)."""
-    plan = json.loads(_floor_plan(pin_dir))
     lines = [f"W {w}" for w in plan["walk"]] + [f"S {s}" for s in plan["stamps"]]
     lines += [f"D {plan['pin_dir']}", f"C {plan['cache_dir']}", f"I {plan['index']}"]
     plan_file, entry_file = tmp / "first.plan", tmp / "first.entries"
     plan_file.write_text("\n".join([*lines, f"N {plan['pin']}"]) + "\n")
     template = devprog.prepare(DEFAULT_DEVICE_RULES).template
     write_entries(entry_file, enc.with_ruleset(0, 0, template))
+    py, c = [sys.executable, "-c", _FIRST_FLOOR], [str(exe), "first", str(plan_file)]
+    py_plan = json.dumps(plan)
+    return {
+        "its floor: the same syscalls, straight-line Python": lambda d: [*py, str(d), py_plan],
+        "the same syscalls from C (a native path's floor)": lambda d: [
+            *c,
+            str(d),
+            str(entry_file),
+        ],
+    }
+
+
+def _fresh_runs(parent: Path, runs: int, command: Command) -> list[float]:
+    """`runs` fresh processes of `command`, each on a new cgroup under `parent`; the first
+    number each prints (the pins exist: the caller's $PELAGOS_BPF_PIN_DIR variant made them)."""
     out = []
     for i in range(runs):
-        d = parent / f"cfloor{i}"
+        d = parent / f"floor{i}"
         d.mkdir()
         try:
-            r = subprocess.run(
-                [str(exe), "first", str(plan_file), str(d), str(entry_file)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
+            r = subprocess.run(command(d), check=True, capture_output=True, text=True)
             out.append(float(r.stdout.split()[0]))
         finally:
             d.rmdir()
@@ -618,8 +609,8 @@ def bench_first_attach(
         print("(default pins skipped: no unshare(1))")
         variants = [v for v in variants if not v.own_ns]
     runs: dict[str, list[tuple[float, float]]] = {v.key: [] for v in variants}
-    floor: list[float] = []
-    c_floor: list[float] = []
+    floors = _floors(exe, pin_dir, tmp)
+    floor_runs: dict[str, list[float]] = {label: [] for label in floors}
     try:
         for _ in range(rounds):
             for v in variants:
@@ -636,8 +627,8 @@ def bench_first_attach(
                 runs[v.key] += [(float(a), float(b)) for a, b in out[1:]]
                 if v.key == "pin":
                     with resident:
-                        floor += _run_floor(parent, pin_dir, per)
-                        c_floor += _run_c_floor(exe, parent, pin_dir, per, tmp)
+                        for label, command in floors.items():
+                            floor_runs[label] += _fresh_runs(parent, per, command)
         n = rounds * per
         print(f"\n== first attach in a fresh process (medians of {n}, interleaved; cache warm)")
         print("   (a device program attached to another cgroup, as on a node running a container)")
@@ -648,10 +639,8 @@ def bench_first_attach(
             print(f"{label:50} first {first:8.0f} us, then {then:6.0f} us")
             result[key] = first
             if key == "pin":
-                label = "  its floor: the same syscalls, straight-line Python"
-                print(f"{label:50} {statistics.median(floor):8.0f} us")
-                label = "  the same syscalls from C (a native path's floor)"
-                print(f"{label:50} {statistics.median(c_floor):8.0f} us")
+                for label, us in floor_runs.items():
+                    print(f"  {label:48} {statistics.median(us):8.0f} us")
         for p in pin_dir.iterdir():
             if p.name.startswith(devprog.PROG_NAME):
                 p.unlink()

@@ -152,19 +152,45 @@ static void attach(int cg, int prog, int cmd) {
         die(cmd == BPF_PROG_ATTACH ? "BPF_PROG_ATTACH" : "BPF_PROG_DETACH");
 }
 
+/* One rule set's map entries, as bench_devices.write_entries stores them. */
+struct entries {
+    uint32_t n, key_size, value_size;
+    char *keys, *values;
+};
+
+static struct entries read_entries(const char *file) {
+    struct entries e;
+    uint32_t hdr[3];
+    FILE *f = fopen(file, "rb");
+    if (!f || fread(hdr, 4, 3, f) != 3)
+        die(file);
+    e.n = hdr[0], e.key_size = hdr[1], e.value_size = hdr[2];
+    e.keys = malloc(e.n * e.key_size);
+    e.values = malloc(e.n * e.value_size);
+    if (fread(e.keys, e.key_size, e.n, f) != e.n || fread(e.values, e.value_size, e.n, f) != e.n)
+        die(file);
+    fclose(f);
+    return e;
+}
+
+/* MAP_UPDATE_BATCH (keys and values) or MAP_DELETE_BATCH (keys) of every entry. */
+static void batch(int cmd, int map, const struct entries *e) {
+    union bpf_attr a;
+    memset(&a, 0, sizeof a);
+    a.batch.map_fd = map;
+    a.batch.keys = (uint64_t)(uintptr_t)e->keys;
+    if (cmd == BPF_MAP_UPDATE_BATCH)
+        a.batch.values = (uint64_t)(uintptr_t)e->values;
+    a.batch.count = e->n;
+    if (bpf_call(cmd, &a))
+        die(cmd == BPF_MAP_UPDATE_BATCH ? "BPF_MAP_UPDATE_BATCH" : "BPF_MAP_DELETE_BATCH");
+}
+
 static int costs(const char *parent, const char *pid, const char *progfile, int n, int mapfd,
                  const char *entryfile) {
     uint32_t count, *lens;
     struct bpf_insn **progs = read_progs(progfile, &lens, &count);
-    FILE *f = fopen(entryfile, "rb");
-    uint32_t hdr[3];
-    if (!f || fread(hdr, 4, 3, f) != 3)
-        die(entryfile);
-    uint32_t ne = hdr[0], ks = hdr[1], vs = hdr[2];
-    char *keys = malloc(ne * ks), *vals = malloc(ne * vs);
-    if (fread(keys, ks, ne, f) != ne || fread(vals, vs, ne, f) != ne)
-        die("entryfile");
-    fclose(f);
+    struct entries e = read_entries(entryfile);
     char dir[4096], procs[4200], parent_procs[4200];
     snprintf(parent_procs, sizeof parent_procs, "%s/cgroup.procs", parent);
     for (int i = 0; i < n; i++) {
@@ -173,8 +199,8 @@ static int costs(const char *parent, const char *pid, const char *progfile, int 
         snprintf(dir, sizeof dir, "%s/k%d", parent, i);
         snprintf(procs, sizeof procs, "%s/cgroup.procs", dir);
         uint64_t rs = (0x7ff0000000ull + (uint64_t)i) << 1;
-        for (uint32_t e = 0; e < ne; e++)
-            memcpy(keys + e * ks, &rs, 8);
+        for (uint32_t j = 0; j < e.n; j++)
+            memcpy(e.keys + j * e.key_size, &rs, 8);
         t[k++] = now();
         if (mkdir(dir, 0755))
             die("mkdir");
@@ -191,14 +217,7 @@ static int costs(const char *parent, const char *pid, const char *progfile, int 
         t[k++] = now();
         attach(cg, runc, BPF_PROG_ATTACH);
         t[k++] = now();
-        union bpf_attr a;
-        memset(&a, 0, sizeof a);
-        a.batch.map_fd = mapfd;
-        a.batch.keys = (uint64_t)(uintptr_t)keys;
-        a.batch.values = (uint64_t)(uintptr_t)vals;
-        a.batch.count = ne;
-        if (bpf_call(BPF_MAP_UPDATE_BATCH, &a))
-            die("BPF_MAP_UPDATE_BATCH");
+        batch(BPF_MAP_UPDATE_BATCH, mapfd, &e);
         t[k++] = now();
         write_str(procs, pid);
         t[k++] = now();
@@ -216,12 +235,7 @@ static int costs(const char *parent, const char *pid, const char *progfile, int 
         if (rmdir(dir))
             die("rmdir");
         t[k++] = now();
-        memset(&a, 0, sizeof a);
-        a.batch.map_fd = mapfd;
-        a.batch.keys = (uint64_t)(uintptr_t)keys;
-        a.batch.count = ne;
-        if (bpf_call(BPF_MAP_DELETE_BATCH, &a))
-            die("BPF_MAP_DELETE_BATCH");
+        batch(BPF_MAP_DELETE_BATCH, mapfd, &e);
         t[k++] = now();
         printf("%d", i % 2);
         for (int j = 1; j < k; j++)
@@ -280,15 +294,8 @@ static int lookup(int map, const void *key, void *val) {
 static int first(const char *planfile, const char *cgdir, const char *entryfile) {
     struct plan p;
     read_plan(planfile, &p);
-    FILE *f = fopen(entryfile, "rb");
-    uint32_t hdr[3];
-    if (!f || fread(hdr, 4, 3, f) != 3)
-        die(entryfile);
-    uint32_t ne = hdr[0], ks = hdr[1], vs = hdr[2];
-    char *keys = malloc(ne * ks), *vals = malloc(ne * vs), buf[1 << 16], val[256], path[64];
-    if (fread(keys, ks, ne, f) != ne || fread(vals, vs, ne, f) != ne)
-        die("entryfile");
-    fclose(f);
+    struct entries e = read_entries(entryfile);
+    char buf[1 << 16], val[256], path[64];
     struct stat st;
     uint64_t t0 = now();
     for (int i = 0; i < p.n_walk; i++)
@@ -358,19 +365,13 @@ static int first(const char *planfile, const char *cgdir, const char *entryfile)
         die("fstat cgroup");
     struct { uint64_t cgroup; uint32_t type, pad; } skey = {st.st_ino, BPF_CGROUP_DEVICE, 0};
     struct { uint64_t cgroup; uint32_t gen, pad; } cv = {st.st_ino, 1, 0};
-    for (uint32_t e = 0; e < ne; e++) {
-        memcpy(keys + e * ks, &cv.cgroup, 8);
-        memcpy(keys + e * ks + 8, &cv.gen, 4);
+    for (uint32_t j = 0; j < e.n; j++) {
+        memcpy(e.keys + j * e.key_size, &cv.cgroup, 8);
+        memcpy(e.keys + j * e.key_size + 8, &cv.gen, 4);
     }
     lookup(cur, &skey, val);
-    lookup(rules, keys, val);
-    memset(&a, 0, sizeof a);
-    a.batch.map_fd = rules;
-    a.batch.keys = (uint64_t)(uintptr_t)keys;
-    a.batch.values = (uint64_t)(uintptr_t)vals;
-    a.batch.count = ne;
-    if (bpf_call(BPF_MAP_UPDATE_BATCH, &a))
-        die("BPF_MAP_UPDATE_BATCH");
+    lookup(rules, e.keys, val);
+    batch(BPF_MAP_UPDATE_BATCH, rules, &e);
     memset(&a, 0, sizeof a);
     a.map_fd = cur;
     a.key = (uint64_t)(uintptr_t)&skey;
@@ -380,12 +381,7 @@ static int first(const char *planfile, const char *cgdir, const char *entryfile)
     flock(cg, LOCK_UN);
     uint64_t t1 = now();
     attach(cg, prog, BPF_PROG_DETACH);
-    memset(&a, 0, sizeof a);
-    a.batch.map_fd = rules;
-    a.batch.keys = (uint64_t)(uintptr_t)keys;
-    a.batch.count = ne;
-    if (bpf_call(BPF_MAP_DELETE_BATCH, &a))
-        die("BPF_MAP_DELETE_BATCH");
+    batch(BPF_MAP_DELETE_BATCH, rules, &e);
     printf("%.1f\n", (double)(t1 - t0) / 1000);
     return 0;
 }

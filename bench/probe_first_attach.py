@@ -2,7 +2,8 @@
 
 bench_devices.py times the whole first attach and two floors of it (the same syscalls in
 straight-line Python, and from C). This probe splits ours: each fresh process wraps the
-library's steps in timers (monkeypatching: ~1 us per wrapped call), runs one
+library's steps in timers (monkeypatching; the timers cost a fresh process ~0.5 ms, so the
+total is also timed without them), runs one
 `attach_devices(cg, DEFAULT_DEVICE_RULES)` with the program pinned in a private bpffs, then
 resets every per-process cache (the loaded program, the key index, the cache dir fd, the
 prepared rule sets: private state, which is why this is a probe) and runs the same attach on
@@ -46,11 +47,11 @@ STEPS = (
 )
 
 _CHILD = """
-import functools, json, os, sys, time
+import functools, json, sys, time
 from pelagos_bpf import progcache, trust
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, attach_devices, detach_devices, program
-steps, dirs, wrap = json.loads(sys.argv[1]), sys.argv[2:], sys.argv[1] != "[]"
+steps, dirs = json.loads(sys.argv[1]), sys.argv[2:]
 spent = {}
 def timed(label, f):
     @functools.wraps(f)
@@ -68,12 +69,7 @@ for label, where, attr in steps:
 def reset():
     loaded, program.FEATURE._loaded = program.FEATURE._loaded, None
     loaded.close()
-    progcache._program_ident.cache_clear()
-    progcache._cache_key.cache_clear()
-    progcache._KeyIndex._instance = None
-    for fd in progcache._DIR_FDS.values():
-        os.close(fd)
-    progcache._DIR_FDS.clear()
+    progcache.reset_process_state()
     program._prepare.cache_clear()
 out = []
 for d in dirs:

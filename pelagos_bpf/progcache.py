@@ -495,6 +495,18 @@ def _open_cache_dir_locked(cdir: str, create: bool) -> int | None:
     return os.dup(fd)
 
 
+def reset_process_state() -> None:
+    """Forget what this process memoized (keys, idents, programs read, the key index, the cache
+    dir's fd): what a fresh process starts with. For tests and bench/probe_first_attach.py."""
+    for memo in (_cache_key, _program_ident, _get_cached):
+        getattr(memo, "cache_clear", lambda: None)()  # a test may have swapped one out
+    _KeyIndex._instance = None
+    with _DIR_LOCK:
+        for fd in _DIR_FDS.values():
+            os.close(fd)
+        _DIR_FDS.clear()
+
+
 def _to_json(p: CompiledProgram) -> dict[str, object]:
     return {
         "format": _FORMAT,

@@ -319,9 +319,7 @@ def fresh_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 def _forget() -> None:
     """What a fresh process starts with: no key memo, no index read yet."""
-    for memo in (progcache._cache_key, progcache._program_ident, progcache._get_cached):
-        getattr(memo, "cache_clear", lambda: None)()  # a test may have swapped one out
-    progcache._KeyIndex._instance = None
+    progcache.reset_process_state()
 
 
 def _index_file() -> Path:
@@ -434,7 +432,7 @@ def test_prune_removes_only_what_can_never_be_used(fresh_keys: Path) -> None:
     live_index = _index_file()
     gone_src = fresh_keys.parent / "removed-checkout" / "device.c"
     gone = cdir / f"{progcache._KeyIndex.PREFIX}pelagos_dev-15-00000000.json"
-    gone.write_text(json.dumps({"format": 1, "slot": f"{gone_src}|pelagos_dev|15"}))
+    gone.write_text(json.dumps({"format": progcache._FORMAT, "slot": f"{gone_src}|pelagos_dev|15"}))
     old_tmp = cdir / f"{trust.TMP_PREFIX}{gone.name}-1-abcd"
     young_tmp = cdir / f"{trust.TMP_PREFIX}{gone.name}-2-abcd"
     for f in (old_tmp, young_tmp):
