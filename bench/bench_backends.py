@@ -27,11 +27,11 @@ from pelagos_bpf.bpfsys import MapType
 
 _FRESH = r"""
 import os, time
-from pelagos_bpf import bpfsys
+from pelagos_bpf import bpfabi, bpfsys
 from pelagos_bpf.bpfsys import MapType
 w = time.perf_counter_ns
-a = bpfsys._ObjAttr(pathname=b"/nonexistent/pelagos-bench")
-b = bpfsys._ObjAttr(pathname=b"/nonexistent/pelagos-bench")
+a = bpfabi.ObjAttr(pathname=b"/nonexistent/pelagos-bench")
+b = bpfabi.ObjAttr(pathname=b"/nonexistent/pelagos-bench")
 t0 = w(); r1 = bpfsys._bpf("BPF_OBJ_GET", a); t1 = w(); r2 = bpfsys._bpf("BPF_OBJ_GET", b); t2 = w()
 fd = bpfsys.map_create(MapType.HASH, 4, 8, 16, name="bench_backend"); t3 = w()
 os.close(fd)

@@ -27,8 +27,8 @@ from .errors import (
 if TYPE_CHECKING:
     from .cgref import CgroupRef
     from .cgroup import Cgroup, SetupReport, setup_cgroup, teardown_cgroup, update_cgroup
-    from .config import CgroupConfig, CgroupDeviceRule
-    from .devices import DEFAULT_DEVICE_RULES
+    from .config import CgroupConfig
+    from .devices.rules import DEFAULT_DEVICE_RULES, CgroupDeviceRule
     from .stats import ResourceStats, read_stats
 
 # name -> the submodule defining it, imported on first access
@@ -40,8 +40,8 @@ _LAZY = {
     "teardown_cgroup": "cgroup",
     "update_cgroup": "cgroup",
     "CgroupConfig": "config",
-    "CgroupDeviceRule": "config",
-    "DEFAULT_DEVICE_RULES": "devices",
+    "CgroupDeviceRule": "devices.rules",
+    "DEFAULT_DEVICE_RULES": "devices.rules",
     "ResourceStats": "stats",
     "read_stats": "stats",
 }

@@ -7,14 +7,11 @@ for its first call (the CDLL, the prototype) and every call ~2 us of conversions
 bench_devices.py prints both backends); `BACKEND` says which one this process uses, and
 $PELAGOS_BPF_CTYPES=1 forces ctypes. Both return -errno, so nothing above can tell them apart.
 What libbpf gave us is kept here: every command's `union bpf_attr` is a zero-filled buffer of
-ATTR_SIZE bytes, bigger than any kernel's union we know (the kernel takes a bigger size when the
-tail is zero, and fields a newer kernel writes back, such as PROG_QUERY's `revision` on 6.17+,
-land in owned memory); PROG_LOAD is retried on EAGAIN (libbpf's 5 attempts); map and program
-names are cut to the kernel's 15 bytes; fds 0-2 are never returned (libbpf's
-ensure_good_fd: a runtime that closed stdio must not get a BPF object as stdin); the possible-CPU
-count is parsed from /sys/devices/system/cpu/possible as libbpf_num_possible_cpus() does. The
-attr layouts mirror /usr/include/linux/bpf.h; tests/test_bpfsys_layout.py checks every offset
-against that header with the system C compiler.
+ATTR_SIZE bytes (the layouts are in bpfabi.py); PROG_LOAD is retried on EAGAIN (libbpf's 5
+attempts); map and program names are cut to the kernel's 15 bytes; fds 0-2 are never returned
+(libbpf's ensure_good_fd: a runtime that closed stdio must not get a BPF object as stdin); the
+possible-CPU count is parsed from /sys/devices/system/cpu/possible as libbpf_num_possible_cpus()
+does.
 Every other module goes through these functions; none touches ctypes or bpf(2) itself
 (statfs(2), for the pin dir's filesystem type, comes from here too).
 """
@@ -26,10 +23,37 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import IntEnum
 from functools import cache
 
+from .bpfabi import (
+    ATTR_SIZE,
+    BPF_ANY,
+    BPF_EXIST,
+    BPF_F_ALLOW_MULTI,
+    BPF_F_ALLOW_OVERRIDE,
+    BPF_F_QUERY_EFFECTIVE,
+    BPF_F_REPLACE,
+    BPF_NOEXIST,
+    CMDS,
+    SYS_BPF,
+    AttachAttr,
+    AttachType,
+    Attr,
+    BatchAttr,
+    ElemAttr,
+    IdAttr,
+    InfoAttr,
+    MapCreateAttr,
+    MapInfo,
+    MapInfoStruct,
+    MapType,
+    ObjAttr,
+    ProgInfo,
+    ProgInfoStruct,
+    ProgLoadAttr,
+    ProgType,
+    QueryAttr,
+)
 from .errors import BpfError
 
 try:
@@ -37,229 +61,22 @@ try:
 except ImportError:  # not built: an install without a C compiler works through ctypes
     _ext = None
 
-BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
-BPF_F_ALLOW_OVERRIDE = 1
-BPF_F_ALLOW_MULTI = 2
-BPF_F_REPLACE = 4
-BPF_F_QUERY_EFFECTIVE = 1
-
-ATTR_SIZE = 256  # > sizeof(union bpf_attr) of every kernel we know (6.18: < 160 bytes)
 PROG_LOAD_ATTEMPTS = 5  # libbpf's default for PROG_LOAD on EAGAIN
 POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
-
-# __NR_bpf per `uname -m` (the kernel's syscall tables; asm-generic arches share 280). Only
-# 64-bit arches: the attrs below rely on c_uint64 being 8-byte aligned, as __aligned_u64 is.
-SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
-
-
-# enum bpf_cmd: the commands this layer issues, by the name errors report them under.
-CMDS = {
-    "BPF_MAP_CREATE": 0,
-    "BPF_MAP_LOOKUP_ELEM": 1,
-    "BPF_MAP_UPDATE_ELEM": 2,
-    "BPF_MAP_DELETE_ELEM": 3,
-    "BPF_MAP_GET_NEXT_KEY": 4,
-    "BPF_PROG_LOAD": 5,
-    "BPF_OBJ_PIN": 6,
-    "BPF_OBJ_GET": 7,
-    "BPF_PROG_ATTACH": 8,
-    "BPF_PROG_DETACH": 9,
-    "BPF_PROG_GET_NEXT_ID": 11,
-    "BPF_PROG_GET_FD_BY_ID": 13,
-    "BPF_MAP_GET_FD_BY_ID": 14,
-    "BPF_OBJ_GET_INFO_BY_FD": 15,
-    "BPF_PROG_QUERY": 16,
-    "BPF_MAP_UPDATE_BATCH": 26,
-    "BPF_MAP_DELETE_BATCH": 27,
-}
-
-
-class ProgType(IntEnum):
-    SCHED_CLS = 3
-    CGROUP_SKB = 8
-    CGROUP_SOCK = 9
-    CGROUP_DEVICE = 15
-    CGROUP_SOCKOPT = 25
-
-
-class AttachType(IntEnum):
-    CGROUP_INET_INGRESS = 0
-    CGROUP_INET_EGRESS = 1
-    CGROUP_INET_SOCK_CREATE = 2
-    CGROUP_DEVICE = 6
-    CGROUP_SETSOCKOPT = 22
-
-
-class MapType(IntEnum):
-    HASH = 1
-    ARRAY = 2
-    PERCPU_HASH = 5
-    PERCPU_ARRAY = 6
-    LRU_HASH = 9
-    CGROUP_STORAGE = 19
-    PERCPU_CGROUP_STORAGE = 21
-
-
-_U32 = ct.c_uint32
-_U64 = ct.c_uint64  # __aligned_u64: a pointer the kernel writes through goes in as an address
-# A pointer the kernel only reads: bytes go in without a copy (ctypes keeps them alive with the
-# attr). 8 bytes and 8-aligned, as __aligned_u64, on the 64-bit arches SYS_BPF lists; an int
-# address is taken too (MAP_LOOKUP_ELEM's value is an output).
-_IN = ct.c_char_p
-
-
-_Field = tuple[str, type[ct._SimpleCData] | type[ct.Array[ct.c_char]]]
-
-
-def _padded(*fields: _Field) -> tuple[_Field, ...]:
-    """A command's leading fields, then zeros up to ATTR_SIZE bytes (C layout rules)."""
-    end = 0
-    for _, t in fields:
-        align = ct.alignment(t)
-        end = (end + align - 1) // align * align + ct.sizeof(t)
-    return (*fields, ("_tail", ct.c_uint8 * (ATTR_SIZE - end)))
-
-
-class _Attr(ct.Structure):
-    """One command's view of `union bpf_attr`, ATTR_SIZE bytes, zero-filled when made."""
-
-    c_prefix = ""  # the struct's name inside the union ("" for the header's anonymous structs)
-
-
-class _MapCreateAttr(_Attr):
-    _fields_ = _padded(
-        ("map_type", _U32),
-        ("key_size", _U32),
-        ("value_size", _U32),
-        ("max_entries", _U32),
-        ("map_flags", _U32),
-        ("inner_map_fd", _U32),
-        ("numa_node", _U32),
-        ("map_name", ct.c_char * 16),
-    )
-
-
-class _ElemAttr(_Attr):
-    # `value` is `next_key` for MAP_GET_NEXT_KEY (a union in the header).
-    _fields_ = _padded(("map_fd", _U32), ("key", _IN), ("value", _IN), ("flags", _U64))
-
-
-class _BatchAttr(_Attr):
-    c_prefix = "batch."
-    _fields_ = _padded(
-        ("in_batch", _U64),
-        ("out_batch", _U64),
-        ("keys", _IN),
-        ("values", _IN),
-        ("count", _U32),
-        ("map_fd", _U32),
-        ("elem_flags", _U64),
-        ("flags", _U64),
-    )
-
-
-class _ProgLoadAttr(_Attr):
-    _fields_ = _padded(
-        ("prog_type", _U32),
-        ("insn_cnt", _U32),
-        ("insns", _IN),
-        ("license", _IN),
-        ("log_level", _U32),
-        ("log_size", _U32),
-        ("log_buf", _U64),
-        ("kern_version", _U32),
-        ("prog_flags", _U32),
-        ("prog_name", ct.c_char * 16),
-        ("prog_ifindex", _U32),
-        ("expected_attach_type", _U32),
-    )
-
-
-class _ObjAttr(_Attr):
-    _fields_ = _padded(("pathname", _IN), ("bpf_fd", _U32), ("file_flags", _U32))
-
-
-class _AttachAttr(_Attr):
-    _fields_ = _padded(
-        ("target_fd", _U32),
-        ("attach_bpf_fd", _U32),
-        ("attach_type", _U32),
-        ("attach_flags", _U32),
-        ("replace_bpf_fd", _U32),
-    )
-
-
-class _IdAttr(_Attr):
-    # `start_id` is also `prog_id` / `map_id` (a union in the header).
-    _fields_ = _padded(("start_id", _U32), ("next_id", _U32), ("open_flags", _U32))
-
-
-class _InfoAttr(_Attr):
-    c_prefix = "info."
-    _fields_ = _padded(("bpf_fd", _U32), ("info_len", _U32), ("info", _U64))
-
-
-class _QueryAttr(_Attr):
-    c_prefix = "query."
-    _fields_ = _padded(
-        ("target_fd", _U32),
-        ("attach_type", _U32),
-        ("query_flags", _U32),
-        ("attach_flags", _U32),
-        ("prog_ids", _U64),
-        ("prog_cnt", _U32),
-    )
-
-
-class _ProgInfo(ct.Structure):
-    # Leading part of struct bpf_prog_info; the kernel copies min(its size, ours).
-    _fields_ = (
-        ("type", _U32),
-        ("id", _U32),
-        ("tag", ct.c_uint8 * 8),
-        ("jited_prog_len", _U32),
-        ("xlated_prog_len", _U32),
-        ("jited_prog_insns", _U64),
-        ("xlated_prog_insns", _U64),
-        ("load_time", _U64),
-        ("created_by_uid", _U32),
-        ("nr_map_ids", _U32),
-        ("map_ids", _U64),
-        ("name", ct.c_char * 16),
-    )
-
-
-class _MapInfo(ct.Structure):
-    _fields_ = (
-        ("type", _U32),
-        ("id", _U32),
-        ("key_size", _U32),
-        ("value_size", _U32),
-        ("max_entries", _U32),
-        ("map_flags", _U32),
-        ("name", ct.c_char * 16),
-    )
-
-
-@dataclass(frozen=True)
-class ProgInfo:
-    id: int
-    type: int
-    name: str
-    tag: str
-    map_ids: list[int]
-
-
-@dataclass(frozen=True)
-class MapInfo:
-    id: int
-    type: int
-    name: str
-    key_size: int
-    value_size: int
-    max_entries: int
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_F_ALLOW_MULTI",
+    "BPF_F_ALLOW_OVERRIDE",
+    "BPF_F_QUERY_EFFECTIVE",
+    "BPF_F_REPLACE",
+    "BPF_NOEXIST",
+    "AttachType",
+    "MapInfo",
+    "MapType",
+    "ProgInfo",
+    "ProgType",
+]
 
 
 @cache
@@ -283,14 +100,14 @@ def _syscall() -> tuple[Callable[..., int], int]:
     return fn, nr
 
 
-def _bpf_ctypes(op: str, attr: _Attr) -> int:
+def _bpf_ctypes(op: str, attr: Attr) -> int:
     """One bpf(2) call; the result, or -errno on failure (as libbpf 1.x returned)."""
     fn, nr = _syscall()
     ret = fn(nr, CMDS[op], ct.byref(attr), ATTR_SIZE)
     return -ct.get_errno() if ret < 0 else ret
 
 
-def _bpf_ext(op: str, attr: _Attr) -> int:
+def _bpf_ext(op: str, attr: Attr) -> int:
     """_bpf_ctypes through pelagos_bpf._sys (the attr passes as a writable buffer)."""
     return _ext.bpf(CMDS[op], attr)
 
@@ -331,17 +148,17 @@ def use_backend(name: str) -> str:
 
 CTYPES_ENV = "PELAGOS_BPF_CTYPES"
 BACKEND = "ctypes"
-_bpf: Callable[[str, _Attr], int] = _bpf_ctypes
+_bpf: Callable[[str, Attr], int] = _bpf_ctypes
 _statfs: Callable[[bytes], int] = _statfs_ctypes
 if _ext is not None and not os.environ.get(CTYPES_ENV):
     use_backend("ext")
 
 
-def _call(op: str, attr: _Attr, detail: str = "") -> int:
+def _call(op: str, attr: Attr, detail: str = "") -> int:
     return _check(_bpf(op, attr), op, detail)
 
 
-def _charged(op: str, attr: _Attr) -> int:
+def _charged(op: str, attr: Attr) -> int:
     """A MAP_CREATE or PROG_LOAD: kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK
     (64 KiB by default there) and say EPERM when it runs out; 5.11+ charge the memcg. So, as
     libbpf's bump_rlimit_memlock does for those kernels, an EPERM while the limit is finite
@@ -415,7 +232,7 @@ def map_create(
     map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "", flags: int = 0
 ) -> int:
     """Create a map; the name is cut to the kernel's 15 bytes (as libbpf's strlcpy did)."""
-    attr = _MapCreateAttr(
+    attr = MapCreateAttr(
         map_type=map_type,
         key_size=key_size,
         value_size=value_size,
@@ -429,7 +246,7 @@ def map_create(
 
 def _elem(op: str, fd: int, key: bytes | None, value: bytes | int | None, flags: int = 0) -> int:
     """A MAP_*_ELEM command; `value` is bytes going in, or the address of an output buffer."""
-    return _bpf(op, _ElemAttr(map_fd=fd, key=key, value=value, flags=flags))
+    return _bpf(op, ElemAttr(map_fd=fd, key=key, value=value, flags=flags))
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
@@ -480,16 +297,27 @@ def map_update_batch(fd: int, items: list[tuple[bytes, bytes]], flags: int = BPF
         return
     keys = b"".join(k for k, _ in items)
     values = b"".join(v for _, v in items)
-    attr = _BatchAttr(keys=keys, values=values, count=len(items), map_fd=fd, elem_flags=flags)
+    attr = BatchAttr(keys=keys, values=values, count=len(items), map_fd=fd, elem_flags=flags)
     ret = _bpf("BPF_MAP_UPDATE_BATCH", attr)
     _check(ret, "BPF_MAP_UPDATE_BATCH", f"{attr.count} of {len(items)} written")
 
 
 def map_delete_batch(fd: int, keys: list[bytes]) -> int:
-    """Delete many keys in one syscall; absent keys are skipped. Returns how many were deleted."""
+    """Delete many keys in one syscall; absent keys are skipped. Returns how many were deleted.
+
+    The kernel stops at the first absent key; the call resumes after it. The keys are joined
+    once and each resumption passes an address into that one buffer, so a list with many
+    absent keys costs O(keys), not O(keys^2) (a failed setup's rollback deletes what it may
+    not have written).
+    """
+    if not keys:
+        return 0
+    size = len(keys[0])
+    blob = ct.create_string_buffer(b"".join(keys), size * len(keys))
+    base = ct.addressof(blob)
     deleted = i = 0
     while i < len(keys):
-        attr = _BatchAttr(keys=b"".join(keys[i:]), count=len(keys) - i, map_fd=fd)
+        attr = BatchAttr(keys=base + i * size, count=len(keys) - i, map_fd=fd)
         ret = _bpf("BPF_MAP_DELETE_BATCH", attr)
         deleted += attr.count
         if ret == 0:
@@ -527,7 +355,7 @@ def prog_load(
     log_size = 0
     while True:
         log = ct.create_string_buffer(log_size) if log_size else None
-        attr = _ProgLoadAttr(
+        attr = ProgLoadAttr(
             prog_type=prog_type,
             insn_cnt=len(insns) // 8,
             insns=insns,
@@ -563,7 +391,7 @@ def prog_attach(
     replace_fd: int | None = None,
 ) -> None:
     """Attach to a cgroup; MULTI by default because exclusive locks out child cgroups."""
-    attr = _AttachAttr(
+    attr = AttachAttr(
         target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type, attach_flags=flags
     )
     if replace_fd is not None:
@@ -573,7 +401,7 @@ def prog_attach(
 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
-    attr = _AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
+    attr = AttachAttr(target_fd=target_fd, attach_bpf_fd=prog_fd, attach_type=attach_type)
     _call("BPF_PROG_DETACH", attr, f"attach type {int(attach_type)}")
 
 
@@ -582,7 +410,7 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
     cnt = 64
     while True:
         ids, addr = _out_buffer(4 * cnt)
-        attr = _QueryAttr(
+        attr = QueryAttr(
             target_fd=target_fd,
             attach_type=attach_type,
             query_flags=BPF_F_QUERY_EFFECTIVE if effective else 0,
@@ -598,13 +426,13 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
-    return _new_fd(_call("BPF_PROG_GET_FD_BY_ID", _IdAttr(start_id=prog_id), f"id {prog_id}"))
+    return _new_fd(_call("BPF_PROG_GET_FD_BY_ID", IdAttr(start_id=prog_id), f"id {prog_id}"))
 
 
 def prog_ids() -> list[int]:
     """Ids of every program loaded on the host (a snapshot), for garbage collection."""
     out: list[int] = []
-    attr = _IdAttr()
+    attr = IdAttr()
     while True:
         ret = _bpf("BPF_PROG_GET_NEXT_ID", attr)
         if ret == -errno.ENOENT:
@@ -615,11 +443,11 @@ def prog_ids() -> list[int]:
 
 
 def map_get_fd_by_id(map_id: int) -> int:
-    return _new_fd(_call("BPF_MAP_GET_FD_BY_ID", _IdAttr(start_id=map_id), f"id {map_id}"))
+    return _new_fd(_call("BPF_MAP_GET_FD_BY_ID", IdAttr(start_id=map_id), f"id {map_id}"))
 
 
 def _obj_info(fd: int, info: ct.Structure) -> None:
-    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=_addr(info))
+    attr = InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=_addr(info))
     _call("BPF_OBJ_GET_INFO_BY_FD", attr)
 
 
@@ -628,7 +456,7 @@ def prog_info(fd: int) -> ProgInfo:
     nmaps = 16
     while True:
         ids, addr = _out_buffer(4 * nmaps)
-        info = _ProgInfo(nr_map_ids=nmaps, map_ids=addr)
+        info = ProgInfoStruct(nr_map_ids=nmaps, map_ids=addr)
         _obj_info(fd, info)
         if info.nr_map_ids <= nmaps:
             return ProgInfo(
@@ -642,7 +470,7 @@ def prog_info(fd: int) -> ProgInfo:
 
 
 def map_info(fd: int) -> MapInfo:
-    info = _MapInfo()
+    info = MapInfoStruct()
     _obj_info(fd, info)
     return MapInfo(
         id=info.id,
@@ -655,12 +483,12 @@ def map_info(fd: int) -> MapInfo:
 
 
 def obj_pin(fd: int, path: str | os.PathLike[str]) -> None:
-    attr = _ObjAttr(pathname=os.fsencode(path), bpf_fd=fd)
+    attr = ObjAttr(pathname=os.fsencode(path), bpf_fd=fd)
     _call("BPF_OBJ_PIN", attr, str(path))
 
 
 def obj_get(path: str | os.PathLike[str]) -> int:
-    attr = _ObjAttr(pathname=os.fsencode(path))
+    attr = ObjAttr(pathname=os.fsencode(path))
     return _new_fd(_call("BPF_OBJ_GET", attr, str(path)))
 
 

@@ -1,4 +1,4 @@
-"""The seed's configuration types, plus a reader for OCI runtime-spec `linux.resources`.
+"""The seed's configuration type, plus a reader for OCI runtime-spec `linux.resources`.
 
 Field names and meanings follow pelagos' `CgroupConfig` so a runtime can port its calls
 unchanged; `None` (or an empty list) always means "leave the kernel default".
@@ -10,41 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .devices.rules import CgroupDeviceRule
 from .oci import read_resources
 
 Throttle = tuple[int, int, int]
 """(major, minor, rate) for one block device."""
 WeightDevice = tuple[int, int, int]
 """(major, minor, weight) for one block device, blkio scale 10..1000."""
-
-
-@dataclass(frozen=True)
-class CgroupDeviceRule:
-    """One device allow/deny rule, as in OCI `linux.resources.devices`.
-
-    kind is 'a' (all), 'b' (block) or 'c' (char); major/minor -1 is a wildcard; access is a
-    non-empty subset of "rwm".
-    """
-
-    allow: bool
-    kind: str = "a"
-    major: int = -1
-    minor: int = -1
-    access: str = "rwm"
-
-    def __str__(self) -> str:
-        def num(n: int) -> str:
-            return "*" if n == -1 else str(n)
-
-        verb = "allow" if self.allow else "deny"
-        return f"{verb} {self.kind} {num(self.major)}:{num(self.minor)} {self.access}"
-
-    @classmethod
-    def parse(cls, text: str) -> CgroupDeviceRule:
-        """ "allow c 1:3 rw" -> rule (the grammar `str(rule)` prints; ConfigError if bad)."""
-        from .devices.rules import parse_rule  # lazy: devices.rules imports this module
-
-        return parse_rule(text)
 
 
 @dataclass

@@ -10,7 +10,7 @@ process), the entries whose cgroup no longer exists. It runs by itself when a ru
 (then the write is retried once), and from `pelagos-bpf gc`. With a prefix it first tears down
 the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
 It also unpins programs this release would not fetch, and removes bytecode-cache files that can
-never be used again (progcache.prune_cache).
+never be used again.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from .cgref import Liveness, Ref
 from .cgroupfs import read_text, subtree_dirs
-from .feature import Feature, pin_dir
-from .features import FEATURES
+from .feature import Feature
 from .hierarchy import discover
 from .owner import forget_pending, is_ours
-from .progcache import prune_cache
+from .pins import pin_dir, pin_paths
+from .registry import FEATURES
 
 __all__ = ["GcReport", "collect"]
 
@@ -39,7 +39,6 @@ class GcReport:
     cgroups_removed: list[str] = field(default_factory=list)
     programs_detached: int = 0
     pins_removed: list[str] = field(default_factory=list)
-    cache_files_removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -55,8 +54,6 @@ class GcReport:
             *(f"  {p}" for p in self.pins_removed),
             f"map entries removed: {self.total_entries} (of {self.dead_cgroups} dead cgroups)",
             *(f"  {k}: {n}" for k, n in sorted(self.entries_removed.items())),
-            f"cache files removed: {len(self.cache_files_removed)}",
-            *(f"  {n}" for n in self.cache_files_removed),
         ]
         if self.errors:
             lines += ["errors:", *(f"  {e}" for e in self.errors)]
@@ -90,10 +87,6 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
                         os.close(fd)
     report.dead_cgroups = len(dead_ids)
     _remove_stale_pins(report)
-    try:
-        report.cache_files_removed = prune_cache()
-    except OSError as e:
-        report.errors.append(f"cache dir: {e}")
     return report
 
 
@@ -106,7 +99,9 @@ def _remove_stale_pins(report: GcReport) -> None:
         return
     ours = {p.name for feat in FEATURES for lay in feat.layers for p in lay.progs}
     try:
-        current = {os.path.basename(p) for feat in FEATURES for p in feat.pin_paths(d).values()}
+        current = {
+            os.path.basename(p) for feat in FEATURES for p in pin_paths(feat.current, d).values()
+        }
         names = os.listdir(d)
     except OSError as e:
         report.errors.append(f"pins in {d}: {e}")

@@ -16,8 +16,6 @@ import pytest
 from pelagos_bpf import bpfsys
 from pelagos_bpf.bpfsys import AttachType, MapType, ProgType
 from pelagos_bpf.errors import BpfError
-from pelagos_bpf.features import all_programs
-from pelagos_bpf.progcache import bpf_source, get_program
 
 ALLOW = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
 UNINIT_R0 = bytes.fromhex("9500000000000000")  # exit with r0 never written: the verifier refuses
@@ -319,8 +317,6 @@ print(json.dumps({"after_setup_and_teardown": after, "control": control}))
 
 @root
 def test_setup_and_teardown_never_load_libbpf(cg_root: Path) -> None:
-    for src, func, ptype in all_programs():  # the bytecode cache, as `pelagos-bpf compile` fills it
-        get_program(bpf_source(src), func, ptype)
     out = subprocess.run(
         [sys.executable, "-c", SETUP_CHILD, f"{cg_root.name}/nolibbpf"],
         capture_output=True,

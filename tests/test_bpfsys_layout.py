@@ -1,6 +1,6 @@
-"""bpfsys's hand-written `union bpf_attr` layouts agree with the system's <linux/bpf.h>.
+"""bpfabi's hand-written `union bpf_attr` layouts agree with the system's <linux/bpf.h>.
 
-The system C compiler prints offsetof/sizeof for every field bpfsys declares, every command and
+The system C compiler prints offsetof/sizeof for every field bpfabi declares, every command and
 enum number it uses, and __NR_bpf; a wrong offset would hand the kernel garbage, so each one is
 compared. Skipped where there is no cc or no linux-libc-dev header.
 """
@@ -15,32 +15,32 @@ from pathlib import Path
 
 import pytest
 
-from pelagos_bpf import bpfsys
+from pelagos_bpf import bpfabi
 
-ATTRS = bpfsys._Attr.__subclasses__()
+ATTRS = bpfabi.Attr.__subclasses__()
 HEADER = Path("/usr/include/linux/bpf.h")
 
 # (ctypes class, C type holding the fields, prefix of each field's C name inside that type)
 INFO_STRUCTS = (
-    (bpfsys._ProgInfo, "struct bpf_prog_info"),
-    (bpfsys._MapInfo, "struct bpf_map_info"),
+    (bpfabi.ProgInfoStruct, "struct bpf_prog_info"),
+    (bpfabi.MapInfoStruct, "struct bpf_map_info"),
 )
 ENUMS = (
-    (bpfsys.ProgType, "BPF_PROG_TYPE_"),
-    (bpfsys.AttachType, "BPF_"),
-    (bpfsys.MapType, "BPF_MAP_TYPE_"),
+    (bpfabi.ProgType, "BPF_PROG_TYPE_"),
+    (bpfabi.AttachType, "BPF_"),
+    (bpfabi.MapType, "BPF_MAP_TYPE_"),
 )
 FLAGS = ("BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_ALLOW_OVERRIDE", "BPF_F_ALLOW_MULTI")
 FLAGS += ("BPF_F_REPLACE", "BPF_F_QUERY_EFFECTIVE")
 
 
 def own_fields(cls: type[ct.Structure]) -> list[str]:
-    """The fields bpfsys declares (not the zero tail that pads an attr to ATTR_SIZE)."""
+    """The fields bpfabi declares (not the zero tail that pads an attr to ATTR_SIZE)."""
     return [name for name, *_ in cls._fields_ if name != "_tail"]
 
 
 def expected_values() -> dict[str, int]:
-    """What bpfsys says, keyed by the C expression the compiler evaluates."""
+    """What bpfabi says, keyed by the C expression the compiler evaluates."""
     out: dict[str, int] = {"sizeof(union bpf_attr) <= ATTR_SIZE": 1}
     for cls in ATTRS:
         for f in own_fields(cls):
@@ -53,9 +53,9 @@ def expected_values() -> dict[str, int]:
             out[f"sizeof((({ctype} *)0)->{f})"] = getattr(cls, f).size
     for enum, prefix in ENUMS:
         out.update({f"{prefix}{m.name}": int(m) for m in enum})
-    out.update(bpfsys.CMDS)
-    out.update({f: getattr(bpfsys, f) for f in FLAGS})
-    out["SYS_bpf"] = bpfsys.SYS_BPF[os.uname().machine]
+    out.update(bpfabi.CMDS)
+    out.update({f: getattr(bpfabi, f) for f in FLAGS})
+    out["SYS_bpf"] = bpfabi.SYS_BPF[os.uname().machine]
     return out
 
 
@@ -65,7 +65,7 @@ def compiled_values(tmp: Path, exprs: list[str]) -> dict[str, int]:
     body = "\n".join(lines)
     src.write_text(
         "#include <stddef.h>\n#include <stdio.h>\n#include <sys/syscall.h>\n"
-        f"#include <linux/bpf.h>\n#define ATTR_SIZE {bpfsys.ATTR_SIZE}\n"
+        f"#include <linux/bpf.h>\n#define ATTR_SIZE {bpfabi.ATTR_SIZE}\n"
         f"int main(void) {{\n{body}\n  return 0;\n}}\n"
     )
     exe = tmp / "layout"
@@ -85,5 +85,5 @@ def test_attr_layouts_commands_and_syscall_number_match_the_header(tmp_path: Pat
 def test_every_attr_is_the_full_zero_filled_size() -> None:
     for cls in ATTRS:
         attr = cls()
-        assert ct.sizeof(attr) == bpfsys.ATTR_SIZE, cls.__name__
-        assert ct.string_at(ct.addressof(attr), bpfsys.ATTR_SIZE) == bytes(bpfsys.ATTR_SIZE)
+        assert ct.sizeof(attr) == bpfabi.ATTR_SIZE, cls.__name__
+        assert ct.string_at(ct.addressof(attr), bpfabi.ATTR_SIZE) == bytes(bpfabi.ATTR_SIZE)

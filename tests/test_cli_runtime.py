@@ -79,16 +79,12 @@ def test_nonroot_run_and_compile_say_what_they_need(cg_root: Path, tmp_path: Pat
         "Permission denied: needs root (or a delegated subtree with --root)"
     )
     no_traceback(r.stderr)
-    locked = tmp_path / "cache"  # tmp_path is root's 0700 dir: nobody cannot create in it
-    r = cli("compile", env={"PELAGOS_BPF_CACHE": str(locked)}, as_nobody=True)
-    assert r.returncode == 125
-    assert f"the bytecode cache {locked} is not writable" in r.stderr
-    assert "compile failed" not in r.stderr
     open_dir = Path(tempfile.mkdtemp(prefix="pelagos-clitest-"))  # world-writable, reachable
     try:
         os.chmod(open_dir, 0o777)
-        r = cli("compile", env={"PELAGOS_BPF_CACHE": str(open_dir)}, as_nobody=True)
-        assert r.returncode == 125 and "compiling it needs root" in r.stderr
+        r = cli("compile", "--out", str(open_dir), as_nobody=True)
+        assert r.returncode == 125 and "compiling needs root" in r.stderr
+        no_traceback(r.stderr)
         assert list(open_dir.iterdir()) == []
     finally:
         shutil.rmtree(open_dir)

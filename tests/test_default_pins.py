@@ -20,7 +20,7 @@ import pytest
 
 from pelagos_bpf import bpfsys
 from pelagos_bpf.errors import BpfError
-from pelagos_bpf.feature import DEFAULT_PIN_DIR, PIN_ENV, pin_dir
+from pelagos_bpf.pins import DEFAULT_PIN_DIR, PIN_ENV, pin_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -6,37 +6,26 @@ test compiles it on a miss.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from device_helpers import PROBE_DEVICES, rules_st
 from device_interp import HashMap, Machine, Storage
 from hypothesis import given, settings
 
-from pelagos_bpf import progcache
+from pelagos_bpf import bytecode
 from pelagos_bpf.config import CgroupDeviceRule as R
 from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, device_allowed, program
 from pelagos_bpf.devices import encode as enc
-from pelagos_bpf.errors import BpfError
 
 CG = 4242
 
 
 @pytest.fixture(scope="module")
-def compiled() -> progcache.CompiledProgram:
-    try:
-        spec = program.FEATURE.current.progs[0]
-        return progcache.get_program(
-            progcache.bpf_source(program.FEATURE.current.source),
-            spec.func,
-            spec.prog_type,
-            compile_if_missing=os.geteuid() == 0,
-        )
-    except BpfError as e:
-        pytest.skip(f"no cached bytecode and cannot compile: {e}")
+def compiled() -> bytecode.CompiledProgram:
+    spec = program.FEATURE.current.progs[0]
+    return bytecode.get_program(program.FEATURE.current.source, spec.func, spec.prog_type)
 
 
-def machine(prog: progcache.CompiledProgram, rules: list[R], gen: int = 3, keep: int | None = None):
+def machine(prog: bytecode.CompiledProgram, rules: list[R], gen: int = 3, keep: int | None = None):
     """A machine whose rule set is generation 3 (only the first `keep` entries when given)."""
     rules_map = HashMap(enc.RULE_KEY.size, enc.RULE_VAL.size)
     for k, v in enc.rule_entries(CG, 3, enc.encode_rules(rules))[:keep]:
@@ -59,7 +48,7 @@ def ctx(kind: str, major: int, minor: int, access: str) -> bytes:
 
 @settings(max_examples=150, derandomize=True, database=None, deadline=None)
 @given(rules=rules_st)
-def test_bytecode_matches_evaluator(compiled: progcache.CompiledProgram, rules: list[R]) -> None:
+def test_bytecode_matches_evaluator(compiled: bytecode.CompiledProgram, rules: list[R]) -> None:
     """Every probe device x access, one fresh machine per rule list."""
     m, maps = machine(compiled, rules)
     expect: dict[str, int] = {}
@@ -75,7 +64,7 @@ def test_bytecode_matches_evaluator(compiled: progcache.CompiledProgram, rules: 
     assert enc.decode_denials(((k, bytes(v)) for k, v in denials.data.items()), CG) == expect
 
 
-def test_bytecode_counts_repeated_denials(compiled: progcache.CompiledProgram) -> None:
+def test_bytecode_counts_repeated_denials(compiled: bytecode.CompiledProgram) -> None:
     m, maps = machine(compiled, list(DEFAULT_DEVICE_RULES))
     for _ in range(3):
         assert m.run(ctx("c", 240, 0, "rw")) == 0
@@ -86,13 +75,13 @@ def test_bytecode_counts_repeated_denials(compiled: progcache.CompiledProgram) -
     assert enc.decode_denials(items, CG) == {"c 240:0 rw": 3}
 
 
-def test_bytecode_unset_storage_denies(compiled: progcache.CompiledProgram) -> None:
+def test_bytecode_unset_storage_denies(compiled: bytecode.CompiledProgram) -> None:
     m, maps = machine(compiled, [R(True, "a", -1, -1, "rwm")], gen=0)
     assert m.run(ctx("c", 1, 3, "r")) == 0
     assert maps["dev_denials"].data == {}  # type: ignore[attr-defined]
 
 
-def test_bytecode_absent_rule_set_denies(compiled: progcache.CompiledProgram) -> None:
+def test_bytecode_absent_rule_set_denies(compiled: bytecode.CompiledProgram) -> None:
     """Storage naming a generation with no entries (deleted, or never written) denies."""
     m, _ = machine(compiled, [R(True, "a", -1, -1, "rwm")], gen=4)
     assert m.run(ctx("c", 1, 3, "r")) == 0
@@ -103,7 +92,7 @@ def test_bytecode_absent_rule_set_denies(compiled: progcache.CompiledProgram) ->
 @settings(max_examples=60, derandomize=True, database=None, deadline=None)
 @given(rules=rules_st)
 def test_bytecode_partial_rule_set_never_allows_more(
-    compiled: progcache.CompiledProgram, rules: list[R]
+    compiled: bytecode.CompiledProgram, rules: list[R]
 ) -> None:
     """Every prefix of the write order (a writer cut short) allows at most what the whole
     set allows: the program itself fails closed."""
@@ -117,7 +106,7 @@ def test_bytecode_partial_rule_set_never_allows_more(
                     assert full.run(ctx(*dev, access)) == 1, (keep, dev, access)
 
 
-def test_bytecode_cost_is_flat(compiled: progcache.CompiledProgram) -> None:
+def test_bytecode_cost_is_flat(compiled: bytecode.CompiledProgram) -> None:
     """Executed instructions do not grow with the number of rules: an UNLISTED device (no
     final entry: all the lookups) costs the same with 1 or 1000 listed devices."""
     steps = []
@@ -129,7 +118,7 @@ def test_bytecode_cost_is_flat(compiled: progcache.CompiledProgram) -> None:
     assert steps[0] == steps[1] == steps[2]
 
 
-def test_bytecode_listed_device_is_one_lookup(compiled: progcache.CompiledProgram) -> None:
+def test_bytecode_listed_device_is_one_lookup(compiled: bytecode.CompiledProgram) -> None:
     """Final entries stop the lookups: /dev/null under the defaults runs fewer instructions."""
     m, _ = machine(compiled, list(DEFAULT_DEVICE_RULES))
     m.run(ctx("c", 1, 3, "rw"))

@@ -9,12 +9,14 @@ from collections.abc import Callable
 
 import pytest
 
-from pelagos_bpf import bpfsys, trust
-from pelagos_bpf.bpfsys import AttachType, MapType, ProgType
+from pelagos_bpf import bpfsys, pins, trust
+from pelagos_bpf.bpfabi import AttachType, MapType, ProgType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.devices import layout
 from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.errors import BpfError
+from pelagos_bpf.feature import Feature
+from pelagos_bpf.pins import PIN_ENV
 
 
 def _prog_using(map_fd: int, name: str) -> int:
@@ -60,7 +62,7 @@ def test_open_attached_matches_name_and_refuses_another_layout(
 
 def test_program_names_carry_the_layout_version() -> None:
     """Kernel names fit BPF_OBJ_NAME_LEN and tell every known version apart."""
-    from pelagos_bpf.features import FEATURES
+    from pelagos_bpf.registry import FEATURES
 
     seen: set[tuple[str, int]] = set()
     for feat in FEATURES:
@@ -81,15 +83,13 @@ def test_a_squatted_pin_with_another_program_is_refused(
     import subprocess
     import uuid
 
-    from pelagos_bpf.feature import PIN_ENV, Feature
-
     d = tmp_path / f"bpffs-{uuid.uuid4().hex[:8]}"
     d.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
     try:
         monkeypatch.setenv(PIN_ENV, str(d))
         feat = Feature(layout.LAYER)
-        (path,) = feat.pin_paths(str(d)).values()
+        (path,) = pins.pin_paths(feat.current, str(d)).values()
         m = bpfsys.map_create(MapType.HASH, 4, 4, 8, "x")
         squat = _prog_using(m, layout.PROG_NAME)
         bpfsys.obj_pin(squat, path)
@@ -102,7 +102,7 @@ def test_a_squatted_pin_with_another_program_is_refused(
         assert feat.loaded().progs  # the real program loads and pins once the squat is gone
         dirfd = trust.check_pin_dir(d)
         try:
-            again = feat._from_pins(dirfd, feat.pin_paths(str(d)))
+            again = pins.from_pins(feat.current, dirfd, pins.pin_paths(feat.current, str(d)))
         finally:
             os.close(dirfd)
         assert again is not None
@@ -122,8 +122,6 @@ def pin_fs(tmp_path, monkeypatch: pytest.MonkeyPatch):
     import subprocess
     import uuid
 
-    from pelagos_bpf.feature import PIN_ENV
-
     d = tmp_path / f"bpffs-{uuid.uuid4().hex[:8]}"
     d.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
@@ -136,7 +134,6 @@ def pin_fs(tmp_path, monkeypatch: pytest.MonkeyPatch):
 
 def _own_load(monkeypatch: pytest.MonkeyPatch, layer):
     """A private load of `layer` (pins off), as another process would have made it."""
-    from pelagos_bpf.feature import PIN_ENV, Feature
 
     with monkeypatch.context() as m:
         m.setenv(PIN_ENV, "")
@@ -153,18 +150,17 @@ def _net_layer():
 def test_a_half_pinned_set_is_replaced_whole(pin_fs, monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that died after pinning part of a set must not block the next ones: the set
     is loaded and pinned again, whole, under the pin dir's lock."""
-    from pelagos_bpf.feature import Feature
 
     layer = _net_layer()
     dead = _own_load(monkeypatch, layer)
     feat = Feature(layer)
-    pins = feat.pin_paths(str(pin_fs))
+    paths = pins.pin_paths(layer, str(pin_fs))
     first = layer.progs[0].func
-    bpfsys.obj_pin(dead.progs[first], pins[first])  # the dead writer got this far
+    bpfsys.obj_pin(dead.progs[first], paths[first])  # the dead writer got this far
     loaded = feat.loaded()
     try:
         assert loaded.ids[first] != dead.ids[first]
-        for func, path in pins.items():  # every pin now holds this load's program
+        for func, path in paths.items():  # every pin now holds this load's program
             fd = bpfsys.obj_get(path)
             try:
                 assert bpfsys.prog_info(fd).id == loaded.ids[func]
@@ -181,17 +177,16 @@ def test_a_half_pinned_set_is_replaced_whole(pin_fs, monkeypatch: pytest.MonkeyP
 def test_a_mixed_set_is_not_handed_out(pin_fs, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins whose programs come from two loads (they do not share maps) are not a set: a
     fetch would write settings one program never reads. The set is replaced."""
-    from pelagos_bpf.feature import Feature
 
     layer = _net_layer()
     a, b = _own_load(monkeypatch, layer), _own_load(monkeypatch, layer)
     feat = Feature(layer)
-    pins = feat.pin_paths(str(pin_fs))
-    for i, (func, path) in enumerate(pins.items()):
+    paths = pins.pin_paths(layer, str(pin_fs))
+    for i, (func, path) in enumerate(paths.items()):
         bpfsys.obj_pin((a if i % 2 == 0 else b).progs[func], path)
     dirfd = trust.check_pin_dir(pin_fs)
     try:
-        assert feat._from_pins(dirfd, pins) is None
+        assert pins.from_pins(layer, dirfd, paths) is None
     finally:
         os.close(dirfd)
     loaded = feat.loaded()
@@ -209,13 +204,12 @@ def test_a_mixed_set_is_not_handed_out(pin_fs, monkeypatch: pytest.MonkeyPatch) 
 def test_pin_names_change_with_any_program_of_the_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """One suffix per set over every program's bytecode: a release that changes (or adds) one
     program gets all new names, so an older set is never completed with newer programs."""
-    from pelagos_bpf.feature import Feature
 
-    feat = Feature(_net_layer())
-    idents = feat.idents()
-    before = feat.pin_paths("/p", idents)
-    last = feat.current.progs[-1].func
+    layer = _net_layer()
+    idents = pins.idents(layer)
+    before = pins.pin_paths(layer, "/p", idents)
+    last = layer.progs[-1].func
     changed = {**idents, last: idents[last]._replace(digest="0" * 64)}
-    after = feat.pin_paths("/p", changed)
+    after = pins.pin_paths(layer, "/p", changed)
     assert all(before[f] != after[f] for f in before)
     assert len({p.rsplit("_", 1)[1] for p in after.values()}) == 1

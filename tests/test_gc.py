@@ -30,7 +30,7 @@ from pelagos_bpf.config import CgroupDeviceRule as R
 from pelagos_bpf.devices import layout
 from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.errors import BpfError
-from pelagos_bpf.features import FEATURES
+from pelagos_bpf.registry import FEATURES
 
 pytestmark = [pytest.mark.root]
 KILLS = 40
@@ -161,7 +161,7 @@ def pinned_maps(pin_dir: Path) -> list[tuple[object, dict[str, int]]]:
         for feat in FEATURES:
             hit = feat.recognise(info)
             if hit is not None:
-                from pelagos_bpf.feature import open_maps
+                from pelagos_bpf.loader import open_maps
 
                 out.append((hit[0], open_maps(info, hit[0])))
     return out

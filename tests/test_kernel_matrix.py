@@ -16,7 +16,6 @@ import os
 import shlex
 import struct
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,16 +32,14 @@ GUEST_ARGS = shlex.split(os.environ.get("PELAGOS_MATRIX_PYTEST_ARGS", ""))
 
 
 @pytest.fixture(scope="module")
-def bpf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
-    """BPF bytecode compiled once on the host, copied into each guest (no bcc under TCG)."""
+def can_boot() -> None:
+    """Skip where guests cannot boot (the guests load the package's bytecode from the checkout,
+    shared read-only: nothing to prepare)."""
     if os.environ.get("PELAGOS_VM_KERNEL"):
         pytest.skip("already inside a matrix guest")
     missing = qemu.missing_tools()
     if missing:
         pytest.skip(f"cannot boot QEMU guests here, missing: {', '.join(missing)}")
-    d = tmp_path_factory.mktemp("bpf") / vmrun.BPF_CACHE_NAME
-    d.mkdir()
-    yield d if vmrun.prefill_bpf_cache(vmrun.venv_python(), d) else None
 
 
 def _show(request: pytest.FixtureRequest, line: str) -> None:
@@ -59,13 +56,13 @@ def _show(request: pytest.FixtureRequest, line: str) -> None:
 
 @pytest.mark.matrix
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_guest_suite(kernel: str, bpf_cache: Path | None, request: pytest.FixtureRequest) -> None:
+def test_guest_suite(kernel: str, can_boot: None, request: pytest.FixtureRequest) -> None:
     def show(line: str) -> None:  # start line and heartbeats: CI must see the guest moving
         _show(request, f"[matrix] {line}")
 
     try:
         args = vmrun.guest_args(kernel, GUEST_ARGS)
-        res = vmrun.run_kernel(kernel, args, bpf_cache=bpf_cache, log=show)
+        res = vmrun.run_kernel(kernel, args, log=show)
     except vmrun.RUNNER_ERRORS as e:
         pytest.fail(f"{kernel}: {e}", pytrace=False)
     vmrun.report(res)  # captured: shown when the test fails

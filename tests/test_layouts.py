@@ -7,12 +7,12 @@ import socket
 
 import pytest
 
-from pelagos_bpf.bpfsys import MapType, ProgType
+from pelagos_bpf.bpfabi import MapType, ProgType
+from pelagos_bpf.compiler import source_path
 from pelagos_bpf.devices import layout as dev
-from pelagos_bpf.feature import Layer, Layout, ProgSpec
+from pelagos_bpf.layers import Layer, Layout, ProgSpec
 from pelagos_bpf.net import layout as net
 from pelagos_bpf.net import plan
-from pelagos_bpf.progcache import bpf_source
 
 C_CODES = {"u64": "Q", "u32": "I", "s64": "q", "s32": "i"}
 STORAGE_KEY_SIZE = 16  # struct bpf_cgroup_storage_key
@@ -21,7 +21,7 @@ STORAGE_KEY_SIZE = 16  # struct bpf_cgroup_storage_key
 def c_structs(source: str) -> dict[str, list[tuple[str, str]] | list[str]]:
     """struct name -> [(field, struct code)], or for a struct wrapping a union the member
     struct names."""
-    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", bpf_source(source).read_text(), flags=re.S)
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", "", source_path(source).read_text(), flags=re.S)
     out: dict[str, list[tuple[str, str]] | list[str]] = {}
     for name, body in re.findall(r"struct (\w+) \{(.*?)\};", text, flags=re.S):
         if "union" in body:
@@ -56,7 +56,7 @@ def test_c_struct_matches_declaration(source: str, layout: Layout) -> None:
 @pytest.mark.parametrize("layer", [dev.LAYER, net.LAYER], ids=lambda lay: lay.feature)
 def test_map_sizes_match_the_c_declarations(layer: Layer) -> None:
     structs = c_structs(layer.source)
-    text = bpf_source(layer.source).read_text()
+    text = source_path(layer.source).read_text()
     for spec in layer.maps:
         if spec.type in (MapType.CGROUP_STORAGE, MapType.PERCPU_CGROUP_STORAGE):
             (val,) = re.findall(rf"BPF_\w*CGROUP_STORAGE\({spec.name}, (?:struct )?(\w+)\);", text)
@@ -87,7 +87,7 @@ CTX_OF = {  # the context struct the kernel passes each program type
 )
 def test_every_declared_program_has_a_c_function_of_its_type(spec: ProgSpec) -> None:
     source = "device" if spec in dev.LAYER.progs else "net"
-    text = bpf_source(source).read_text()
+    text = source_path(source).read_text()
     (ctx,) = re.findall(rf"^int {spec.func}\(struct (\w+) \*\w+\)", text, flags=re.M)
     assert ctx == CTX_OF[spec.prog_type]
     if spec.attach_type is not None:  # found again by kernel name, which keeps 15 bytes
@@ -95,7 +95,7 @@ def test_every_declared_program_has_a_c_function_of_its_type(spec: ProgSpec) -> 
 
 
 def test_net_flag_bits_and_socket_constants_match() -> None:
-    text = bpf_source("net").read_text()
+    text = source_path("net").read_text()
     defines = {k: int(v) for k, v in re.findall(r"#define (\w+) (\d+)", text)}
     assert (defines["NET_F_MARK"], defines["NET_F_PRIOS"], defines["NET_F_SOCKET"]) == (
         plan.F_MARK,

@@ -9,7 +9,7 @@ import pytest
 from net_helpers import our_bpf_objects, require_root
 
 from pelagos_bpf import CgroupConfig, bpfsys, net, setup_cgroup, teardown_cgroup
-from pelagos_bpf.feature import STORAGE_KEY
+from pelagos_bpf.layers import STORAGE_KEY
 from pelagos_bpf.net.layout import PRIO_KEY
 from pelagos_bpf.net.program import FEATURE
 

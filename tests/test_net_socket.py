@@ -29,7 +29,7 @@ from net_helpers import (
 
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.errors import BpfError, ConfigError
-from pelagos_bpf.feature import STORAGE_KEY
+from pelagos_bpf.layers import STORAGE_KEY
 from pelagos_bpf.net import layout as lay
 from pelagos_bpf.net.program import FEATURE, NOT_ACCOUNTED
 

@@ -31,9 +31,9 @@ from net_helpers import C10, C20, Topo, topology
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.bpfsys import AttachType
 from pelagos_bpf.errors import BpfError
-from pelagos_bpf.feature import PIN_ENV
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.ocihook.locate import cgroup_of_pid
+from pelagos_bpf.pins import PIN_ENV
 
 pytestmark = [pytest.mark.root, pytest.mark.runtimes, pytest.mark.net]
 
@@ -227,7 +227,7 @@ def _passed_env() -> list[str]:
     env only. Pins are off in the suite (conftest): with the guests' bpffs on /sys/fs/bpf the
     hook would otherwise pin its programs (the default), which outlive the container on purpose
     and would fail the checks below that everything of ours is gone afterwards."""
-    return [f"{k}={os.environ[k]}" for k in ("PELAGOS_BPF_CACHE", PIN_ENV) if k in os.environ]
+    return [f"{k}={os.environ[k]}" for k in ("PELAGOS_BPF_BYTECODE", PIN_ENV) if k in os.environ]
 
 
 def _gone(get_fd, obj_id: int) -> bool:  # type: ignore[no-untyped-def]

@@ -20,15 +20,14 @@ from pathlib import Path
 import pytest
 from device_helpers import probe
 
-from pelagos_bpf import bpfsys, progcache, trust
-from pelagos_bpf.bpfsys import ProgType
+from pelagos_bpf import bpfsys, bytecode, pins, trust
+from pelagos_bpf.bpfabi import ProgType
 from pelagos_bpf.cgroup import Cgroup, teardown_cgroup
 from pelagos_bpf.devices import layout as devlay
 from pelagos_bpf.devices import program as devprog
-from pelagos_bpf.feature import PIN_ENV
-from pelagos_bpf.features import all_programs
 from pelagos_bpf.net import layout as netlay
 from pelagos_bpf.net import program as netprog
+from pelagos_bpf.pins import PIN_ENV
 
 pytestmark = pytest.mark.root
 # The fresh-process scenarios check file-system trust, not kernel behaviour, and cost ~20-40 s
@@ -89,16 +88,12 @@ def setup_in_fresh_process(cg_root: Path) -> Iterator[Callable[..., dict]]:
 
 
 @pytest.fixture(scope="module")
-def honest_cache() -> Iterator[Path]:
-    """A private root-owned cache under /tmp holding the honestly compiled programs."""
+def honest_bytecode() -> Iterator[Path]:
+    """A private root-owned copy of the package's bytecode dir under /tmp."""
     d = _unique("pelagos-honest")
-    d.mkdir(mode=0o755)
+    shutil.copytree(bytecode.PACKAGED_DIR, d)
+    os.chmod(d, 0o755)
     try:
-        for source, func, ptype in all_programs():
-            src = progcache.bpf_source(source)
-            prog = progcache.get_program(src, func, ptype)  # the default cache, compiled if need be
-            name = progcache.cache_file_name(src, func, ptype)
-            (d / name).write_text(json.dumps(progcache._to_json(prog)))
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -107,20 +102,20 @@ def honest_cache() -> Iterator[Path]:
 def _planted_json() -> str:
     return json.dumps(
         {
-            "format": progcache._FORMAT,
+            "format": bytecode.FORMAT,
+            "source": devlay.SOURCE,
             "func": devlay.FUNC,
             "prog_type": int(ProgType.CGROUP_DEVICE),
+            "machine": os.uname().machine,
+            "inputs_hash": "0" * 64,
             "insns": ALLOW_ALL.hex(),
             "relocs": [],
-            "source_hash": "0" * 64,
         }
     )
 
 
 def _dev_file() -> str:
-    return progcache.cache_file_name(
-        progcache.bpf_source(devlay.SOURCE), devlay.FUNC, ProgType.CGROUP_DEVICE
-    )
+    return bytecode.file_name(devlay.SOURCE, devlay.FUNC)
 
 
 def _refused(out: dict, path: Path, why: str) -> None:
@@ -129,14 +124,14 @@ def _refused(out: dict, path: Path, why: str) -> None:
 
 
 @host_only
-def test_planted_cache_dir_under_tmp_is_refused(setup_in_fresh_process, cg_root: Path) -> None:
-    """nobody pre-creates the dir $PELAGOS_BPF_CACHE names and plants allow-all bytecode."""
+def test_planted_bytecode_dir_under_tmp_is_refused(setup_in_fresh_process, cg_root: Path) -> None:
+    """nobody pre-creates the dir $PELAGOS_BPF_BYTECODE names and plants allow-all bytecode."""
     d = _unique("pelagos-plant")
     try:
         code = "import os, sys; os.mkdir(sys.argv[1]); open(sys.argv[2], 'w').write(sys.argv[3])"
         _nobody(sys.executable, "-c", code, str(d), str(d / _dev_file()), _planted_json())
         assert d.stat().st_uid == NOBODY
-        out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(d))
+        out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(d))
         _refused(out, d, "owned by uid 65534")
         assert not (cg_root / "ctr").exists()  # the failed setup left nothing behind
     finally:
@@ -144,15 +139,15 @@ def test_planted_cache_dir_under_tmp_is_refused(setup_in_fresh_process, cg_root:
 
 
 @host_only
-def test_world_writable_root_cache_dir_is_refused(setup_in_fresh_process, cg_root: Path) -> None:
-    """A root-owned cache dir made under umask 0 (0777): nobody's planted file is not read."""
+def test_world_writable_root_bytecode_dir_is_refused(setup_in_fresh_process, cg_root: Path) -> None:
+    """A root-owned bytecode dir made under umask 0 (0777): nobody's planted file is not read."""
     d = _unique("pelagos-0777")
     d.mkdir()
     os.chmod(d, 0o777)
     try:
         code = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
         _nobody(sys.executable, "-c", code, str(d / _dev_file()), _planted_json())
-        out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(d))
+        out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(d))
         _refused(out, d, "mode 0777")
         assert not (cg_root / "ctr").exists()
     finally:
@@ -160,16 +155,16 @@ def test_world_writable_root_cache_dir_is_refused(setup_in_fresh_process, cg_roo
 
 
 @host_only
-def test_planted_file_in_root_cache_dir_is_refused(
-    setup_in_fresh_process, honest_cache: Path, cg_root: Path
+def test_planted_file_in_root_bytecode_dir_is_refused(
+    setup_in_fresh_process, honest_bytecode: Path, cg_root: Path
 ) -> None:
     """Even in a good dir, a file someone else owns (however it got there) is refused."""
     d = _unique("pelagos-file")
-    shutil.copytree(honest_cache, d)
+    shutil.copytree(honest_bytecode, d)
     try:
         (d / _dev_file()).write_text(_planted_json())
         os.chown(d / _dev_file(), NOBODY, NOBODY)
-        out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(d))
+        out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(d))
         _refused(out, d / _dev_file(), "owned by uid 65534")
         assert not (cg_root / "ctr").exists()
     finally:
@@ -177,8 +172,10 @@ def test_planted_file_in_root_cache_dir_is_refused(
 
 
 @host_only
-def test_honest_cache_enforces_default_rules(setup_in_fresh_process, honest_cache: Path) -> None:
-    out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(honest_cache))
+def test_honest_bytecode_enforces_default_rules(
+    setup_in_fresh_process, honest_bytecode: Path
+) -> None:
+    out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(honest_bytecode))
     assert "path" in out, out
     assert probe(Path(out["path"]), [KMSG, NULL]) == [False, True]
 
@@ -198,7 +195,7 @@ def test_prog_tag_matches_the_kernels_for_device_and_net() -> None:
     shared = netprog.shared_programs()
     for func in (netlay.EG.func, netlay.IN.func):
         fd = shared.progs[func]
-        code = progcache.get_program(progcache.bpf_source(netlay.SOURCE), func, ProgType.CGROUP_SKB)
+        code = bytecode.get_program(netlay.SOURCE, func, ProgType.CGROUP_SKB)
         assert code.relocs
         assert trust.is_our_program(bpfsys.prog_info(fd), code.insns, ProgType.CGROUP_SKB), func
 
@@ -221,9 +218,8 @@ def bpffs() -> Iterator[Path]:
 
 def _pin_name(monkeypatch: pytest.MonkeyPatch, pin_dir: Path) -> Path:
     monkeypatch.setenv(PIN_ENV, str(pin_dir))
-    pins = devprog.FEATURE.pin_paths(str(pin_dir))
-    assert pins is not None
-    return Path(pins[devlay.FUNC])
+    paths = pins.pin_paths(devprog.FEATURE.current, str(pin_dir))
+    return Path(paths[devlay.FUNC])
 
 
 def _foreign_program() -> tuple[int, list[int]]:
@@ -260,28 +256,28 @@ def test_bpffs_is_sticky_and_world_writable(bpffs: Path) -> None:
 
 @host_only
 def test_squatting_directory_is_refused(
-    bpffs: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
+    bpffs: Path, setup_in_fresh_process, honest_bytecode: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pin = _pin_name(monkeypatch, bpffs)
     _nobody("mkdir", str(pin))
-    out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(honest_cache))
+    out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(honest_bytecode))
     _refused(out, pin, "is not a pinned program")
 
 
 @host_only
 def test_squatting_symlink_to_a_foreign_program_is_refused(
-    foreign: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
+    foreign: Path, setup_in_fresh_process, honest_bytecode: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pin = _pin_name(monkeypatch, foreign.parent)
     _nobody("ln", "-s", str(foreign), str(pin))
     assert pin.is_symlink()
-    out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(honest_cache))
+    out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(honest_bytecode))
     _refused(out, pin, "is a symlink")
 
 
 @host_only
 def test_foreign_program_under_our_pin_name_is_refused(
-    bpffs: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
+    bpffs: Path, setup_in_fresh_process, honest_bytecode: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same name, type and map layout as ours, pinned by root itself: only the tag tells."""
     pin = _pin_name(monkeypatch, bpffs)
@@ -291,7 +287,7 @@ def test_foreign_program_under_our_pin_name_is_refused(
     finally:
         for x in (fd, *maps):
             os.close(x)
-    out = setup_in_fresh_process("ctr", PELAGOS_BPF_CACHE=str(honest_cache))
+    out = setup_in_fresh_process("ctr", PELAGOS_BPF_BYTECODE=str(honest_bytecode))
     _refused(out, pin, "not ours")
 
 
@@ -328,13 +324,13 @@ def test_pin_and_open_roundtrip(bpffs: Path) -> None:
 
 
 def test_honest_pin_is_shared_and_enforced(
-    bpffs: Path, setup_in_fresh_process, honest_cache: Path, monkeypatch: pytest.MonkeyPatch
+    bpffs: Path, setup_in_fresh_process, honest_bytecode: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pin = _pin_name(monkeypatch, bpffs)
-    first = setup_in_fresh_process("a", PELAGOS_BPF_CACHE=str(honest_cache))
+    first = setup_in_fresh_process("a", PELAGOS_BPF_BYTECODE=str(honest_bytecode))
     assert "path" in first, first
     assert pin.stat().st_uid == 0
-    second = setup_in_fresh_process("b", PELAGOS_BPF_CACHE=str(honest_cache))
+    second = setup_in_fresh_process("b", PELAGOS_BPF_BYTECODE=str(honest_bytecode))
     assert "path" in second, second
     assert second["prog"] == first["prog"]  # fetched from the pin, not loaded again
     for out in (first, second):

@@ -30,9 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "freeze": ("pelagos_bpf.cli.lifecycle", "stop every process of a cgroup"),
     "thaw": ("pelagos_bpf.cli.lifecycle", "let a frozen cgroup run again"),
     "events": ("pelagos_bpf.cli.lifecycle", "a cgroup's events (OOM, frozen, ...) as JSON lines"),
-    "devices": ("pelagos_bpf.devices.cli", "device rules: check an access, show denials"),
-    "compile": ("pelagos_bpf.cli.compile", "compile the BPF programs into the bytecode cache"),
-    "net-demo": ("pelagos_bpf.net.cli", "watch net_classid classify real packets into HTB"),
+    "devices": ("pelagos_bpf.cli.devices", "device rules: check an access, show denials"),
+    "compile": ("pelagos_bpf.cli.compile", "build the BPF bytecode with bcc (development)"),
+    "net-demo": ("pelagos_bpf.cli.netdemo", "watch net_classid classify real packets into HTB"),
     "oci-hook": ("pelagos_bpf.ocihook.cli", "OCI runtime hook (createRuntime/poststop)"),
     "gc": ("pelagos_bpf.cli.gc", "remove BPF state of cgroups that are gone"),
 }

@@ -1,84 +1,47 @@
-"""`pelagos-bpf compile`: fill the bytecode cache (the only step that runs bcc), one line per step.
+"""`pelagos-bpf compile [--out DIR]`: build the BPF bytecode with bcc (the only step that runs it).
 
-Why a command of its own: a compile costs ~0.3 s and ~125 MB per program; doing it ahead (at
-install or boot) keeps bcc off every container start. `run` calls `ensure_compiled` for the
-features it uses so a first run says what it is doing instead of pausing silently.
+Why a command at all: the package ships its bytecode (built with the package), so nodes never
+compile. This is for development (a checkout's editable install: `--out` defaults to the
+package's own bytecode dir) and for custom builds (`--out DIR`, then `PELAGOS_BPF_BYTECODE=DIR`).
+The output dir is created and trust-checked like any dir whose files reach PROG_LOAD.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from .common import CliError
 
 
-def declared_programs(features: tuple[str, ...] | None = None) -> list[tuple[str, str, int]]:
-    """(bpf/ source name, C function, program type) of the programs the features declare."""
-    from ..features import all_programs
-
-    return all_programs(features)
-
-
-def _writable_cache(cache: Path) -> None:
-    """CliError naming the directory when the cache cannot be written (before bcc starts)."""
-    d = cache
-    while not os.path.exists(d) and d != d.parent:  # False also where we may not look
-        d = d.parent
-    if not os.access(d, os.W_OK):
-        raise CliError(
-            f"the bytecode cache {cache} is not writable ({d} is not): compiling needs root, "
-            "or set PELAGOS_BPF_CACHE to a writable directory"
-        )
-
-
-def ensure_compiled(
-    features: tuple[str, ...] | None = None, *, out: Any = sys.stderr
-) -> list[tuple[str, str, int, str]]:
-    """Compile what the cache lacks, printing one line per program; (source, func, insns, state).
-
-    Only a missing program is compiled (and announced before the slow step starts)."""
-    from .. import progcache
-
-    done = []
-    for source, func, ptype in declared_programs(features):
-        src = progcache.bpf_source(source)
-        try:
-            prog = progcache.get_program(src, func, ptype, compile_if_missing=False)
-            state = "cached"
-        except OSError:
-            _writable_cache(progcache.cache_dir())
-            if os.geteuid() != 0:
-                raise CliError(
-                    f"{src.name}:{func} is not in the bytecode cache; compiling it needs root "
-                    "(bcc loads the program into the kernel to build it)"
-                ) from None
-            if out is not None:
-                print(f"compiling {src.name}:{func} with bcc ...", file=out, flush=True)
-            prog = progcache.get_program(src, func, ptype)
-            state = "compiled"
-        done.append((src.name, func, prog.insn_count, state))
-    return done
-
-
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .. import progcache
+    from .. import bytecode, compiler
+    from ..registry import all_programs
 
-    print(f"cache: {progcache.cache_dir()}", flush=True)
-    for name, func, insns, state in ensure_compiled(out=sys.stdout):
-        print(f"{state:8} {name}:{func} ({insns} insns)", flush=True)
+    out = args.out or bytecode.PACKAGED_DIR
+    if os.geteuid() != 0:
+        raise CliError("compiling needs root (bcc loads each program into the kernel to build it)")
+    print(f"bytecode dir: {out}", flush=True)
+    for done in compiler.build(out, all_programs(), force=args.force):
+        if isinstance(done, str):
+            print(f"current  {done}", flush=True)
+        else:
+            print(
+                f"compiled {bytecode.file_name(done.source, done.func)} ({done.insn_count} insns)",
+                flush=True,
+            )
     return 0
 
 
 def register(sub: Any) -> None:
     c = sub.add_parser(
         "compile",
-        help="compile every bpf/ program into the bytecode cache (bcc; needs root)",
-        description="Compile each BPF program the features declare (bcc) into the bytecode "
-        "cache ($PELAGOS_BPF_CACHE or /var/cache/pelagos-bpf). Programs already cached are "
-        "listed, not recompiled.",
+        help="build the BPF bytecode with bcc (development and custom builds; needs root)",
+        description="Compile each BPF program (bcc) into bytecode files. Default output: the "
+        "package's own bytecode dir (an editable install); with --out DIR, a custom set that "
+        "PELAGOS_BPF_BYTECODE=DIR selects. Programs already current are kept.",
     )
+    c.add_argument("--out", metavar="DIR", help="output directory (created 0755, trust-checked)")
+    c.add_argument("--force", action="store_true", help="recompile even what is current")
     c.set_defaults(func=cmd_compile)

@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from .. import convert
-from ..config import CgroupConfig, CgroupDeviceRule
+from ..config import CgroupConfig
+from ..devices.rules import CgroupDeviceRule
 from ..errors import ConfigError
 
 

@@ -23,7 +23,6 @@ from ..cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from ..config import CgroupConfig
 from ..stats import read_stats
 from .common import EXIT_CANNOT_EXEC, EXIT_CODES_HELP, EXIT_NOT_FOUND, EXIT_TOOL, CliError
-from .compile import ensure_compiled
 from .flags import add_config_flags, config_from_args, default_rule_count
 from .output import SCHEMA, format_stats, report_json, report_lines, stats_json
 
@@ -135,11 +134,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         raise CliError("give a command after --, e.g. pelagos-bpf run --memory 64M -- sleep 1")
     cfg = config_from_args(args)
-    features = ("devices",) * bool(cfg.device_rules) + ("net",) * bool(
-        cfg.net_classid is not None or cfg.net_priorities
-    )
-    if features:
-        ensure_compiled(features, out=None if args.quiet else sys.stderr)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
         return _run(args, cmd, cfg, old)

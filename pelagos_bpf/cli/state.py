@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bpfsys import AttachType
+from ..bpfabi import AttachType
 from ..cgroup import Cgroup
 from ..devices import program as devices_program
 from ..feature import Feature

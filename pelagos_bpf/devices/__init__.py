@@ -1,26 +1,41 @@
 """Device rules on cgroup v2: one generic BPF_CGROUP_DEVICE program, rules in maps.
 
 Public contract (docs/DEVICES.md): validation, the reference evaluator, and attach / update /
-detach / read_state on any `CgroupRef` (`.path`, `.id`, `.open_fd()`). The contract is the
-runtime's (pelagos_bpf/feature.py): attach on a cgroup that already has ours is an update;
-update replaces the rule set atomically; detach is idempotent. Importing this package loads
-neither bcc nor libbpf; the first attach loads the cached bytecode.
+detach / read_state on any `CgroupRef` (`.path`, `.id`, `.open_fd()`). Attach on a cgroup that
+already has ours is an update; update replaces the rule set atomically; detach is idempotent.
+
+The names below load on first use (PEP 562): `config` imports the rule type from `rules`, and
+neither it nor the OCI hook's input parsing may pay for the BPF runtime (`program`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ..cgref import CgroupRef
-from ..config import CgroupDeviceRule
-from . import program
-from .program import DeviceState
-from .rules import (
-    DEFAULT_DEVICE_RULES,
-    device_allowed,
-    parse_rule,
-    validate_device_rules,
-)
+if TYPE_CHECKING:
+    from .api import (
+        attach_devices,
+        detach_devices,
+        read_device_denials,
+        read_state,
+        update_devices,
+    )
+    from .program import DeviceState
+    from .rules import DEFAULT_DEVICE_RULES, device_allowed, parse_rule, validate_device_rules
+
+_LAZY = {
+    "attach_devices": "api",
+    "detach_devices": "api",
+    "read_device_denials": "api",
+    "read_state": "api",
+    "update_devices": "api",
+    "DeviceState": "program",
+    "DEFAULT_DEVICE_RULES": "rules",
+    "device_allowed": "rules",
+    "parse_rule": "rules",
+    "validate_device_rules": "rules",
+}
 
 __all__ = [
     "DEFAULT_DEVICE_RULES",
@@ -36,27 +51,14 @@ __all__ = [
 ]
 
 
-def attach_devices(cg: CgroupRef, rules: Sequence[CgroupDeviceRule]) -> None:
-    """Enforce `rules` on the cgroup (an update if ours is there; [] detaches). Leaves nothing
-    behind on failure."""
-    program.apply(cg, rules)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-def update_devices(cg: CgroupRef, rules: Sequence[CgroupDeviceRule]) -> None:
-    """Atomically replace the cgroup's rules ([] detaches); the same call as attach_devices."""
-    program.apply(cg, rules)
-
-
-def detach_devices(cg: CgroupRef) -> None:
-    """Detach our program (any layout version) and delete this cgroup's entries. Idempotent."""
-    program.detach(cg)
-
-
-def read_device_denials(cg: CgroupRef) -> dict[str, int]:
-    """Denied accesses counted since attach, e.g. {"c 240:1 rw": 3}."""
-    return program.denials(cg)
-
-
-def read_state(cg: CgroupRef) -> DeviceState:
-    """Program id, tag (and whether it is ours), version, generation, rules in force, denials."""
-    return program.read_state(cg)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -15,8 +15,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 
-from ..config import CgroupDeviceRule
 from . import layout as lay
+from .rules import CgroupDeviceRule
 
 ANY = 0xFFFF_FFFF
 TYPE_BLOCK = 1  # BPF_DEVCG_DEV_BLOCK

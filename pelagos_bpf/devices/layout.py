@@ -8,8 +8,8 @@ release can migrate and tear down cgroups an older one set up, never loaded.
 
 from __future__ import annotations
 
-from ..bpfsys import AttachType, MapType, ProgType
-from ..feature import (
+from ..bpfabi import AttachType, MapType, ProgType
+from ..layers import (
     BPF_F_NO_PREALLOC,
     STORAGE_KEY,
     Layer,
@@ -25,6 +25,7 @@ SOURCE = "device"
 FUNC = "pelagos_dev"
 PROG_NAME = "pelagos_dev_v2"
 ATTACH = AttachType.CGROUP_DEVICE
+PROG_TYPE = ProgType.CGROUP_DEVICE
 RULES_MAX = 262144  # shared by all cgroups: 13-20 entries per container (~13,000-20,000)
 RULES_ENV = "PELAGOS_BPF_RULES_MAX"  # node setting: dev_rules size, read at map creation
 DENIALS_MAX = 16384

@@ -19,24 +19,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .. import bpfsys, progcache
+from .. import bpfsys, bytecode
 from ..cgref import CgroupRef, opened
-from ..config import CgroupDeviceRule
 from ..errors import BpfError
-from ..feature import Attached, Feature, Loaded, prog_tags, storage_key
+from ..feature import Attached, Feature
+from ..layers import storage_key
+from ..loader import Loaded
 from . import encode as enc
 from . import layout as lay
-from .rules import validate_device_rules
+from .rules import CgroupDeviceRule, validate_device_rules
 
 FEATURE = Feature(lay.LAYER, (lay.LAYER_V1,))
 GEN_MAX = 0xFFFF_FFFF
 
 
-def compiled() -> progcache.CompiledProgram:
-    """The cached bytecode (compiled with bcc only if the cache has none)."""
-    return progcache.get_program(
-        progcache.bpf_source(lay.SOURCE), lay.FUNC, lay.LAYER.progs[0].prog_type
-    )
+def compiled() -> bytecode.CompiledProgram:
+    """The program's bytecode (shipped with the package)."""
+    return bytecode.get_program(lay.SOURCE, lay.FUNC, lay.LAYER.progs[0].prog_type)
 
 
 PROG_NAME = lay.PROG_NAME  # (bench/ finds pins by it)
@@ -341,9 +340,8 @@ class DeviceState:
     other_programs: tuple[int, ...] = ()  # more of ours attached (e.g. mid-migration)
 
 
-@lru_cache(maxsize=1)
 def _trusted_tags() -> frozenset[str]:
-    return prog_tags(compiled().insns)
+    return frozenset(t.hex() for t in bytecode.ident(lay.SOURCE, lay.FUNC, lay.PROG_TYPE).tags)
 
 
 def _read_entries(

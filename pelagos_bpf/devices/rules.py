@@ -1,4 +1,5 @@
-"""Device rule semantics: validation, the default allowlist and the reference evaluator.
+"""Device rules: the rule type and its grammar, validation, the default allowlist and the
+reference evaluator.
 
 The evaluator is the specification: the kernel program, the map encoding and the tests
 are all checked against it. Per requested access bit, the LAST rule matching the device and
@@ -9,12 +10,40 @@ requested bit is.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import permutations
 from typing import Any
 
-from ..config import CgroupDeviceRule
 from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CgroupDeviceRule:
+    """One device allow/deny rule, as in OCI `linux.resources.devices`.
+
+    kind is 'a' (all), 'b' (block) or 'c' (char); major/minor -1 is a wildcard; access is a
+    non-empty subset of "rwm".
+    """
+
+    allow: bool
+    kind: str = "a"
+    major: int = -1
+    minor: int = -1
+    access: str = "rwm"
+
+    def __str__(self) -> str:
+        def num(n: int) -> str:
+            return "*" if n == -1 else str(n)
+
+        verb = "allow" if self.allow else "deny"
+        return f"{verb} {self.kind} {num(self.major)}:{num(self.minor)} {self.access}"
+
+    @classmethod
+    def parse(cls, text: str) -> CgroupDeviceRule:
+        """ "allow c 1:3 rw" -> rule (the grammar `str(rule)` prints; ConfigError if bad)."""
+        return parse_rule(text)
+
 
 MAJOR_MAX = 4095  # Linux dev_t: 12-bit major
 MINOR_MAX = 1_048_575  # 20-bit minor

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ..config import CgroupDeviceRule
 from ..errors import ConfigError
+from .rules import CgroupDeviceRule
 
 SEMANTICS = ("last-match", "v1")
 Key = tuple[str, int, int]  # (kind 'b'|'c', major, minor); -1 is a wildcard

@@ -65,24 +65,51 @@ are loaded once per process from the bytecode cache; a container start is 2 PROG
 writes (egress + ingress, or sock_create + setsockopt), a live update is map writes.
 `PROGRAMS` lists the programs so `pelagos-bpf compile` can fill the cache ahead.
 
-Importing this package is cheap: no bcc, no pyroute2 (tc.py takes its IPRoute from the caller).
+Importing this package is cheap: no pyroute2 (tc.py takes its IPRoute from the caller), and the
+names below load on first use (PEP 562), so the hook's input checks (`plan`) never load the BPF
+runtime (`program`).
 """
 
 from __future__ import annotations
 
-from .plan import CARRIERS, NetPlan, build_plan, choose_carrier, validate_net
-from .program import (
-    PROGRAMS,
-    NetState,
-    attach_net,
-    detach_net,
-    read_config,
-    read_net_stats,
-    read_state,
-    shared_programs,
-    update_net,
-)
-from .resolve import interface_table, resolve_net
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .plan import CARRIERS, NetPlan, build_plan, choose_carrier, validate_net
+    from .program import (
+        PROGRAMS,
+        NetState,
+        attach_net,
+        detach_net,
+        read_config,
+        read_net_stats,
+        read_state,
+        shared_programs,
+        update_net,
+    )
+    from .resolve import interface_table, resolve_net
+
+_LAZY = {
+    **dict.fromkeys(
+        ("CARRIERS", "NetPlan", "build_plan", "choose_carrier", "validate_net"), "plan"
+    ),
+    **dict.fromkeys(
+        (
+            "PROGRAMS",
+            "NetState",
+            "attach_net",
+            "detach_net",
+            "read_config",
+            "read_net_stats",
+            "read_state",
+            "shared_programs",
+            "update_net",
+        ),
+        "program",
+    ),
+    **dict.fromkeys(("interface_table", "resolve_net"), "resolve"),
+}
 
 __all__ = [
     "CARRIERS",
@@ -102,3 +129,16 @@ __all__ = [
     "update_net",
     "validate_net",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -7,8 +7,8 @@ layout change gets version 2 and names such as `pelagos_neteg_v2` (15 chars at m
 
 from __future__ import annotations
 
-from ..bpfsys import AttachType, MapType, ProgType
-from ..feature import BPF_F_NO_PREALLOC, STORAGE_KEY, Layer, Layout, MapSpec, ProgSpec, u64_prefix
+from ..bpfabi import AttachType, MapType, ProgType
+from ..layers import BPF_F_NO_PREALLOC, STORAGE_KEY, Layer, Layout, MapSpec, ProgSpec, u64_prefix
 
 VERSION = 1
 SOURCE = "net"

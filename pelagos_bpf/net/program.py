@@ -9,16 +9,17 @@ update's read-modify-write of the config cannot interleave with another writer's
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import threading
 from dataclasses import dataclass
 
-from .. import bpfsys, progcache
+from .. import bpfsys, bytecode
 from ..cgref import CgroupRef, opened
 from ..errors import ConfigError
-from ..feature import Attached, Feature, Loaded, ProgSpec, prog_tags, storage_key
+from ..feature import Attached, Feature
+from ..layers import ProgSpec, storage_key
+from ..loader import Loaded
 from . import layout as lay
 from .plan import F_MARK, F_PRIOS, F_SOCKET, SOCKET_NO_PRIOS, NetPlan, choose_carrier
 
@@ -47,10 +48,8 @@ def mark_classifier() -> int:
     with _lock:
         if _mark_cls is None:
             spec = lay.MARK_CLS
-            code = progcache.get_program(
-                progcache.bpf_source(lay.SOURCE), spec.func, spec.prog_type
-            )
-            _mark_cls = progcache.load_program(code, {}, name=spec.name)
+            code = bytecode.get_program(lay.SOURCE, spec.func, spec.prog_type)
+            _mark_cls = bytecode.load_program(code, {}, name=spec.name)
         return _mark_cls
 
 
@@ -325,11 +324,9 @@ class NetState:
     priorities: tuple[tuple[int, str | None, int], ...] = ()
 
 
-@functools.cache
 def _trusted_tags(func: str) -> frozenset[str]:
     spec = lay.LAYER.prog(func)
-    code = progcache.get_program(progcache.bpf_source(lay.SOURCE), spec.func, spec.prog_type)
-    return prog_tags(code.insns)
+    return frozenset(t.hex() for t in bytecode.ident(lay.SOURCE, spec.func, spec.prog_type).tags)
 
 
 def _ifnames(cg: CgroupRef) -> dict[int, str]:

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CgroupConfig, CgroupDeviceRule
+from ..config import CgroupConfig
+from ..devices.rules import CgroupDeviceRule
 from ..errors import ConfigError
 
 PREFIX = "io.pelagos-bpf."

@@ -17,10 +17,7 @@ import argparse
 import io
 import os
 import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -30,7 +27,6 @@ from . import kernels, qemu
 
 PROJECT = Path(__file__).resolve().parents[2]
 GUEST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-m", "not matrix")
-BPF_CACHE_NAME = "bpf-cache"
 
 
 TIMEOUT = float(os.environ.get("PELAGOS_MATRIX_TIMEOUT", "1500"))
@@ -146,7 +142,6 @@ def job_script(
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
-        "PELAGOS_BPF_CACHE": f"{qemu.GUEST_OUT}/{BPF_CACHE_NAME}",
         "PELAGOS_VM_KERNEL": kernel,
     }
     lines = ["set -e", f"cd {shlex.quote(str(project))}"]
@@ -158,27 +153,6 @@ def job_script(
         full += [f"--junitxml={qemu.GUEST_OUT}/junit.xml", *(argv or [])]
         lines.append("exec " + shlex.join(full))
     return "\n".join(lines) + "\n"
-
-
-def prefill_bpf_cache(python: Path, dest: Path, log=print) -> bool:
-    """Compile the BPF programs on the host so the guest never runs bcc/LLVM under TCG."""
-    cli = python.parent / "pelagos-bpf"
-    argv = [str(cli)] if cli.exists() else [str(python), "-m", "pelagos_bpf.cli"]
-    env = dict(os.environ, PELAGOS_BPF_CACHE=str(dest))
-    try:
-        r = subprocess.run(
-            [*argv, "compile"], env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        log(f"vm: BPF cache not pre-filled ({e}); the guest compiles on demand")
-        return False
-    if r.returncode != 0:
-        why = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-        log(f"vm: `pelagos-bpf compile` failed ({why[0]}); the guest compiles on demand")
-        return False
-    n = sum(1 for p in dest.rglob("*") if p.is_file())
-    log(f"vm: BPF cache pre-filled ({n} files)")
-    return True
 
 
 def parse_junit(data: bytes | None) -> dict[str, int]:
@@ -204,7 +178,6 @@ def run_kernel(
     pytest_args: list[str] | None = None,
     *,
     cmd: str | None = None,
-    bpf_cache: Path | None = None,
     timeout: float = TIMEOUT,
     boot_timeout: float = 180.0,
     keep: Path | None = None,
@@ -227,7 +200,6 @@ def run_kernel(
     job = job_script(PROJECT, python, pytest_args, cmd, name)
     # the project, the interpreter's installation (the venv's python links into it), modules
     share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
-    prefill = {BPF_CACHE_NAME: bpf_cache} if bpf_cache else None
     attempts = 0
     while True:
         attempts += 1
@@ -236,7 +208,6 @@ def run_kernel(
             k,
             job,
             share_paths=share,
-            prefill=prefill,
             timeout=timeout,
             boot_timeout=boot_timeout,
             keep=keep,
@@ -313,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help="per kernel, seconds")
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
-    ap.add_argument("--no-bpf-cache", action="store_true", help="don't pre-compile BPF programs")
     ap.add_argument("--fetch-only", action="store_true", help="download/unpack and exit")
     ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
     args = ap.parse_args(argv)
@@ -337,30 +307,21 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     results: list[KernelResult] = []
-    with tempfile.TemporaryDirectory(prefix="pelagos-vm-bpf-") as tmp:
-        bpf_cache: Path | None = None
-        if not args.no_bpf_cache and args.cmd is None:
-            bpf_cache = Path(tmp) / BPF_CACHE_NAME
-            bpf_cache.mkdir()
-            if not prefill_bpf_cache(venv_python(), bpf_cache):
-                shutil.rmtree(bpf_cache)
-                bpf_cache = None
-        for n in names:
-            keep = args.keep / n if args.keep else None
-            try:
-                res = run_kernel(
-                    n,
-                    guest_args(n, pytest_args, args.full or FULL),
-                    cmd=args.cmd,
-                    bpf_cache=bpf_cache,
-                    timeout=args.timeout,
-                    boot_timeout=args.boot_timeout,
-                    keep=keep,
-                )
-            except RUNNER_ERRORS as e:
-                res = KernelResult.failed(n, str(e))
-            report(res)
-            results.append(res)
+    for n in names:
+        keep = args.keep / n if args.keep else None
+        try:
+            res = run_kernel(
+                n,
+                guest_args(n, pytest_args, args.full or FULL),
+                cmd=args.cmd,
+                timeout=args.timeout,
+                boot_timeout=args.boot_timeout,
+                keep=keep,
+            )
+        except RUNNER_ERRORS as e:
+            res = KernelResult.failed(n, str(e))
+        report(res)
+        results.append(res)
     print(f"==== kernel matrix: {len(results)} kernels in {time.monotonic() - t0:.0f}s")
     for res in results:
         print(f"     {res.summary()}")

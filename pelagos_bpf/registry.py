@@ -1,4 +1,4 @@
-"""The registry of cgroup-BPF features: what `compile` fills and `gc` sweeps.
+"""The registry of cgroup-BPF features: what `compile` builds and `gc` sweeps.
 
 Listed explicitly (no discovery by module name): a third feature is one more line here.
 """

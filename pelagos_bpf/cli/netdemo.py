@@ -20,10 +20,10 @@ from typing import Any
 
 from ..cgroup import setup_cgroup, teardown_cgroup
 from ..config import CgroupConfig
-from . import tc
-from .plan import carried_in
-from .program import read_net_stats
-from .resolve import _setns, run_in_netns
+from ..net import tc
+from ..net.plan import carried_in
+from ..net.program import read_net_stats
+from ..net.resolve import _setns, run_in_netns
 
 CLASSES = (0x10, 0x20, 0x30)
 NETNS_DIR = "/var/run/netns"
@@ -108,7 +108,7 @@ def _table(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
 
 
 def cmd_net_demo(args: argparse.Namespace) -> int:
-    from ..cli.common import NEEDS_ROOT, CliError
+    from .common import NEEDS_ROOT, CliError
 
     if os.geteuid() != 0:
         raise CliError(f"net-demo {NEEDS_ROOT}: it creates network namespaces and a cgroup")
@@ -142,7 +142,7 @@ def cmd_net_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from ..cli.flags import parse_classid
+    from .flags import parse_classid
 
     p = sub.add_parser("net-demo", help="show net_classid classifying real packets into HTB")
     p.add_argument("--classid", type=parse_classid, default=0x10010, help="default 1:10")

@@ -13,10 +13,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import EXIT_DENIED, EXIT_OK, CliError, cgroup_dir
-from ..cli.flags import parse_device_rule
-from ..config import CgroupDeviceRule
-from .rules import DEFAULT_DEVICE_RULES, deciding_rules, device_allowed, validate_access
+from ..devices.rules import (
+    DEFAULT_DEVICE_RULES,
+    CgroupDeviceRule,
+    deciding_rules,
+    device_allowed,
+    validate_access,
+)
+from .common import EXIT_DENIED, EXIT_OK, CliError, cgroup_dir
+from .flags import parse_device_rule
 
 
 def _device(text: str) -> tuple[int, int]:
@@ -40,7 +45,7 @@ def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int],
 
 def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
     from ..cgroup import Cgroup
-    from . import program
+    from ..devices import program
 
     state = program.read_state(Cgroup.open(cgroup_dir(str(path))))
     if not state.attached:
@@ -86,7 +91,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_denials(args: argparse.Namespace) -> int:
     from ..cgroup import Cgroup
-    from . import program
+    from ..devices import program
 
     cg = Cgroup.open(cgroup_dir(args.cgroup))
     _print_denials(program.denials(cg))
@@ -100,7 +105,7 @@ def cmd_defaults(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from ..cli.common import EXIT_CODES_HELP
+    from .common import EXIT_CODES_HELP
 
     d = sub.add_parser("devices", help="device rules: check an access, show denials")
     dsub = d.add_subparsers(dest="devices_cmd", required=True)
