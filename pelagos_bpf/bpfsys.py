@@ -469,6 +469,18 @@ def prog_info(fd: int) -> ProgInfo:
         nmaps = info.nr_map_ids
 
 
+def prog_xlated(fd: int) -> bytes:
+    """The program's instructions as the kernel translated them (what `devices check` runs for a
+    foreign program; map references and helper calls appear as the kernel rewrote them)."""
+    info = ProgInfoStruct()
+    _obj_info(fd, info)
+    size = info.xlated_prog_len
+    buf, addr = _out_buffer(size)
+    info = ProgInfoStruct(xlated_prog_len=size, xlated_prog_insns=addr)
+    _obj_info(fd, info)
+    return bytes(buf[: min(size, info.xlated_prog_len)])
+
+
 def map_info(fd: int) -> MapInfo:
     info = MapInfoStruct()
     _obj_info(fd, info)

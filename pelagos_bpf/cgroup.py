@@ -174,7 +174,7 @@ def setup_cgroup(
         _apply_writes(target, plan.writes, strict, report)
         cg.features = set()
         if plan.devices:
-            attached.append(devices.detach_devices)
+            attached.append(devices.detach_devices)  # the runtime's set: setup's own
             cg.features.add("devices")
             rules = effective_rules(cfg.device_rules, cfg.device_semantics)
             devprog.attach_fresh(cg, cfd, rules, validated=True)  # by validate_config
@@ -340,8 +340,8 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
         dev_keys = devprog.removal_keys(cg)
         prio_key = netprog.removal_key(cg)
         for name, fast, detach in (
-            ("net", prio_key, net.detach_net),
-            ("devices", dev_keys, devices.detach_devices),
+            ("net", prio_key, netprog.detach_net_any),
+            ("devices", dev_keys, devprog.detach_all),
         ):
             if fast is not None or (cg.features is not None and name not in cg.features):
                 continue  # rmdir frees it; another process's entries are gc's

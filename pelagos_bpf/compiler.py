@@ -177,11 +177,17 @@ def build(
     force: bool = False,
 ) -> list[CompiledProgram | str]:
     """Compile each (source, func, prog_type) into `out` (a trusted dir, created 0755); a
-    program whose file is current is kept (its file name is returned instead) unless `force`."""
+    program whose file is current is kept (its file name is returned instead) unless `force`.
+    Bytecode files of programs no longer listed are removed (a wheel must not ship them)."""
     out = os.fspath(out)
+    programs = list(programs)
     dirfd = trust.open_trusted_dir(out, "bytecode dir", create=True)
     done: list[CompiledProgram | str] = []
     try:
+        wanted = {bytecode.file_name(s, f) for s, f, _ in programs}
+        for name in os.listdir(dirfd):
+            if name.endswith(".json") and name not in wanted:
+                os.unlink(name, dir_fd=dirfd)
         for source, func, prog_type in programs:
             if not force and is_current(out, source, func, prog_type):
                 done.append(bytecode.file_name(source, func))

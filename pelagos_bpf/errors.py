@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class PelagosError(Exception):
     """Base class for every error this library raises on purpose."""
@@ -49,3 +51,20 @@ class BpfError(PelagosError, OSError):
         if log:
             msg += "\n" + log[-4000:]
         super().__init__(errno_, msg)
+
+
+class OwnerConflict(PelagosError, PermissionError):
+    """A role asked to change a setting another role owns on the cgroup (pelagos_bpf.owners).
+
+    Never resolved by overwriting: the holder's settings stay, the request is refused."""
+
+    def __init__(self, setting: str, path: str, holder: str, requester: str) -> None:
+        self.setting = setting
+        self.path = path
+        self.holder = holder
+        self.requester = requester
+        super().__init__(
+            errno.EACCES,
+            f"{setting}: cgroup {path}: its net settings belong to the {holder}; the "
+            f"{requester} may not change them (one owner per cgroup)",
+        )

@@ -158,19 +158,25 @@ class Feature:
             os.close(cg_fd)
 
     def detach_cgroup(
-        self, cg: CgroupRef, what: str, detach_group: Callable[[CgroupRef, Attached, int], None]
+        self,
+        cg: CgroupRef,
+        what: str,
+        detach_group: Callable[[CgroupRef, Attached, int], None],
+        *,
+        purge_when_gone: bool = True,
     ) -> None:
         """Detach ours of every version with the plug-in's `detach_group` (which also drops the
         cgroup's entries), under the writer lock. Idempotent. With nothing attached (detached
-        from inside, say), this process's (or the pinned) maps still lose the cgroup's entries;
-        other processes' are left to gc."""
+        from inside, say) and purge_when_gone, this process's (or the pinned) maps still lose
+        the cgroup's entries; other processes' are left to gc. A caller removing only part of
+        what is there (one owner's) passes purge_when_gone=False."""
         with opened(cg, what, missing_ok=True) as cg_fd:
             if cg_fd is None:
                 return
             with self.find(cg_fd) as groups:
                 for g in groups:
                     detach_group(cg, g, cg_fd)
-                if not groups and (loaded := self._loaded) is not None:
+                if not groups and purge_when_gone and (loaded := self._loaded) is not None:
                     self.purge(loaded.layer, loaded.maps, lambda i: i == cg.id)
 
     # ------------------------------------------------------------ attach / detach
@@ -245,9 +251,13 @@ class Feature:
         except BpfError as e:
             if e.errno != errno.E2BIG:
                 raise
-        with Liveness(os.path.dirname(os.fspath(cg.path))) as live:
-            self.purge(self.current, maps, live.dead)
+        self.purge_dead(cg, maps)
         write()
+
+    def purge_dead(self, cg: CgroupRef, maps: dict[str, int]) -> dict[str, int]:
+        """Delete the entries of dead cgroups in these maps (`cg` names the hierarchy)."""
+        with Liveness(os.path.dirname(os.fspath(cg.path))) as live:
+            return self.purge(self.current, maps, live.dead)
 
     @staticmethod
     def purge(layer: Layer, maps: dict[str, int], dead: Callable[[int], bool]) -> dict[str, int]:
@@ -261,7 +271,12 @@ class Feature:
             if spec.cgroup_of is None or spec.name not in maps:
                 continue
             fd = maps[spec.name]
-            doomed = [k for k in bpfsys.map_keys(fd, spec.key_size) if dead(spec.cgroup_of(k))]
+            # cgroup id 0 is no cgroup: a feature's bookkeeping entry (devices' fill level)
+            doomed = [
+                k
+                for k in bpfsys.map_keys(fd, spec.key_size)
+                if (i := spec.cgroup_of(k)) and dead(i)
+            ]
             if doomed:
                 counts[spec.name] = bpfsys.map_delete_batch(fd, doomed)
         return counts

@@ -10,14 +10,14 @@ checks the C structs of bpf/*.c against them.
 from __future__ import annotations
 
 import errno
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 from .bpfabi import AttachType, MapType, ProgType
-from .errors import BpfError
+from .errors import BpfError, ConfigError
+from .numbers import env_int
 
 BPF_F_NO_PREALLOC = 1
 STORAGE_KEY = struct.Struct("<QI4x")  # struct bpf_cgroup_storage_key {cgroup id, attach type}
@@ -77,20 +77,16 @@ class MapSpec:
         Read when this process creates the map (its first load): a program already loaded or
         pinned keeps the map it was created with, whatever the setting says now.
         """
-        raw = os.environ.get(self.size_env) if self.size_env else None
-        if raw is None or raw == "":
+        if self.size_env is None:
             return self.max_entries
         try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if not 0 < n <= 0xFFFF_FFFF:
+            return env_int(self.size_env, self.max_entries)
+        except ConfigError as e:
             raise BpfError(
                 errno.EINVAL,
-                self.size_env or self.name,
-                f"{raw!r} is not a map size (entries, a positive integer) for map {self.name}",
-            )
-        return n
+                self.size_env,
+                f"{e.value!r} is not a map size (entries, a positive integer) for map {self.name}",
+            ) from None
 
 
 @dataclass(frozen=True)

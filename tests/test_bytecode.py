@@ -23,7 +23,7 @@ from pelagos_bpf.errors import BpfError
 from pelagos_bpf.registry import all_programs
 
 ROOT = Path(__file__).resolve().parent.parent
-DEV = ("device", "pelagos_dev", int(ProgType.CGROUP_DEVICE))
+DEV = ("device", "pelagos_dev_rt", int(ProgType.CGROUP_DEVICE))
 NET_IN = ("net", "pelagos_net_in", int(ProgType.CGROUP_SKB))
 IN_GUEST = bool(os.environ.get("PELAGOS_VM_KERNEL"))  # QEMU/TCG guests: ~50x slower
 EXAMPLES = 10 if IN_GUEST else 100

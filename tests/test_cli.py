@@ -304,7 +304,7 @@ def test_inspect_json_shows_limits_rules_and_net_in_force(cg_root: Path) -> None
             assert (value is None) == (not has), name
         ids = attached_ids(cg.path, AttachType.CGROUP_DEVICE)
         assert [p["id"] for p in doc["devices"]["programs"]] == ids
-        assert [r["rule"] for r in doc["devices"]["rules"]] == rules
+        assert [r["rule"] for r in doc["devices"]["owners"]["runtime"]["rules"]] == rules
         assert doc["net"]["classid"] == 0x10010 and doc["net"]["classid_tc"] == "1:10"
         assert doc["net"]["carrier"] == "mark"  # auto: priorities take skb->priority
         lo = socket.if_nametoindex("lo")

@@ -30,7 +30,7 @@ def devcg(cg_root: Path):  # type: ignore[no-untyped-def]
 def _rules(path: Path) -> list[str]:
     r = cli("inspect", "--json", str(path))
     assert r.returncode == 0, r.stderr
-    return [x["rule"] for x in json.loads(r.stdout)["devices"]["rules"]]
+    return [x["rule"] for x in json.loads(r.stdout)["devices"]["owners"]["runtime"]["rules"]]
 
 
 def test_update_replaces_the_device_rules(devcg) -> None:  # type: ignore[no-untyped-def]

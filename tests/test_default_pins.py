@@ -111,21 +111,24 @@ def test_fresh_processes_share_the_default_pin(cg_root: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    (first,) = out["first"].values()
-    (second,) = out["second"].values()
-    (resized,) = out["resized"].values()
+    first, second, resized = (out[k]["pelagos_dev_rt"] for k in ("first", "second", "resized"))
+    owners = len(out["first"])  # one program per owner, pinned as one set
     # The first process exited; its program lived on only through the pin the second fetched.
-    assert first == second
-    # Another map size is another program with its own pin, never the old maps.
+    assert first == second and out["first"] == out["second"]
+    # Another map size is another set with its own pins, never the old maps.
     assert resized != first
     assert out["dir"] == [0, 0o755]
-    assert len(out["pins_before_gc"]) == 2
-    assert all(p.startswith("pelagos_dev_v2_") for p in out["pins_before_gc"])
-    # gc (default size) unpins the program it would not fetch and keeps the current one.
-    assert len(out["removed"]) == 1
-    assert out["removed"][0].startswith(DEFAULT_PIN_DIR + "/")
-    (kept,) = out["pins_after_gc"]
-    assert kept in out["pins_before_gc"] and out["removed"][0] != f"{DEFAULT_PIN_DIR}/{kept}"
+    assert len(out["pins_before_gc"]) == 2 * owners
+    assert all(
+        p.startswith(("pelagos_drt_v3_", "pelagos_dhk_v3_", "pelagos_dnr_v3_"))
+        for p in out["pins_before_gc"]
+    )
+    # gc (default size) unpins the set it would not fetch and keeps the current one.
+    assert len(out["removed"]) == owners
+    assert all(r.startswith(DEFAULT_PIN_DIR + "/") for r in out["removed"])
+    kept = out["pins_after_gc"]
+    assert len(kept) == owners and set(kept) <= set(out["pins_before_gc"])
+    assert not {f"{DEFAULT_PIN_DIR}/{k}" for k in kept} & set(out["removed"])
     # The resized program is still attached to c2; the shared one to c0 and c1.
     assert not _gone(first, timeout=0) and not _gone(resized, timeout=0)
     for d in cgs:

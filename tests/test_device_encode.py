@@ -6,9 +6,9 @@ from device_helpers import PROBE_DEVICES, rules_st
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pelagos_bpf.config import CgroupDeviceRule as R
 from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, device_allowed
 from pelagos_bpf.devices import encode as enc
+from pelagos_bpf.devices.rules import CgroupDeviceRule as R
 
 ANY = enc.ANY
 
@@ -31,21 +31,21 @@ def test_default_rules_table_size() -> None:
 
 def test_rule_entries_index_then_patterns_then_sentinels() -> None:
     t = enc.encode_rules([R(True, "c", 1, 3, "r"), R(False, "b", 8, -1, "w")])
-    entries = enc.rule_entries(77, 5, t)
+    entries = enc.rule_entries(77, 5, 2, t)
     assert len(entries) == 5  # index, 2 patterns, 2 sentinels
     (ik, iv), (pk0, pv0), (pk1, _), (sk0, sv0), (sk1, _) = entries
-    assert enc.RULE_KEY.unpack(ik) == (77, 5, enc.TYPE_INDEX, 0, 0)
+    assert enc.RULE_KEY.unpack(ik) == (77, 5, 2, enc.TYPE_INDEX, 0, 0)
     assert set(enc.index_patterns(iv)) == {
         (enc.TYPE_CHAR, 1, 3),
         (enc.TYPE_BLOCK, 8, ANY),
         (enc.TYPE_BLOCK, ANY, ANY),
         (enc.TYPE_CHAR, ANY, ANY),
     }
-    assert enc.RULE_KEY.unpack(pk0) == (77, 5, enc.TYPE_CHAR, 1, 3)
+    assert enc.RULE_KEY.unpack(pk0) == (77, 5, 2, enc.TYPE_CHAR, 1, 3)
     assert enc.RULE_VAL.unpack(pv0) == (0, (1 << 1) | 1, 0, 1)  # exact entries are final
-    assert enc.RULE_KEY.unpack(pk1) == (77, 5, enc.TYPE_BLOCK, 8, ANY)
+    assert enc.RULE_KEY.unpack(pk1) == (77, 5, 2, enc.TYPE_BLOCK, 8, ANY)
     # the *:* sentinels come last, with no winners (no rule has that pattern)
-    assert {enc.RULE_KEY.unpack(k)[2:] for k in (sk0, sk1)} == {
+    assert {enc.RULE_KEY.unpack(k)[3:] for k in (sk0, sk1)} == {
         (enc.TYPE_BLOCK, ANY, ANY),
         (enc.TYPE_CHAR, ANY, ANY),
     }
@@ -55,11 +55,11 @@ def test_rule_entries_index_then_patterns_then_sentinels() -> None:
 
 def test_index_chunks_cover_every_pattern() -> None:
     rules = [R(True, "c", 242, i, "r") for i in range(40)]
-    entries = enc.rule_entries(2, 1, enc.encode_rules(rules))
-    index = [v for k, v in entries if enc.RULE_KEY.unpack(k)[2] == enc.TYPE_INDEX]
+    entries = enc.rule_entries(2, 1, 3, enc.encode_rules(rules))
+    index = [v for k, v in entries if enc.RULE_KEY.unpack(k)[3] == enc.TYPE_INDEX]
     assert len(index) == 3  # 16 + 16 + 10 (40 patterns + 2 sentinels)
     listed = [p for v in index for p in enc.index_patterns(v)]
-    patterns = [enc.RULE_KEY.unpack(k)[2:5] for k, _ in entries]
+    patterns = [enc.RULE_KEY.unpack(k)[3:6] for k, _ in entries]
     assert sorted(listed) == sorted(p for p in patterns if p[0] != enc.TYPE_INDEX)
 
 
@@ -76,17 +76,18 @@ def test_pattern_packing_round_trips(type_: int, major: int, minor: int) -> None
 
 def _reference_template(table: dict) -> tuple[tuple[bytes, bytes], ...]:
     """entry_template as its docstring says, written plainly: a stable sort by write_rank,
-    pack_pattern per index slot, the keys packed whole then cut after the (cgroup, gen) head."""
+    pack_pattern per index slot, the keys packed whole then cut after the (cgroup, gen, owner)
+    head."""
     items = sorted(enc.resolve(table).items(), key=lambda it: enc.write_rank(it[0]))
-    head = 12
+    head = 14
     out = []
     for c in range(0, len(items), enc.INDEX_CHUNK):
         packed = [enc.pack_pattern(p) for p, _ in items[c : c + enc.INDEX_CHUNK]]
         packed += [0] * (enc.INDEX_CHUNK - len(packed))
-        chunk = enc.index_key(0, 0, c // enc.INDEX_CHUNK)[head:]
+        chunk = enc.index_key(0, 0, 0, c // enc.INDEX_CHUNK)[head:]
         out.append((chunk, enc.INDEX_VAL.pack(*packed)))
     for p, (v, final) in items:
-        out.append((enc.RULE_KEY.pack(0, 0, *p)[head:], enc.RULE_VAL.pack(*v, final)))
+        out.append((enc.RULE_KEY.pack(0, 0, 0, *p)[head:], enc.RULE_VAL.pack(*v, final)))
     return tuple(out)
 
 
@@ -173,11 +174,15 @@ def test_decoded_default_rules_read_like_the_defaults() -> None:
 
 
 def test_denial_labels_and_decode() -> None:
-    k1 = enc.DENY_KEY.pack(9, enc.TYPE_CHAR, 240, 1, 2 | 4)
-    k2 = enc.DENY_KEY.pack(9, enc.TYPE_BLOCK, 8, 0, 1)
-    k3 = enc.DENY_KEY.pack(10, enc.TYPE_CHAR, 1, 3, 2)
-    items = [(k, enc.DENY_VAL.pack(n)) for k, n in ((k1, 3), (k2, 1), (k3, 5))]
-    assert enc.decode_denials(items, 9) == {"c 240:1 rw": 3, "b 8:0 m": 1}
+    k1 = enc.DENY_KEY.pack(9, 1, enc.TYPE_CHAR, 240, 1, 2 | 4)
+    k2 = enc.DENY_KEY.pack(9, 1, enc.TYPE_BLOCK, 8, 0, 1)
+    k3 = enc.DENY_KEY.pack(10, 1, enc.TYPE_CHAR, 1, 3, 2)
+    k4 = enc.DENY_KEY.pack(9, 2, enc.TYPE_CHAR, 240, 1, 2 | 4)  # the hook's set denied it too
+    items = [(k, enc.DENY_VAL.pack(n)) for k, n in ((k1, 3), (k2, 1), (k3, 5), (k4, 2))]
+    by_owner = enc.decode_denials(items, 9)
+    assert by_owner == {1: {"c 240:1 rw": 3, "b 8:0 m": 1}, 2: {"c 240:1 rw": 2}}
+    # one access refused by two owners' programs was counted by both: the max, not the sum
+    assert enc.merge_denials(by_owner) == {"c 240:1 rw": 3, "b 8:0 m": 1}
     assert enc.access_str(7) == "rwm"
     assert enc.access_mask("mr") == 3
 

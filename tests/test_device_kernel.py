@@ -284,13 +284,13 @@ def test_no_leak_over_setup_teardown_and_updates(cg_root: Path) -> None:
     base_progs = progs_using_map(rules_map_id)
     base_fds = bpf_fds()
     base_entries = len(bpfsys.map_keys(prog.maps["dev_rules"], enc.RULE_KEY.size))
-    assert base_progs == [prog.ids[layout.FUNC]]
+    assert base_progs == sorted(prog.ids.values())  # one program per owner, sharing the maps
     for i in range(200):
         p = cg_root / f"leak{i}"
         p.mkdir()
         cg = Cgroup.open(p)
         attach_devices(cg, [*RULES, R(True, "c", 242, i, "r")])
-        assert our_prog_ids(cg) == [prog.ids[layout.FUNC]]
+        assert our_prog_ids(cg) == [prog.ids[layout.FUNCS["runtime"]]]
         detach_devices(cg)
         assert our_prog_ids(cg) == []
         p.rmdir()
@@ -300,7 +300,7 @@ def test_no_leak_over_setup_teardown_and_updates(cg_root: Path) -> None:
     attach_devices(cg, RULES)
     for i in range(100):
         update_devices(cg, [*RULES, R(True, "c", 242, i, "r")])
-    assert our_prog_ids(cg) == [prog.ids[layout.FUNC]]
+    assert our_prog_ids(cg) == [prog.ids[layout.FUNCS["runtime"]]]
     detach_devices(cg)
     p.rmdir()
     assert progs_using_map(rules_map_id) == base_progs
@@ -328,7 +328,7 @@ def test_pinned_program_shared_across_processes(cg_root: Path, tmp_path: Path) -
             assert probe(cg.path, [("c", 240, 0, "r"), ("c", 1, 3, "rw")]) == [False, True]
         assert len(ids) == 2 and ids[0] == ids[1]
         # (a fresh bpffs may also hold the kernel's maps.debug / progs.debug)
-        pins = [p for p in pin_dir.iterdir() if p.name.startswith(layout.PROG_NAME)]
+        pins = [p for p in pin_dir.iterdir() if p.name.startswith(layout.PROG_NAMES["runtime"])]
         assert len(pins) == 1
         for name in ("a", "b"):
             detach_devices(Cgroup.open(cg_root / name))

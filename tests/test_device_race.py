@@ -117,5 +117,7 @@ def test_two_updaters_and_a_prober_zero_bypasses(make_cgroup: Callable[[str], Cg
     assert result["ok"] == 0, f"{result['ok']} of {result['tries']} opens of {KMSG} got through"
     state = devices.read_state(cg)
     # Serialised writers, never-reused generations: attach made generation 1, each update +1.
-    assert state.installed and state.generation == 1 + sum(c["updates"] for c in counts)
+    rt = state.owner("runtime")
+    assert state.installed and rt is not None
+    assert rt.generation == 1 + sum(c["updates"] for c in counts)
     assert state.denials.get("c 1:11 r", 0) == result["tries"]  # every denial counted

@@ -39,7 +39,9 @@ def test_fresh_setup_installs_generation_one_and_teardown_drops_entries(cg_root:
     cfg = CgroupConfig(device_rules=list(DEFAULT_DEVICE_RULES), path=rel(cg_root, "fresh"))
     cg = setup_cgroup(cfg, None)
     st = devices.read_state(cg)
-    assert (st.attached, st.installed, st.generation, st.trusted) == (True, True, 1, True)
+    rt = st.owner("runtime")
+    assert rt is not None and [o.owner for o in st.owners] == ["runtime"]
+    assert (st.attached, st.installed, rt.generation, rt.trusted) == (True, True, 1, True)
     n = rule_entries(cg.id)
     assert n == len(devprog.prepare(list(DEFAULT_DEVICE_RULES)).template)
     calls: list[str] = []
@@ -58,24 +60,26 @@ def test_fresh_setup_falls_back_when_a_program_is_already_attached(
     cg_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A writer that got in between our mkdir and our lock: the general path updates (gen 2)."""
-    real_flock = devprog.fcntl.flock
+    real_lock = devprog.flock_until
     target = cg_root / "raced"
     raced: list[bool] = []
 
-    def racing_flock(fd: int, op: int) -> None:
-        if op == devprog.fcntl.LOCK_EX and not raced:
+    def racing_lock(fd: int, what: str) -> None:
+        if not raced:
             raced.append(True)
             devices.attach_devices(Cgroup.open(target), [R(False, "a")])  # the other writer
-        real_flock(fd, op)
+        real_lock(fd, what)
 
-    monkeypatch.setattr(devprog.fcntl, "flock", racing_flock)
+    monkeypatch.setattr(devprog, "flock_until", racing_lock)
     cg = setup_cgroup(
         CgroupConfig(device_rules=list(DEFAULT_DEVICE_RULES), path=rel(cg_root, "raced")), None
     )
     monkeypatch.undo()
     st = devices.read_state(cg)
-    assert (st.installed, st.generation, st.other_programs) == (True, 2, ())
-    assert any(r.allow for r in st.rules)  # DEFAULT_DEVICE_RULES, not the racer's deny-all
+    rt = st.owner("runtime")
+    assert rt is not None and [o.owner for o in st.owners] == ["runtime"]
+    assert (st.installed, rt.generation, st.legacy_program_ids) == (True, 2, ())
+    assert any(r.allow for r in rt.rules)  # DEFAULT_DEVICE_RULES, not the racer's deny-all
     teardown_cgroup(cg)
     assert rule_entries(cg.id) == 0
 

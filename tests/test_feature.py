@@ -39,7 +39,7 @@ def test_open_attached_matches_name_and_refuses_another_layout(
     # A map named like ours but with another key size: what an older version could leave.
     spec = layout.LAYER.map("dev_rules")
     bad = bpfsys.map_create(MapType.HASH, 4, spec.value_size, 8, "dev_rules")
-    fds = [bad, _prog_using(bad, layout.PROG_NAME), _prog_using(bad, "someone_else")]
+    fds = [bad, _prog_using(bad, layout.PROG_NAMES["runtime"]), _prog_using(bad, "someone_else")]
     cgfd = cg.open_fd()
     try:
         for fd in fds[1:]:
@@ -89,9 +89,9 @@ def test_a_squatted_pin_with_another_program_is_refused(
     try:
         monkeypatch.setenv(PIN_ENV, str(d))
         feat = Feature(layout.LAYER)
-        (path,) = pins.pin_paths(feat.current, str(d)).values()
+        path = pins.pin_paths(feat.current, str(d))[layout.FUNCS["runtime"]]
         m = bpfsys.map_create(MapType.HASH, 4, 4, 8, "x")
-        squat = _prog_using(m, layout.PROG_NAME)
+        squat = _prog_using(m, layout.PROG_NAMES["runtime"])
         bpfsys.obj_pin(squat, path)
         os.close(squat)
         os.close(m)

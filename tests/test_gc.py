@@ -37,13 +37,15 @@ KILLS = 40
 
 
 def entries_of(maps: dict[str, int], layer, cgroup_ids: set[int] | None = None) -> int:
-    """Entries in these maps (keyed by one of cgroup_ids when given)."""
+    """Entries of cgroups in these maps (keyed by one of cgroup_ids when given); cgroup id 0
+    is no cgroup: the feature's bookkeeping (the rule map's fill level)."""
     n = 0
     for spec in layer.maps:
         if spec.cgroup_of is None or spec.name not in maps:
             continue
         for k in bpfsys.map_keys(maps[spec.name], spec.key_size):
-            n += cgroup_ids is None or spec.cgroup_of(k) in cgroup_ids
+            cg = spec.cgroup_of(k)
+            n += cg != 0 and (cgroup_ids is None or cg in cgroup_ids)
     return n
 
 
@@ -79,7 +81,7 @@ def test_teardown_removes_entries_when_the_program_is_gone(cg_root: Path) -> Non
     own = devprog.FEATURE.loaded()
     fd = cg.open_fd()
     try:
-        bpfsys.prog_detach(own.progs[layout.FUNC], fd, layout.ATTACH)
+        bpfsys.prog_detach(own.progs[layout.FUNCS["runtime"]], fd, layout.ATTACH)
     finally:
         os.close(fd)
     assert not devices.read_state(cg).attached

@@ -14,7 +14,7 @@ from pelagos_bpf.layers import Layer, Layout, ProgSpec
 from pelagos_bpf.net import layout as net
 from pelagos_bpf.net import plan
 
-C_CODES = {"u64": "Q", "u32": "I", "s64": "q", "s32": "i"}
+C_CODES = {"u64": "Q", "u32": "I", "u16": "H", "s64": "q", "s32": "i"}
 STORAGE_KEY_SIZE = 16  # struct bpf_cgroup_storage_key
 
 
@@ -43,7 +43,8 @@ def c_size(structs: dict, name: str) -> int:
     return Layout(name, tuple(body)).size
 
 
-LAYOUTS = [("device", lay) for lay in (dev.CUR, dev.KEY, dev.RULE, dev.INDEX, dev.DENY_KEY)] + [
+DEV_LAYOUTS = (dev.CUR, dev.AUDIT, dev.KEY, dev.RULE, dev.INDEX, dev.DENY_KEY)
+LAYOUTS = [("device", lay) for lay in DEV_LAYOUTS] + [
     ("net", lay) for lay in (net.CFG, net.ACCT, net.PRIO_KEY)
 ]
 
@@ -71,6 +72,17 @@ def test_map_sizes_match_the_c_declarations(layer: Layer) -> None:
 def test_dev_val_is_a_named_union_of_rule_and_index_entries() -> None:
     assert c_structs("device")["dev_val"] == ["dev_rule", "dev_index"]
     assert dev.VAL_SIZE == dev.INDEX.size == 128
+
+
+def test_each_owner_program_reads_its_own_slot() -> None:
+    """pelagos_dev_XX passes its owner's id (owners.OWNER_IDS) to check(), which reads
+    dev_cur.gen[owner] and keys its rules and denials by it."""
+    from pelagos_bpf.owners import OWNER_IDS
+
+    text = source_path("device").read_text()
+    for owner, func in dev.FUNCS.items():
+        (body,) = re.findall(rf"^int {func}\(.*?^}}", text, flags=re.M | re.S)
+        assert re.search(rf"return check\(ctx, cur, audit, {OWNER_IDS[owner]}\);", body), func
 
 
 CTX_OF = {  # the context struct the kernel passes each program type

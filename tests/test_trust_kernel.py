@@ -49,7 +49,7 @@ from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, program
 try:
     cfg = CgroupConfig(device_rules=DEFAULT_DEVICE_RULES, path=sys.argv[1])
     cg = setup_cgroup(cfg, None, root=sys.argv[2])
-    print(json.dumps({"path": str(cg.path), "prog": program.own_program().ids["pelagos_dev"]}))
+    print(json.dumps({"path": str(cg.path), "prog": program.own_program().ids["pelagos_dev_rt"]}))
 except Exception as e:
     print(json.dumps({"error": type(e).__name__, "msg": str(e)}))
 """
@@ -104,7 +104,7 @@ def _planted_json() -> str:
         {
             "format": bytecode.FORMAT,
             "source": devlay.SOURCE,
-            "func": devlay.FUNC,
+            "func": devlay.FUNCS["runtime"],
             "prog_type": int(ProgType.CGROUP_DEVICE),
             "machine": os.uname().machine,
             "inputs_hash": "0" * 64,
@@ -115,7 +115,7 @@ def _planted_json() -> str:
 
 
 def _dev_file() -> str:
-    return bytecode.file_name(devlay.SOURCE, devlay.FUNC)
+    return bytecode.file_name(devlay.SOURCE, devlay.FUNCS["runtime"])
 
 
 def _refused(out: dict, path: Path, why: str) -> None:
@@ -187,7 +187,7 @@ def test_prog_tag_matches_the_kernels_for_device_and_net() -> None:
     dev = devprog.own_program()
     insns = devprog.compiled().insns
     assert devprog.compiled().relocs  # the map-fd zeroing is exercised
-    info = bpfsys.prog_info(dev.progs[devlay.FUNC])
+    info = bpfsys.prog_info(dev.progs[devlay.FUNCS["runtime"]])
     assert bytes.fromhex(info.tag) in trust.prog_tags(insns)
     assert trust.is_our_program(info, insns, ProgType.CGROUP_DEVICE)
     assert not trust.is_our_program(info, insns, ProgType.CGROUP_SKB)
@@ -219,7 +219,7 @@ def bpffs() -> Iterator[Path]:
 def _pin_name(monkeypatch: pytest.MonkeyPatch, pin_dir: Path) -> Path:
     monkeypatch.setenv(PIN_ENV, str(pin_dir))
     paths = pins.pin_paths(devprog.FEATURE.current, str(pin_dir))
-    return Path(paths[devlay.FUNC])
+    return Path(paths[devlay.FUNCS["runtime"]])
 
 
 def _foreign_program() -> tuple[int, list[int]]:
@@ -233,7 +233,9 @@ def _foreign_program() -> tuple[int, list[int]]:
     code = b"".join(
         struct.pack("<BBhi", 0x18, 0x11, 0, fd) + bytes(8) for fd in maps
     )  # r1 = map (x3)
-    fd = bpfsys.prog_load(ProgType.CGROUP_DEVICE, code + ALLOW_ALL, name=devlay.PROG_NAME)
+    fd = bpfsys.prog_load(
+        ProgType.CGROUP_DEVICE, code + ALLOW_ALL, name=devlay.PROG_NAMES["runtime"]
+    )
     return fd, maps
 
 
@@ -294,7 +296,7 @@ def test_foreign_program_under_our_pin_name_is_refused(
 def test_our_pin_owned_by_someone_else_is_refused(bpffs: Path) -> None:
     insns = devprog.compiled().insns
     pin = bpffs / "ours"
-    assert trust.pin_program(devprog.own_program().progs[devlay.FUNC], pin)
+    assert trust.pin_program(devprog.own_program().progs[devlay.FUNCS["runtime"]], pin)
     os.chown(pin, NOBODY, NOBODY)  # in a 1777 dir only root-owned pins are safe from swaps
     with pytest.raises(bpfsys.BpfError, match="owned by uid 65534"):
         trust.open_pinned_program(pin, insns=insns, prog_type=ProgType.CGROUP_DEVICE)
@@ -305,14 +307,14 @@ def test_pin_and_open_roundtrip(bpffs: Path) -> None:
     insns = devprog.compiled().insns
     pin = bpffs / "ours"
     assert trust.open_pinned_program(pin, insns=insns, prog_type=ProgType.CGROUP_DEVICE) is None
-    assert trust.pin_program(own.progs[devlay.FUNC], pin)
+    assert trust.pin_program(own.progs[devlay.FUNCS["runtime"]], pin)
     assert not trust.pin_program(
-        own.progs[devlay.FUNC], pin
+        own.progs[devlay.FUNCS["runtime"]], pin
     )  # exists: the caller reads it back instead
     fd = trust.open_pinned_program(pin, insns=insns, prog_type=ProgType.CGROUP_DEVICE)
     assert fd is not None
     try:
-        assert bpfsys.prog_info(fd).id == own.ids[devlay.FUNC]
+        assert bpfsys.prog_info(fd).id == own.ids[devlay.FUNCS["runtime"]]
     finally:
         os.close(fd)
     with pytest.raises(bpfsys.BpfError, match="not ours"):

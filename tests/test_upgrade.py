@@ -1,9 +1,10 @@
-"""A newer release updates and tears down cgroups the previous release set up (issue 13).
+"""A newer release updates and tears down cgroups the previous release set up.
 
-Two versions in one test: the previous release (commit 470d7f5, layout version 1: program
-`pelagos_dev`, generations 0/1, no sentinels) is extracted with `git archive` and run in a
-subprocess with its own bytecode cache; the current code then updates and tears down what it
-left, while real device probes check what is enforced at each step.
+Two versions in one test: the previous release (commit 3e620aa, device layout version 2: one
+program `pelagos_dev_v2`, no owners) is extracted with `git archive` and run in a subprocess
+with its own bytecode cache; the current code then updates and tears down what it left, while
+real device probes check what is enforced at each step. Its rule set belongs to the runtime
+(the only writer that release knew): a runtime write migrates it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pelagos_bpf.devices import program as devprog
 from pelagos_bpf.feature import Feature
 
 pytestmark = [pytest.mark.root]
-PREVIOUS = "470d7f5"
+PREVIOUS = "3e620aa"
 REPO = Path(__file__).resolve().parent.parent
 C10 = 0x10010
 
@@ -96,8 +97,8 @@ def old_entries_of(keeper: Cgroup, cgroup_id: int) -> int:
     fd = keeper.open_fd()
     try:
         with devprog.FEATURE.find(fd) as groups:
-            (old,) = [g for g in groups if g.version == 1]
-            assert old.layer is layout.LAYER_V1
+            (old,) = [g for g in groups if g.version == 2]
+            assert old.layer is layout.LAYER_V2
             return sum(
                 1
                 for name, spec in ((m.name, m) for m in old.layer.maps)
@@ -116,15 +117,18 @@ def test_update_and_teardown_of_previous_release_cgroups(cg_root: Path, old_rele
     probes = [("c", 240, 1, "r"), ("c", 240, 2, "r"), ("c", 1, 3, "rw")]
     assert probe(upd.path, probes) == [True, False, True]  # the old rules are in force
     before = devices.read_state(upd)
-    assert (before.attached, before.version, before.trusted) == (True, 1, False)
+    assert (before.attached, before.version, before.owners) == (True, 2, ())
+    assert len(before.legacy_program_ids) == 1
 
-    # Update with this release: migrate (attach v2, switch, detach v1), keep net as it is.
+    # Update with this release: migrate (attach v3, switch, detach v2), keep net as it is.
     update_cgroup(
         upd, CgroupConfig(device_rules=[*DEFAULT_DEVICE_RULES, R(True, "c", 240, 2, "r")])
     )
     after = devices.read_state(upd)
-    assert (after.version, after.installed, after.trusted, after.other_programs) == (
-        2,
+    rt = after.owner("runtime")
+    assert rt is not None and [o.owner for o in after.owners] == ["runtime"]
+    assert (after.version, after.installed, rt.trusted, after.legacy_program_ids) == (
+        3,
         True,
         True,
         (),
@@ -143,6 +147,6 @@ def test_update_and_teardown_of_previous_release_cgroups(cg_root: Path, old_rele
     assert not upd.path.exists() and not keeper.path.exists()
 
 
-def test_version_1_is_recognised_not_loaded() -> None:
+def test_earlier_versions_are_recognised_not_loaded() -> None:
     feat: Feature = devprog.FEATURE
-    assert feat.current.version == 2 and [lay.version for lay in feat.layers] == [2, 1]
+    assert feat.current.version == 3 and [lay.version for lay in feat.layers] == [3, 2, 1]

@@ -1,10 +1,12 @@
 """`pelagos-bpf devices ...`: check an access, show denials, print the default allowlist.
 
 `devices check` answers "would this access be allowed?" either for a rule list given on the
-command line (reference evaluator) or for a live cgroup (the rule table in its maps, decided
-the way the kernel program decides), and shows the cgroup's denial counters. Its exit status
-is the answer: 0 allowed, 1 denied; anything that keeps it from answering (a typo, not a
-cgroup, needs root) is 125, so a script never reads an error as a denial.
+command line (reference evaluator) or for a live cgroup: every device program in effect there
+(each owner's rules as in the maps, foreign programs interpreted, ancestors' included) and the
+v1 devices controller of a hybrid host (devices/effective.py), with the cgroup's denial
+counters. Its exit status is the answer: 0 allowed, 1 denied; anything that keeps it from
+answering (a typo, not a cgroup, needs root, a program it cannot evaluate that might deny) is
+125, so a script never reads an error or a guess as an answer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..devices.rules import (
     device_allowed,
     validate_access,
 )
-from .common import EXIT_DENIED, EXIT_OK, CliError, cgroup_dir
+from .common import EXIT_DENIED, EXIT_OK, EXIT_TOOL, CliError, cgroup_dir
 from .flags import parse_device_rule
 
 
@@ -46,26 +48,21 @@ def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int],
 def _check_cgroup(path: Path, kind: str, dev: tuple[int, int], acc: str) -> int:
     from ..cgroup import Cgroup
     from ..devices import program
+    from ..devices.effective import check_access
 
-    state = program.read_state(Cgroup.open(cgroup_dir(str(path))))
-    if not state.attached:
-        print(f"{path}: no pelagos device program attached: every device allowed")
-        return 0
-    if not state.installed:
-        print(f"{kind} {dev[0]}:{dev[1]} {acc}: DENIED (denied: rule set not installed)")
-        return EXIT_DENIED
-    rules = list(state.rules)  # an equivalent list, read back from the maps
-    allowed = device_allowed(rules, kind, dev[0], dev[1], acc)
-    print(f"{kind} {dev[0]}:{dev[1]} {acc}: {'allowed' if allowed else 'DENIED'}")
-    for bit, idx in deciding_rules(rules, kind, dev[0], dev[1], acc).items():
-        why = (
-            "no rule mentions it: allowed"
-            if idx is None
-            else f"rule {idx} ({'allow' if rules[idx].allow else 'deny'}): {rules[idx]}"
-        )
-        print(f"  {bit}: {why}")
-    _print_denials(state.denials)
-    return EXIT_OK if allowed else EXIT_DENIED
+    where = cgroup_dir(str(path))
+    result = check_access(where, kind, dev[0], dev[1], acc)
+    verdict = {True: "allowed", False: "DENIED", None: "may be DENIED"}[result.allowed]
+    print(f"{kind} {dev[0]}:{dev[1]} {acc}: {verdict}")
+    if not result.verdicts:
+        print("  no device program in effect: every device allowed")
+    for v in result.verdicts:
+        said = {True: "allows", False: "DENIES", None: "unknown"}[v.allowed]
+        print(f"  {v.source}: {said} ({v.why})")
+    _print_denials(program.denials(Cgroup.open(where)))
+    if result.allowed is None:  # some source could not be evaluated and none denies
+        return EXIT_TOOL
+    return EXIT_OK if result.allowed else EXIT_DENIED
 
 
 def _print_denials(denials: dict[str, int]) -> None:

@@ -110,12 +110,20 @@ def _unavailable(label: str, part: Any, absent: str) -> list[str] | None:
 def _device_lines(dev: Any) -> list[str]:
     if short := _unavailable("devices:", dev, "no device program: every device allowed"):
         return short
-    progs = ", ".join(f"id {p['id']} tag {p['tag']}" for p in dev["programs"])
-    trust = "" if dev["trusted"] else " NOT the bytecode of this release;"
-    if not dev["installed"]:
-        return [f"devices:     program {progs};{trust} denied: rule set not installed"]
-    lines = [f"devices:     program {progs};{trust} rules in force (last match decides each bit):"]
-    lines += [f"  #{r['index']:<4} {r['rule']}" for r in dev["rules"]]
+    lines = ["devices:     every owner's set must allow (last match decides each bit within one)"]
+    if dev["legacy_programs"]:
+        ids = ", ".join(str(i) for i in dev["legacy_programs"])
+        lines.append(f"  an earlier release's program (the runtime's): id {ids}")
+    for owner, o in dev["owners"].items():
+        trust = "" if o["trusted"] else " NOT the bytecode of this release;"
+        head = f"  {owner}: program id {o['program']};{trust}"
+        if not o["installed"]:
+            lines.append(f"{head} denied: rule set not installed")
+            continue
+        lines.append(f"{head} generation {o['generation']}:")
+        lines += [f"    #{r['index']:<4} {r['rule']}" for r in o["rules"]]
+    if dev["denials_not_itemised"]:
+        lines.append(f"  denials not itemised (per-cgroup cap): {dev['denials_not_itemised']}")
     return lines
 
 

@@ -45,16 +45,25 @@ def _programs(feature: Feature, cg: Cgroup) -> list[dict[str, Any]]:
 
 
 def device_state(cg: Cgroup) -> dict[str, Any] | None:
-    """programs, trusted, installed, generation and the rules in force; None: no program."""
+    """programs, and per owner: trusted, installed, generation and the rules in force; None: no
+    program of ours."""
     st = devices_program.read_state(cg)
     if not st.attached:
         return None
     return {
         "programs": _programs(devices_program.FEATURE, cg),
-        "trusted": st.trusted,
-        "installed": st.installed,
-        "generation": st.generation,
-        "rules": [{"index": i, "rule": str(r)} for i, r in enumerate(st.rules)],
+        "owners": {
+            o.owner: {
+                "program": o.program_id,
+                "trusted": o.trusted,
+                "installed": o.installed,
+                "generation": o.generation,
+                "rules": [{"index": i, "rule": str(r)} for i, r in enumerate(o.rules)],
+            }
+            for o in st.owners
+        },
+        "legacy_programs": list(st.legacy_program_ids),
+        "denials_not_itemised": st.denials_not_itemised,
     }
 
 

@@ -1,29 +1,40 @@
-"""The device feature's public calls on any `CgroupRef` (see the package docstring)."""
+"""The device feature's public calls on any `CgroupRef` (see the package docstring).
+
+`owner` says which role's rule set a call acts on (pelagos_bpf.owners): the runtime (a library
+caller, the default), the OCI hook or the NRI plugin. Each owner's set is AND-ed with the
+others'; a call never touches another owner's.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from ..cgref import CgroupRef
+from ..owners import RUNTIME, Owner
 from . import program
 from .program import DeviceState
 from .rules import CgroupDeviceRule
 
 
-def attach_devices(cg: CgroupRef, rules: Sequence[CgroupDeviceRule]) -> None:
-    """Enforce `rules` on the cgroup (an update if ours is there; [] detaches). Leaves nothing
-    behind on failure."""
-    program.apply(cg, rules)
+def attach_devices(
+    cg: CgroupRef, rules: Sequence[CgroupDeviceRule], *, owner: Owner = RUNTIME
+) -> None:
+    """Enforce `rules` as `owner`'s set on the cgroup (an update if its program is there; []
+    detaches it). Leaves nothing behind on failure."""
+    program.apply(cg, rules, owner=owner)
 
 
-def update_devices(cg: CgroupRef, rules: Sequence[CgroupDeviceRule]) -> None:
-    """Atomically replace the cgroup's rules ([] detaches); the same call as attach_devices."""
-    program.apply(cg, rules)
+def update_devices(
+    cg: CgroupRef, rules: Sequence[CgroupDeviceRule], *, owner: Owner = RUNTIME
+) -> None:
+    """Atomically replace `owner`'s rules ([] detaches); the same call as attach_devices."""
+    program.apply(cg, rules, owner=owner)
 
 
-def detach_devices(cg: CgroupRef) -> None:
-    """Detach our program (any layout version) and delete this cgroup's entries. Idempotent."""
-    program.detach(cg)
+def detach_devices(cg: CgroupRef, *, owner: Owner = RUNTIME) -> None:
+    """Detach `owner`'s program and delete its entries (the runtime's also takes programs of
+    older layouts). Idempotent; other owners' sets stay."""
+    program.detach(cg, owner=owner)
 
 
 def read_device_denials(cg: CgroupRef) -> dict[str, int]:
@@ -32,5 +43,5 @@ def read_device_denials(cg: CgroupRef) -> dict[str, int]:
 
 
 def read_state(cg: CgroupRef) -> DeviceState:
-    """Program id, tag (and whether it is ours), version, generation, rules in force, denials."""
+    """Every owner's program, rule set and denials in force on the cgroup."""
     return program.read_state(cg)

@@ -33,8 +33,9 @@ INDEX_VAL = lay.INDEX.struct  # struct dev_index: packed patterns, 0 = none
 INDEX_CHUNK = INDEX_VAL.size // 8
 DENY_KEY = lay.DENY_KEY.struct
 DENY_VAL = lay.DENY_VAL.struct
-CUR = lay.CUR.struct  # struct dev_cur: cgroup id, generation (0 = not installed: deny)
-_HEAD = struct.Struct("<QI")  # the (cgroup, gen) head of every dev_key
+CUR = lay.CUR.struct  # struct dev_cur: cgroup id, a generation per owner (0: none), audit cap
+AUDIT = lay.AUDIT.struct  # struct dev_audit (per CPU): itemised, overflow
+_HEAD = struct.Struct("<QIH")  # the (cgroup, gen, owner) head of every dev_key
 
 Pattern = tuple[int, int, int]  # (type, major|ANY, minor|ANY)
 Winners = tuple[int, int, int]  # (mknod, read, write)
@@ -189,12 +190,13 @@ def write_rank(p: Pattern) -> int:
     return 2 if minor != ANY else 3
 
 
-_KEY_TAIL = struct.Struct("<III")  # dev_key minus its (cgroup, gen) head: type, major, minor
+_KEY_TAIL = struct.Struct("<HII")  # dev_key minus its (cgroup, gen, owner) head: type, major, minor
 assert _HEAD.size + _KEY_TAIL.size == RULE_KEY.size
 
 
 def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], ...]:
-    """The entries of a rule set minus the (cgroup, gen) head of each map key, in write order.
+    """The entries of a rule set minus the (cgroup, gen, owner) head of each map key, in write
+    order.
 
     Index entries first (type 0, major = chunk number: they let any process find and delete
     exactly this rule set's entries without scanning the shared map), then the patterns in the
@@ -219,22 +221,32 @@ def entry_template(table: dict[Pattern, Winners]) -> tuple[tuple[bytes, bytes], 
 
 
 def with_ruleset(
-    cgroup_id: int, gen: int, template: Sequence[tuple[bytes, bytes]]
+    cgroup_id: int, gen: int, owner: int, template: Sequence[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
-    """Packed (key, value) pairs of a template for one cgroup's rule set generation."""
-    head = _HEAD.pack(cgroup_id, gen)
+    """Packed (key, value) pairs of a template for one owner's rule set generation."""
+    head = _HEAD.pack(cgroup_id, gen, owner)
     return [(head + suffix, val) for suffix, val in template]
 
 
 def rule_entries(
-    cgroup_id: int, gen: int, table: dict[Pattern, Winners]
+    cgroup_id: int, gen: int, owner: int, table: dict[Pattern, Winners]
 ) -> list[tuple[bytes, bytes]]:
     """Packed (key, value) pairs for one rule set (see entry_template)."""
-    return with_ruleset(cgroup_id, gen, entry_template(table))
+    return with_ruleset(cgroup_id, gen, owner, entry_template(table))
 
 
-def index_key(cgroup_id: int, gen: int, chunk: int) -> bytes:
-    return RULE_KEY.pack(cgroup_id, gen, TYPE_INDEX, chunk, 0)
+def rule_key(cgroup_id: int, gen: int, owner: int, p: Pattern) -> bytes:
+    return RULE_KEY.pack(cgroup_id, gen, owner, *p)
+
+
+def index_key(cgroup_id: int, gen: int, owner: int, chunk: int) -> bytes:
+    return RULE_KEY.pack(cgroup_id, gen, owner, TYPE_INDEX, chunk, 0)
+
+
+def key_head(key: bytes) -> tuple[int, int, int, int]:
+    """(cgroup, gen, owner, type) of a dev_rules key: which rule set an entry belongs to."""
+    cgroup, gen, owner, type_, _major, _minor = RULE_KEY.unpack(key)
+    return cgroup, gen, owner, type_
 
 
 def index_patterns(index_value: bytes) -> list[Pattern]:
@@ -284,12 +296,25 @@ def denial_label(type_: int, major: int, minor: int, acc: int) -> str:
     return f"{TYPE_NAMES.get(type_, '?')} {major}:{minor} {access_str(acc)}"
 
 
-def decode_denials(items: Iterable[tuple[bytes, bytes]], cgroup_id: int) -> dict[str, int]:
-    """Denial counters of one cgroup from raw (key, value) pairs of dev_denials."""
-    out: dict[str, int] = {}
+def decode_denials(
+    items: Iterable[tuple[bytes, bytes]], cgroup_id: int
+) -> dict[int, dict[str, int]]:
+    """Denial counters of one cgroup from raw (key, value) pairs of dev_denials, per owner id."""
+    out: dict[int, dict[str, int]] = {}
     for k, v in items:
-        cg, type_, major, minor, acc = DENY_KEY.unpack(k)
+        cg, owner, type_, major, minor, acc = DENY_KEY.unpack(k)
         if cg == cgroup_id:
             label = denial_label(type_, major, minor, acc)
-            out[label] = out.get(label, 0) + DENY_VAL.unpack(v)[0]
+            mine = out.setdefault(owner, {})
+            mine[label] = mine.get(label, 0) + DENY_VAL.unpack(v)[0]
+    return out
+
+
+def merge_denials(by_owner: dict[int, dict[str, int]]) -> dict[str, int]:
+    """One count per denied access: an access several owners' sets deny was refused once but
+    counted by each of their programs, so take the largest count, not the sum."""
+    out: dict[str, int] = {}
+    for counts in by_owner.values():
+        for label, n in counts.items():
+            out[label] = max(out.get(label, 0), n)
     return out

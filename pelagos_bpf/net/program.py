@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from .. import bpfsys, bytecode
 from ..cgref import CgroupRef, opened
-from ..errors import ConfigError
+from ..errors import ConfigError, OwnerConflict
 from ..feature import Attached, Feature
 from ..layers import ProgSpec, storage_key
 from ..loader import Loaded
+from ..owners import OWNER_IDS, OWNER_NAMES, RUNTIME, Owner
 from . import layout as lay
 from .plan import F_MARK, F_PRIOS, F_SOCKET, SOCKET_NO_PRIOS, NetPlan, choose_carrier
 
@@ -79,11 +80,25 @@ def _cfg_at(group: Attached) -> int | None:
     return None
 
 
+OWNER_SHIFT = 8  # net_cfg.flags bits 8..15: the owner id (the programs read bits 0..2 only)
+
+
+def owner_of_flags(flags: int) -> Owner:
+    """The owner recorded in a config's flags; none (an older release's) is the runtime's."""
+    return OWNER_NAMES.get((flags >> OWNER_SHIFT) & 0xFF, RUNTIME)
+
+
+def _read_owner(maps: dict[str, int], cgroup_id: int, at: int) -> Owner | None:
+    raw = bpfsys.map_lookup(maps["net_cfg"], storage_key(cgroup_id, at), lay.CFG.size)
+    return None if raw is None else owner_of_flags(lay.CFG.unpack(raw)[1])
+
+
 def _read_plan(maps: dict[str, int], cgroup_id: int, at: int = EGRESS) -> NetPlan | None:
     raw = bpfsys.map_lookup(maps["net_cfg"], storage_key(cgroup_id, at), lay.CFG.size)
     if raw is None:
         return None
     classid, flags, prio_key = lay.CFG.unpack(raw)
+    flags &= (1 << OWNER_SHIFT) - 1
     if flags & F_SOCKET:
         return NetPlan(classid=classid, carrier="socket")
     prios = []
@@ -98,7 +113,7 @@ def _read_plan(maps: dict[str, int], cgroup_id: int, at: int = EGRESS) -> NetPla
     )
 
 
-def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan) -> None:
+def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan, owner: Owner) -> None:
     """New priority entries first, then the config that points at them, then drop stale ones."""
     wanted = {lay.PRIO_KEY.pack(cg.id, idx, 0): p for idx, p in plan.prio_by_ifindex().items()}
 
@@ -107,7 +122,7 @@ def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan) -> None:
             bpfsys.map_update(maps["net_prios"], key, lay.PRIO_VAL.pack(prio))
 
     FEATURE.retry_when_full(cg, maps, store)  # a full map: GC of dead cgroups, then once more
-    cfg = lay.CFG.pack(plan.classid, plan.flags, cg.id)
+    cfg = lay.CFG.pack(plan.classid, plan.flags | OWNER_IDS[owner] << OWNER_SHIFT, cg.id)
     for spec in _progs_for(plan.carrier):
         if spec.attach_type != INGRESS:  # the ingress program only counts
             assert spec.attach_type is not None
@@ -163,6 +178,7 @@ def _attach_new(
     cg: CgroupRef,
     cg_fd: int,
     plan: NetPlan,
+    owner: Owner,
     carry: dict[int, bytes | None],
     present: frozenset[str] = frozenset(),
 ) -> None:
@@ -183,7 +199,7 @@ def _attach_new(
             assert spec.attach_type is not None
             if spec in lay.PACKET_PROGS:
                 _set_counters(loaded.maps, cg.id, spec.attach_type, carry.get(spec.attach_type))
-        _write_config(loaded.maps, cg, plan)
+        _write_config(loaded.maps, cg, plan, owner)
     except BaseException as exc:
         for spec in reversed(done):
             try:
@@ -212,18 +228,27 @@ def apply(
     *,
     named: frozenset[str] = frozenset({"classid", "priorities"}),
     carrier: str | None = "auto",
+    owner: Owner = RUNTIME,
 ) -> NetPlan:
     """Attach, or update in place, keeping what the update does not name; returns what is now
-    in force. `carrier` None keeps the cgroup's carrier ("auto" on a first attach)."""
+    in force. `carrier` None keeps the cgroup's carrier ("auto" on a first attach).
+
+    A cgroup's net settings have one owner: the role that attached them. Another role's
+    request raises OwnerConflict (nothing is written); the owner's own updates go through."""
     with opened(cg, "net") as cg_fd, FEATURE.find(cg_fd) as groups:
         assert cg_fd is not None
         current = [g for g in groups if g.version == lay.VERSION and _cfg_at(g) is not None]
         at = _cfg_at(current[0]) if current else None
+        if at is not None:
+            holder = _read_owner(current[0].maps, cg.id, at)
+            if holder is not None and holder != owner:
+                setting = "net_classid" if "classid" in named else "net_priorities"
+                raise OwnerConflict(setting, str(cg.path), holder, owner)
         old = _read_plan(current[0].maps, cg.id, at) if at is not None else None
         merged = _merge(old, plan, named, carrier)
         wanted = {spec.func for spec in _progs_for(merged.carrier)}
         if current and set(current[0].progs) == wanted:
-            _write_config(current[0].maps, cg, merged)
+            _write_config(current[0].maps, cg, merged, owner)
             stale = [g for g in groups if g is not current[0]]
         else:
             carry = {}
@@ -237,7 +262,7 @@ def apply(
             present = frozenset(
                 f for g in groups for f, i in g.ids.items() if f in wanted and ids.get(f) == i
             )
-            _attach_new(cg, cg_fd, merged, carry, present)
+            _attach_new(cg, cg_fd, merged, owner, carry, present)
             stale = groups
         own = FEATURE.loaded_if_any()
         for g in stale:
@@ -251,10 +276,10 @@ def apply(
         return merged
 
 
-def attach_net(cg: CgroupRef, plan: NetPlan) -> None:
+def attach_net(cg: CgroupRef, plan: NetPlan, *, owner: Owner = RUNTIME) -> None:
     """Attach the egress (classify + count) and ingress (count) programs with `plan` (an
     update when ours is already there). A failure half-way leaves nothing behind."""
-    apply(cg, plan, carrier=plan.carrier)
+    apply(cg, plan, carrier=plan.carrier, owner=owner)
 
 
 def update_net(
@@ -262,18 +287,39 @@ def update_net(
     plan: NetPlan,
     named: frozenset[str] = frozenset({"classid", "priorities"}),
     carrier: str | None = None,
+    *,
+    owner: Owner = RUNTIME,
 ) -> NetPlan:
     """Change what the update names (classid and/or priorities, optionally the carrier) by map
     writes; the rest keeps its value. Attaches if our programs are not there yet."""
-    return apply(cg, plan, named=named, carrier=carrier)
+    return apply(cg, plan, named=named, carrier=carrier, owner=owner)
 
 
-def detach_net(cg: CgroupRef) -> None:
-    """Detach our programs (any version) and drop the cgroup's entries. Idempotent."""
-    FEATURE.detach_cgroup(cg, "net", _detach)
+def detach_net(cg: CgroupRef, *, owner: Owner | None = RUNTIME) -> bool:
+    """Detach our programs (any version) and drop the cgroup's entries, if `owner` holds the
+    cgroup's net settings (None: whoever does, for teardown and gc). Idempotent; False when
+    another owner's settings were left in place."""
+    kept = False
+
+    def detach_group(cg: CgroupRef, g: Attached, cg_fd: int) -> None:
+        nonlocal kept
+        at = _cfg_at(g)
+        holder = _read_owner(g.maps, cg.id, at) if at is not None and "net_cfg" in g.maps else None
+        if owner is not None and holder is not None and holder != owner:
+            kept = True
+            return
+        _detach(cg, g, cg_fd)
+
+    FEATURE.detach_cgroup(cg, "net", detach_group, purge_when_gone=owner is None)
+    return not kept
 
 
-FEATURE.teardown = detach_net
+def detach_net_any(cg: CgroupRef) -> None:
+    """detach_net for every owner (the Feature runtime's teardown hook)."""
+    detach_net(cg, owner=None)
+
+
+FEATURE.teardown = detach_net_any
 
 
 def removal_key(cg: CgroupRef) -> int | None:

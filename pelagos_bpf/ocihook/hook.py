@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PelagosError
+from ..owners import HOOK
 from . import locate
 from .request import A_BEST_EFFORT, HookError, Request, State, build_request, parse_state, stage_of
 
@@ -101,21 +102,21 @@ def create(state: State, req: Request) -> list[str]:
     done: list[str] = []
     try:
         if plan is not None:
-            net.update_net(cg, plan)
+            net.update_net(cg, plan, owner=HOOK)
             done.append(f"net classid {plan.classid:#x} carried in {carried_in(plan.carrier)}")
             if plan.priorities:
                 done.append(
                     "net priorities " + ", ".join(f"{n}={p}" for n, _, p in plan.priorities)
                 )
         if rules:
-            devices.update_devices(cg, rules)
+            devices.update_devices(cg, rules, owner=HOOK)
             done.append(
                 f"device program: {len(req.extra_device_rules)} extra rule(s), denials counted"
             )
     except BaseException as exc:
-        for undo in (net.detach_net, devices.detach_devices):
+        for undo in (net.detach_net, devices.detach_devices):  # the hook's own state only
             try:
-                undo(cg)
+                undo(cg, owner=HOOK)
             except Exception as e:
                 exc.add_note(f"rollback: {e}")
         record.unlink(missing_ok=True)
@@ -147,9 +148,9 @@ def poststop(state: State) -> list[str]:
         from ..cgref import Ref
 
         cg = Ref.of(cg_path)
-        net.detach_net(cg)
-        devices.detach_devices(cg)
-        msg = f"cgroup {cg_path}: our programs detached, map entries deleted"
+        net.detach_net(cg, owner=HOOK)
+        devices.detach_devices(cg, owner=HOOK)
+        msg = f"cgroup {cg_path}: the hook's programs detached, its map entries deleted"
     path.unlink(missing_ok=True)
     stale = prune_records(path.parent)
     return [msg] + (
