@@ -1,0 +1,212 @@
+"""NRI's connection multiplexer: two ttrpc byte streams over the one unix socket a plugin has.
+
+The wire format follows containerd/nri v0.8.0 pkg/net/multiplex/mux.go: each frame is an 8-byte
+header (connection id u32 big-endian, payload length u32 big-endian) and the payload. Opening a
+connection sends nothing; both ends simply agree on the ids: 1 carries the plugin's ttrpc server
+(the runtime calls Configure, CreateContainer, ... on it), 2 the plugin's ttrpc client (the
+plugin calls RegisterPlugin on the runtime). Frames are only a transport: a ttrpc message may
+span several frames and a socket read may hold several frames or part of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+PLUGIN_SERVICE_CONN = 1
+RUNTIME_SERVICE_CONN = 2
+
+HEADER = struct.Struct(">II")
+# Upstream's largest frame (mux.go maxPayloadSize): one whole ttrpc message, 10-byte header
+# plus 4 MiB. v0.6.1 allowed 16 MiB frames, but its ttrpc never writes a message over 4 MiB.
+MAX_PAYLOAD = 10 + (4 << 20)
+# What we write per frame. The Go side reads a frame with one Read() into bufio's 4096-byte
+# buffer and fails with ENOMEM when the frame is larger (mux.go conn.Read: cap(buf) <
+# len(msg)); Go's own writer stays inside that through its 4096-byte bufio.Writer. So we never
+# send a frame over 4096 bytes, nor one that holds parts of two ttrpc messages.
+WRITE_CHUNK = 4096
+
+Receiver = Callable[[bytes], None]
+
+
+class MuxError(Exception):
+    """The trunk carried something that is not NRI mux framing; the connection is unusable."""
+
+
+class FrameTooLarge(MuxError):
+    def __init__(self, conn_id: int, length: int, limit: int) -> None:
+        self.conn_id = conn_id
+        self.length = length
+        super().__init__(
+            f"NRI mux frame for connection {conn_id} announces {length} bytes, over the "
+            f"{limit}-byte limit: not NRI framing, or a corrupted stream"
+        )
+
+
+def encode(conn_id: int, data: bytes, chunk: int = WRITE_CHUNK) -> bytes:
+    """Frame `data` for `conn_id`, at most `chunk` payload bytes per frame."""
+    if not 0 < conn_id <= 0xFFFFFFFF:
+        raise ValueError(f"NRI mux connection id {conn_id} is outside 1..2^32-1")
+    if chunk <= 0:
+        raise ValueError(f"chunk size {chunk} must be positive")
+    parts = []
+    for off in range(0, len(data), chunk):
+        piece = data[off : off + chunk]
+        parts.append(HEADER.pack(conn_id, len(piece)))
+        parts.append(piece)
+    return b"".join(parts)
+
+
+class FrameDecoder:
+    """Turns trunk bytes, cut anywhere, into (connection id, payload) frames.
+
+    A header announcing more than `max_payload` raises FrameTooLarge as soon as the header is in,
+    before any of that payload is buffered: a peer cannot make us hold gigabytes.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._max = max_payload
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back waiting for the rest of their frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buf += data
+        frames: list[tuple[int, bytes]] = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= HEADER.size:
+            conn_id, length = HEADER.unpack_from(buf, pos)
+            if length > self._max:
+                raise FrameTooLarge(conn_id, length, self._max)
+            end = pos + HEADER.size + length
+            if end > len(buf):
+                break
+            frames.append((conn_id, bytes(buf[pos + HEADER.size : end])))
+            pos = end
+        del buf[:pos]
+        return frames
+
+
+class Mux:
+    """One trunk socket, demultiplexed by a reader thread into per-connection receivers.
+
+    Receivers run on the reader thread and must not block (ttrpc's queue work elsewhere).
+    Frames for a connection nobody receives are dropped, as upstream does, but logged and
+    counted in `dropped`. `send_timeout` bounds every send: a runtime that stops reading cannot
+    wedge the plugin.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        send_timeout: float = 2.0,
+        max_payload: int = MAX_PAYLOAD,
+        recv_size: int = 65536,
+    ) -> None:
+        self._sock = sock
+        self._sock.settimeout(send_timeout)
+        self._decoder = FrameDecoder(max_payload)
+        self._recv_size = recv_size
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._closing = False
+        self._reader: threading.Thread | None = None
+        self.dropped = 0
+        self.error: BaseException | None = None
+
+    def send(self, conn_id: int, data: bytes) -> None:
+        """Send one message; its frames go out together, never interleaved with another's.
+
+        Raises OSError (TimeoutError past the send deadline); the caller then closes the mux.
+        """
+        frames = encode(conn_id, data)
+        with self._send_lock:
+            self._sock.sendall(frames)
+
+    def start(
+        self,
+        receivers: Mapping[int, Receiver],
+        on_close: Callable[[BaseException | None], None],
+        name: str = "nri-mux",
+    ) -> None:
+        """Start the reader; `on_close(error or None at EOF)` runs on it once, at the end."""
+        if self._reader is not None:
+            raise RuntimeError("mux already started")
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(dict(receivers), on_close), name=name, daemon=True
+        )
+        self._reader.start()
+
+    def close(self, join_timeout: float = 5.0) -> None:
+        """Shut the trunk down, wait for the reader, then release the socket. Idempotent."""
+        with self._state_lock:
+            first = not self._closing
+            self._closing = True
+        if first:
+            # shutdown() wakes a recv() blocked on the reader thread; closing the fd under it
+            # instead could hand a reused descriptor number to that recv.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(join_timeout)
+            if reader.is_alive():
+                log.warning("NRI mux reader still running %.1f s after close", join_timeout)
+                return
+        self._sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def _read_loop(
+        self, receivers: dict[int, Receiver], on_close: Callable[[BaseException | None], None]
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            while not self._closing:
+                try:
+                    data = self._sock.recv(self._recv_size)
+                except TimeoutError:
+                    continue  # idle runtime: the timeout is only the send deadline
+                if not data:
+                    if self._decoder.pending:
+                        error = MuxError(
+                            f"NRI runtime closed the connection {self._decoder.pending} bytes "
+                            "into a frame"
+                        )
+                    break
+                for conn_id, payload in self._decoder.feed(data):
+                    receiver = receivers.get(conn_id)
+                    if receiver is None:
+                        self.dropped += 1
+                        log.warning(
+                            "NRI mux: dropped %d bytes for unknown connection %d",
+                            len(payload),
+                            conn_id,
+                        )
+                    elif payload:
+                        receiver(payload)
+        except OSError as e:
+            if not self._closing:
+                error = e
+        except Exception as e:  # a protocol error from the decoder or a receiver
+            error = e
+        finally:
+            self.error = error
+            with self._state_lock:
+                self._closing = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            on_close(error)
