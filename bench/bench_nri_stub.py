@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from google.protobuf.message import Message
 
 from pelagos_bpf.nri import api
-from pelagos_bpf.nri.proto import ttrpc_pb2
+from pelagos_bpf.nri.proto import nri_pb2, ttrpc_pb2
 from pelagos_bpf.nri.stub import BaseHandler, PluginStub
 from tests.nri_runtime import RuntimeConn
 
@@ -165,7 +165,7 @@ def main() -> None:
         (
             "StateChange(START_CONTAINER)",
             "StateChange",
-            api.StateChangeEvent(event=api.Event.START_CONTAINER, pod=pod, container=ctr),
+            api.StateChangeEvent(event=nri_pb2.START_CONTAINER, pod=pod, container=ctr),
             api.Empty,
         ),
         (

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -45,10 +47,12 @@ def test_oversized_frame_rejected_at_its_header() -> None:
         dec.feed(struct.pack(">II", 1, 101))  # no payload sent: refused before buffering it
 
 
-def test_default_cap_is_one_ttrpc_message() -> None:
+def test_default_cap_is_the_largest_frame_a_runtime_writes() -> None:
     dec = FrameDecoder()
+    big = b"z" * (5 << 20)  # nri v0.6.1 writes a 5 MiB ttrpc message as one frame
+    assert dec.feed(_frame(1, big)) == [(1, big)]
     with pytest.raises(FrameTooLarge):
-        dec.feed(struct.pack(">II", 1, 10 + (4 << 20) + 1))
+        dec.feed(struct.pack(">II", 1, (16 << 20) + 1))
 
 
 def test_encode_chunks_for_go_readers() -> None:
@@ -72,14 +76,17 @@ class _Receiver:
         self.closed: queue.Queue[BaseException | None] = queue.Queue()
 
     def receivers(self) -> dict[int, mux.Receiver]:
-        return {c: (lambda data, c=c: self.chunks.put((c, data))) for c in (1, 2)}
+        return {c: functools.partial(self._got, c) for c in (1, 2)}
+
+    def _got(self, conn: int, data: bytes) -> None:
+        self.chunks.put((conn, data))
 
     def on_close(self, error: BaseException | None) -> None:
         self.closed.put(error)
 
 
 @pytest.fixture
-def pair() -> tuple[socket.socket, Mux, _Receiver]:
+def pair() -> Iterator[tuple[socket.socket, Mux, _Receiver]]:
     a, b = socket.socketpair()
     rx = _Receiver()
     m = Mux(b)
@@ -138,9 +145,12 @@ def test_concurrent_sends_keep_messages_whole() -> None:
     other = Mux(b)
     other.start(rx.receivers(), rx.on_close)
     msgs = {1: b"A" * 9000, 2: b"B" * 9000}
-    threads = [
-        threading.Thread(target=lambda c=c: [m.send(c, msgs[c]) for _ in range(20)]) for c in (1, 2)
-    ]
+
+    def send_all(conn: int) -> None:
+        for _ in range(20):
+            m.send(conn, msgs[conn])
+
+    threads = [threading.Thread(target=send_all, args=(c,)) for c in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:

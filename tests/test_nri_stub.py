@@ -18,6 +18,7 @@ import pytest
 
 from pelagos_bpf.nri import api
 from pelagos_bpf.nri.api import Event
+from pelagos_bpf.nri.proto import nri_pb2
 from pelagos_bpf.nri.stub import BaseHandler, NriError, PluginStub
 from pelagos_bpf.nri.ttrpc import Code, TtrpcError
 from tests.nri_runtime import WAIT, FakeRuntime, RuntimeConn
@@ -169,7 +170,7 @@ def test_full_conversation(runtime: FakeRuntime, sock_path: str) -> None:
         assert created.pod.annotations["io.pelagos-bpf.net.classid"] == "1:10"
 
         start = api.StateChangeEvent(
-            event=Event.START_CONTAINER, pod=_pod(), container=_container()
+            event=nri_pb2.START_CONTAINER, pod=_pod(), container=_container()
         )
         assert conn.call("StateChange", start, api.Empty) == api.Empty()
         started = h.get("start")
@@ -186,7 +187,7 @@ def test_full_conversation(runtime: FakeRuntime, sock_path: str) -> None:
         )
 
         remove = api.StateChangeEvent(
-            event=Event.REMOVE_CONTAINER, pod=_pod(), container=_container()
+            event=nri_pb2.REMOVE_CONTAINER, pod=_pod(), container=_container()
         )
         conn.call("StateChange", remove, api.Empty)
         assert h.get("remove") == remove
@@ -304,6 +305,8 @@ class LogSeen(logging.Handler):
 @pytest.fixture
 def stub_log() -> Iterator[Callable[[str], LogSeen]]:
     logger = logging.getLogger("pelagos_bpf.nri.stub")
+    level = logger.level
+    logger.setLevel(logging.INFO)
     added: list[LogSeen] = []
 
     def watch(text: str) -> LogSeen:
@@ -315,6 +318,7 @@ def stub_log() -> Iterator[Callable[[str], LogSeen]]:
     yield watch
     for h in added:
         logger.removeHandler(h)
+    logger.setLevel(level)
 
 
 def test_waits_for_a_runtime_that_is_not_there_yet(
@@ -329,6 +333,31 @@ def test_waits_for_a_runtime_that_is_not_there_yet(
             rt.accept().register_and_configure()
         finally:
             rt.close()
+    finally:
+        plugin.stop()
+
+
+def test_backoff_doubles_up_to_its_cap(sock_path: str, stub_log: Callable[[str], LogSeen]) -> None:
+    steps = [stub_log(f"next attempt in {d:g} s") for d in (0.02, 0.04, 0.08, 0.16, 0.2)]
+    plugin = Running(_stub(Recorder(), sock_path))  # nothing listens at sock_path
+    try:
+        for step in steps:
+            assert step.seen.wait(WAIT), step.text
+    finally:
+        plugin.stop()
+
+
+def test_dropped_before_synchronize_backs_off(
+    runtime: FakeRuntime, sock_path: str, stub_log: Callable[[str], LogSeen]
+) -> None:
+    backing_off = stub_log("next attempt in 0.02 s")
+    plugin = Running(_stub(Recorder(), sock_path))
+    try:
+        first = runtime.accept()
+        first.register_and_configure()
+        first.close()  # no Synchronize: not a good session, so no immediate redial
+        assert backing_off.seen.wait(WAIT)
+        runtime.accept().register_and_configure()
     finally:
         plugin.stop()
 

@@ -251,16 +251,25 @@ def test_expired_request_is_not_handled() -> None:
     peer, mine = socket.socketpair()
     gate = threading.Event()
     server = Server(mine.sendall, "expiry")
-    server.register(SVC, "Slow", ttrpc_pb2.KeyValue, lambda r: (gate.wait(WAIT), r)[1])
-    server.register(SVC, "Echo", ttrpc_pb2.KeyValue, lambda r: (ran.set(), r)[1])
+
+    def slow(r: ttrpc_pb2.KeyValue) -> ttrpc_pb2.KeyValue:
+        gate.wait(WAIT)
+        return r
+
+    def echo(r: ttrpc_pb2.KeyValue) -> ttrpc_pb2.KeyValue:
+        ran.set()
+        return r
+
+    server.register(SVC, "Slow", ttrpc_pb2.KeyValue, slow)
+    server.register(SVC, "Echo", ttrpc_pb2.KeyValue, echo)
     server.start()
     try:
-        slow = ttrpc_pb2.Request(service=SVC, method="Slow").SerializeToString()
+        first = ttrpc_pb2.Request(service=SVC, method="Slow").SerializeToString()
         fast = ttrpc_pb2.Request(service=SVC, method="Echo", timeout_nano=1).SerializeToString()
-        server.feed(_hdr(len(slow), 1, 1) + slow + _hdr(len(fast), 3, 1) + fast)
+        server.feed(_hdr(len(first), 1, 1) + first + _hdr(len(fast), 3, 1) + fast)
         gate.set()  # Echo waited behind Slow past its 1 ns deadline
         peer.settimeout(WAIT)
-        seen = {}
+        seen: dict[int, int] = {}
         dec = MessageDecoder()
         while len(seen) < 2:
             for f in dec.feed(peer.recv(4096)):

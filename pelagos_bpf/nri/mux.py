@@ -23,9 +23,11 @@ PLUGIN_SERVICE_CONN = 1
 RUNTIME_SERVICE_CONN = 2
 
 HEADER = struct.Struct(">II")
-# Upstream's largest frame (mux.go maxPayloadSize): one whole ttrpc message, 10-byte header
-# plus 4 MiB. v0.6.1 allowed 16 MiB frames, but its ttrpc never writes a message over 4 MiB.
-MAX_PAYLOAD = 10 + (4 << 20)
+# The largest frame a runtime writes: v0.6.1's mux.go maxPayloadSize (containerd 1.7.24), 16 MiB.
+# v0.8.0 caps frames at one ttrpc message (10 + 4 MiB), but 1.7.24's ttrpc v1.2.5 does not refuse
+# to send a message over 4 MiB (a huge Synchronize), and that one should reach ttrpc, which
+# answers it RESOURCE_EXHAUSTED, rather than kill the connection here.
+MAX_PAYLOAD = 1 << 24
 # What we write per frame. The Go side reads a frame with one Read() into bufio's 4096-byte
 # buffer and fails with ENOMEM when the frame is larger (mux.go conn.Read: cap(buf) <
 # len(msg)); Go's own writer stays inside that through its 4096-byte bufio.Writer. So we never

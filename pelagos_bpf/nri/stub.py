@@ -198,6 +198,7 @@ class _Session:
         self.client = Client(lambda data: self.mux.send(RUNTIME_SERVICE_CONN, data))
         self.closed = threading.Event()
         self.configured = threading.Event()
+        self.synchronized = False  # the runtime's Synchronize was answered on this connection
         self._sync_pods: list[api.PodSandbox] = []
         self._sync_containers: list[api.Container] = []
         svc = api.PLUGIN_SERVICE
@@ -209,9 +210,8 @@ class _Session:
         self.server.register(svc, "StopContainer", StopContainerRequest, self._stop)
         self.server.register(svc, "StateChange", StateChangeEvent, self._state_change)
 
-    def run(self) -> bool:
-        """Register, then serve until the connection ends or the stub stops. Returns whether
-        the runtime configured us (so the backoff starts over)."""
+    def run(self) -> None:
+        """Register, then serve until the connection ends or the stub stops."""
         stub = self.stub
         self.server.start()
         self.mux.start(
@@ -230,7 +230,7 @@ class _Session:
             while not self.configured.wait(0.05):
                 if self.closed.is_set():
                     if stub.stopping:
-                        return False
+                        return
                     raise NriError(
                         "the runtime closed the connection during registration"
                         + (f": {self.mux.error}" if self.mux.error else "")
@@ -242,10 +242,9 @@ class _Session:
                     )
             log.info("NRI plugin %s-%s registered", stub.index, stub.name)
             self.closed.wait()
-            return True
         except TtrpcError as e:
             if stub.stopping:
-                return False
+                return
             raise NriError(f"NRI registration of {stub.index}-{stub.name} failed: {e}") from e
         finally:
             self.close()
@@ -299,6 +298,7 @@ class _Session:
         self._sync_pods, self._sync_containers = [], []
         resp = _expect("synchronize", self.stub.handler.synchronize(whole), SynchronizeResponse)
         resp.more = False
+        self.synchronized = True
         self.stub.synchronized.set()
         return resp
 
@@ -384,7 +384,7 @@ class PluginStub:
         """
         backoff = self.backoff_initial
         while not self._stop.is_set():
-            configured = False
+            served = False
             try:
                 sock = self._connect()
             except OSError as e:
@@ -398,7 +398,7 @@ class PluginStub:
                     if self._stop.is_set():
                         session.interrupt()
                 try:
-                    configured = session.run()
+                    session.run()
                 except NriError as e:
                     if self.launched_fd is not None:
                         raise
@@ -408,9 +408,12 @@ class PluginStub:
                         self._session = None
                 if self.launched_fd is not None:
                     return
-            if configured:
+                served = session.synchronized
+            if served:
+                # The runtime went away after a good session (a restart): try again at once.
+                # A runtime that drops us before Synchronize gets the backoff, not a busy loop.
                 backoff = self.backoff_initial
-                continue  # the runtime restarts: try at once, then back off
+                continue
             log.info("NRI: next attempt in %g s", backoff)
             if self._stop.wait(backoff):
                 return
