@@ -55,14 +55,25 @@ def test_default_cap_is_the_largest_frame_a_runtime_writes() -> None:
         dec.feed(struct.pack(">II", 1, (16 << 20) + 1))
 
 
-def test_encode_chunks_for_go_readers() -> None:
-    data = bytes(range(256)) * 40  # 10240 bytes
-    wire = mux.encode(2, data)
-    frames = FrameDecoder().feed(wire)
-    assert [len(p) for _, p in frames] == [4096, 4096, 2048]
-    assert all(c == 2 for c, _ in frames)
-    assert b"".join(p for _, p in frames) == data
-    assert wire[:8] == b"\x00\x00\x00\x02\x00\x00\x10\x00"
+def test_encode_cuts_like_go_ttrpc() -> None:
+    """First frame <= 4096 bytes (the Go reader's bufio buffer), the rest in one frame (its
+    queue holds 256 frames per connection): what Go's 4096-byte bufio.Writer produces."""
+    dec = FrameDecoder()
+
+    def lengths(data: bytes) -> list[int]:
+        frames = dec.feed(mux.encode(2, data))
+        assert all(c == 2 for c, _ in frames)
+        assert b"".join(p for _, p in frames) == data
+        return [len(p) for _, p in frames]
+
+    assert lengths(b"s" * 100) == [100]
+    assert lengths(b"e" * 4096) == [4096]
+    assert lengths(bytes(range(256)) * 40) == [4096, 6144]
+    whole = 10 + (4 << 20)  # the largest ttrpc message
+    assert lengths(b"m" * whole) == [4096, whole - 4096]
+    assert lengths(b"o" * (whole + 5000)) == [4096, whole, 904]
+    assert lengths(b"") == []
+    assert mux.encode(1, b"abc") == b"\x00\x00\x00\x01\x00\x00\x00\x03abc"
 
 
 def test_encode_rejects_reserved_conn() -> None:

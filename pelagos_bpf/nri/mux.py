@@ -11,6 +11,7 @@ span several frames and a socket read may hold several frames or part of one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import struct
@@ -28,11 +29,15 @@ HEADER = struct.Struct(">II")
 # to send a message over 4 MiB (a huge Synchronize), and that one should reach ttrpc, which
 # answers it RESOURCE_EXHAUSTED, rather than kill the connection here.
 MAX_PAYLOAD = 1 << 24
-# What we write per frame. The Go side reads a frame with one Read() into bufio's 4096-byte
-# buffer and fails with ENOMEM when the frame is larger (mux.go conn.Read: cap(buf) <
-# len(msg)); Go's own writer stays inside that through its 4096-byte bufio.Writer. So we never
-# send a frame over 4096 bytes, nor one that holds parts of two ttrpc messages.
-WRITE_CHUNK = 4096
+# How we cut one message (a whole ttrpc message: Mux.send is called once per message) into
+# frames, the way Go's ttrpc does through its 4096-byte bufio.Writer: a first frame of at most
+# FIRST_FRAME bytes, then the rest in one frame (split at MAX_WRITE, v0.8.0's maxPayloadSize).
+# The runtime's reader needs both properties: it reads the first frame with one Read() into
+# bufio's 4096-byte buffer and fails with ENOMEM on a larger one (mux.go conn.Read: cap(buf) <
+# len(msg)), and it queues at most 256 frames per connection before closing it (readQueueLen,
+# "failed to queue payload for reading"), so a big message must not become hundreds of frames.
+FIRST_FRAME = 4096
+MAX_WRITE = 10 + (4 << 20)
 
 Receiver = Callable[[bytes], None]
 
@@ -51,17 +56,16 @@ class FrameTooLarge(MuxError):
         )
 
 
-def encode(conn_id: int, data: bytes, chunk: int = WRITE_CHUNK) -> bytes:
-    """Frame `data` for `conn_id`, at most `chunk` payload bytes per frame."""
+def encode(conn_id: int, data: bytes) -> bytes:
+    """Frame one message for `conn_id` (see FIRST_FRAME for the cut)."""
     if not 0 < conn_id <= 0xFFFFFFFF:
         raise ValueError(f"NRI mux connection id {conn_id} is outside 1..2^32-1")
-    if chunk <= 0:
-        raise ValueError(f"chunk size {chunk} must be positive")
+    cuts = [0, *range(FIRST_FRAME, len(data), MAX_WRITE), len(data)]
     parts = []
-    for off in range(0, len(data), chunk):
-        piece = data[off : off + chunk]
-        parts.append(HEADER.pack(conn_id, len(piece)))
-        parts.append(piece)
+    for start, end in itertools.pairwise(cuts):
+        if end > start:
+            parts.append(HEADER.pack(conn_id, end - start))
+            parts.append(data[start:end])
     return b"".join(parts)
 
 
