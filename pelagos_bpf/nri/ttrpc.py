@@ -71,10 +71,6 @@ class TtrpcError(Exception):
         super().__init__(f"ttrpc {name}: {message}")
 
 
-class ProtocolError(Exception):
-    """The byte stream is not ttrpc; the connection must be dropped."""
-
-
 class MessageTooLarge(ValueError):
     def __init__(self, length: int) -> None:
         self.length = length
@@ -223,7 +219,9 @@ class Server:
                 )
 
     def feed(self, data: bytes) -> None:
-        """Feed the connection's bytes; raises ProtocolError when they are not ttrpc."""
+        """Feed the connection's bytes (any cuts); answers wire errors on their streams.
+
+        Raises OSError only when the answer cannot be sent (the connection is gone)."""
         for item in self._decoder.feed(data):
             if isinstance(item, Oversized):
                 self._reply_error(
