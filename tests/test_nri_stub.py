@@ -182,7 +182,7 @@ def test_full_conversation(runtime: FakeRuntime, sock_path: str) -> None:
             conn.call("StateChange", start, api.Empty)
         assert e.value.code == Code.UNKNOWN
         assert e.value.message == (
-            "StateChange: PolicyError: io.pelagos-bpf.net.classid: namespace team-a allows "
+            "StartContainer: PolicyError: io.pelagos-bpf.net.classid: namespace team-a allows "
             "1:10..1:19"
         )
 

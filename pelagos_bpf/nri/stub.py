@@ -49,7 +49,7 @@ from .api import (
     UpdateContainersResponse,
 )
 from .mux import PLUGIN_SERVICE_CONN, RUNTIME_SERVICE_CONN, Mux
-from .ttrpc import Client, Server, TtrpcError
+from .ttrpc import Client, Code, Server, TtrpcError
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,12 @@ class PluginHandler(Protocol):
 
     Methods run one at a time on the stub's worker thread, and must answer well inside the
     runtime's request timeout (2 s by default; ConfigureRequest.request_timeout has the value in
-    ms). An exception becomes an error response naming the method, the exception type and its
-    message; the runtime reports it (CreateContainer and StartContainer then fail the
-    container). Never call PluginStub.update_containers from a handler: the runtime holds its
-    lock while it waits for the handler.
+    ms). An exception becomes an error response "<Event>: <exception type>: <message>" (status
+    UNKNOWN; raise ttrpc.TtrpcError to choose code and message), which the runtime reports and,
+    at CreateContainer and StartContainer, fails the container with. A missed deadline is not
+    an error to the runtime: it drops the plugin and lets the container go ahead without it.
+    Never call PluginStub.update_containers from a handler: the runtime holds its lock while
+    it waits for the handler.
     """
 
     def configure(self, request: ConfigureRequest) -> Collection[Event]:
@@ -329,8 +331,19 @@ class _Session:
         method: Callable[[StateChangeEvent], None] = getattr(
             self.stub.handler, _EVENT_METHODS[event]
         )
-        method(evt)
+        try:
+            method(evt)
+        except Exception as e:
+            # Name the event, not the StateChange RPC that carries it: this message is what
+            # the runtime reports ("NRI container start failed: ... StartContainer: ...").
+            log.exception("NRI %s handler failed", _event_name(event))
+            raise TtrpcError(Code.UNKNOWN, f"{_event_name(event)}: {type(e).__name__}: {e}") from e
         return Empty()
+
+
+def _event_name(event: Event) -> str:
+    """START_CONTAINER -> StartContainer, as upstream names events in its logs."""
+    return "".join(word.capitalize() for word in event.name.split("_"))
 
 
 class PluginStub:

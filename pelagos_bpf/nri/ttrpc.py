@@ -173,7 +173,8 @@ class Server:
     codes and wording; newer NRI runtimes fall back to older RPCs on it), an undecodable request
     INVALID_ARGUMENT, an oversized one RESOURCE_EXHAUSTED, a request whose deadline passed while
     it waited DEADLINE_EXCEEDED (its handler is not run), and a handler exception UNKNOWN with
-    "<method>: <exception type>: <message>", which the runtime shows in its error.
+    "<method>: <exception type>: <message>", which the runtime shows in its error (a handler
+    that raises TtrpcError sets the code and message itself).
     """
 
     def __init__(self, send: Send, name: str = "ttrpc-server") -> None:
@@ -296,6 +297,9 @@ class Server:
         start = time.monotonic()
         try:
             result = call.method.handler(request)
+        except TtrpcError as e:  # the handler chose the status itself
+            log.warning("%s: %s answered %s", self._name, call.name, e)
+            return _response(call.stream_id, e.code, e.message)
         except Exception as e:  # a handler error is the answer
             log.exception("%s: %s handler failed", self._name, call.name)
             return _response(call.stream_id, Code.UNKNOWN, f"{call.name}: {type(e).__name__}: {e}")
