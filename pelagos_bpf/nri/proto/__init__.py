@@ -1,0 +1,1 @@
+"""Generated protobuf modules (scripts/gen-proto) and the .proto files they come from."""
