@@ -287,8 +287,17 @@ def map_delete(fd: int, key: bytes) -> bool:
     return True
 
 
+class PartialWrite(BpfError):
+    """A batch update failed after writing the first `written` entries (in order)."""
+
+    def __init__(self, errno_: int, op: str, detail: str, written: int) -> None:
+        super().__init__(errno_, op, detail)
+        self.written = written
+
+
 def map_update_batch(fd: int, items: list[tuple[bytes, bytes]], flags: int = BPF_ANY) -> None:
-    """Write many entries in one syscall (kernel >= 5.6); raises after a partial write too.
+    """Write many entries in one syscall (kernel >= 5.6); PartialWrite says how many of the
+    first entries were written when it fails, so a rollback deletes exactly those.
 
     Why: a device rule set is ~15 entries; one BPF_MAP_UPDATE_BATCH costs what ~3 single
     updates do, on the container-start path.
@@ -299,7 +308,10 @@ def map_update_batch(fd: int, items: list[tuple[bytes, bytes]], flags: int = BPF
     values = b"".join(v for _, v in items)
     attr = BatchAttr(keys=keys, values=values, count=len(items), map_fd=fd, elem_flags=flags)
     ret = _bpf("BPF_MAP_UPDATE_BATCH", attr)
-    _check(ret, "BPF_MAP_UPDATE_BATCH", f"{attr.count} of {len(items)} written")
+    if ret < 0:
+        err = -ret
+        detail = f"{attr.count} of {len(items)} written: {os.strerror(err)}"
+        raise PartialWrite(err, "BPF_MAP_UPDATE_BATCH", detail, attr.count)
 
 
 def map_delete_batch(fd: int, keys: list[bytes]) -> int:

@@ -101,15 +101,26 @@ class Liveness:
             self.close()
             raise CgroupError(err, f"open_by_handle_at on {cgroup2_dir}: {os.strerror(err)}")
 
-    def _probe(self, cgroup_id: int) -> int:
+    def _open(self, cgroup_id: int) -> int:
+        """An fd of the cgroup's directory, or -errno."""
         fh = _FileHandle(8, _FILEID_KERNFS, cgroup_id)
         fd = self._open_by_handle_at(
             self._mount_fd, ct.byref(fh), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         )
+        return int(fd) if fd >= 0 else -ct.get_errno()
+
+    def _probe(self, cgroup_id: int) -> int:
+        fd = self._open(cgroup_id)
         if fd >= 0:
             os.close(fd)
             return 0
-        return ct.get_errno()
+        return -fd
+
+    def open_fd(self, cgroup_id: int) -> int | None:
+        """The directory fd of a live cgroup by id (the caller closes it; e.g. to take its
+        writer lock); None when it is gone or cannot be opened."""
+        fd = self._open(cgroup_id)
+        return fd if fd >= 0 else None
 
     def dead(self, cgroup_id: int) -> bool:
         return self._probe(cgroup_id) == errno.ESTALE

@@ -63,6 +63,9 @@ class Feature:
         self._loaded: Loaded | None = None
         # The plug-in's "detach ours and drop this cgroup's entries" (set by the plug-in).
         self.teardown: Callable[[Any], None] | None = None
+        # The plug-in's own garbage collection on a layer's maps, after the dead cgroups'
+        # entries are gone (set by the plug-in): entries removed, by what.
+        self.collect: Callable[[Layer, dict[str, int], Liveness], dict[str, int]] | None = None
 
     @property
     def name(self) -> str:

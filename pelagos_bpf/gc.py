@@ -77,7 +77,10 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
         for feat in FEATURES:
             for layer, maps in feat.reachable_maps():
                 try:
-                    for name, n in Feature.purge(layer, maps, dead).items():
+                    counts = Feature.purge(layer, maps, dead)
+                    if feat.collect is not None:
+                        counts.update(feat.collect(layer, maps, live))
+                    for name, n in counts.items():
                         key = f"{layer.feature} v{layer.version} {name}"
                         report.entries_removed[key] = report.entries_removed.get(key, 0) + n
                 except OSError as e:
@@ -120,15 +123,19 @@ def _remove_stale_pins(report: GcReport) -> None:
 
 
 def _remove_abandoned(prefix: str, report: GcReport) -> None:
-    """Tear down empty cgroups under prefix (not prefix itself) that this library created."""
+    """Tear down empty cgroups under prefix (not prefix itself) that this library CREATED: the
+    creation mark (owner.py) is the proof. A cgroup we merely attached to (a runtime's or a
+    person's, where the hook or `pelagos-bpf update` added a classid or a rule) is never
+    removed. The prefix is resolved first, so `a/../b` or a symlink cannot widen it."""
     from pathlib import Path
 
-    for d in subtree_dirs(Path(prefix)):
+    root = os.path.realpath(prefix)
+    for d in subtree_dirs(Path(root)):
         path = os.fspath(d)
-        if path == os.path.normpath(prefix):
+        if path == root:
             continue
         try:
-            if "populated 1" in read_text(d / "cgroup.events") or not is_ours(path, _attached):
+            if "populated 1" in read_text(d / "cgroup.events") or not is_ours(path):
                 continue
             ref = Ref.of(path)
             for feat in FEATURES:
@@ -141,20 +148,6 @@ def _remove_abandoned(prefix: str, report: GcReport) -> None:
         except OSError as e:
             if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 report.errors.append(f"{path}: {e}")
-
-
-def _attached(path: str) -> bool:
-    """Whether any program of ours (any version) is attached at the cgroup."""
-    ref = Ref.of(path)
-    fd = ref.open_fd()
-    try:
-        for feat in FEATURES:
-            with feat.find(fd) as groups:
-                if groups:
-                    return True
-        return False
-    finally:
-        os.close(fd)
 
 
 def _detach_all(feat: Feature, ref: Ref) -> int:

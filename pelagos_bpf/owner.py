@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 MARK = "trusted.pelagos_bpf"
 _PENDING = "trusted.pelagos_bpf.mk."
@@ -45,9 +45,10 @@ def mark(cgroup: str | int) -> None:
         os.setxattr(cgroup, MARK, b"1")
 
 
-def is_ours(path: str, attached: Callable[[str], bool]) -> bool:
-    """Marked by us, pending on the parent, or carrying a program of ours (older releases did
-    not mark)."""
+def is_ours(path: str) -> bool:
+    """Created by this library: marked, or pending on the parent (a setup killed between its
+    mkdir and the mark). Nothing else counts: an attached program of ours only means someone
+    asked us to enforce something on a cgroup they own."""
     try:
         os.getxattr(path, MARK)
         return True
@@ -58,8 +59,7 @@ def is_ours(path: str, attached: Callable[[str], bool]) -> bool:
         os.getxattr(parent, _pending_key(name))
         return True
     except OSError:
-        pass
-    return attached(path)
+        return False
 
 
 def forget_pending(path: str) -> None:

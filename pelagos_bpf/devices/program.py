@@ -19,15 +19,16 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .. import bpfsys, bytecode
-from ..cgref import CgroupRef, opened
+from ..cgref import CgroupRef, Liveness, opened
 from ..errors import BpfError, ConfigError
 from ..feature import Attached, Feature
-from ..layers import storage_key
+from ..layers import Layer, storage_key
 from ..loader import Loaded
 from ..locks import flock_until
 from ..owners import OWNER_IDS, OWNER_NAMES, RUNTIME, Owner
@@ -178,8 +179,11 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, owner: Owner, prep:
         usage.admit(fd, len(entries), "device_rules")
         try:
             bpfsys.map_update_batch(fd, entries)  # one syscall; the sentinels are written last
-        except BaseException:
-            bpfsys.map_delete_batch(fd, [key for key, _ in entries][::-1])
+        except BaseException as e:
+            # Undo exactly what was written (in write order: a prefix), newest first: one
+            # syscall, linear in what it wrote. Unknown (interrupted): every key.
+            written = e.written if isinstance(e, bpfsys.PartialWrite) else len(entries)
+            bpfsys.map_delete_batch(fd, [key for key, _ in entries[:written]][::-1])
             usage.release(fd, len(entries))
             raise
 
@@ -433,6 +437,59 @@ def detach_all(cg: CgroupRef) -> None:
 
 
 FEATURE.teardown = detach_all
+
+
+# ---------------------------------------------------------------- garbage collection
+
+
+def reclaim_stale_generations(maps: dict[str, int], live: Liveness) -> int:
+    """Delete rule sets of LIVE cgroups that no program can read any more; returns entries
+    removed (gc's job: O(entries)).
+
+    Each (cgroup, owner) keeps at most its current generation and the one before it (an update
+    keeps the replaced set until the next, for program runs that read the old generation just
+    before the switch). A writer killed after its switch but before deleting the set before
+    that leaves an older one behind, forever unless reclaimed here. Under the cgroup's writer
+    lock (taken without waiting: a cgroup being written is skipped, never raced) there is no
+    in-flight writer, so everything else, a dead writer's next generation included, is stale.
+    """
+    sets: dict[int, set[tuple[int, int]]] = {}  # cgroup id -> {(owner id, generation)}
+    for key in bpfsys.map_keys(maps["dev_rules"], enc.RULE_KEY.size):
+        cgroup, gen, oid, _type = enc.key_head(key)
+        if cgroup and gen:
+            sets.setdefault(cgroup, set()).add((oid, gen))
+    removed = 0
+    for cgroup_id, present in sets.items():
+        fd = live.open_fd(cgroup_id)
+        if fd is None:
+            continue  # gone: its entries are purged as a dead cgroup's
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a writer is at work: its generations are not ours to judge
+            gens, _ = read_cur(maps, cgroup_id)
+            for oid, gen in sorted(present):
+                cur = gens[oid] if 0 < oid < lay.SLOTS else 0
+                if cur and gen in (cur, cur - 1):
+                    continue
+                removed += delete_set(maps, cgroup_id, gen, oid)
+        finally:
+            os.close(fd)  # releases the lock
+    return removed
+
+
+def _collect(layer: Layer, maps: dict[str, int], live: Liveness) -> dict[str, int]:
+    """gc's device-specific part: stale generations of live cgroups, then a recount of the
+    rule map's fill level (which killed writers may have left high)."""
+    if layer.version != lay.VERSION:
+        return {}
+    n = reclaim_stale_generations(maps, live)
+    usage.recount(maps["dev_rules"])
+    return {"dev_rules (stale generations of live cgroups)": n} if n else {}
+
+
+FEATURE.collect = _collect
 
 
 # ---------------------------------------------------------------- reading back
