@@ -309,8 +309,8 @@ def test_device_program_attached_by_systemd_survives_reload(
     rules = [CgroupDeviceRule(False), CgroupDeviceRule(True, "c", 1, 3, "rwm")]  # /dev/null
     devprog.apply(scope, rules)
     assert (opens(scope, "/dev/null"), opens(scope, "/dev/zero")) == (0, errno.EPERM)
-    # attaching the same program a second time is refused by the kernel (EEXIST before the
-    # bpf_link rework, EINVAL on 6.12): the hook and the agent must only write maps
+    # attaching the same program a second time is refused by the kernel: EINVAL (measured on
+    # 5.10, 6.1, 6.12; EEXIST before 5.7). The hook and the agent must only write the maps
     fd = bpfsys.obj_get(pin)
     cgfd = scope.open_fd()
     try:
@@ -339,6 +339,31 @@ def test_device_program_attached_by_systemd_survives_reload(
     assert unit_gone(m, scope.unit) and not scope.path.exists()
     if keys is not None:
         devprog.remove_entries(keys)
+
+
+def test_pin_must_outlive_its_unit(
+    m: Manager,
+    scopes: list[str],
+    sleeper: subprocess.Popen[bytes],
+    device_pin: tuple[str, int],
+) -> None:
+    """systemd re-opens BPFProgram= paths at daemon-reload (and daemon-reexec): a pin removed
+    under a running unit (an upgrade's gc, say) makes systemd drop the program, leaving the
+    scope with no device program at all. So gc must keep every pin a unit references."""
+    from pelagos_bpf.devices import layout as lay
+    from pelagos_bpf.devices import program as devprog
+
+    pin, prog_id = device_pin
+    scope, _ = start(m, scopes, "t8", sleeper.pid, CgroupConfig(), [("device", pin)])
+    assert driver.referenced_pins(manager=m)[pin] == [scope.unit]
+    devprog.apply(scope, [CgroupDeviceRule(False), CgroupDeviceRule(True, "c", 1, 3, "rwm")])
+    assert opens(scope, "/dev/zero") == errno.EPERM
+    os.unlink(pin)
+    set_property(scope.unit, "MemoryMax=90M")  # set-property does not re-open the pin
+    assert attach_flags(scope, lay.ATTACH) == (bpfsys.BPF_F_ALLOW_MULTI, [prog_id])
+    reload_and_wait(m)  # daemon-reload does: the program is gone, the scope unrestricted
+    assert attach_flags(scope, lay.ATTACH)[1] == []
+    assert opens(scope, "/dev/zero") == 0
 
 
 def test_teardown_leaves_no_program(

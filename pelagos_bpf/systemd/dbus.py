@@ -7,8 +7,7 @@ without it, or without a bus, `SystemdUnavailable` names the systemd driver.
 Which socket: the system bus first, then (root only) systemd's private socket, as go-systemd
 does for runc. The private socket is peer-to-peer: no bus daemon, so no Hello and no AddMatch;
 systemd sends every signal to its direct connections. On the bus, JobRemoved needs a match
-rule and Subscribe. Both are in place before the call that queues a job, so the signal cannot
-be missed.
+rule, in place before the call that queues a job, so the signal cannot be missed.
 """
 
 from __future__ import annotations
@@ -268,15 +267,14 @@ class Manager:
         raise SystemdError(unit, method, "timeout", f"job {job} not finished after {deadline}s")
 
     def _add_match(self, rule: Any) -> None:
-        """Once per connection: the bus's match rule (not on the private socket), then
-        Subscribe, without which systemd 252 sends no JobRemoved to the bus (measured)."""
-        if self._matched:
+        """Once per connection, on the bus only (the private socket gets every signal). No
+        Subscribe: systemd sends a job's JobRemoved to the client that queued it (measured on
+        252), and Subscribe would make it broadcast every unit change while we are connected."""
+        if self._matched or self.peer:
             return
-        if not self.peer:
-            jeepney = _jeepney()
-            msg = jeepney.bus_messages.message_bus.AddMatch(rule)
-            self._reply(self._conn.send_and_get_reply(msg, timeout=DEADLINE), "-", "AddMatch")
-        self.call("Subscribe", "", ())
+        jeepney = _jeepney()
+        msg = jeepney.bus_messages.message_bus.AddMatch(rule)
+        self._reply(self._conn.send_and_get_reply(msg, timeout=DEADLINE), "-", "AddMatch")
         self._matched = True
 
 

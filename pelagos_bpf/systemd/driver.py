@@ -261,6 +261,38 @@ def open_scope(unit_or_path: str, *, manager: Manager | None = None) -> Scope | 
         return _opened(m, spec, m.version(), programs, ())
 
 
+_CGROUP_UNIT_IFACES = {
+    ".scope": "Scope",
+    ".service": "Service",
+    ".slice": "Slice",
+    ".socket": "Socket",
+    ".mount": "Mount",
+    ".swap": "Swap",
+}
+
+
+def referenced_pins(*, manager: Manager | None = None) -> dict[str, list[str]]:
+    """pin path -> the loaded units whose BPFProgram= names it. For gc: systemd re-opens these
+    paths at daemon-reload and daemon-reexec, and DETACHES a program whose pin is gone (measured
+    on 252: the scope is then left with no device program at all), so a referenced pin must
+    stay while its unit exists."""
+    out: dict[str, list[str]] = {}
+    with _manager(manager) as m:
+        (units,) = m.call("ListUnits", "", ())
+        for name, *_rest in units:
+            iface = next((i for s, i in _CGROUP_UNIT_IFACES.items() if name.endswith(s)), None)
+            if iface is None:
+                continue
+            path = str(_rest[5])  # the unit's object path
+            try:
+                programs = m.get(path, f"org.freedesktop.systemd1.{iface}", "BPFProgram", name)
+            except SystemdError:
+                continue  # gone meanwhile
+            for _kind, pin in programs:
+                out.setdefault(str(pin), []).append(str(name))
+    return out
+
+
 def set_properties(
     scope: Scope | str, properties: Sequence[Property], *, manager: Manager | None = None
 ) -> None:
