@@ -302,6 +302,9 @@ def test_device_program_attached_by_systemd_survives_reload(
     pin, prog_id = device_pin
     scope, _ = start(m, scopes, "t3", sleeper.pid, CgroupConfig(), [("device", pin)])
     assert m.unit_property(scope.unit, "BPFProgram", SCOPE_IFACE) == [("device", pin)]
+    other = driver.open_scope(path_for("t3"), manager=m)  # as the hook or the agent would
+    assert other is not None
+    assert (other.path, other.id, other.bpf_programs) == (scope.path, scope.id, scope.bpf_programs)
     assert attach_flags(scope, lay.ATTACH) == (bpfsys.BPF_F_ALLOW_MULTI, [prog_id])
     # attached, no rule set written yet: the program denies everything (fail closed)
     assert opens(scope, "/dev/null") == errno.EPERM
@@ -443,7 +446,10 @@ def test_dead_process_and_failed_scope(m: Manager, scopes: list[str]) -> None:
 
 
 def test_bad_input_leaves_nothing(
-    m: Manager, scopes: list[str], sleeper: subprocess.Popen[bytes]
+    m: Manager,
+    scopes: list[str],
+    sleeper: subprocess.Popen[bytes],
+    device_pin: tuple[str, int],
 ) -> None:
     before = set(os.listdir("/sys/fs/cgroup/system.slice"))
     # refused before any D-Bus call
@@ -463,6 +469,11 @@ def test_bad_input_leaves_nothing(
             driver.start_scope(spec, sleeper.pid, [bad], manager=m)
         assert spec.unit in str(se.value) and bad.name in str(se.value)
         assert unit_gone(m, spec.unit)
+    # a program systemd cannot attach (a device program as egress): systemd only logs that,
+    # the driver finds it unattached and stops the scope
+    with pytest.raises(SystemdError, match="not attached"):
+        driver.start_scope(spec, sleeper.pid, [], [("egress", device_pin[0])], manager=m)
+    assert unit_gone(m, spec.unit)
     # a pin that is not there: ConfigError before the bus
     with pytest.raises(ConfigError, match="not a pinned BPF program"):
         driver.start_scope(spec, sleeper.pid, [], [("device", f"/sys/fs/bpf/none-{TOKEN}")])
