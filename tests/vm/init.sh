@@ -6,7 +6,9 @@
 #   3. build the guest root: an overlay of the host root with a tmpfs upper layer (so the
 #      guest kernel's own modules can sit at /lib/modules/$(uname -r) for modprobe), plus
 #      proc/sys/dev, tmpfs /run /tmp /var/tmp, pure cgroup2, bpffs, loopback,
-#   4. run the job in a chroot with its output in the share, write its exit status, power off.
+#   4. run the job in a chroot with its output in the share, write its exit status, power off;
+#      or (VM_INIT=systemd) switch_root to systemd, whose job service does the same
+#      (tests/vm/systemd_init.py).
 # A missing status file tells the host the guest crashed or timed out.
 export PATH=/bin
 mount -t proc proc /proc
@@ -49,8 +51,10 @@ mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=755 tmpfs $R/run
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
-mount -t cgroup2 -o nsdelegate cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"
-mount -t bpf -o mode=700 bpf $R/sys/fs/bpf || fail "mount bpffs"
+if [ "$VM_INIT" != systemd ]; then  # systemd mounts both itself, as on a real host
+  mount -t cgroup2 -o nsdelegate cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"
+  mount -t bpf -o mode=700 bpf $R/sys/fs/bpf || fail "mount bpffs"
+fi
 # Host dirs the root share lacks: other filesystems, or dirs below the tmpfs mounts above
 # (each its own share, "extraN:/path" pairs).
 for pair in $VM_EXTRA_SHARES; do
@@ -77,6 +81,12 @@ fi
 ip link set lo up
 hostname "vm-$REL"
 
+if [ "$VM_INIT" = systemd ]; then  # tests/vm/systemd_init.py: its job service reports
+  chroot $R /bin/sh /run/pelagos-vm/systemd/stage.sh || fail "systemd stage"
+  echo /sbin/modprobe >/proc/sys/kernel/modprobe  # the helper above vanishes with switch_root
+  umount /sys /proc
+  exec switch_root $R $VM_SYSTEMD $VM_SYSTEMD_ARGS
+fi
 echo "$REL" >$O/started
 chroot $R /usr/bin/env -i /bin/sh /run/pelagos-vm/job.sh >$O/output.log 2>&1 </dev/null
 echo $? >$O/status

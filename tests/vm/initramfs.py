@@ -14,7 +14,8 @@ from .kernels import Kernel, module_files, read_module
 
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 APPLETS = ("sh", "cat", "echo", "mount", "umount", "mkdir", "insmod", "chroot", "env", "poweroff",
-           "reboot", "sleep", "sync", "ip", "hostname", "printf", "chmod", "uname")  # fmt: skip
+           "reboot", "sleep", "sync", "ip", "hostname", "printf", "chmod", "uname",
+           "switch_root")  # fmt: skip
 
 
 def busybox_path() -> Path:

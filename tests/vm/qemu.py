@@ -183,11 +183,15 @@ def _boot(
     keep: Path | None = None,
     progress: Callable[[float, str], None] | None = None,
     heartbeat: float = 30.0,
+    guest_env: dict[str, str] | None = None,
+    kernel_args: tuple[str, ...] = (),
 ) -> GuestRun:
     """share_paths: host paths the job needs (project, interpreter); their filesystems are shared.
     prefill: name -> host dir copied into the writable share before boot (e.g. the BPF cache).
     progress: called every `heartbeat` seconds with the elapsed time and the job's last output
     line, so a person watching a long TCG run sees it moving.
+    guest_env: extra vm.env entries for init.sh; kernel_args: appended to the kernel cmdline
+    (both for a second stage such as systemd_init).
     """
     run = Path(tempfile.mkdtemp(prefix="pelagos-vm-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -207,6 +211,7 @@ def _boot(
                     "VM_MODULES_DIR": str(kernel.modules_dir),
                     "VM_PRELOAD_MODULES": " ".join(preload_modules),
                     "VM_EXTRA_SHARES": " ".join(f"{t}:{m}" for t, m in tags.items()),
+                    **(guest_env or {}),
                 }
             )
         )
@@ -231,7 +236,8 @@ def _boot(
             "-smp", str(smp), "-m", memory, "-nodefaults", "-no-user-config", "-no-reboot",
             "-display", "none",
             "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-            "-kernel", str(kernel.boot_image), "-initrd", str(initrd), "-append", CMDLINE,
+            "-kernel", str(kernel.boot_image), "-initrd", str(initrd),
+            "-append", " ".join((CMDLINE, *kernel_args)),
             "-chardev", f"file,id=con,path={run / 'console.log'}", "-serial", "chardev:con",
         ]  # fmt: skip
         for i, tag in enumerate(shares):

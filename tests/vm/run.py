@@ -18,12 +18,14 @@ import io
 import os
 import shlex
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import kernels, qemu
+from . import kernels, qemu, systemd_init
 
 PROJECT = Path(__file__).resolve().parents[2]
 GUEST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-m", "not matrix")
@@ -181,9 +183,12 @@ def run_kernel(
     timeout: float = TIMEOUT,
     boot_timeout: float = 180.0,
     keep: Path | None = None,
+    init: str = "busybox",
     log=print,
 ) -> KernelResult:
     """Boot kernel `name`, run the guest suite (or `cmd`), retrying once if it dies in boot.
+
+    init "systemd": systemd is PID 1 and the job a service (tests/vm/systemd_init.py).
 
     Raises one of RUNNER_ERRORS (with a message) when the kernel can't be fetched or launched.
     """
@@ -200,23 +205,36 @@ def run_kernel(
     job = job_script(PROJECT, python, pytest_args, cmd, name)
     # the project, the interpreter's installation (the venv's python links into it), modules
     share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
+    prefill: dict[str, Path] = {}
+    second: dict[str, Any] = {}
     attempts = 0
-    while True:
-        attempts += 1
-        log(f"vm: booting {name} ({k.package}, {k.boot_image.name}); running {what}")
-        r = qemu.boot(
-            k,
-            job,
-            share_paths=share,
-            timeout=timeout,
-            boot_timeout=boot_timeout,
-            keep=keep,
-            progress=lambda t, line: log(f"vm: {name} {t:4.0f}s | {line}"),
-        )
-        if r.started or attempts >= 2:
-            break
-        log(f"vm: {name}: guest died before the job started; retrying once. Console tail:")
-        log(_tail(r.console, 30))
+    with tempfile.TemporaryDirectory(prefix="pelagos-vm-init-") as stage:
+        if init == "systemd":
+            prefill[systemd_init.STAGE_NAME] = systemd_init.write_stage(Path(stage) / "s")
+            second = {
+                "guest_env": systemd_init.guest_env(),
+                "kernel_args": systemd_init.KERNEL_ARGS,
+            }
+        elif init != "busybox":
+            raise ValueError(f"init must be busybox or systemd, not {init!r}")
+        while True:
+            attempts += 1
+            log(f"vm: booting {name} ({k.package}, {k.boot_image.name}, init {init}); {what}")
+            r = qemu.boot(
+                k,
+                job,
+                share_paths=share,
+                prefill=prefill,
+                timeout=timeout,
+                boot_timeout=boot_timeout,
+                keep=keep,
+                progress=lambda t, line: log(f"vm: {name} {t:4.0f}s | {line}"),
+                **second,
+            )
+            if r.started or attempts >= 2:
+                break
+            log(f"vm: {name}: guest died before the job started; retrying once. Console tail:")
+            log(_tail(r.console, 30))
     return KernelResult(
         name=name,
         package=k.package,
@@ -281,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--full", action="store_true", help="the full suite on every kernel")
     ap.add_argument("--cmd", help="run this shell command in the guest instead of pytest")
+    ap.add_argument(
+        "--init",
+        choices=("busybox", "systemd"),
+        default="busybox",
+        help="the guest's PID 1 when the job runs: busybox (fast) or systemd 252 (the host's)",
+    )
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help="per kernel, seconds")
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
@@ -317,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
                 boot_timeout=args.boot_timeout,
                 keep=keep,
+                init=args.init,
             )
         except RUNNER_ERRORS as e:
             res = KernelResult.failed(n, str(e))

@@ -1,0 +1,57 @@
+"""The systemd driver's guest run: systemd 252 as PID 1 in a QEMU guest, running
+tests/test_systemd_driver.py (python -m tests.vm.run --init systemd, see tests/vm/systemd_init.py).
+
+Why a guest: the host has no systemd as PID 1, and the driver must be proven against the real
+daemon (its D-Bus API, its re-apply at daemon-reload, its BPFProgram= attachments).
+Kernel: $PELAGOS_SYSTEMD_KERNEL (default 6.12, Debian 12's newest). Deselected with -m 'not
+matrix', as the kernel matrix.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from tests.vm import qemu  # noqa: E402
+from tests.vm import run as vmrun  # noqa: E402
+
+KERNEL = os.environ.get("PELAGOS_SYSTEMD_KERNEL", "6.12")
+GUEST_TESTS = ["tests/test_systemd_driver.py"]
+
+
+@pytest.fixture(scope="module")
+def can_boot() -> None:
+    if os.environ.get("PELAGOS_VM_KERNEL"):
+        pytest.skip("already inside a guest")
+    missing = qemu.missing_tools()
+    if missing:
+        pytest.skip(f"cannot boot QEMU guests here, missing: {', '.join(missing)}")
+
+
+@pytest.mark.matrix
+def test_systemd_guest(can_boot: None, request: pytest.FixtureRequest) -> None:
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def show(line: str) -> None:  # start line and heartbeats: CI must see the guest moving
+        if tr is not None:
+            tr.write_line(f"[systemd] {line}")
+
+    try:
+        res = vmrun.run_kernel(KERNEL, GUEST_TESTS, init="systemd", log=show)
+    except vmrun.RUNNER_ERRORS as e:
+        pytest.fail(f"{KERNEL}: {e}", pytrace=False)
+    vmrun.report(res)  # captured: shown when the test fails
+    request.node.user_properties.append(("systemd", res.summary()))
+    show(res.summary())
+    r = res.run
+    assert r.started, f"{KERNEL}: systemd never started the job (retried once)"
+    assert r.status == 0, f"{KERNEL}: guest pytest exited {r.status}: {res.counts}"
+    # a skip would mean systemd was not PID 1 or jeepney missing: the driver went untested
+    assert res.counts.get("passed", 0) > 0 and res.counts.get("skipped", 0) == 0, res.counts
