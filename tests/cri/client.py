@@ -86,6 +86,7 @@ class Client:
         self.timeout = timeout
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         self._images_seen: set[str] = set()
+        self.calls: list[tuple[str, float]] = []  # (method, seconds) per call, for benchmarks
 
     def __enter__(self) -> Client:
         return self
@@ -102,12 +103,15 @@ class Client:
         stub: Callable[..., Any] = self.channel.unary_unary(
             path, request_serializer=req.SerializeToString, response_deserializer=resp.FromString
         )
+        t0 = time.perf_counter()
         try:
             return stub(req(**fields), timeout=self.timeout)
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             details = e.details() if isinstance(e, grpc.Call) else str(e)
             raise CriError(name, code, details or "") from None
+        finally:
+            self.calls.append((name, time.perf_counter() - t0))
 
     def rt(self, name: str, **fields: Any) -> Any:
         return self.call("RuntimeService", name, **fields)

@@ -2,6 +2,7 @@
 
     python -m tests.vm.run --kernel 6.12 --node containerd --cmd CMD    # host: boot a node
     python -m tests.vm.containerd restart                               # guest: restart it
+    python -m tests.vm.containerd wait-plugin pelagos-bpf               # guest: NRI registered
 
 Why sid's containerd 2.1.9 (not trixie's 1.7.24): 2.x is the line Kubernetes nodes move to,
 it has NRI on by default (PR #9744), so the guest tests the configuration operators actually
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -229,7 +231,7 @@ def cni_conflist() -> str:
 # ---- guest side: start, stop, restart ----
 
 
-def _log_path() -> Path:
+def log_path() -> Path:
     return (GUEST_OUT if GUEST_OUT.is_dir() else NODE_DIR) / "containerd.log"
 
 
@@ -263,7 +265,7 @@ def _spawn(node: Node) -> int:
         "PATH": f"{node.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
     }
-    with _log_path().open("ab") as log:
+    with log_path().open("ab") as log:
         p = subprocess.Popen(
             [str(node.bin / "containerd"), "--config", str(NODE_DIR / "config.toml")],
             stdin=subprocess.DEVNULL,
@@ -286,9 +288,9 @@ def _wait_socket(pid: int, deadline: float) -> None:
         except OSError:
             pass
         if running_pid() != pid:
-            raise NodeError(f"containerd exited during start-up: see {_log_path()}")
+            raise NodeError(f"containerd exited during start-up: see {log_path()}")
         if time.monotonic() > deadline:
-            raise NodeError(f"containerd did not listen on {SOCKET}: see {_log_path()}")
+            raise NodeError(f"containerd did not listen on {SOCKET}: see {log_path()}")
         time.sleep(0.05)
 
 
@@ -349,6 +351,44 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def restart(log=print) -> int:
+    """Stop containerd and start it again with the node of the first start; return its pid.
+    The pods keep running; an NRI plugin sees its connection close and must reconnect."""
+    node = saved_node()
+    stop()
+    return start(node, log)
+
+
+def log_offset() -> int:
+    """The containerd log's current size: pass it to wait_plugin to see only later lines."""
+    try:
+        return log_path().stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def wait_plugin(name: str, since: int = 0, timeout: float = READY_TIMEOUT) -> None:
+    """Until containerd logs that NRI plugin `name` (with or without its index, "10-name")
+    connected and synchronized, in the log after byte `since`."""
+    pat = re.compile(
+        rb'plugin \\?"(\d+-)?' + re.escape(name.encode()) + rb'\\?" connected and sync'
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with log_path().open("rb") as f:
+                f.seek(since)
+                if pat.search(f.read()):
+                    return
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise NodeError(
+                f"NRI plugin {name!r} did not register in {timeout:.0f}s: see {log_path()}"
+            )
+        time.sleep(0.1)
+
+
 def saved_node() -> Node:
     """The node the guest's first `start` recorded (restart needs no arguments)."""
     try:
@@ -366,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--images", type=Path, help="images tarball (default: the last start's)")
     sub.add_parser("stop", help="stop the containerd started here; pods keep running")
     sub.add_parser("restart", help="stop, then start with the same node")
+    wp = sub.add_parser("wait-plugin", help="wait until an NRI plugin has registered")
+    wp.add_argument("name", help="the plugin's name (e.g. pelagos-bpf), index optional")
+    wp.add_argument("--timeout", type=float, default=READY_TIMEOUT)
     args = ap.parse_args(argv)
     try:
         if args.what == "start":
@@ -373,10 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             start(node)
         elif args.what == "stop":
             stop()
+        elif args.what == "restart":
+            restart()
         else:
-            node = saved_node()
-            stop()
-            start(node)
+            wait_plugin(args.name, timeout=args.timeout)
     except (NodeError, OSError, subprocess.SubprocessError) as e:
         print(f"node: {e}", file=sys.stderr)
         return 1
