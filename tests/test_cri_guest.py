@@ -187,12 +187,18 @@ def test_cli_runs_execs_and_removes_a_pod(cri: Client) -> None:
     assert out["pod"] not in [p.id for p in cri.pods()]
 
 
-def test_cli_reports_the_cri_error_and_leaves_no_pod(cri: Client) -> None:
+def test_cli_reports_the_cri_error_and_leaves_no_pod(
+    cri: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process (each `python -m tests.cri` costs seconds of grpc import under TCG; the
+    round trip above proves the shell path)."""
+    from tests.cri.__main__ import main
+
     before = {p.id for p in cri.pods()}
-    r = _cli("run-pod", "--image", "localhost/pelagos-bpf/no-such-image:0", "--", "true")
-    assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("cri: CreateContainer: "), r.stderr
-    assert "no-such-image" in r.stderr
+    assert main(["run-pod", "--image", "localhost/pelagos-bpf/no-such-image:0", "--", "true"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("cri: CreateContainer: "), err
+    assert "no-such-image" in err
     assert {p.id for p in cri.pods()} == before
 
 

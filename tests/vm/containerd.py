@@ -86,6 +86,10 @@ def cache_dir() -> Path:
 
 def ensure_node(log=print) -> Node:
     """containerd unpacked and the images built, both cached between runs."""
+    needed = [RUNC, *(CNI_BIN / p for p in ("bridge", "host-local", "loopback"))]
+    missing = [str(p) for p in needed if not os.access(p, os.X_OK)]
+    if missing:  # the guest runs the host's: a pod would fail at RunPodSandbox
+        raise NodeError(f"missing {missing}: apt-get install runc containernetworking-plugins")
     cache = cache_dir()
     return Node(tree=ensure_containerd(cache, log), images=images.ensure_archive(cache, log))
 
