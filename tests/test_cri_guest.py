@@ -5,7 +5,8 @@ Runs only inside the containerd guest (`python -m tests.vm.run --kernel 6.12 --n
 Proves what the NRI tests build on: a pod runs with its pid in the pod's cgroup, exec passes
 output and status, an `io.pelagos-bpf.*` pod annotation reaches the OCI config (others do
 not), a bridge pod's eth0 carries an HTB qdisc whose class counters see the pod's packets, and
-removal leaves no container, task, cgroup, netns or process behind.
+removal leaves no container, task, cgroup, netns or process behind, and a containerd restart
+keeps the pods running.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _not_a_node() -> str | None:
 if (_reason := _not_a_node()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-from tests.cri.client import Client, CriError, Pod  # noqa: E402  (grpc only on a node)
+from tests.cri.__main__ import main  # noqa: E402  (grpc only on a node)
+from tests.cri.client import Client, CriError, Pod  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +131,20 @@ def test_host_network_pod_shares_the_nodes_netns(cri: Client, pods: list[Pod]) -
     assert cri.pod_netns(pod.pod) is None
 
 
+def test_containerd_restart_keeps_the_pods_running(cri: Client, pods: list[Pod]) -> None:
+    """The node helper the NRI restart tests use: the shims (and so the pods) outlive it."""
+    from tests.vm import containerd
+
+    pod = cri.run_pod(["sleep", "inf"])
+    pods.append(pod)
+    old = containerd.running_pid()
+    new = containerd.restart(log=lambda line: None)
+    assert new != old and containerd.running_pid() == new
+    assert Path(f"/proc/{pod.pid}").exists()
+    cri.wait_ready(cri.default_image())
+    assert cri.exec_sync(pod.container, ["echo", "still here"]).stdout == b"still here\n"
+
+
 def test_removal_leaves_nothing_behind(cri: Client) -> None:
     netns_before = set(os.listdir("/var/run/netns")) if Path("/var/run/netns").is_dir() else set()
     pod = cri.run_pod(["sleep", "inf"])
@@ -182,18 +198,15 @@ def test_cli_runs_execs_and_removes_a_pod(cri: Client) -> None:
         )
         e = _cli("exec", out["container"], "--", "sh", "-c", "echo hi; exit 3")
         assert (e.returncode, e.stdout) == (3, "hi\n")
-    finally:
-        assert _cli("rm", out["pod"]).returncode == 0
+    finally:  # in-process: each `python -m tests.cri` pays seconds of grpc import under TCG
+        assert main(["rm", out["pod"]]) == 0
     assert out["pod"] not in [p.id for p in cri.pods()]
 
 
 def test_cli_reports_the_cri_error_and_leaves_no_pod(
     cri: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """In-process (each `python -m tests.cri` costs seconds of grpc import under TCG; the
-    round trip above proves the shell path)."""
-    from tests.cri.__main__ import main
-
+    """In-process, as above; the round trip above proves the shell path."""
     before = {p.id for p in cri.pods()}
     assert main(["run-pod", "--image", "localhost/pelagos-bpf/no-such-image:0", "--", "true"]) == 1
     out, err = capsys.readouterr()

@@ -119,7 +119,8 @@ class Client:
     # ---- readiness and images ----
 
     def version(self) -> pb.VersionResponse:
-        return self.rt("Version", version="v1")
+        r: pb.VersionResponse = self.rt("Version", version="v1")
+        return r
 
     def image(self, ref: str) -> pb.Image | None:
         """The runtime's record of image `ref`, None when it has none."""

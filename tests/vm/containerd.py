@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ GATEWAY = "10.88.0.1"
 
 READY_TIMEOUT = 120.0  # TCG under load: containerd's start has been seen to take ~10 s
 STOP_TIMEOUT = 30.0
+Log = Callable[[str], object]
 
 
 class NodeError(RuntimeError):
@@ -84,7 +86,7 @@ def cache_dir() -> Path:
     return kernels.cache_dir() / "containerd"
 
 
-def ensure_node(log=print) -> Node:
+def ensure_node(log: Log = print) -> Node:
     """containerd unpacked and the images built, both cached between runs."""
     needed = [RUNC, *(CNI_BIN / p for p in ("bridge", "host-local", "loopback"))]
     missing = [str(p) for p in needed if not os.access(p, os.X_OK)]
@@ -94,7 +96,7 @@ def ensure_node(log=print) -> Node:
     return Node(tree=ensure_containerd(cache, log), images=images.ensure_archive(cache, log))
 
 
-def ensure_containerd(cache: Path, log=print) -> Path:
+def ensure_containerd(cache: Path, log: Log = print) -> Path:
     """`<cache>/containerd_<version>/`, the `dpkg -x` tree of sid's containerd package."""
     apt = Apt(SUITE, kernels.cache_dir() / ".apt")
     remembered = cache / ".resolved"
@@ -306,7 +308,7 @@ def _ctr(node: Node, *args: str) -> str:
     return r.stdout
 
 
-def start(node: Node, log=print) -> int:
+def start(node: Node, log: Log = print) -> int:
     """Start containerd (unless running) and import the images; return its pid."""
     t0 = time.monotonic()
     pid = running_pid()
@@ -355,7 +357,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def restart(log=print) -> int:
+def restart(log: Log = print) -> int:
     """Stop containerd and start it again with the node of the first start; return its pid.
     The pods keep running; an NRI plugin sees its connection close and must reconnect."""
     node = saved_node()

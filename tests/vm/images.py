@@ -19,6 +19,7 @@ import os
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .apt import locked
@@ -32,6 +33,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     PAUSE_IMAGE: {"Entrypoint": ["/bin/sleep", "inf"]},
     BUSYBOX_IMAGE: {"Cmd": ["/bin/sh"]},
 }
+Log = Callable[[str], object]
 FORMAT = 1  # bump when the layout below changes: it is part of the cache key
 
 MT_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -143,7 +145,7 @@ def oci_archive(layer: bytes, configs: dict[str, dict[str, object]]) -> bytes:
     return t.finish()
 
 
-def ensure_archive(cache: Path, log=print) -> Path:
+def ensure_archive(cache: Path, log: Log = print) -> Path:
     """The images tarball for this host's busybox, built once into `cache` (flock'd)."""
     bb = busybox_path()
     data = bb.read_bytes()
