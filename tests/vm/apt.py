@@ -161,6 +161,17 @@ class Apt:
             return False
         return bool(out.strip())
 
+    def version(self, package: str) -> str | None:
+        """The candidate version of `package` (None when no source has it)."""
+        try:
+            out = self._run("apt-cache", ["show", "--no-all-versions", package])
+        except AptError:
+            return None
+        found = [
+            ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Version:")
+        ]
+        return found[0] if found else None
+
     def download(self, packages: list[str], dest: Path) -> list[Path]:
         """The .deb files of `packages`, downloaded into dest, in the order asked."""
         self._run("apt-get", ["download", "-q", *packages], cwd=dest)

@@ -70,8 +70,8 @@ if [ "$OVERLAY" = 1 ] && [ -n "$VM_MODULES_DIR" ]; then
   mkdir -p "$R/lib/modules/$REL"
   mount --bind "$R$VM_MODULES_DIR" "$R/lib/modules/$REL"
   # The kernel's module autoloader (veth, sch_htb, ...) execs this path from the initramfs
-  # root: hand it to the host's modprobe inside the guest root.
-  printf '#!/bin/sh\nexec chroot /newroot /sbin/modprobe "$@"\n' >/bin/modprobe-chroot
+  # root: hand it to the host's modprobe inside the guest root (PID 1's cwd, see below).
+  printf '#!/bin/sh\nexec chroot /proc/1/cwd /sbin/modprobe "$@"\n' >/bin/modprobe-chroot
   chmod 755 /bin/modprobe-chroot
   echo /bin/modprobe-chroot >/proc/sys/kernel/modprobe
   for m in $VM_PRELOAD_MODULES; do
@@ -88,8 +88,13 @@ if [ "$VM_INIT" = systemd ]; then  # tests/vm/systemd_init.py: its job service r
   exec switch_root $R $VM_SYSTEMD $VM_SYSTEMD_ARGS
 fi
 echo "$REL" >$O/started
-chroot $R /usr/bin/env -i /bin/sh /run/pelagos-vm/job.sh >$O/output.log 2>&1 </dev/null
-echo $? >$O/status
+# Stack the guest root on / as switch_root does; PID 1 keeps the initramfs as its root and the
+# guest root as its cwd. Why: setns(2) into a mount namespace starts at the mounts stacked on
+# its root, so `runc exec` (which joins a container's namespace) finds the container's tree
+# there; from a plain chroot it would land in the initramfs.
+cd $R && mount --move . / || fail "move the guest root onto /"
+chroot . /usr/bin/env -i /bin/sh /run/pelagos-vm/job.sh >run/pelagos-vm/output.log 2>&1 </dev/null
+echo $? >run/pelagos-vm/status
 sync
 poweroff -f
 sleep 5

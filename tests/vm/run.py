@@ -4,6 +4,7 @@
     python -m tests.vm.run --kernel 6.12 -- -k memory -x
     python -m tests.vm.run --kernel 6.1 --cmd 'python -c "import pelagos_bpf"'
     python -m tests.vm.run --list
+    python -m tests.vm.run --kernel 6.12 --node containerd --cmd 'python -m tests.cri ...'
 
 Why a guest at all: the development host's cgroups are hybrid (every v1 controller taken), so
 controller files can only be proven on a pure cgroup v2 kernel; and the library must work on
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import kernels, qemu, systemd_init
+from . import containerd, kernels, qemu, systemd_init
 
 PROJECT = Path(__file__).resolve().parents[2]
 GUEST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-m", "not matrix")
@@ -87,7 +88,8 @@ def guest_args(name: str, user_args: list[str] | None, full: bool = FULL) -> lis
 
 
 # What a kernel the runner cannot resolve, unpack or boot raises: reported as a message.
-RUNNER_ERRORS = (kernels.KernelError, qemu.BootError)
+RUNNER_ERRORS = (kernels.KernelError, qemu.BootError, containerd.NodeError)
+NODES = ("containerd",)
 
 
 @dataclass
@@ -132,9 +134,15 @@ def venv_python(project: Path = PROJECT) -> Path:
 
 
 def job_script(
-    project: Path, python: Path, argv: list[str] | None, cmd: str | None, kernel: str
+    project: Path,
+    python: Path,
+    argv: list[str] | None,
+    cmd: str | None,
+    kernel: str,
+    prelude: list[str] | None = None,
 ) -> str:
-    """The guest's job: environment for a read-only project tree, then pytest (or `cmd`)."""
+    """The guest's job: environment for a read-only project tree, `prelude` (a node's start),
+    then pytest (or `cmd`)."""
     env = {
         "PATH": f"{python.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
@@ -148,6 +156,7 @@ def job_script(
     }
     lines = ["set -e", f"cd {shlex.quote(str(project))}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines += prelude or []
     if cmd is not None:
         lines.append(f"exec /bin/sh -c {shlex.quote(cmd)}")
     else:
@@ -184,9 +193,12 @@ def run_kernel(
     boot_timeout: float = 180.0,
     keep: Path | None = None,
     init: str = "busybox",
+    node: str | None = None,
+    node_setup: str | None = None,
     log=print,
 ) -> KernelResult:
     """Boot kernel `name`, run the guest suite (or `cmd`), retrying once if it dies in boot.
+    node "containerd": containerd runs (and `node_setup`, a shell command, ran) when it starts.
 
     init "systemd": systemd is PID 1 and the job a service (tests/vm/systemd_init.py).
 
@@ -202,11 +214,17 @@ def run_kernel(
             runtimes = ", real runtimes" if name in RUNTIME_KERNELS else ""
             what = f"the kernel suite ({evaluator} the evaluator comparison{runtimes})"
     python = venv_python()
-    job = job_script(PROJECT, python, pytest_args, cmd, name)
     # the project, the interpreter's installation (the venv's python links into it), modules
     share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
     prefill: dict[str, Path] = {}
     second: dict[str, Any] = {}
+    prelude = None
+    if node is not None:
+        n = containerd.ensure_node(log)
+        prelude = containerd.job_lines(n, node_setup)
+        share += [n.tree, n.images]
+        what += f", on a {node} node"
+    job = job_script(PROJECT, python, pytest_args, cmd, name, prelude)
     attempts = 0
     with tempfile.TemporaryDirectory(prefix="pelagos-vm-init-") as stage:
         if init == "systemd":
@@ -305,12 +323,16 @@ def main(argv: list[str] | None = None) -> int:
         default="busybox",
         help="the guest's PID 1 when the job runs: busybox (fast) or systemd 252 (the host's)",
     )
+    ap.add_argument("--node", choices=NODES, help="start this container runtime first")
+    ap.add_argument("--node-setup", metavar="SHELL", help="run after the node is up (an agent)")
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help="per kernel, seconds")
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
     ap.add_argument("--fetch-only", action="store_true", help="download/unpack and exit")
     ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
     args = ap.parse_args(argv)
+    if args.node_setup and not args.node:
+        ap.error("--node-setup needs --node")
     names = args.kernel or list(kernels.DEFAULT_KERNELS)
 
     try:
@@ -342,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                 boot_timeout=args.boot_timeout,
                 keep=keep,
                 init=args.init,
+                node=args.node,
+                node_setup=args.node_setup,
             )
         except RUNNER_ERRORS as e:
             res = KernelResult.failed(n, str(e))
