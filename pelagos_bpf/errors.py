@@ -12,7 +12,7 @@ classes below (and `locks.LockTimeout`) an `.errno` too, so a caller never parse
   the kernel's for the OSErrors (EIO where the cause had none), EINVAL for a ConfigError,
   EOPNOTSUPP for an UnsupportedSetting.
 
-`str(e)` stays the human-readable sentence (it names the setting and the path too).
+`str(e)` stays the sentence for people, worded as before these attributes existed.
 """
 
 from __future__ import annotations
