@@ -9,8 +9,8 @@ are bounded (64 Ki entries), so leaks would eventually block every new container
 process), the entries whose cgroup no longer exists. It runs by itself when a rule map is full
 (then the write is retried once), and from `pelagos-bpf gc`. With a prefix it first tears down
 the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
-It also unpins programs this release would not fetch, and removes bytecode-cache files that can
-never be used again.
+It also unpins programs this release would not fetch. With `-v` (logging at INFO) every
+decision is logged with its reason: what was removed, what was kept.
 """
 
 from __future__ import annotations
