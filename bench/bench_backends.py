@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--blocks", type=int, default=20)
     args = ap.parse_args()
-    if bpfsys._ext is None:
+    if not bpfsys.HAVE_EXT:
         print("pelagos_bpf._sys is not built (pip install -e . with a C compiler): no comparison")
         return 1
     runs = fresh(args.procs)

@@ -6,21 +6,17 @@
    a reader sees why a ratio below moves from one machine to the next.
 1. setup (and setup+teardown) of a container cgroup with DEFAULT_DEVICE_RULES + 3 user rules:
    `setup_cgroup` from Python (repeated and never-seen rule sets; and with pid=None, the call
-   of a runtime that starts its process with clone3(CLONE_INTO_CGROUP, cg.open_fd()), which
-   costs what fork does: bench_proto.py; and the repeated set through bpfsys's ctypes
+   of a runtime that starts its process with clone3(CLONE_INTO_CGROUP, cg.open_fd()), whose
+   child starts inside, so nothing is moved in; and the repeated set through bpfsys's ctypes
    fallback, the backend of an install without a C compiler) vs a C program, built here,
    issuing the peers' bare syscalls (mkdir, PROG_LOAD of a per-container runc-shaped filter,
    PROG_ATTACH, cgroup.procs; cleanup = pid back out + rmdir).
 2. per-open overhead of /dev/null in a cgroup with 1, 16, 1000 rules vs no program (our
    generic program, and the runc-shaped filter for contrast), timed by a C loop inside it.
-3. the first attach in a fresh process (no pin, pinned, ctypes backend, empty node) beside two
-   floors of the pinned one: the same syscalls in straight-line Python through bpfsys, and
-   the same syscalls from C (what a native path could reach).
 
 The run ends with one "goal met / not met" line per goal of issue 12 (setup <= 0.7x the C
 floor, setup+teardown <= 1.0x, for repeated and never-seen rule sets, on wall clock and on
-thread CPU time medians; first attach in a fresh process <= 1 ms, through the C extension and
-through ctypes).
+thread CPU time medians). bench/README.md says how to read it.
 
 Usage: .venv/bin/python bench/bench_devices.py [--n 60] [--rounds 10] [--opens 50000]
        [--costs 200] [--skip-opens]
@@ -29,10 +25,7 @@ Usage: .venv/bin/python bench/bench_devices.py [--n 60] [--rounds 10] [--opens 5
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import shutil
 import signal
 import statistics
 import struct
@@ -43,11 +36,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pelagos_bpf import bpfsys, progcache
+from pelagos_bpf import bpfsys, bytecode
 from pelagos_bpf.bpfsys import AttachType, ProgType
 from pelagos_bpf.cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from pelagos_bpf.config import CgroupConfig
@@ -58,10 +50,9 @@ from pelagos_bpf.devices import (
     detach_devices,
 )
 from pelagos_bpf.devices import encode as enc
-from pelagos_bpf.devices import layout as devlay
 from pelagos_bpf.devices import program as devprog
-from pelagos_bpf.feature import DEFAULT_PIN_DIR, PIN_ENV
 from pelagos_bpf.hierarchy import discover
+from pelagos_bpf.owners import OWNER_IDS, RUNTIME
 
 HERE = Path(__file__).resolve().parent
 USER_RULES = [R(True, "c", 240, 1, "r"), R(False, "c", 1, 9, "w"), R(True, "b", 240, -1, "rw")]
@@ -187,13 +178,13 @@ def write_entries(path: Path, entries: Sequence[tuple[bytes, bytes]]) -> Path:
 def measure_costs(exe: Path, parent: Path, pid: int, n: int, tmp: Path) -> dict[str, float]:
     """Median wall us of each syscall, from the C program; also returned for the ratios' notes."""
     own = devprog.own_program()
-    ours = progcache.relocate(devprog.compiled(), own.maps)  # fd numbers survive pass_fds
+    ours = bytecode.relocate(devprog.compiled(), own.maps)  # fd numbers survive pass_fds
     runc = runc_program(RULES)
     pf = tmp / "cost_progs.bin"
     pf.write_bytes(
         struct.pack("<I", 2) + b"".join(struct.pack("<I", len(p) // 8) + p for p in (runc, ours))
     )
-    entries = enc.with_ruleset(1, 1, devprog.prepare(RULES).template)
+    entries = enc.with_ruleset(1, 1, OWNER_IDS[RUNTIME], devprog.prepare(RULES).template)
     ef = write_entries(tmp / "cost_entries.bin", entries)
     rules_fd = own.maps["dev_rules"]
     out = subprocess.run(
@@ -388,267 +379,6 @@ def bench_opens(exe: Path, parent: Path, opens: int, rounds: int) -> None:
         print(f"{name:26} {statistics.median(c):8.1f} {statistics.median(c) - base:12.1f}{insns}")
 
 
-_FIRST = """
-import os, sys, time
-from pelagos_bpf.cgroup import Cgroup
-from pelagos_bpf import devices
-from pelagos_bpf.devices import DEFAULT_DEVICE_RULES, program  # imports are not timed
-cg = Cgroup.open(sys.argv[1])
-t0 = time.perf_counter_ns()
-devices.attach_devices(cg, DEFAULT_DEVICE_RULES)
-t1 = time.perf_counter_ns()
-devices.attach_devices(cg, DEFAULT_DEVICE_RULES)  # second call: update in place
-t2 = time.perf_counter_ns()
-devices.detach_devices(cg)
-print((t1 - t0) / 1000, (t2 - t1) / 1000)
-"""
-
-# Runs `runs` fresh processes, each timing its first attach; prints their results as JSON.
-# Started directly, or under `unshare --mount` to get the default pin dir (a bpffs on
-# /sys/fs/bpf, mode 0700 as systemd mounts it) without touching the host's mounts.
-_FIRST_DRIVER = """
-import json, os, subprocess, sys
-py, code, parent, runs, mount = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-if mount == "1":
-    subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", "/sys/fs/bpf"], check=True)
-out = []
-for i in range(runs):
-    d = os.path.join(parent, f"first{i}")
-    os.mkdir(d)
-    out.append(subprocess.run([py, "-c", code, d], check=True, capture_output=True,
-                              text=True).stdout.split())
-    os.rmdir(d)
-print(json.dumps(out))
-"""
-
-
-# The floor of a pinned first attach: the syscalls ours makes (trust walks as lstats, input
-# stamps, the key index read, the pin's OBJ_GET and checks, the map fds, then the cgroup's lock,
-# query, attach, lookups and writes), issued in straight-line Python through the same ctypes
-# layer, with the rule encoding, but none of the library's structure or checks' logic. What a
-# fresh CPython process on this machine cannot go below, whatever the library does.
-_FIRST_FLOOR = """
-import fcntl, json, os, sys, time
-from pelagos_bpf import bpfsys
-from pelagos_bpf.devices import encode as enc, layout as lay
-from pelagos_bpf.devices.rules import DEFAULT_DEVICE_RULES
-from pelagos_bpf.feature import storage_key
-d, plan = sys.argv[1], json.loads(sys.argv[2])
-t0 = time.perf_counter_ns()
-for p in plan["walk"]:
-    os.lstat(p)
-pfd = os.open(plan["pin_dir"], os.O_RDONLY | os.O_DIRECTORY)
-os.fstat(pfd)
-cfd = os.open(plan["cache_dir"], os.O_RDONLY | os.O_DIRECTORY)
-os.fstat(cfd)
-for f in plan["stamps"]:
-    os.stat(f)
-fd = os.open(plan["index"], os.O_RDONLY, dir_fd=cfd)
-os.fstat(fd)
-data = os.read(fd, 1 << 16)
-os.read(fd, 1 << 16)
-os.close(fd)
-json.loads(data)
-p = os.open(plan["pin"], os.O_PATH | os.O_NOFOLLOW, dir_fd=pfd)
-os.fstat(p)
-prog = bpfsys.obj_get(f"/proc/self/fd/{p}")
-os.close(p)
-os.readlink(f"/proc/self/fd/{prog}")
-maps = {}
-for mid in bpfsys.prog_info(prog).map_ids:
-    mfd = bpfsys.map_get_fd_by_id(mid)
-    maps[bpfsys.map_info(mfd).name] = mfd
-cg = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-fcntl.flock(cg, fcntl.LOCK_EX)
-bpfsys.prog_query(cg, lay.ATTACH)
-template = enc.entry_template(enc.encode_rules(DEFAULT_DEVICE_RULES))
-bpfsys.prog_attach(prog, cg, lay.ATTACH)
-cid = os.fstat(cg).st_ino
-key = storage_key(cid, lay.ATTACH)
-bpfsys.map_lookup(maps["dev_cur"], key, enc.CUR.size)
-entries = enc.with_ruleset(cid, 1, template)
-bpfsys.map_lookup(maps["dev_rules"], entries[0][0], lay.VAL_SIZE)
-bpfsys.map_update_batch(maps["dev_rules"], entries)
-bpfsys.map_update(maps["dev_cur"], key, enc.CUR.pack(cid, 1, 0))
-fcntl.flock(cg, fcntl.LOCK_UN)
-t1 = time.perf_counter_ns()
-bpfsys.prog_detach(prog, cg, lay.ATTACH)
-bpfsys.map_delete_batch(maps["dev_rules"], [k for k, _ in entries])
-print((t1 - t0) / 1000, 0)
-"""
-
-
-def _floor_plan(pin_dir: Path) -> dict[str, Any]:
-    """What the floor process touches, found by the library here (not timed there)."""
-    src = progcache.source_file(devlay.SOURCE)
-    files = progcache._fingerprint([src, *progcache._stub_files()])
-    slot = f"{files[0][0]}|{devlay.FUNC}|{int(ProgType.CGROUP_DEVICE)}"
-    cdir = os.environ.get(progcache.CACHE_ENV) or str(progcache.DEFAULT_CACHE)
-
-    def prefixes(path: str) -> list[str]:
-        parts = [p for p in path.split("/") if p]
-        return ["/"] + ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
-
-    pins = devprog.FEATURE.pin_paths(str(pin_dir))
-    return {
-        "walk": prefixes(str(pin_dir)) + prefixes(cdir),
-        "pin_dir": str(pin_dir),
-        "cache_dir": cdir,
-        "stamps": [f[0] for f in files] + [progcache._bcc_version_file() or "/"],
-        "index": progcache._KeyIndex.file_name(slot),
-        "pin": os.path.basename(pins[devlay.FUNC]),
-    }
-
-
-Command = Callable[[Path], list[str]]  # a cgroup dir -> the argv of one fresh process
-
-
-def _floors(exe: Path, pin_dir: Path, tmp: Path) -> dict[str, Command]:
-    """The two floors of a pinned first attach, label -> command: the same syscalls in
-    straight-line Python (_FIRST_FLOOR), and from C (devbench `first`: no JSON parse, no rule
-    encoding, what a native path could reach). Their inputs are written once, here."""
-    plan = _floor_plan(pin_dir)
-    lines = [f"W {w}" for w in plan["walk"]] + [f"S {s}" for s in plan["stamps"]]
-    lines += [f"D {plan['pin_dir']}", f"C {plan['cache_dir']}", f"I {plan['index']}"]
-    plan_file, entry_file = tmp / "first.plan", tmp / "first.entries"
-    plan_file.write_text("\n".join([*lines, f"N {plan['pin']}"]) + "\n")
-    template = devprog.prepare(DEFAULT_DEVICE_RULES).template
-    write_entries(entry_file, enc.with_ruleset(0, 0, template))
-    py, c = [sys.executable, "-c", _FIRST_FLOOR], [str(exe), "first", str(plan_file)]
-    py_plan = json.dumps(plan)
-    return {
-        "its floor: the same syscalls, straight-line Python": lambda d: [*py, str(d), py_plan],
-        "the same syscalls from C (a native path's floor)": lambda d: [
-            *c,
-            str(d),
-            str(entry_file),
-        ],
-    }
-
-
-def _fresh_runs(parent: Path, runs: int, command: Command) -> list[float]:
-    """`runs` fresh processes of `command`, each on a new cgroup under `parent`; the first
-    number each prints (the pins exist: the caller's $PELAGOS_BPF_PIN_DIR variant made them)."""
-    out = []
-    for i in range(runs):
-        d = parent / f"floor{i}"
-        d.mkdir()
-        try:
-            r = subprocess.run(command(d), check=True, capture_output=True, text=True)
-            out.append(float(r.stdout.split()[0]))
-        finally:
-            d.rmdir()
-    return out
-
-
-ALLOW_ALL = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
-
-
-class Resident:
-    """A device program attached to a cgroup of ours for the duration of a block: a node where
-    a container already runs. Without any, the first PROG_ATTACH of the attach type anywhere
-    flips the kernel's cgroup_bpf_enabled_key (text patching), ~+80 us here, and the last
-    detach flips it back."""
-
-    def __init__(self, parent: Path) -> None:
-        self.dir = parent / "resident"
-
-    def __enter__(self) -> Resident:
-        self.dir.mkdir()
-        self.cg = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        self.prog = bpfsys.prog_load(ProgType.CGROUP_DEVICE, ALLOW_ALL, name="bench_resident")
-        bpfsys.prog_attach(self.prog, self.cg, AttachType.CGROUP_DEVICE, bpfsys.BPF_F_ALLOW_MULTI)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        bpfsys.prog_detach(self.prog, self.cg, AttachType.CGROUP_DEVICE)
-        os.close(self.prog)
-        os.close(self.cg)
-        self.dir.rmdir()
-
-
-class FirstVariant(NamedTuple):
-    key: str
-    label: str
-    env: dict[str, str]
-    own_ns: bool = False  # in its own mount namespace (a private /sys/fs/bpf)
-    on_node: bool = True  # with a Resident program on another cgroup
-
-
-def bench_first_attach(
-    exe: Path, parent: Path, tmp: Path, rounds: int, per: int
-) -> dict[str, float]:
-    """A fresh process's first attach: load (no pin), or fetch the pinned program from
-    $PELAGOS_BPF_PIN_DIR or from the default pin dir; on a node where another cgroup has a
-    device program (Resident), and once on an empty node. Interleaved: each round runs `per`
-    fresh processes of every variant (and of the floor), after one more whose result is
-    dropped (for a pinned variant it may be the one that loads and pins: the default pin dir
-    is a new bpffs in every round's mount namespace)."""
-    pin_dir = tmp / "bpffs"
-    pin_dir.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(pin_dir)], check=True)
-    base = {k: v for k, v in os.environ.items() if k != PIN_ENV}
-    resident = Resident(parent)
-    pinned = {PIN_ENV: str(pin_dir)}
-    ctypes_pinned = {**pinned, bpfsys.CTYPES_ENV: "1"}
-    variants = [
-        FirstVariant("no pin", "no pin: cache read + 3 map creates + PROG_LOAD", {PIN_ENV: ""}),
-        FirstVariant("pin", "$PELAGOS_BPF_PIN_DIR: fetch the pinned program", pinned),
-        FirstVariant(
-            "default pin", f"default pins ({DEFAULT_PIN_DIR}, own mount ns)", {}, own_ns=True
-        ),
-        FirstVariant("pin, ctypes backend", "$PELAGOS_BPF_PIN_DIR, ctypes backend", ctypes_pinned),
-        FirstVariant(
-            "pin, empty node",
-            "$PELAGOS_BPF_PIN_DIR, no device program anywhere",
-            pinned,
-            on_node=False,
-        ),
-    ]
-    if shutil.which("unshare") is None:
-        print("(default pins skipped: no unshare(1))")
-        variants = [v for v in variants if not v.own_ns]
-    runs: dict[str, list[tuple[float, float]]] = {v.key: [] for v in variants}
-    floors = _floors(exe, pin_dir, tmp)
-    floor_runs: dict[str, list[float]] = {label: [] for label in floors}
-    try:
-        for _ in range(rounds):
-            for v in variants:
-                cmd = [sys.executable, "-c", _FIRST_DRIVER, sys.executable, _FIRST, str(parent)]
-                cmd += [str(per + 1), "1" if v.own_ns else "0"]
-                if v.own_ns:
-                    cmd = ["unshare", "--mount", "--propagation", "private", *cmd]
-                with resident if v.on_node else contextlib.nullcontext():
-                    out = json.loads(
-                        subprocess.run(
-                            cmd, check=True, capture_output=True, text=True, env={**base, **v.env}
-                        ).stdout
-                    )
-                runs[v.key] += [(float(a), float(b)) for a, b in out[1:]]
-                if v.key == "pin":
-                    with resident:
-                        for label, command in floors.items():
-                            floor_runs[label] += _fresh_runs(parent, per, command)
-        n = rounds * per
-        print(f"\n== first attach in a fresh process (medians of {n}, interleaved; cache warm)")
-        print("   (a device program attached to another cgroup, as on a node running a container)")
-        result: dict[str, float] = {}
-        for key, label, *_ in variants:
-            first = statistics.median(a for a, _ in runs[key])
-            then = statistics.median(b for _, b in runs[key])
-            print(f"{label:50} first {first:8.0f} us, then {then:6.0f} us")
-            result[key] = first
-            if key == "pin":
-                for label, us in floor_runs.items():
-                    print(f"  {label:48} {statistics.median(us):8.0f} us")
-        for p in pin_dir.iterdir():
-            if p.name.startswith(devprog.PROG_NAME):
-                p.unlink()
-    finally:
-        subprocess.run(["umount", str(pin_dir)], check=True)
-    return result
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=60, help="runs per variant per round")
@@ -718,14 +448,11 @@ def main() -> int:
             )
             if not args.skip_opens:
                 bench_opens(exe, parent, args.opens, args.open_rounds)
-            first = bench_first_attach(exe, parent, tmp, 4, 3)
             print("\n== issue 12 goals, this run (medians; ratios to the C floor)")
             print("   (wall clock counts run-queue waits and RCU grace periods; CPU time does not)")
             for name, (setup, total) in ratios.items():
                 goal(f"setup, {name}", setup, 0.7)
                 goal(f"setup+teardown, {name}", total, 1.0)
-            for how, us in first.items():
-                goal(f"first attach in a fresh process ({how})", us / 1000, 1.0, " ms")
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -38,6 +38,7 @@ from pelagos_bpf.ocihook.hook import record_path
 HOOK = Path(sys.executable).parent / "pelagos-bpf"
 CLASSID = {"io.pelagos-bpf.net.classid": "1:10"}
 DEVICES = {**CLASSID, "io.pelagos-bpf.devices": "deny c 1:5 r"}
+NODE_SETTINGS = ("PELAGOS_BPF_BYTECODE", "PELAGOS_BPF_PIN_DIR")  # passed on to runc's hooks
 
 
 Step = tuple[str | None, Callable[[], None]]  # (row label, or None: run but not timed)
@@ -160,12 +161,13 @@ def hook_bench(runs: int, tmp: Path) -> None:
 
 
 def hook_entry(tmp: Path, path: str, args: list[str], env: Sequence[str] = ()) -> dict[str, Any]:
-    """A config.json hook running `args`; its environment is only what the entry lists."""
-    cache = [f"{k}={v}" for k, v in os.environ.items() if k == "PELAGOS_BPF_CACHE"]
+    """A config.json hook running `args`; its environment is only what the entry lists, plus
+    the node settings of this run that decide what the hook loads (bytecode dir, pin dir)."""
+    node = [f"{k}={v}" for k, v in os.environ.items() if k in NODE_SETTINGS]
     return {
         "path": path,
         "args": args,
-        "env": [f"PELAGOS_BPF_HOOK_STATE={tmp / 'rstate'}", *cache, *env],
+        "env": [f"PELAGOS_BPF_HOOK_STATE={tmp / 'rstate'}", *node, *env],
     }
 
 

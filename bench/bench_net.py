@@ -384,7 +384,7 @@ def main() -> int:
             t0 = time.perf_counter()
             net.shared_programs()
             print(
-                f"first shared_programs() (cache lookup/compile + 4 PROG_LOADs): "
+                f"first shared_programs() (bytecode read + map creates + PROG_LOADs): "
                 f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
             )
             bench_pps(args, root, Path(tmp))

@@ -123,13 +123,15 @@ def main() -> int:
         print(f"  read_stats on each       {(t1 - t0) / 1e9:8.3f} s")
         print(f"  read_stats_many (1 call) {(t2 - t1) / 1e9:8.3f} s   same values: {same}")
     finally:
-        t0 = wall()
-        for i, cg in enumerate(live):
-            teardown_cgroup(cg)
-            if (i + 1) % max(1, len(live) // 10) == 0:
-                progress(f"  {i + 1} torn down")
-        print(f"\n== teardown of {len(live)} cgroups: {(wall() - t0) / 1e9:.2f} s")
-        remove_tree(parent)
+        try:
+            t0 = wall()
+            for i, cg in enumerate(live):
+                teardown_cgroup(cg)
+                if (i + 1) % max(1, len(live) // 10) == 0:
+                    progress(f"  {i + 1} torn down")
+            print(f"\n== teardown of {len(live)} cgroups: {(wall() - t0) / 1e9:.2f} s")
+        finally:  # also when the output went away (`| head`): nothing of ours is left
+            remove_tree(parent)
     return 0
 
 

@@ -7,19 +7,12 @@
  *        Prints "setup_ns total_ns setup_cpu_ns total_cpu_ns" per iteration (wall clock, then
  *        this thread's CPU time, which other load on the machine does not inflate).
  * open   N: open+close /dev/null N times; prints thread-CPU ns per open.
- * first  PLANFILE CGDIR ENTRYFILE: the syscalls of a pinned first attach (bench_devices.py's
- *        _FIRST_FLOOR, the same calls in the same order) issued from C in this fresh process:
- *        what a native path could reach. PLANFILE: lines "W path" (lstat: trust walk), "D pin
- *        dir", "C cache dir", "S path" (stat: input stamp), "I index file", "N pin name".
- *        ENTRYFILE as for costs, keys with a zero (cgroup, gen) head. No JSON parse and no
- *        rule encoding (inputs, like Python's imports, are read before the clock starts).
- *        Prints the microseconds from the first lstat to the unlock.
  * costs  PARENT PID PROGFILE N MAPFD ENTRYFILE: each syscall of a container's life, timed alone
  *        (wall ns, one line per iteration, columns named by COST_NAMES in bench_devices.py).
  *        PROGFILE holds 2 programs: [0] the runc-shaped filter, [1] our generic program, already
  *        relocated against map fds this process inherited. ENTRYFILE: u32 count, key size, value
  *        size, then the keys, then the values of one rule set for the map MAPFD (the first 8
- *        key bytes, the ruleset, are rewritten per iteration so every batch inserts new keys).
+ *        key bytes, the cgroup id, are rewritten per iteration so every batch inserts new keys).
  *        Even iterations detach both programs before rmdir; odd ones rmdir with both attached.
  */
 #define _GNU_SOURCE
@@ -245,147 +238,6 @@ static int costs(const char *parent, const char *pid, const char *progfile, int 
     return 0;
 }
 
-#include <sys/file.h>
-
-struct plan {
-    char walk[32][512], stamps[16][512], pin_dir[512], cache_dir[512], index[512], pin[512];
-    int n_walk, n_stamps;
-};
-
-static void read_plan(const char *file, struct plan *p) {
-    FILE *f = fopen(file, "r");
-    char line[512];
-    if (!f)
-        die(file);
-    memset(p, 0, sizeof *p);
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = 0;
-        const char *v = line + 2;
-        switch (line[0]) {
-        case 'W': snprintf(p->walk[p->n_walk++], 512, "%s", v); break;
-        case 'S': snprintf(p->stamps[p->n_stamps++], 512, "%s", v); break;
-        case 'D': snprintf(p->pin_dir, 512, "%s", v); break;
-        case 'C': snprintf(p->cache_dir, 512, "%s", v); break;
-        case 'I': snprintf(p->index, 512, "%s", v); break;
-        case 'N': snprintf(p->pin, 512, "%s", v); break;
-        }
-    }
-    fclose(f);
-}
-
-static int info_of(int fd, void *info, uint32_t len) {
-    union bpf_attr a;
-    memset(&a, 0, sizeof a);
-    a.info.bpf_fd = fd;
-    a.info.info_len = len;
-    a.info.info = (uint64_t)(uintptr_t)info;
-    return bpf_call(BPF_OBJ_GET_INFO_BY_FD, &a);
-}
-
-static int lookup(int map, const void *key, void *val) {
-    union bpf_attr a;
-    memset(&a, 0, sizeof a);
-    a.map_fd = map;
-    a.key = (uint64_t)(uintptr_t)key;
-    a.value = (uint64_t)(uintptr_t)val;
-    return bpf_call(BPF_MAP_LOOKUP_ELEM, &a);
-}
-
-static int first(const char *planfile, const char *cgdir, const char *entryfile) {
-    struct plan p;
-    read_plan(planfile, &p);
-    struct entries e = read_entries(entryfile);
-    char buf[1 << 16], val[256], path[64];
-    struct stat st;
-    uint64_t t0 = now();
-    for (int i = 0; i < p.n_walk; i++)
-        if (lstat(p.walk[i], &st))
-            die(p.walk[i]);
-    int pfd = open(p.pin_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    int cfd = open(p.cache_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (pfd < 0 || cfd < 0 || fstat(pfd, &st) || fstat(cfd, &st))
-        die("pin or cache dir");
-    for (int i = 0; i < p.n_stamps; i++)
-        if (stat(p.stamps[i], &st))
-            die(p.stamps[i]);
-    int fd = openat(cfd, p.index, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || fstat(fd, &st) || read(fd, buf, sizeof buf) < 0 || read(fd, buf, sizeof buf) < 0)
-        die(p.index);
-    close(fd);
-    int pin = openat(pfd, p.pin, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (pin < 0 || fstat(pin, &st))
-        die(p.pin);
-    union bpf_attr a;
-    memset(&a, 0, sizeof a);
-    snprintf(path, sizeof path, "/proc/self/fd/%d", pin);
-    a.pathname = (uint64_t)(uintptr_t)path;
-    int prog = bpf_call(BPF_OBJ_GET, &a);
-    if (prog < 0)
-        die("BPF_OBJ_GET");
-    close(pin);
-    snprintf(path, sizeof path, "/proc/self/fd/%d", prog);
-    if (readlink(path, buf, sizeof buf) < 0)
-        die("readlink");
-    uint32_t ids[8];
-    struct bpf_prog_info pi;
-    memset(&pi, 0, sizeof pi);
-    pi.nr_map_ids = 8;
-    pi.map_ids = (uint64_t)(uintptr_t)ids;
-    if (info_of(prog, &pi, sizeof pi))
-        die("prog info");
-    int cur = -1, rules = -1;
-    for (uint32_t i = 0; i < pi.nr_map_ids && i < 8; i++) {
-        memset(&a, 0, sizeof a);
-        a.map_id = ids[i];
-        int m = bpf_call(BPF_MAP_GET_FD_BY_ID, &a);
-        struct bpf_map_info mi;
-        memset(&mi, 0, sizeof mi);
-        if (m < 0 || info_of(m, &mi, sizeof mi))
-            die("map fd");
-        if (!strcmp(mi.name, "dev_cur"))
-            cur = m;
-        else if (!strcmp(mi.name, "dev_rules"))
-            rules = m;
-    }
-    if (cur < 0 || rules < 0)
-        die("maps");
-    int cg = open(cgdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (cg < 0 || flock(cg, LOCK_EX))
-        die(cgdir);
-    uint32_t qids[64];
-    memset(&a, 0, sizeof a);
-    a.query.target_fd = cg;
-    a.query.attach_type = BPF_CGROUP_DEVICE;
-    a.query.prog_ids = (uint64_t)(uintptr_t)qids;
-    a.query.prog_cnt = 64;
-    if (bpf_call(BPF_PROG_QUERY, &a))
-        die("BPF_PROG_QUERY");
-    attach(cg, prog, BPF_PROG_ATTACH);
-    if (fstat(cg, &st))
-        die("fstat cgroup");
-    struct { uint64_t cgroup; uint32_t type, pad; } skey = {st.st_ino, BPF_CGROUP_DEVICE, 0};
-    struct { uint64_t cgroup; uint32_t gen, pad; } cv = {st.st_ino, 1, 0};
-    for (uint32_t j = 0; j < e.n; j++) {
-        memcpy(e.keys + j * e.key_size, &cv.cgroup, 8);
-        memcpy(e.keys + j * e.key_size + 8, &cv.gen, 4);
-    }
-    lookup(cur, &skey, val);
-    lookup(rules, e.keys, val);
-    batch(BPF_MAP_UPDATE_BATCH, rules, &e);
-    memset(&a, 0, sizeof a);
-    a.map_fd = cur;
-    a.key = (uint64_t)(uintptr_t)&skey;
-    a.value = (uint64_t)(uintptr_t)&cv;
-    if (bpf_call(BPF_MAP_UPDATE_ELEM, &a))
-        die("BPF_MAP_UPDATE_ELEM");
-    flock(cg, LOCK_UN);
-    uint64_t t1 = now();
-    attach(cg, prog, BPF_PROG_DETACH);
-    batch(BPF_MAP_DELETE_BATCH, rules, &e);
-    printf("%.1f\n", (double)(t1 - t0) / 1000);
-    return 0;
-}
-
 /* Thread CPU time, not wall time: other load on the machine does not count, while the device
    program (run inside our open syscall) does. */
 static int openloop(long n) {
@@ -405,11 +257,9 @@ int main(int argc, char **argv) {
         return setup(argv[2], argv[3], argv[4], atoi(argv[5]));
     if (argc == 8 && !strcmp(argv[1], "costs"))
         return costs(argv[2], argv[3], argv[4], atoi(argv[5]), atoi(argv[6]), argv[7]);
-    if (argc == 5 && !strcmp(argv[1], "first"))
-        return first(argv[2], argv[3], argv[4]);
     if (argc == 3 && !strcmp(argv[1], "open"))
         return openloop(atol(argv[2]));
-    fprintf(stderr, "usage: devbench setup PARENT PID PROGFILE N | open N | costs PARENT PID PROGFILE N "
-                    "MAPFD ENTRYFILE | first PLANFILE CGDIR ENTRYFILE\n");
+    fprintf(stderr, "usage: devbench setup PARENT PID PROGFILE N | open N | costs PARENT PID "
+                    "PROGFILE N MAPFD ENTRYFILE\n");
     return 2;
 }

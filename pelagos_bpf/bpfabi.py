@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes as ct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, TypeAlias
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -85,7 +86,7 @@ _U64 = ct.c_uint64  # __aligned_u64: a pointer the kernel writes through goes in
 _IN = ct.c_char_p
 
 
-_Field = tuple[str, type[ct._SimpleCData] | type[ct.Array[ct.c_char]]]
+_Field: TypeAlias = "tuple[str, type[ct._SimpleCData[Any]] | type[ct.Array[Any]]]"
 
 
 def _padded(*fields: _Field) -> tuple[_Field, ...]:

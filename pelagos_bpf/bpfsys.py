@@ -58,8 +58,10 @@ from .errors import BpfError
 
 try:
     from . import _sys as _ext
+
+    HAVE_EXT = True
 except ImportError:  # not built: an install without a C compiler works through ctypes
-    _ext = None
+    HAVE_EXT = False
 
 PROG_LOAD_ATTEMPTS = 5  # libbpf's default for PROG_LOAD on EAGAIN
 POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
@@ -121,7 +123,7 @@ def _statfs_ctypes(path: bytes) -> int:
     buf = _Statfs()
     if libc().statfs(path, ct.byref(buf)) != 0:
         return -ct.get_errno()
-    return buf.f_type & 0xFFFF_FFFF
+    return int(buf.f_type) & 0xFFFF_FFFF
 
 
 def statfs_type(path: str | os.PathLike[str]) -> int | None:
@@ -134,7 +136,7 @@ def use_backend(name: str) -> str:
     """Issue syscalls through "ext" (pelagos_bpf._sys) or "ctypes"; returns the previous one.
     For tests and benchmarks that compare the two; "ext" raises ImportError if not built."""
     global _bpf, _statfs, BACKEND
-    if name == "ext" and _ext is None:
+    if name == "ext" and not HAVE_EXT:
         raise ImportError("pelagos_bpf._sys was not built (no C compiler at install?)")
     if name not in ("ext", "ctypes"):
         raise ValueError(f"unknown backend {name!r}")
@@ -150,7 +152,7 @@ CTYPES_ENV = "PELAGOS_BPF_CTYPES"
 BACKEND = "ctypes"
 _bpf: Callable[[str, Attr], int] = _bpf_ctypes
 _statfs: Callable[[bytes], int] = _statfs_ctypes
-if _ext is not None and not os.environ.get(CTYPES_ENV):
+if HAVE_EXT and not os.environ.get(CTYPES_ENV):
     use_backend("ext")
 
 
@@ -536,8 +538,12 @@ def possible_cpus() -> int:
         with open(POSSIBLE_CPUS) as f:
             text = f.read()
     except OSError as e:
-        raise BpfError(e.errno or errno.EIO, "possible CPUs", f"{POSSIBLE_CPUS}: {e}") from e
+        raise BpfError(
+            e.errno or errno.EIO, "possible CPUs", f"{POSSIBLE_CPUS}: {e}", path=POSSIBLE_CPUS
+        ) from e
     try:
         return count_cpu_list(text)
     except ValueError as e:
-        raise BpfError(errno.EINVAL, "possible CPUs", f"{POSSIBLE_CPUS}: {text!r}") from e
+        raise BpfError(
+            errno.EINVAL, "possible CPUs", f"{POSSIBLE_CPUS}: {text!r}", path=POSSIBLE_CPUS
+        ) from e

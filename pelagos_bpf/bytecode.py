@@ -26,7 +26,7 @@ from functools import cache
 from typing import NamedTuple
 
 from . import bpfsys, trust
-from .errors import BpfError
+from .errors import BpfError, about
 
 BYTECODE_ENV = "PELAGOS_BPF_BYTECODE"
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bytecode")
@@ -80,23 +80,38 @@ def get_program(source: str, func: str, prog_type: int) -> CompiledProgram:
 @cache
 def _read(directory: str, source: str, func: str, prog_type: int) -> CompiledProgram:
     name = file_name(source, func)
+    path = f"{directory}/{name}"
     try:
-        dirfd = trust.open_trusted_dir(directory, "bytecode dir")
+        with about(BYTECODE_ENV, directory):
+            dirfd = trust.open_trusted_dir(directory, "bytecode dir")
     except BpfError as e:
         if e.errno != errno.ENOENT:
             raise
-        raise BpfError(errno.ENOENT, "bytecode", f"{directory} is missing: {_HOW}") from None
+        raise BpfError(
+            errno.ENOENT,
+            "bytecode",
+            f"{directory} is missing: {_HOW}",
+            setting=BYTECODE_ENV,
+            path=directory,
+        ) from None
     try:
-        data = trust.read_trusted_file(dirfd, name, directory, "bytecode file")
+        with about(BYTECODE_ENV, path):
+            data = trust.read_trusted_file(dirfd, name, directory, "bytecode file")
     finally:
         os.close(dirfd)
     if data is None:
-        raise BpfError(errno.ENOENT, "bytecode", f"{directory}/{name} is missing: {_HOW}")
+        raise BpfError(
+            errno.ENOENT, "bytecode", f"{path} is missing: {_HOW}", setting=BYTECODE_ENV, path=path
+        )
     try:
         return parse(data, source, func, prog_type)
     except ValueError as e:
         raise BpfError(
-            errno.EINVAL, "bytecode", f"{directory}/{name} is unusable ({e}): {_HOW}"
+            errno.EINVAL,
+            "bytecode",
+            f"{path} is unusable ({e}): {_HOW}",
+            setting=BYTECODE_ENV,
+            path=path,
         ) from None
 
 

@@ -14,7 +14,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, overload
 
 from . import bpfsys
 from .errors import CgroupError
@@ -48,8 +48,21 @@ def open_dir(path: str | os.PathLike[str]) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-@contextlib.contextmanager
-def opened(cg: CgroupRef, what: str, *, missing_ok: bool = False) -> Iterator[int | None]:
+@overload
+def opened(
+    cg: CgroupRef, what: str, *, missing_ok: Literal[False] = False
+) -> contextlib.AbstractContextManager[int]: ...
+
+
+@overload
+def opened(
+    cg: CgroupRef, what: str, *, missing_ok: bool
+) -> contextlib.AbstractContextManager[int | None]: ...
+
+
+def opened(
+    cg: CgroupRef, what: str, *, missing_ok: bool = False
+) -> contextlib.AbstractContextManager[int | None]:
     """The cgroup's dir fd, locked (flock LOCK_EX) for the duration: one writer at a time.
 
     Why flock on the cgroup directory: it serialises writers across processes (two runtimes,
@@ -58,15 +71,27 @@ def opened(cg: CgroupRef, what: str, *, missing_ok: bool = False) -> Iterator[in
     Readers (the program itself, `read_state`) never take it. None when the directory is gone
     and missing_ok.
     """
+    return _opened(cg, what, missing_ok)
+
+
+@contextlib.contextmanager
+def _opened(cg: CgroupRef, what: str, missing_ok: bool) -> Iterator[int | None]:
     try:
         fd = cg.open_fd()
     except FileNotFoundError:
         if missing_ok:
             yield None
             return
-        raise CgroupError(errno.ENOENT, f"{what}: cgroup {cg.path} does not exist") from None
+        raise CgroupError(
+            errno.ENOENT, f"{what}: cgroup {cg.path} does not exist", setting=what, path=cg.path
+        ) from None
     except OSError as e:
-        raise CgroupError(e.errno, f"{what}: cannot open cgroup {cg.path}: {e.strerror}") from e
+        raise CgroupError(
+            e.errno,
+            f"{what}: cannot open cgroup {cg.path}: {e.strerror}",
+            setting=what,
+            path=cg.path,
+        ) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
@@ -99,7 +124,9 @@ class Liveness:
         if self._probe(own) != 0:  # the handle path must work before we trust an ESTALE
             err = self._probe(own)
             self.close()
-            raise CgroupError(err, f"open_by_handle_at on {cgroup2_dir}: {os.strerror(err)}")
+            raise CgroupError(
+                err, f"open_by_handle_at on {cgroup2_dir}: {os.strerror(err)}", path=cgroup2_dir
+            )
 
     def _open(self, cgroup_id: int) -> int:
         """An fd of the cgroup's directory, or -errno."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import time
@@ -31,6 +32,8 @@ from .hierarchy import discover
 from .net import program as netprog
 from .owner import creating, mark
 from .validate import validate_config
+
+log = logging.getLogger(__name__)
 
 TEARDOWN_TIMEOUT = 10.0
 KILL_FILE = "cgroup.kill"  # a module constant so tests can force the pre-5.14 fallback
@@ -159,11 +162,20 @@ def setup_cgroup(
     target = hier.root / rel
     plan = _plan(cfg, pid, hier.root, net_carrier or cfg.net_carrier or "auto")
     if plan.problems and strict:
+        log.info("setup of %s refused: %s", target, plan.problems)
         raise UnsupportedSettings(plan.problems)
+    log.debug(
+        "setup of %s planned: writes %s, controllers %s, devices %s, net %s",
+        target,
+        plan.writes,
+        plan.controllers,
+        plan.devices,
+        plan.net_plan,
+    )
 
     report = SetupReport(skipped=[*cfg.ignored, *plan.problems])
     created: list[Path] = []
-    attached: list[Callable[[Cgroup], None]] = []  # the detach of each feature we attached
+    attached: list[Callable[[Cgroup], object]] = []  # the detach of each feature we attached
     cfd = -1
     try:
         # Through dir fds: the new cgroup is created and opened once, its id read with fstat,
@@ -192,6 +204,14 @@ def setup_cgroup(
     finally:
         if cfd >= 0:
             os.close(cfd)
+    log.info(
+        "set up %s (id %d, pid %s): applied %s; skipped %s",
+        target,
+        cg.id,
+        pid,
+        report.applied,
+        report.skipped,
+    )
     return cg
 
 
@@ -218,7 +238,9 @@ def _mkdirs(root: Path, parent: Path, created: list[Path]) -> None:
         except FileExistsError:
             continue
         except OSError as e:
-            raise CgroupError(e.errno, f"path: mkdir {cur} failed: {e.strerror}") from e
+            raise CgroupError(
+                e.errno, f"path: mkdir {cur} failed: {e.strerror}", setting="path", path=cur
+            ) from e
         created.append(cur)
 
 
@@ -235,9 +257,19 @@ def _mkdir_open(root: Path, target: Path, created: list[Path]) -> int:
             try:
                 os.mkdir(target.name, dir_fd=pfd)
             except FileExistsError:
-                raise CgroupError(errno.EEXIST, f"path: cgroup {target} already exists") from None
+                raise CgroupError(
+                    errno.EEXIST,
+                    f"path: cgroup {target} already exists",
+                    setting="path",
+                    path=target,
+                ) from None
             except OSError as e:
-                raise CgroupError(e.errno, f"path: mkdir {target} failed: {e.strerror}") from e
+                raise CgroupError(
+                    e.errno,
+                    f"path: mkdir {target} failed: {e.strerror}",
+                    setting="path",
+                    path=target,
+                ) from e
             created.append(target)
             cfd = os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
             mark(cfd)
@@ -260,7 +292,7 @@ def _enable_controllers(root: Path, target: Path, needed: list[str]) -> None:
             write_file(ctl, " ".join(f"+{c}" for c in missing), "controllers")
         except CgroupError:
             for c in missing:  # one at a time, so the error names the culprit (as runc)
-                write_file(ctl, f"+{c}", f"controllers (+{c} in {d})")
+                write_file(ctl, f"+{c}", "controllers")  # the message names c and d
 
 
 def _apply_writes(target: Path, writes: list[Write], strict: bool, report: SetupReport) -> None:
@@ -280,7 +312,9 @@ def _apply_writes(target: Path, writes: list[Write], strict: bool, report: Setup
             if strict:
                 raise
             report.skipped.append((w.setting, str(e)))
+            log.info("%s skipped (best effort): %s", w.setting, e)
             continue
+        log.debug("%s: wrote %r to %s", w.setting, value, fname)
         report._applied(w.setting)
         report.written.append((fname, value))
 
@@ -288,10 +322,11 @@ def _apply_writes(target: Path, writes: list[Write], strict: bool, report: Setup
 def _rollback(
     target: Path,
     created: list[Path],
-    attached: list[Callable[[Cgroup], None]],
+    attached: list[Callable[[Cgroup], object]],
     exc: BaseException,
 ) -> None:
     """Undo a half-done setup in reverse; failures of the undo are noted on the original error."""
+    log.info("setup of %s failed (%s): rolling back", target, exc)
     for detach in reversed(attached):
         if not target.exists():
             break
@@ -299,13 +334,16 @@ def _rollback(
             detach(Cgroup.open(target))
         except Exception as undo:
             exc.add_note(f"rollback: detach failed: {undo}")
+            log.warning("rollback of %s: detach failed: %s", target, undo)
     for d in reversed(created):
         try:
             os.rmdir(d)
+            log.info("rollback: removed %s", d)
         except FileNotFoundError:
             pass
         except OSError as undo:
             exc.add_note(f"rollback: rmdir {d} failed: {undo}")
+            log.warning("rollback: rmdir %s failed: %s", d, undo)
 
 
 # ---------------------------------------------------------------- teardown
@@ -361,8 +399,11 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
             os.rmdir(d)
         except OSError as e:
             if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # now shared with another cgroup
-                raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+                raise CgroupError(
+                    e.errno, f"rmdir {d} failed: {e.strerror}", setting="teardown", path=d
+                ) from e
     cg.torn_down = True
+    log.info("tore down %s (id %d); errors: %s", cg.path, cg.id, errors)
     if errors:
         raise errors[0]
 
@@ -377,14 +418,18 @@ def _rmdir_tree(path: Path) -> None:
         return
     except OSError as e:
         if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-            raise CgroupError(e.errno, f"rmdir {path} failed: {e.strerror}") from e
+            raise CgroupError(
+                e.errno, f"rmdir {path} failed: {e.strerror}", setting="teardown", path=path
+            ) from e
     for d in subtree_dirs(path):
         try:
             os.rmdir(d)
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise CgroupError(e.errno, f"rmdir {d} failed: {e.strerror}") from e
+            raise CgroupError(
+                e.errno, f"rmdir {d} failed: {e.strerror}", setting="teardown", path=d
+            ) from e
 
 
 def _kill_all(cfd: int, path: Path, timeout: float) -> bool:
@@ -414,7 +459,12 @@ def _wait_unpopulated(cfd: int, path: Path, timeout: float) -> None:
     delay = 0.0005
     while "populated 1" in read_at(cfd, "cgroup.events"):
         if time.monotonic() >= deadline:
-            raise CgroupError(errno.EBUSY, f"{path} still has processes after {timeout}s")
+            raise CgroupError(
+                errno.EBUSY,
+                f"{path} still has processes after {timeout}s",
+                setting="teardown",
+                path=path,
+            )
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 
@@ -457,4 +507,5 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
         _net_applied(cfg, report)
         if cg.features is not None:
             cg.features.add("net")
+    log.info("updated %s: applied %s", cg.path, report.applied)
     return report

@@ -20,12 +20,17 @@ def write_file(path: Path, value: str, setting: str, *, dir_fd: int | None = Non
         name = path if dir_fd is None else path.name
         fd = os.open(name, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, dir_fd=dir_fd)  # as runc
     except OSError as e:
-        raise CgroupError(e.errno, f"{setting}: cannot open {path}: {e.strerror}") from e
+        raise CgroupError(
+            e.errno, f"{setting}: cannot open {path}: {e.strerror}", setting=setting, path=path
+        ) from e
     try:
         os.write(fd, value.encode())
     except OSError as e:
         raise CgroupError(
-            e.errno, f"{setting}: writing {value!r} to {path} failed: {e.strerror}"
+            e.errno,
+            f"{setting}: writing {value!r} to {path} failed: {e.strerror}",
+            setting=setting,
+            path=path,
         ) from e
     finally:
         os.close(fd)

@@ -73,7 +73,7 @@ def _uapi_asm_dir() -> Path:
     import subprocess
     import sysconfig
 
-    multiarch = sysconfig.get_config_var("MULTIARCH")
+    multiarch = str(sysconfig.get_config_var("MULTIARCH") or "")
     if not multiarch:
         try:
             r = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True)
@@ -137,7 +137,9 @@ def compile_program(source: str, func: str, prog_type: int) -> CompiledProgram:
         except Exception as e:
             if isinstance(e, BpfError):
                 raise
-            raise BpfError(errno.EINVAL, "compile", f"bcc failed on {src.name}:{func}: {e}") from e
+            raise BpfError(
+                errno.EINVAL, "compile", f"bcc failed on {src.name}:{func}: {e}", path=src
+            ) from e
         finally:
             if old is None:
                 os.environ.pop("BCC_KERNEL_SOURCE", None)
@@ -147,7 +149,12 @@ def compile_program(source: str, func: str, prog_type: int) -> CompiledProgram:
     for idx in bytecode.map_load_indexes(insns):
         imm = struct.unpack_from("<i", insns, idx * 8 + 4)[0]
         if imm not in fd_names:
-            raise BpfError(errno.EINVAL, "compile", f"insn {idx} references unknown map fd {imm}")
+            raise BpfError(
+                errno.EINVAL,
+                "compile",
+                f"{src.name}:{func}: insn {idx} references unknown map fd {imm}",
+                path=src,
+            )
         relocs.append((idx, fd_names[imm]))
     return CompiledProgram(
         source=source,

@@ -25,8 +25,9 @@ class CgroupConfig:
 
     `ignored` lists (setting, reason) pairs a reader accepted but does not apply (e.g. OCI
     `memory.kernel: -1`); setup copies them into `SetupReport.skipped`. `device_semantics`
-    is "last-match" (per access bit, the last matching rule decides) or "v1" (rules replayed as
-    cgroup v1's exception list; docs/DEVICE_SEMANTICS.md).
+    is "last-match" (per access bit, the last matching rule decides; the default here) or "v1"
+    (rules replayed as cgroup v1's exception list, what `from_oci` chooses: the spec's meaning;
+    docs/DEVICE_SEMANTICS.md).
     """
 
     memory_limit: int | None = None
@@ -68,6 +69,7 @@ class CgroupConfig:
         cgroups_path: str | None = None,
         *,
         strict: bool = True,
+        device_semantics: str = "v1",
     ) -> CgroupConfig:
         """Read an OCI runtime-spec v1.3 `linux.resources` object (docs/OCI.md).
 
@@ -75,7 +77,13 @@ class CgroupConfig:
         strict (default) raises one UnsupportedSettings naming every refused JSON path;
         strict=False records them in `ignored` instead. A mistyped value raises ConfigError
         naming its JSON path (e.g. `linux.resources.pids.limit`).
+
+        `linux.resources.devices` is read with `device_semantics="v1"` unless told otherwise:
+        runtime-spec defines that list as cgroup v1's allowed-device list, applied in order,
+        and runc reproduces v1. Lists v1 would silently misread (a hole punched in a wildcard,
+        r and w of one device granted by different rules) are refused by validation, as runc
+        refuses them (docs/DEVICE_SEMANTICS.md).
         """
         kw = read_resources(resources, strict=strict)
         kw["device_rules"] = [CgroupDeviceRule(*t) for t in kw["device_rules"]]
-        return cls(**kw, path=cgroups_path)
+        return cls(**kw, path=cgroups_path, device_semantics=device_semantics)

@@ -50,7 +50,7 @@ CgroupLike = _HasPath | str | os.PathLike[str]
 
 def cgroup_path(cg: CgroupLike) -> Path:
     """A Cgroup handle's directory, or the path itself."""
-    return Path(cg.path) if hasattr(cg, "path") else Path(cg)  # type: ignore[union-attr,arg-type]
+    return Path(cg.path) if hasattr(cg, "path") else Path(cg)
 
 
 @cache
@@ -75,10 +75,10 @@ class FileWatch:
 
     def __init__(self, cgroup_dir: Path, *files: Path) -> None:
         libc = _libc()
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = int(libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
         if fd < 0:
             e = ctypes.get_errno()
-            raise CgroupError(e, f"inotify_init1 failed: {os.strerror(e)}")
+            raise CgroupError(e, f"inotify_init1 failed: {os.strerror(e)}", path=cgroup_dir)
         self.fd = fd
         self.gone = False
         self._name = os.fsencode(cgroup_dir.name)
@@ -95,8 +95,8 @@ class FileWatch:
         if wd < 0:
             e = ctypes.get_errno()
             what = "no such file" if e == errno.ENOENT else os.strerror(e)
-            raise CgroupError(e, f"cannot watch {path}: {what}")
-        return wd
+            raise CgroupError(e, f"cannot watch {path}: {what}", path=path)
+        return int(wd)
 
     def fileno(self) -> int:
         return self.fd
@@ -146,10 +146,14 @@ def wait_for(path: Path, done: Callable[[str], bool], timeout: float | None, wha
             if done(text):
                 return text
             if w.gone or not path.exists():
-                raise CgroupError(errno.ENOENT, f"{path.parent} was removed while {what}")
+                raise CgroupError(
+                    errno.ENOENT, f"{path.parent} was removed while {what}", path=path.parent
+                )
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise CgroupError(errno.ETIMEDOUT, f"{path.parent}: {what} took over {timeout}s")
+                raise CgroupError(
+                    errno.ETIMEDOUT, f"{path.parent}: {what} took over {timeout}s", path=path.parent
+                )
             w.wait(left)
 
 
@@ -186,7 +190,10 @@ def read_memory_events(cg: CgroupLike) -> dict[str, int]:
         return parse_flat_keyed(p.read_text())
     except FileNotFoundError:
         raise CgroupError(
-            errno.ENOENT, f"{p} does not exist (no memory controller in this cgroup)"
+            errno.ENOENT,
+            f"{p} does not exist (no memory controller in this cgroup)",
+            setting=MEMORY_EVENTS,
+            path=p,
         ) from None
 
 
@@ -205,7 +212,7 @@ def watch(cg: CgroupLike, timeout: float | None = None) -> Iterator[Event]:
     after the call (None: never)."""
     p = cgroup_path(cg)
     if not (p / "cgroup.events").exists():
-        raise CgroupError(errno.ENOENT, f"not a non-root cgroup v2 directory: {p}")
+        raise CgroupError(errno.ENOENT, f"not a non-root cgroup v2 directory: {p}", path=p)
     deadline = None if timeout is None else time.monotonic() + timeout
     files = [p / "cgroup.events"] + [p / MEMORY_EVENTS] * (p / MEMORY_EVENTS).exists()
     with FileWatch(p, *files) as w:

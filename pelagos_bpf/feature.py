@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator
@@ -31,6 +32,8 @@ from .cgref import CgroupRef, Liveness, opened
 from .errors import BpfError
 from .layers import Layer, ProgSpec
 from .loader import Loaded, open_maps, open_prog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,8 +109,10 @@ class Feature:
         own_ids = set(own.ids.values()) if own is not None else set()
         with contextlib.ExitStack() as stack:
             groups: list[Attached] = []
-            attach_types = {p.attach_type for lay in self.layers for p in lay.cgroup_progs}
-            for at in sorted(attach_types):  # type: ignore[type-var]
+            attach_types = {
+                p.attach_type for lay in self.layers for p in lay.progs if p.attach_type is not None
+            }
+            for at in sorted(attach_types):
                 for prog_id in bpfsys.prog_query(cg_fd, at):
                     fd = open_prog(prog_id)
                     if fd is None:
@@ -185,8 +190,11 @@ class Feature:
     # ------------------------------------------------------------ attach / detach
 
     @staticmethod
-    def attach(prog_fd: int, cg_fd: int, spec: ProgSpec, what: str) -> None:
-        """PROG_ATTACH with BPF_F_ALLOW_MULTI, with an error that says why it may fail."""
+    def attach(
+        prog_fd: int, cg_fd: int, spec: ProgSpec, what: str, path: str | None = None
+    ) -> None:
+        """PROG_ATTACH with BPF_F_ALLOW_MULTI, with an error that says why it may fail
+        (`what`: the setting it is for; `path`: the cgroup's)."""
         assert spec.attach_type is not None
         try:
             bpfsys.prog_attach(prog_fd, cg_fd, spec.attach_type, bpfsys.BPF_F_ALLOW_MULTI)
@@ -198,7 +206,11 @@ class Feature:
                 else ""
             )
             raise BpfError(
-                e.errno or errno.EIO, what, f"cannot attach to the cgroup{hint}: {e}"
+                e.errno or errno.EIO,
+                what,
+                f"cannot attach to the cgroup{hint}: {e}",
+                setting=what,
+                path=path,
             ) from e
 
     @staticmethod
@@ -239,8 +251,10 @@ class Feature:
             seen.add(key)
             try:
                 out.append((hit[0], open_maps(info, hit[0])))
-            except BpfError:
-                continue  # a foreign program with one of our names: not ours to touch
+            except BpfError as e:
+                # a foreign program with one of our names: not ours to touch
+                log.info("program id %d (%s) skipped: %s", prog_id, info.name, e)
+                continue
         return out
 
     def retry_when_full(
@@ -254,6 +268,7 @@ class Feature:
         except BpfError as e:
             if e.errno != errno.E2BIG:
                 raise
+        log.info("%s: a map is full: reclaiming dead cgroups' entries, then one retry", cg.path)
         self.purge_dead(cg, maps)
         write()
 
@@ -282,4 +297,11 @@ class Feature:
             ]
             if doomed:
                 counts[spec.name] = bpfsys.map_delete_batch(fd, doomed)
+                log.debug(
+                    "%s v%d %s: deleted %d entries of gone cgroups",
+                    layer.feature,
+                    layer.version,
+                    spec.name,
+                    counts[spec.name],
+                )
         return counts

@@ -36,7 +36,12 @@ def state(cg: CgroupLike) -> str:
     wanted = read_text(p / "cgroup.freeze").strip()
     frozen = _frozen(read_text(p / "cgroup.events"))
     if wanted == "" or frozen is None:
-        raise CgroupError(errno.ENOENT, f"{p} has no cgroup.freeze (not a non-root cgroup v2)")
+        raise CgroupError(
+            errno.ENOENT,
+            f"{p} has no cgroup.freeze (not a non-root cgroup v2)",
+            setting="freeze",
+            path=p,
+        )
     if wanted == "1":
         return "frozen" if frozen else "freezing"
     return "thawing" if frozen else "thawed"
@@ -45,7 +50,9 @@ def state(cg: CgroupLike) -> str:
 def _set(cg: CgroupLike, value: bool, timeout: float | None) -> None:
     p = cgroup_path(cg)
     if not (p / "cgroup.freeze").exists():
-        raise CgroupError(errno.ENOENT, f"not a non-root cgroup v2 directory: {p}")
+        raise CgroupError(
+            errno.ENOENT, f"not a non-root cgroup v2 directory: {p}", setting="freeze", path=p
+        )
     verb = "freeze" if value else "thaw"
     write_file(p / "cgroup.freeze", "1" if value else "0", verb)
     wait_for(p / "cgroup.events", lambda t: _frozen(t) is value, timeout, f"waiting to {verb}")

@@ -9,13 +9,14 @@ are bounded (64 Ki entries), so leaks would eventually block every new container
 process), the entries whose cgroup no longer exists. It runs by itself when a rule map is full
 (then the write is retried once), and from `pelagos-bpf gc`. With a prefix it first tears down
 the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
-It also unpins programs this release would not fetch, and removes bytecode-cache files that can
-never be used again.
+It also unpins programs this release would not fetch. With `-v` (logging at INFO) every
+decision is logged with its reason: what was removed, what was kept.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from .pins import pin_dir, pin_paths
 from .registry import FEATURES
 
 __all__ = ["GcReport", "collect"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,8 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
 
         def dead(cgroup_id: int) -> bool:
             if live.dead(cgroup_id):
+                if cgroup_id not in dead_ids:
+                    log.debug("gc: cgroup id %d is gone: its entries go", cgroup_id)
                 dead_ids.add(cgroup_id)
                 return True
             return False
@@ -83,8 +88,10 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
                     for name, n in counts.items():
                         key = f"{layer.feature} v{layer.version} {name}"
                         report.entries_removed[key] = report.entries_removed.get(key, 0) + n
+                        log.info("gc: %s: removed %d entries", key, n)
                 except OSError as e:
                     report.errors.append(f"{layer.feature} v{layer.version}: {e}")
+                    log.warning("gc: %s v%d: %s", layer.feature, layer.version, e)
                 finally:
                     for fd in maps.values():
                         os.close(fd)
@@ -111,11 +118,16 @@ def _remove_stale_pins(report: GcReport) -> None:
         return
     for name in sorted(names):
         prog, _, digest = name.rpartition("_")
-        if prog not in ours or len(digest) != 16 or name in current:
+        if prog not in ours or len(digest) != 16:
+            log.debug("gc: pin %s/%s kept: not one of ours", d, name)
+            continue
+        if name in current:
+            log.debug("gc: pin %s/%s kept: this release fetches it", d, name)
             continue
         try:
             os.unlink(os.path.join(d, name))
             report.pins_removed.append(os.path.join(d, name))
+            log.info("gc: unpinned %s/%s: a set this release would not fetch", d, name)
         except FileNotFoundError:
             continue
         except OSError as e:
@@ -135,7 +147,11 @@ def _remove_abandoned(prefix: str, report: GcReport) -> None:
         if path == root:
             continue
         try:
-            if "populated 1" in read_text(d / "cgroup.events") or not is_ours(path):
+            if "populated 1" in read_text(d / "cgroup.events"):
+                log.info("gc: kept %s: it has processes", path)
+                continue
+            if not is_ours(path):
+                log.info("gc: kept %s: not created by pelagos-bpf (no creation mark)", path)
                 continue
             ref = Ref.of(path)
             for feat in FEATURES:
@@ -143,11 +159,13 @@ def _remove_abandoned(prefix: str, report: GcReport) -> None:
             os.rmdir(path)
             forget_pending(path)
             report.cgroups_removed.append(path)
+            log.info("gc: removed %s: empty, and created by pelagos-bpf", path)
         except FileNotFoundError:
             continue
         except OSError as e:
             if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 report.errors.append(f"{path}: {e}")
+            log.info("gc: kept %s: %s", path, e)
 
 
 def _detach_all(feat: Feature, ref: Ref) -> int:

@@ -67,7 +67,10 @@ def choose_root(mounts: list[tuple[str, str]]) -> Hierarchy:
     has_v1 = any(fs == "cgroup" for _, fs in mounts)
     if not v2:
         raise CgroupError(
-            errno.ENOENT, f"no cgroup2 filesystem is mounted (see {MOUNTINFO})", MOUNTINFO
+            errno.ENOENT,
+            f"no cgroup2 filesystem is mounted (see {MOUNTINFO})",
+            setting="root",
+            path=MOUNTINFO,
         )
     if "/sys/fs/cgroup" in v2:
         return Hierarchy(Path("/sys/fs/cgroup"), "hybrid" if has_v1 else "unified")
@@ -81,7 +84,10 @@ def _explicit(root: str) -> Hierarchy:
         os.stat(os.path.join(root, "cgroup.procs"))
     except OSError as e:
         raise CgroupError(
-            e.errno, f"{root} is not a cgroup v2 directory (no cgroup.procs)", root
+            e.errno,
+            f"{root} is not a cgroup v2 directory (no cgroup.procs)",
+            setting="root",
+            path=root,
         ) from e
     return Hierarchy(Path(root), "explicit")
 

@@ -86,6 +86,7 @@ class MapSpec:
                 errno.EINVAL,
                 self.size_env,
                 f"{e.value!r} is not a map size (entries, a positive integer) for map {self.name}",
+                setting=self.size_env,
             ) from None
 
 

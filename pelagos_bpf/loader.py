@@ -9,6 +9,7 @@ does; both produce the same fds the feature runtime works with.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from . import bpfsys, bytecode
 from .bpfabi import ProgType
 from .errors import BpfError
 from .layers import Layer, ProgSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,7 @@ def load_layer(layer: Layer) -> Loaded:
             os.close(fd)
         raise
     ids = {f: bpfsys.prog_info(fd).id for f, fd in progs.items()}
+    log.info("loaded %s v%d: program ids %s, %d maps", layer.feature, layer.version, ids, len(maps))
     return Loaded(layer, progs, ids, maps)
 
 

@@ -30,16 +30,31 @@ LOCK_TIMEOUT = 10.0  # s: a lock is held for microseconds; this long means a stu
 
 
 class LockTimeout(PelagosError, OSError):
-    """A lock was not acquired before its deadline (errno ETIMEDOUT)."""
+    """A lock was not acquired before its deadline (errno ETIMEDOUT); `.setting` and `.path`
+    as CgroupError's when the caller knows them."""
+
+    def __init__(
+        self, errno_: int, message: str, *, setting: str | None = None, path: str | None = None
+    ) -> None:
+        super().__init__(errno_, message)
+        self.setting = setting
+        self.path = path
 
 
 def run_dir() -> str:
     return os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
 
 
-def flock_until(fd: int, what: str, timeout: float = LOCK_TIMEOUT) -> None:
+def flock_until(
+    fd: int,
+    what: str,
+    timeout: float = LOCK_TIMEOUT,
+    *,
+    setting: str | None = None,
+    path: str | None = None,
+) -> None:
     """flock(LOCK_EX) on `fd`, giving up after `timeout` seconds with LockTimeout naming
-    `what`."""
+    `what` (and carrying `setting` and `path`)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
@@ -55,7 +70,10 @@ def flock_until(fd: int, what: str, timeout: float = LOCK_TIMEOUT) -> None:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 raise LockTimeout(
-                    errno.ETIMEDOUT, f"{what}: lock not acquired within {timeout:g} s"
+                    errno.ETIMEDOUT,
+                    f"{what}: lock not acquired within {timeout:g} s",
+                    setting=setting,
+                    path=path,
                 ) from None
             delay = min(delay * 2, 0.01)
 
@@ -65,9 +83,9 @@ _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _GUARD = threading.Lock()
 
 
-def _lock_file(name: str) -> tuple[int, threading.Lock]:
-    """The fd of run_dir()/locks/<name> (opened once per process) and its in-process lock
-    (flock is per open file: threads sharing the fd would not exclude each other)."""
+def _lock_file(name: str) -> tuple[int, threading.Lock, str]:
+    """The fd of run_dir()/locks/<name> (opened once per process), its in-process lock
+    (flock is per open file: threads sharing the fd would not exclude each other), its path."""
     path = f"{run_dir()}/locks/{name}"
     with _GUARD:
         fd = _FILES.get(path)
@@ -80,17 +98,22 @@ def _lock_file(name: str) -> tuple[int, threading.Lock]:
                 os.close(dirfd)
             _FILES[path] = fd
             _THREAD_LOCKS[path] = threading.Lock()
-        return fd, _THREAD_LOCKS[path]
+        return fd, _THREAD_LOCKS[path], path
 
 
 @contextlib.contextmanager
 def node_lock(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """Hold the node-wide lock `name` (threads of this process and other processes alike)."""
-    fd, tlock = _lock_file(name)
+    fd, tlock, path = _lock_file(name)
     if not tlock.acquire(timeout=timeout):
-        raise LockTimeout(errno.ETIMEDOUT, f"{name}: lock not acquired within {timeout:g} s")
+        raise LockTimeout(
+            errno.ETIMEDOUT,
+            f"{name}: lock not acquired within {timeout:g} s",
+            setting=RUN_DIR_ENV,
+            path=path,
+        )
     try:
-        flock_until(fd, name, timeout)
+        flock_until(fd, name, timeout, setting=RUN_DIR_ENV, path=path)
         try:
             yield
         finally:

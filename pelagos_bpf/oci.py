@@ -73,10 +73,6 @@ THROTTLES = (
 )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 class Reader:
     """Walks one resources object; `refused` and `notes` collect (JSON path, reason)."""
 
@@ -104,18 +100,25 @@ class Reader:
         return list(self._typed(path, v, isinstance(v, list | tuple), "must be a JSON array") or [])
 
     def int_(self, path: str, v: Any, bounds: tuple[int, int]) -> int | None:
-        self._typed(path, v, _is_int(v), "must be an integer")
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(path, v, "must be an integer")
         lo, hi = bounds
-        if v is not None and not lo <= v <= hi:
+        if not lo <= v <= hi:
             kind = "a non-negative integer" if lo == 0 else "an integer"
             raise ConfigError(path, v, f"must be {kind} in {lo}..{hi}")
         return v
 
     def str_(self, path: str, v: Any) -> str | None:
-        return self._typed(path, v, isinstance(v, str), "must be a string")
+        if v is None or isinstance(v, str):
+            return v
+        raise ConfigError(path, v, "must be a string")
 
     def bool_(self, path: str, v: Any) -> bool | None:
-        return self._typed(path, v, isinstance(v, bool), "must be true or false (a JSON boolean)")
+        if v is None or isinstance(v, bool):
+            return v
+        raise ConfigError(path, v, "must be true or false (a JSON boolean)")
 
     def objects(self, path: str, v: Any) -> list[tuple[str, Mapping[str, Any]]]:
         """(JSON path, object) for each element of an array of objects."""
@@ -126,7 +129,13 @@ class Reader:
     @staticmethod
     def need(path: str, e: Mapping[str, Any], names: str, *values: Any) -> None:
         if any(v is None for v in values):
-            raise ConfigError(path, dict(e), f"{names} are required")
+            raise Reader.missing(path, e, names)
+
+    @staticmethod
+    def missing(path: str, e: Mapping[str, Any], names: str) -> ConfigError:
+        """The error for an entry lacking required keys (`need`; raised where the caller also
+        wants the values narrowed to not-None)."""
+        return ConfigError(path, dict(e), f"{names} are required")
 
     def section(self, name: str) -> Mapping[str, Any]:
         path = f"{ROOT}.{name}"
@@ -276,8 +285,9 @@ class Reader:
     def _dev(self, q: str, d: Mapping[str, Any]) -> tuple[int, int]:
         major = self.int_(f"{q}.major", d.get("major"), INT64)
         minor = self.int_(f"{q}.minor", d.get("minor"), INT64)
-        self.need(q, d, "major and minor", major, minor)
-        return major, minor  # type: ignore[return-value]
+        if major is None or minor is None:
+            raise self.missing(q, d, "major and minor")
+        return major, minor
 
     def network(self) -> dict[str, Any]:
         p = f"{ROOT}.network"
@@ -299,7 +309,8 @@ class Reader:
         for q, e in self.objects(p, self.r.get("hugepageLimits")):
             size = self.str_(f"{q}.pageSize", e.get("pageSize"))
             limit = self.int_(f"{q}.limit", e.get("limit"), UINT64)
-            self.need(q, e, "pageSize and limit", size, limit)
+            if size is None or limit is None:
+                raise self.missing(q, e, "pageSize and limit")
             out.append((size, limit))
         return out
 

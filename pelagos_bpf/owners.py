@@ -27,4 +27,4 @@ def check_owner(owner: object) -> Owner:
     """The owner, or ValueError naming the accepted ones (requests arrive from outside)."""
     if owner not in OWNERS:
         raise ValueError(f"owner {owner!r} is not one of {', '.join(OWNERS)}")
-    return owner  # type: ignore[return-value]
+    return owner

@@ -14,19 +14,21 @@ before use (root's own, not a symlink, our program type and bytecode tag: docs/T
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 
 from . import bytecode, loader, trust
-from .errors import BpfError
+from .errors import BpfError, about
 from .layers import Layer
 from .loader import Loaded
 
 PIN_ENV = "PELAGOS_BPF_PIN_DIR"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/pelagos-bpf"
+
+log = logging.getLogger(__name__)
 
 
 def pin_dir() -> str | None:
@@ -60,9 +62,11 @@ def load_or_fetch(layer: Layer) -> Loaded:
     else loaded (and pinned, when pins are on)."""
     d = pin_dir()
     if d is None:
+        log.info("pins off: %s v%d loaded for this process only", layer.feature, layer.version)
         return loader.load_layer(layer)
     # Walked and checked once; every pin below is opened (or made) through this fd.
-    dirfd = trust.check_pin_dir(d, create=d == DEFAULT_PIN_DIR)
+    with about(PIN_ENV, d):
+        dirfd = trust.check_pin_dir(d, create=d == DEFAULT_PIN_DIR)
     try:
         return _load_or_fetch_at(layer, dirfd, pin_paths(layer, d))
     finally:
@@ -76,20 +80,37 @@ def _load_or_fetch_at(layer: Layer, dirfd: int, pins: dict[str, str]) -> Loaded:
     be using such a set: from_pins hands out only whole sets whose programs share maps."""
     fetched = from_pins(layer, dirfd, pins)
     if fetched is not None:
+        log.info("pin hit: %s v%d fetched from %s", layer.feature, layer.version, pins)
         return fetched
     fcntl.flock(dirfd, fcntl.LOCK_EX)
     try:
         fetched = from_pins(layer, dirfd, pins)  # pinned while we waited
         if fetched is not None:
+            log.info(
+                "pin hit: %s v%d fetched from %s (pinned while we waited)",
+                layer.feature,
+                layer.version,
+                pins,
+            )
             return fetched
+        log.info("pin miss: %s v%d loaded and pinned at %s", layer.feature, layer.version, pins)
         loaded = loader.load_layer(layer)
         try:
             for func, path in pins.items():
                 name = os.path.basename(path)
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(name, dir_fd=dirfd)  # part of an unusable set (see above)
+                    log.info("pin replaced: %s (part of an unusable set)", path)
+                except FileNotFoundError:
+                    pass
                 if not trust.pin_program_at(loaded.progs[func], dirfd, path):
-                    raise BpfError(errno.EEXIST, "pin", f"{path} appeared under our lock")
+                    raise BpfError(
+                        errno.EEXIST,
+                        "pin",
+                        f"{path} appeared under our lock",
+                        setting=PIN_ENV,
+                        path=path,
+                    )
         except BaseException:
             loaded.close()
             raise
@@ -111,15 +132,23 @@ def from_pins(layer: Layer, dirfd: int, pins: dict[str, str]) -> Loaded | None:
     try:
         for func, path in pins.items():
             spec = layer.prog(func)
-            got = trust.open_pinned_program_at(
-                dirfd, path, tags=ids_of[func].tags, prog_type=spec.prog_type
-            )
+            with about(PIN_ENV, path):
+                got = trust.open_pinned_program_at(
+                    dirfd, path, tags=ids_of[func].tags, prog_type=spec.prog_type
+                )
             if got is None:
+                log.debug("no pin at %s", path)
                 return None
             progs[func], info = got
             ids[func] = info.id
             if info.name != spec.name:
-                raise BpfError(errno.EINVAL, "pinned program", f"{path} is not {spec.name}")
+                raise BpfError(
+                    errno.EINVAL,
+                    "pinned program",
+                    f"{path} is not {spec.name}",
+                    setting=PIN_ENV,
+                    path=path,
+                )
             seen: dict[str, int] = {}
             for k, v in loader.open_maps(info, layer, seen).items():
                 if k in maps:
@@ -130,10 +159,19 @@ def from_pins(layer: Layer, dirfd: int, pins: dict[str, str]) -> Loaded | None:
                 # Programs of two loads (a half-pinned set completed by another process):
                 # they do not share maps, so settings written to one would not reach the
                 # other. Not a usable set; the caller replaces it under its lock.
+                log.info(
+                    "pins of %s v%d are not one set (maps differ)", layer.feature, layer.version
+                )
                 return None
         missing = {m.name for m in layer.maps} - set(maps)
         if missing:
-            raise BpfError(errno.EPROTO, "pinned program", f"lacks maps {sorted(missing)}")
+            raise BpfError(
+                errno.EPROTO,
+                "pinned program",
+                f"{next(iter(pins.values()), '')} lacks maps {sorted(missing)}",
+                setting=PIN_ENV,
+                path=next(iter(pins.values()), None),
+            )
         whole = True
     finally:
         if not whole:  # not pinned, not one set, or refused: nothing handed out

@@ -42,7 +42,9 @@ def trusted_uids() -> frozenset[int]:
 
 
 def _refuse(path: str, what: str, why: str, fix: str) -> BpfError:
-    return BpfError(errno.EPERM, "trust check", f"untrusted {what} {path}: {why}; fix: {fix}")
+    return BpfError(
+        errno.EPERM, "trust check", f"untrusted {what} {path}: {why}; fix: {fix}", path=path
+    )
 
 
 def _check_st(
@@ -137,12 +139,16 @@ def _open_component(dirfd: int, name: str, walked: str, what: str, create: bool)
         return os.open(name, _DIR_FLAGS, dir_fd=dirfd)
     except FileNotFoundError:
         if not create:
-            raise BpfError(errno.ENOENT, f"{what} {walked}", "does not exist") from None
+            raise BpfError(
+                errno.ENOENT, f"{what} {walked}", "does not exist", path=walked
+            ) from None
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             fix = "use a path without symlinks"
             raise _refuse(walked, what, "is a symlink or not a directory", fix) from None
-        raise BpfError(e.errno or errno.EIO, f"{what} {walked}", e.strerror or "") from e
+        raise BpfError(
+            e.errno or errno.EIO, f"{what} {walked}", e.strerror or "", path=walked
+        ) from e
     try:
         # 0700 first: whatever the umask, a concurrent checker never sees it writable by others.
         os.mkdir(name, 0o700, dir_fd=dirfd)
@@ -150,7 +156,9 @@ def _open_component(dirfd: int, name: str, walked: str, what: str, create: bool)
     except FileExistsError:  # a concurrent creator won; its dir is checked like any other
         made = False
     except OSError as e:
-        raise BpfError(e.errno or errno.EIO, f"create {what} {walked}", e.strerror or "") from e
+        raise BpfError(
+            e.errno or errno.EIO, f"create {what} {walked}", e.strerror or "", path=walked
+        ) from e
     nfd = _open_component(dirfd, name, walked, what, create=False)
     if made:
         os.fchmod(nfd, DIR_MODE)  # explicit, not the umask's choice
@@ -168,7 +176,9 @@ def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes 
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _refuse(path, what, "is a symlink", f"rm {path}") from None
-        raise BpfError(e.errno or errno.EIO, f"read {what} {path}", e.strerror or "") from e
+        raise BpfError(
+            e.errno or errno.EIO, f"read {what} {path}", e.strerror or "", path=path
+        ) from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -79,3 +79,20 @@ def make_cgroup(cg_root: Path):
         return Cgroup.open(p, root=cg_root)
 
     return make
+
+
+# Tests that need these fixtures need root and a real cgroup2 mount, whatever their file says.
+_ROOT_FIXTURES = frozenset({"cg_root", "make_cgroup"})
+# Markers of tests that need more than a Python interpreter (root, kernel features, QEMU).
+_HOST_MARKERS = frozenset({"root", "matrix", "net", "runtimes", "v2_controllers"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `root` what uses a cgroup fixture, and `pure` everything left that needs nothing
+    but Python: `bash scripts/test --fast` runs `-m pure` (CONTRIBUTING.md), and
+    tests/test_style.py checks that the pure tests pass as an unprivileged user."""
+    for item in items:
+        if _ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.root)
+        if not any(item.get_closest_marker(m) for m in _HOST_MARKERS):
+            item.add_marker(pytest.mark.pure)

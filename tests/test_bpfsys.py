@@ -49,7 +49,7 @@ BACKENDS = ["ext", "ctypes"]
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test here runs through both syscall backends (the C extension and ctypes): the
     fallback of an install without a compiler is held to the same kernel behaviour."""
-    if request.param == "ext" and bpfsys._ext is None:
+    if request.param == "ext" and not bpfsys.HAVE_EXT:
         pytest.skip("pelagos_bpf._sys not built (test_the_extension_is_built... fails for it)")
     prev = bpfsys.use_backend(request.param)
     yield request.param

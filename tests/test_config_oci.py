@@ -120,9 +120,33 @@ def test_full_resources_plan_every_file_unified_last() -> None:
     ]
 
 
+V1 = CgroupConfig(device_semantics="v1")  # from_oci's reading of a device list (the spec's)
+
+
 def test_empty_resources_are_all_unset() -> None:
-    assert CgroupConfig.from_oci({}) == CgroupConfig()
-    assert CgroupConfig.from_oci(None) == CgroupConfig()
+    assert CgroupConfig.from_oci({}) == V1
+    assert CgroupConfig.from_oci(None) == V1
+
+
+def test_device_lists_are_read_as_cgroup_v1s_unless_told_otherwise() -> None:
+    """runtime-spec defines linux.resources.devices as v1's allowed-device list (runc
+    reproduces v1); CgroupConfig's own default stays last-match."""
+    hole = {
+        "devices": [
+            {"allow": False, "access": "rwm"},
+            {"allow": True, "type": "c", "major": 240, "access": "rw"},
+            {"allow": False, "type": "c", "major": 240, "minor": 1, "access": "w"},
+        ]
+    }
+    assert CgroupConfig().device_semantics == "last-match"
+    c = CgroupConfig.from_oci(hole)
+    assert c.device_semantics == "v1"
+    with pytest.raises(ConfigError) as e:  # v1 would ignore the deny: refused, as runc does
+        validate_config(c)
+    assert e.value.setting == "device_rules[2]" and "punches a hole" in e.value.reason
+    last = CgroupConfig.from_oci(hole, device_semantics="last-match")
+    validate_config(last)  # the deny means what it says there
+    assert last.device_rules == c.device_rules
 
 
 def test_moby_zeros_and_empty_containers_are_noops() -> None:
@@ -138,7 +162,7 @@ def test_moby_zeros_and_empty_containers_are_noops() -> None:
         "network": {},
     }
     c = CgroupConfig.from_oci(r)
-    assert c == CgroupConfig()
+    assert c == V1
     assert controllers.plan(c) == []
 
 
@@ -226,7 +250,7 @@ def test_everything_v2_cannot_express_is_named_in_one_error() -> None:
 def test_not_strict_reports_refusals_as_ignored() -> None:
     c = CgroupConfig.from_oci(ALL_REFUSED, strict=False)
     assert len(c.ignored) == 11
-    assert c == CgroupConfig(ignored=c.ignored)  # nothing refused leaked into a setting
+    assert c == CgroupConfig(ignored=c.ignored, device_semantics="v1")  # nothing else was set
     validate_config(c)
 
 

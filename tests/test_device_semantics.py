@@ -41,13 +41,30 @@ def crun_allowed(rules: list[R], kind: str, major: int, minor: int, access: str)
     return False
 
 
-# (name, rules, probe, ours, v1 kernel, crun, v1-mode outcome) -- docs/DEVICE_SEMANTICS.md
+def runc_allowed(rules: list[R], kind: str, major: int, minor: int, access: str) -> bool:
+    """Model of runc's filter (libcontainer/cgroups/devices/devicefilter.go, 1.1): the list
+    replayed through its v1 emulator (a hole in a wildcard: refused, ConfigError here), then
+    one first-match block per exception that matches only when the exception holds EVERY
+    requested bit (`if (access & rule) != access goto next`); nothing matched: the default.
+    Under deny-by-default that is v1 exactly; under allow-by-default a deny of one bit does not
+    stop a request of more bits (case H), where v1 denies on any bit."""
+    st = replay(rules)
+    for (k, ma, mi), bits in st.exceptions.items():
+        if k == kind and ma in (-1, major) and mi in (-1, minor) and set(access) <= set(bits):
+            return not st.default_allow
+    return st.default_allow
+
+
+REFUSED = None  # runc refuses the list (its emulator: "cannot punch hole ...")
+
+# (name, rules, probe, ours, v1 kernel, runc, crun, v1-mode outcome) -- docs/DEVICE_SEMANTICS.md
 CASES = [
     (
         "A: type a with a major/minor",
         [DENY_ALL, R(True, "c", 240, 0, "rw"), R(False, "a", 240, 0, "w")],
         ("c", 240, 0, "r"),
         True,
+        False,
         False,
         True,
         "ok",
@@ -58,6 +75,7 @@ CASES = [
         ("c", 240, 1, "w"),
         False,
         True,
+        REFUSED,
         False,
         "refused",
     ),
@@ -68,12 +86,14 @@ CASES = [
         True,
         False,
         False,
+        False,
         "refused",
     ),
     (
         "D: a later deny of one bit of an allowed device",
         [DENY_ALL, R(True, "c", 240, 1, "rw"), R(False, "c", 240, 1, "w")],
         ("c", 240, 1, "rw"),
+        False,
         False,
         False,
         True,
@@ -85,6 +105,7 @@ CASES = [
         ("c", 240, 1, "r"),
         False,
         True,
+        True,
         False,
         "ok",
     ),
@@ -92,6 +113,7 @@ CASES = [
         "F: a user deny of a default device",
         [*DEFAULT_DEVICE_RULES, R(False, "c", 1, 9, "w")],
         ("c", 1, 9, "w"),
+        False,
         False,
         False,
         True,
@@ -103,7 +125,23 @@ CASES = [
         ("c", 240, 0, "r"),
         True,
         True,
+        True,
         False,
+        "ok",
+    ),
+    (
+        "H: a type a reset to allow-all, then a deny of one bit",
+        [
+            DENY_ALL,
+            R(True, "c", 240, 1, "r"),
+            R(True, "a", -1, -1, "rwm"),
+            R(False, "c", 240, 1, "w"),
+        ],
+        ("c", 240, 1, "rw"),
+        False,
+        False,
+        True,
+        True,
         "ok",
     ),
     (
@@ -113,21 +151,33 @@ CASES = [
         True,
         True,
         True,
+        True,
         "ok",
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("rules", "probe", "ours", "v1", "crun", "v1_mode"),
+    ("rules", "probe", "ours", "v1", "runc", "crun", "v1_mode"),
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
 def test_documented_case(
-    rules: list[R], probe: tuple, ours: bool, v1: bool, crun: bool, v1_mode: str
+    rules: list[R],
+    probe: tuple,
+    ours: bool,
+    v1: bool,
+    runc: bool | None,
+    crun: bool,
+    v1_mode: str,
 ) -> None:
     assert device_allowed(rules, *probe) is ours
     assert v1_allowed(rules, *probe) is v1
+    if runc is REFUSED:
+        with pytest.raises(ConfigError, match="punches a hole"):
+            runc_allowed(rules, *probe)
+    else:
+        assert runc_allowed(rules, *probe) is runc
     assert crun_allowed(rules, *probe) is crun
     if v1_mode == "refused":
         with pytest.raises(ConfigError):
@@ -244,6 +294,25 @@ def test_v1_transform_is_exact_or_refuses(rules: list[R]) -> None:
             assert device_allowed(out, kind, major, minor, op) is v1_allowed(
                 rules, kind, major, minor, op
             ), (rules, out, (kind, major, minor, op))
+
+
+@settings(max_examples=250, deadline=None, database=None)
+@given(rules=rules_st)
+def test_runc_differs_from_v1_only_in_case_h(rules: list[R]) -> None:
+    """Where runc accepts a list, it decides as v1 does, except a request of several bits
+    under allow-by-default that one exception covers only in part (case H): v1 denies, runc
+    allows. So "v1" (which follows the kernel) is at least as strict as runc everywhere."""
+    try:
+        st = replay(rules)
+    except ConfigError:
+        return  # runc refuses it too
+    devices = [*PROBE_DEVICES, ("c", 242, 2), ("b", 242, 1), ("c", 1, 3)]
+    for kind, major, minor in devices:
+        for op in REQUESTS:
+            runc = runc_allowed(rules, kind, major, minor, op)
+            v1 = v1_allowed(rules, kind, major, minor, op)
+            if runc is not v1:
+                assert st.default_allow and len(op) > 1 and runc and not v1, (rules, op)
 
 
 @settings(max_examples=100, deadline=None, database=None)

@@ -29,7 +29,7 @@ def _devices(case_probe) -> list[tuple[str, int, int]]:
 
 @pytest.mark.parametrize(
     ("rules", "case_probe", "v1_mode"),
-    [(c[1], c[2], c[6]) for c in CASES],
+    [(c[1], c[2], c[7]) for c in CASES],
     ids=[c[0] for c in CASES],
 )
 def test_case_in_the_kernel(cg_root: Path, rules, case_probe, v1_mode: str) -> None:

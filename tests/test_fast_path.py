@@ -64,11 +64,11 @@ def test_fresh_setup_falls_back_when_a_program_is_already_attached(
     target = cg_root / "raced"
     raced: list[bool] = []
 
-    def racing_lock(fd: int, what: str) -> None:
+    def racing_lock(fd: int, what: str, **kw: str) -> None:
         if not raced:
             raced.append(True)
             devices.attach_devices(Cgroup.open(target), [R(False, "a")])  # the other writer
-        real_lock(fd, what)
+        real_lock(fd, what, **kw)
 
     monkeypatch.setattr(devprog, "flock_until", racing_lock)
     cg = setup_cgroup(

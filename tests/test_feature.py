@@ -75,6 +75,7 @@ def test_program_names_carry_the_layout_version() -> None:
                     assert p.name.endswith(f"_v{lay.version}")
 
 
+@pytest.mark.root  # mounts a bpffs
 def test_a_squatted_pin_with_another_program_is_refused(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +148,7 @@ def _net_layer():
     return netlay.LAYER
 
 
+@pytest.mark.root  # mounts a bpffs
 def test_a_half_pinned_set_is_replaced_whole(pin_fs, monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that died after pinning part of a set must not block the next ones: the set
     is loaded and pinned again, whole, under the pin dir's lock."""
@@ -174,6 +176,7 @@ def test_a_half_pinned_set_is_replaced_whole(pin_fs, monkeypatch: pytest.MonkeyP
         dead.close()
 
 
+@pytest.mark.root  # mounts a bpffs
 def test_a_mixed_set_is_not_handed_out(pin_fs, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins whose programs come from two loads (they do not share maps) are not a set: a
     fetch would write settings one program never reads. The set is replaced."""

@@ -40,9 +40,9 @@ DEBUG_ENV = "PELAGOS_BPF_DEBUG"
 
 
 def version() -> str:
-    from .. import __version__
+    from .. import _version  # what `pelagos_bpf.__version__` answers, typed
 
-    return __version__
+    return _version()
 
 
 class _VersionAction(argparse.Action):
@@ -86,7 +86,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def _register(sub: argparse._SubParsersAction, name: str) -> None:
+def _register(sub: argparse._SubParsersAction[Parser], name: str) -> None:
     module = COMMANDS[name][0]
     try:
         mod = importlib.import_module(module)

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import (
     CgroupError,
@@ -54,7 +55,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with usage errors exiting 125 (the tool's own failure), not 2: a command's
     own exit status 2 must not read as a typo in pelagos-bpf's flags."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage()
         self.exit(EXIT_TOOL, f"{self.prog}: error: {message}\n")
 
@@ -117,8 +118,9 @@ def _flag_words(reason: str, flag: str) -> str:
 def os_message(e: BaseException) -> str:
     """An error's text without the "[Errno N]" prefix, with the file an OSError is about."""
     text = getattr(e, "strerror", None) or str(e)
-    if getattr(e, "filename", None) is not None:
-        text = f"{e.filename}: {text}"  # type: ignore[attr-defined]
+    filename = getattr(e, "filename", None)
+    if filename is not None:
+        text = f"{filename}: {text}"
     return re.sub(r"^\[Errno \d+\] ", "", text)
 
 

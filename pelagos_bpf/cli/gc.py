@@ -35,10 +35,9 @@ def register(sub: Any) -> None:
         description="Delete the map entries (device rules, denial counters, net priorities) "
         "of cgroups that no longer exist. With --prefix, first tear down the empty cgroups "
         "under PATH that pelagos_bpf created (crashed setups). Unpins programs of ours that this "
-        "release would not fetch (older bytecode, another map size), and removes bytecode-cache "
-        "files that can never be used again (temporary files of killed writers, key index files "
-        "of removed checkouts). Runs by itself when a map is full (without the cache part); a "
-        "runtime daemon may also run it periodically.",
+        "release would not fetch (older bytecode, another map size). Runs by itself when a map "
+        "is full; a runtime daemon may also run it periodically. `pelagos-bpf -v gc` logs each "
+        "decision and its reason.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -54,7 +54,7 @@ class _Outcome:
         return {"code": code if code >= 0 else None, "signal": -code if code < 0 else None}
 
 
-def _child(cmd: list[str], go_r: int, err_w: int, mask: set[signal.Signals]) -> None:
+def _child(cmd: list[str], go_r: int, err_w: int, mask: set[int | signal.Signals]) -> None:
     """In the fork: wait until the parent built the cgroup, then exec (never returns)."""
     code = EXIT_TOOL
     try:
@@ -92,6 +92,7 @@ def _wait(pid: int, stop_timeout: float, quiet: bool, out: _Outcome) -> None:
         if wpid:
             out.status = status
             return
+        info: signal.struct_siginfo | None
         if deadline is None:
             info = signal.sigwaitinfo(_WAITED)
         else:
@@ -143,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(
-    args: argparse.Namespace, cmd: list[str], cfg: CgroupConfig, mask: set[signal.Signals]
+    args: argparse.Namespace, cmd: list[str], cfg: CgroupConfig, mask: set[int | signal.Signals]
 ) -> int:
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)

@@ -61,7 +61,7 @@ def preflight(cgroup_dir: Path, cfg: CgroupConfig) -> None:
         current = int((cgroup_dir / "memory.current").read_text())
     except (OSError, ValueError):
         return  # no memory controller here: the write itself reports that
-    if cfg.memory_limit < current:  # type: ignore[operator]
+    if cfg.memory_limit < current:
         raise ConfigError(
             "memory_limit",
             cfg.memory_limit,

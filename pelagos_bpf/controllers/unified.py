@@ -42,7 +42,7 @@ def validate_unified(unified: Any) -> None:
 
 def plan(cfg: CgroupConfig) -> list[Write]:
     """One write per non-empty line: cgroupfs parses one value (one io.max device) per write."""
-    out = []
+    out: list[Write] = []
     for key, value in cfg.unified.items():
         lines = [ln for ln in value.split("\n") if ln.strip()] or [value]
         controller = key.split(".", 1)[0]

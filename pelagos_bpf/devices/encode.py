@@ -267,8 +267,8 @@ def decode_rules(entries: dict[Pattern, Entry]) -> list[CgroupDeviceRule]:
     for pattern, (wins, _final) in entries.items():
         for ch, win in zip("mrw", wins, strict=True):
             if win:
-                bits = seen.setdefault(win, {})
-                bits[pattern] = bits.get(pattern, "") + ch
+                chars = seen.setdefault(win, {})
+                chars[pattern] = chars.get(pattern, "") + ch
     out: list[CgroupDeviceRule] = []
     for win in sorted(seen):
         pats = seen[win]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from . import encode as enc
 from . import layout as lay
 from . import usage
 from .rules import CgroupDeviceRule, validate_device_rules
+
+log = logging.getLogger(__name__)
 
 FEATURE = Feature(lay.LAYER, (lay.LAYER_V2, lay.LAYER_V1))
 GEN_MAX = 0xFFFF_FFFF
@@ -185,6 +188,16 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, owner: Owner, prep:
             written = e.written if isinstance(e, bpfsys.PartialWrite) else len(entries)
             bpfsys.map_delete_batch(fd, [key for key, _ in entries[:written]][::-1])
             usage.release(fd, len(entries))
+            log.info(
+                "device_rules: %s's write of generation %d on %s failed (%s): rolled back %d "
+                "of %d entries",
+                owner,
+                gen,
+                cg.path,
+                e,
+                written,
+                len(entries),
+            )
             raise
 
     try:
@@ -193,6 +206,11 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, owner: Owner, prep:
         except BpfError as e:
             if e.errno != errno.E2BIG:
                 raise
+            log.info(
+                "device_rules: rule map full for %s: reclaiming dead cgroups' entries, then "
+                "one retry",
+                cg.path,
+            )
             FEATURE.purge_dead(cg, maps)  # entries of dead cgroups may be what fills it
             usage.recount(fd)
             store()
@@ -203,11 +221,15 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, owner: Owner, prep:
                 "device_rules",
                 f"cannot store {prep.n_patterns} rule patterns ({len(entries)} entries): "
                 f"{e.strerror}; the node setting {lay.RULES_ENV} sizes the map",
+                setting="device_rules",
+                path=cg.path,
             ) from e
         raise BpfError(
             e.errno or errno.EIO,
             "device_rules",
             f"cannot store {prep.n_patterns} rule patterns: {e.strerror}",
+            setting="device_rules",
+            path=cg.path,
         ) from e
 
 
@@ -221,7 +243,9 @@ def _next_gen(gen: int) -> int:
 def _attach_new(cg: CgroupRef, cgfd: int, owner: Owner, prep: Prepared) -> None:
     loaded = FEATURE.loaded()
     func = lay.FUNCS[owner]
-    FEATURE.attach(loaded.progs[func], cgfd, lay.LAYER.prog(func), "device_rules")
+    FEATURE.attach(
+        loaded.progs[func], cgfd, lay.LAYER.prog(func), "device_rules", os.fspath(cg.path)
+    )
     gen = 0
     try:
         # The owner's slot reads 0 (deny all) on a new attachment, or a stale generation whose
@@ -229,11 +253,19 @@ def _attach_new(cg: CgroupRef, cgfd: int, owner: Owner, prep: Prepared) -> None:
         gen = _next_gen(current_gen(loaded.maps, cg.id, owner))
         write_set(cg, loaded.maps, gen, owner, prep)
         _switch(loaded.maps, cg.id, owner, gen)
-    except BaseException:
+    except BaseException as e:
         bpfsys.prog_detach(loaded.progs[func], cgfd, lay.ATTACH)
         if gen:
             delete_set(loaded.maps, cg.id, gen, OWNER_IDS[owner])
+        log.info("device_rules: %s's attach to %s rolled back (%s)", owner, cg.path, e)
         raise
+    log.info(
+        "device_rules: %s attached its program to %s: %d patterns, generation %d",
+        owner,
+        cg.path,
+        prep.n_patterns,
+        gen,
+    )
 
 
 def attach_fresh(
@@ -256,7 +288,9 @@ def attach_fresh(
     validated: the caller validated `rules` (validate_config), so they are not checked twice.
     """
     prep = prepare(rules, validated=validated)
-    flock_until(cgfd, f"device_rules: cgroup {cg.path}")
+    flock_until(
+        cgfd, f"device_rules: cgroup {cg.path}", setting="device_rules", path=os.fspath(cg.path)
+    )
     try:
         fresh = not bpfsys.prog_query(cgfd, lay.ATTACH)
         if fresh:
@@ -266,17 +300,27 @@ def attach_fresh(
             prog = loaded.progs[lay.FUNCS[owner]]
             attached = False
             try:
-                FEATURE.attach(prog, cgfd, lay.LAYER.prog(lay.FUNCS[owner]), "device_rules")
+                FEATURE.attach(
+                    prog, cgfd, lay.LAYER.prog(lay.FUNCS[owner]), "device_rules", os.fspath(cg.path)
+                )
                 attached = True
                 _switch(loaded.maps, cg.id, owner, 1)
-            except BaseException:
+            except BaseException as e:
                 if attached:
                     bpfsys.prog_detach(prog, cgfd, lay.ATTACH)
                 delete_set(loaded.maps, cg.id, 1, oid)
+                log.info("device_rules: %s's attach to %s rolled back (%s)", owner, cg.path, e)
                 raise
+            log.info(
+                "device_rules: %s attached its program to new cgroup %s: %d patterns, generation 1",
+                owner,
+                cg.path,
+                prep.n_patterns,
+            )
     finally:
         fcntl.flock(cgfd, fcntl.LOCK_UN)  # the caller keeps the fd: unlock for other writers
     if not fresh:
+        log.info("device_rules: %s: a program is already attached: general path", cg.path)
         apply(cg, rules, owner=owner)
 
 
@@ -337,6 +381,14 @@ def _update(cg: CgroupRef, group: Attached, owner: Owner, prep: Prepared) -> Non
     # distinct generation, it cannot be what the switch made live.
     if old > 1:
         delete_set(group.maps, cg.id, old - 1, oid)
+    log.info(
+        "device_rules: %s updated its rule set on %s: %d patterns, generation %d -> %d",
+        owner,
+        cg.path,
+        prep.n_patterns,
+        old,
+        new,
+    )
 
 
 def _detach_owner(cg: CgroupRef, group: Attached, cgfd: int, owner: Owner) -> None:
@@ -360,6 +412,13 @@ def _detach_owner(cg: CgroupRef, group: Attached, cgfd: int, owner: Owner) -> No
     ]
     if mine:
         bpfsys.map_delete_batch(fd, mine)
+    log.info(
+        "device_rules: %s detached its program from %s (generation %d; %d denial counters dropped)",
+        owner,
+        cg.path,
+        gen,
+        len(mine),
+    )
 
 
 def _detach_legacy(cg: CgroupRef, group: Attached, cgfd: int) -> None:
@@ -367,6 +426,7 @@ def _detach_legacy(cg: CgroupRef, group: Attached, cgfd: int) -> None:
     scanning (rare: migrations and teardown of cgroups an older release set up)."""
     FEATURE.detach(group, cgfd)
     FEATURE.purge(group.layer, group.maps, lambda i: i == cg.id)
+    log.info("device_rules: detached layout v%d programs from %s", group.version, cg.path)
 
 
 def _owned(group: Attached, owner: Owner) -> bool:
@@ -386,7 +446,6 @@ def apply(cg: CgroupRef, rules: Sequence[CgroupDeviceRule], *, owner: Owner = RU
     """
     prep = prepare(rules)
     with opened(cg, "device_rules") as cgfd, FEATURE.find(cgfd) as groups:
-        assert cgfd is not None
         func = lay.FUNCS[owner]
         current = [g for g in groups if g.version == lay.VERSION]
         mine = [g for g in current if func in g.progs]
@@ -467,13 +526,26 @@ def reclaim_stale_generations(maps: dict[str, int], live: Liveness) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue  # a writer is at work: its generations are not ours to judge
+                # a writer is at work: its generations are not ours to judge
+                log.info("gc: cgroup id %d skipped: a writer holds its lock", cgroup_id)
+                continue
             gens, _ = read_cur(maps, cgroup_id)
             for oid, gen in sorted(present):
                 cur = gens[oid] if 0 < oid < lay.SLOTS else 0
                 if cur and gen in (cur, cur - 1):
+                    log.debug("gc: cgroup id %d owner %d generation %d kept", cgroup_id, oid, gen)
                     continue
-                removed += delete_set(maps, cgroup_id, gen, oid)
+                n = delete_set(maps, cgroup_id, gen, oid)
+                removed += n
+                log.info(
+                    "gc: removed %d entries of stale generation %d (owner %s, current %d) of "
+                    "live cgroup id %d",
+                    n,
+                    gen,
+                    OWNER_NAMES.get(oid, oid),
+                    cur,
+                    cgroup_id,
+                )
         finally:
             os.close(fd)  # releases the lock
     return removed

@@ -19,6 +19,7 @@ late); `gc` recounts.
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 import threading
 
@@ -38,6 +39,8 @@ META_TYPE = 0xFFFF  # dev_key.type of the fill-level entry (devices have types 1
 META_KEY = enc.RULE_KEY.pack(0, 0, 0, META_TYPE, 0, 0)
 _COUNT = struct.Struct(f"<Q{lay.VAL_SIZE - 8}x")
 LOCK = "dev-rules-usage"
+
+log = logging.getLogger(__name__)
 
 _sizes: dict[int, int] = {}  # map id -> max_entries
 _sizes_lock = threading.Lock()
@@ -81,8 +84,10 @@ def admit(fd: int, n: int, what: str) -> None:
                 if floor
                 else ""
             )
-            raise BpfError(errno.E2BIG, what, why)
+            log.info("%s: refused: %s", what, why)
+            raise BpfError(errno.E2BIG, what, why, setting=what)
         _store(fd, now + n)
+        log.debug("%s: admitted %d entries (%d of %d in use)", what, n, now + n, size)
 
 
 def release(fd: int, n: int) -> None:
@@ -97,5 +102,8 @@ def recount(fd: int) -> int:
     """Count the entries for real (O(entries): gc's job) and store the count."""
     with node_lock(LOCK):
         n = sum(1 for k in bpfsys.map_keys(fd, enc.RULE_KEY.size) if k != META_KEY)
+        was = used(fd)
         _store(fd, n)
+        if was != n:
+            log.info("rule map fill level recounted: %d entries (the count said %d)", n, was)
         return n

@@ -158,6 +158,12 @@ class NetPlan:
     def prio_by_ifindex(self) -> dict[int, int]:
         return {idx: prio for _, idx, prio in self.priorities}
 
+    def __str__(self) -> str:
+        """As an operator writes it (logs): "classid 1:10, carrier priority, priorities -"."""
+        prios = ", ".join(f"{name or idx}={prio:#x}" for name, idx, prio in self.priorities)
+        classid = f"{self.classid >> 16:x}:{self.classid & 0xFFFF:x}" if self.classid else "-"
+        return f"classid {classid}, carrier {self.carrier}, priorities {prios or '-'}"
+
 
 def build_plan(
     classid: int | None,

@@ -9,6 +9,7 @@ update's read-modify-write of the config cannot interleave with another writer's
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -23,6 +24,8 @@ from ..loader import Loaded
 from ..owners import OWNER_IDS, OWNER_NAMES, RUNTIME, Owner
 from . import layout as lay
 from .plan import F_MARK, F_PRIOS, F_SOCKET, SOCKET_NO_PRIOS, NetPlan, choose_carrier
+
+log = logging.getLogger(__name__)
 
 FEATURE = Feature(lay.LAYER)
 EGRESS = lay.EGRESS
@@ -181,6 +184,7 @@ def _attach_new(
     owner: Owner,
     carry: dict[int, bytes | None],
     present: frozenset[str] = frozenset(),
+    setting: str = "net_classid",
 ) -> None:
     """Attach the programs of the plan's carrier: egress + ingress (per packet) or socket
     create + setsockopt (once per socket), then write the config into the storage of each
@@ -194,7 +198,7 @@ def _attach_new(
         for spec in _progs_for(plan.carrier):
             if spec.func in present:
                 continue
-            FEATURE.attach(loaded.progs[spec.func], cg_fd, spec, "net")
+            FEATURE.attach(loaded.progs[spec.func], cg_fd, spec, setting, os.fspath(cg.path))
             done.append(spec)
             assert spec.attach_type is not None
             if spec in lay.PACKET_PROGS:
@@ -209,6 +213,7 @@ def _attach_new(
         if plan.carrier != "socket" and not present:  # a socket plan wrote no priority entries
             for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
                 bpfsys.map_delete(loaded.maps["net_prios"], key)
+        log.info("%s: %s's attach to %s rolled back (%s)", setting, owner, cg.path, exc)
         raise
 
 
@@ -235,14 +240,20 @@ def apply(
 
     A cgroup's net settings have one owner: the role that attached them. Another role's
     request raises OwnerConflict (nothing is written); the owner's own updates go through."""
-    with opened(cg, "net") as cg_fd, FEATURE.find(cg_fd) as groups:
-        assert cg_fd is not None
+    setting = "net_classid" if "classid" in named else "net_priorities"
+    with opened(cg, setting) as cg_fd, FEATURE.find(cg_fd) as groups:
         current = [g for g in groups if g.version == lay.VERSION and _cfg_at(g) is not None]
         at = _cfg_at(current[0]) if current else None
         if at is not None:
             holder = _read_owner(current[0].maps, cg.id, at)
             if holder is not None and holder != owner:
-                setting = "net_classid" if "classid" in named else "net_priorities"
+                log.info(
+                    "%s: refused the %s's request on %s: held by the %s",
+                    setting,
+                    owner,
+                    cg.path,
+                    holder,
+                )
                 raise OwnerConflict(setting, str(cg.path), holder, owner)
         old = _read_plan(current[0].maps, cg.id, at) if at is not None else None
         merged = _merge(old, plan, named, carrier)
@@ -250,8 +261,9 @@ def apply(
         if current and set(current[0].progs) == wanted:
             _write_config(current[0].maps, cg, merged, owner)
             stale = [g for g in groups if g is not current[0]]
+            log.info("net: %s updated %s: %s", owner, cg.path, merged)
         else:
-            carry = {}
+            carry: dict[int, bytes | None] = {}
             for g in groups:  # carry the counters over a migration
                 if "net_acct" in g.maps and lay.EG.func in g.progs:
                     for spec in g.layer.cgroup_progs:
@@ -262,8 +274,9 @@ def apply(
             present = frozenset(
                 f for g in groups for f, i in g.ids.items() if f in wanted and ids.get(f) == i
             )
-            _attach_new(cg, cg_fd, merged, owner, carry, present)
+            _attach_new(cg, cg_fd, merged, owner, carry, present, setting)
             stale = groups
+            log.info("net: %s attached its programs to %s: %s", owner, cg.path, merged)
         own = FEATURE.loaded_if_any()
         for g in stale:
             if own is not None and g.maps == own.maps:  # find() hands out our own map fds
@@ -307,8 +320,18 @@ def detach_net(cg: CgroupRef, *, owner: Owner | None = RUNTIME) -> bool:
         holder = _read_owner(g.maps, cg.id, at) if at is not None and "net_cfg" in g.maps else None
         if owner is not None and holder is not None and holder != owner:
             kept = True
+            log.info(
+                "net: %s: the %s's settings kept (the %s asked to detach)", cg.path, holder, owner
+            )
             return
         _detach(cg, g, cg_fd)
+        log.info(
+            "net: detached the programs (layout v%d, settings of the %s) from %s, asked by the %s",
+            g.version,
+            holder or "unknown owner",
+            cg.path,
+            owner or "teardown",
+        )
 
     FEATURE.detach_cgroup(cg, "net", detach_group, purge_when_gone=owner is None)
     return not kept

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
@@ -151,15 +151,17 @@ def _response(stream_id: int, code: int, message: str = "", payload: bytes = b""
 
 
 @dataclass
-class _Method:
-    request_type: type[ProtoMessage]
-    handler: Callable[[ProtoMessage], ProtoMessage]
+class _Method(Generic[Req]):
+    """A handler and the request type it decodes: typed as a pair, stored type-erased."""
+
+    request_type: type[Req]
+    handler: Callable[[Req], ProtoMessage]
 
 
 @dataclass
 class _Call:
     stream_id: int
-    method: _Method
+    method: _Method[Any]
     name: str
     request: bytes
     deadline: float | None  # time.monotonic(), from the request's timeout_nano
@@ -180,7 +182,7 @@ class Server:
     def __init__(self, send: Send, name: str = "ttrpc-server") -> None:
         self._send = send
         self._name = name
-        self._methods: dict[tuple[str, str], _Method] = {}
+        self._methods: dict[tuple[str, str], _Method[Any]] = {}
         self._decoder = MessageDecoder()
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._last_stream = 0
@@ -193,7 +195,7 @@ class Server:
         request_type: type[Req],
         handler: Callable[[Req], ProtoMessage],
     ) -> None:
-        self._methods[(service, method)] = _Method(request_type, handler)  # type: ignore[arg-type]
+        self._methods[(service, method)] = _Method(request_type, handler)
 
     def start(self) -> None:
         if self._worker is not None:
