@@ -56,6 +56,9 @@ BPF_ATTACH_TYPES: dict[str, int] = {
     "getsockopt": 21,
     "setsockopt": 22,
 }
+# Every scope the driver starts has a Description beginning with this: how gc tells our failed
+# scopes from anyone else's (units.failed_scopes_of_ours); nothing else marks a transient unit.
+MARK = "pelagos-bpf container"
 NO_PID = (
     "systemd refuses a scope without a process ('Scope has no PIDs', measured on 252): start "
     "the container's process first (e.g. stopped in a pipe) and give its pid"
@@ -73,13 +76,15 @@ class ScopeSpec:
     @classmethod
     def from_path(cls, path: str, description: str = "") -> ScopeSpec:
         """From runc's `slice:prefix:name`; ConfigError naming `path` if it is not a scope
-        systemd would accept (checked before any D-Bus call)."""
+        systemd would accept (checked before any D-Bus call). The Description always starts
+        with MARK (gc's proof that the unit is ours); `description` is added after it."""
         parsed = names.parse(path)
         if not parsed.is_scope:
             raise ConfigError(
                 "path", path, f"{parsed.unit} is a slice: the driver creates scopes only"
             )
-        return cls(parsed.slice, parsed.unit, description or f"pelagos-bpf container {path}")
+        text = f"{MARK} {path}" + (f": {description}" if description else "")
+        return cls(parsed.slice, parsed.unit, text)
 
     @property
     def cgroup_path(self) -> str:
