@@ -10,7 +10,7 @@ always torn down (which kills whatever else is left in it), and `run` exits 128+
 `--systemd [--slice S]` does what `systemd-run --scope` does (a transient scope
 `pelagos-run-<pid>.scope` in S, default system.slice, with the limits as unit properties), plus
 our device and net settings, whose programs systemd attaches (BPFProgram=); the scope is
-stopped at the end.
+stopped at the end. Its stats may be gone by then (NO_STATS; JSON: "stats": null).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from ..config import CgroupConfig
 from ..errors import ConfigError
-from ..stats import read_stats
+from ..stats import ResourceStats, read_stats
 from ..systemd.names import expand_slice
 from .common import (
     EXIT_CANNOT_EXEC,
@@ -48,6 +48,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 _WAITED = {*STOP_SIGNALS, signal.SIGCHLD}
 SI_KERNEL = 0x80  # siginfo si_code of a signal the terminal sent to the foreground group
 STOP_TIMEOUT = 10.0
+# systemd stops a scope and removes its cgroup, counters included, once its last process exits:
+# reading them races with that, and a read that lost is not shown as zeros.
+NO_STATS = "stats:  n/a (systemd removed the scope's cgroup when the command exited)"
 
 
 class _Outcome:
@@ -220,7 +223,9 @@ def _run(
             os.waitpid(pid, 0)
             raise _exec_failure(cmd[0], err)
         _wait(pid, args.stop_timeout, args.quiet, out)
-        stats = read_stats(cg)
+        stats: ResourceStats | None = read_stats(cg)
+        if cg.unit is not None and not cg.path.exists():
+            stats = None  # systemd removed the emptied scope during (or before) the read
     finally:
         teardown_cgroup(cg)
     _print_summary(args, cmd, cg, out, stats)
@@ -242,7 +247,7 @@ def _print_summary(
             "stopped_by": signal.Signals(out.stopped_by).name if out.stopped_by else None,
             "killed": out.killed,
             "report": report_json(cg.report, offset),
-            "stats": stats_json(stats),
+            "stats": None if stats is None else stats_json(stats),
         }
         if cg.unit is not None:  # the systemd driver: the unit, and each setting's route
             doc["unit"] = cg.unit
@@ -264,7 +269,7 @@ def _print_summary(
     lines.append(f"exit:   {how}")
     lines += report_lines(cg.report, offset)
     lines += route_lines(cg.report.routes, offset)
-    lines += format_stats(stats)
+    lines += format_stats(stats) if stats is not None else [NO_STATS]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
