@@ -97,10 +97,10 @@ def plan_scope(
 def _held_routes(cfg: CgroupConfig, held: tuple[tuple[str, str], ...], sp: ScopePlan) -> None:
     """An update's BPF routes: map writes into what systemd attached at start, else ours in
     the scope (attached there now if it was not yet)."""
-    for setting, kinds in (
-        *((("device_rules", frozenset({"device"})),) if cfg.device_rules else ()),
-        *((s, programs.NET_KINDS) for s in _net_settings(cfg)),
-    ):
+    wanted = [(s, programs.NET_KINDS) for s in _net_settings(cfg)]
+    if cfg.device_rules:
+        wanted.insert(0, ("device_rules", frozenset({"device"})))
+    for setting, kinds in wanted:
         mine = [f"{k}:{p}" for k, p in held if k in kinds]
         sp.routes.append(
             Route(setting, "systemd", "map writes; BPFProgram=" + ",".join(mine), True)
