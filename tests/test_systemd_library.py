@@ -395,16 +395,23 @@ def test_bad_input_and_refusals_leave_nothing(
     assert unit_for("t3") in str(se.value) and "CPUQuotaPerSecUSec" in str(se.value)
     monkeypatch.setattr("pelagos_bpf.systemd.lifecycle.plan", real_plan)
 
-    # a failure after the start (the rule set cannot be written): the scope is stopped
-    from pelagos_bpf.devices import program as devprog
+    # a failure after the start, once the rule set is in the maps (the net settings cannot
+    # be written): the scope is stopped and the rule set's entries are gone
+    from pelagos_bpf import net
 
-    def broken(*_a: object, **_k: object) -> None:
+    seen: list[tuple[int, int]] = []  # (cgroup id, its rule entries when net failed)
+
+    def broken(cg: Cgroup, *_a: object, **_k: object) -> None:
+        seen.append((cg.id, entries_of(cg.id)["dev_rules"]))
         raise OSError(errno.EIO, "injected")
 
-    monkeypatch.setattr(devprog, "apply", broken)
+    real_attach = net.attach_net
+    monkeypatch.setattr(net, "attach_net", broken)
     with pytest.raises(OSError, match="injected"):
-        setup_cgroup(CgroupConfig(path=path_for("t3"), **good), sleeper.pid)  # type: ignore[arg-type]
-    monkeypatch.undo()
+        setup_cgroup(CgroupConfig(path=path_for("t3"), net_classid=C10, **good), sleeper.pid)  # type: ignore[arg-type]
+    monkeypatch.setattr(net, "attach_net", real_attach)
+    ((cg_id, written),) = seen
+    assert written > 0 and entries_of(cg_id) == {"dev_rules": 0, "net_prios": 0}
     assert m.unit_path(unit_for("t3")) is None
     assert set(os.listdir("/sys/fs/cgroup/system.slice")) == before
     # the caller's process is alive, back in the cgroup it came from
