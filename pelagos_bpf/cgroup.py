@@ -264,7 +264,7 @@ def _setup_scope(
         if strict and (sp.problems or sp.unsafe):
             raise UnsupportedSettings(sp.problems + sp.unsafe)
         report = SetupReport(skipped=[*cfg.ignored, *sp.problems], routes=sp.routes)
-        origin = _cgroup_of(pid, hier.root)
+        origin = driver.cgroup_of(pid)
         scope = driver.start_scope(spec, pid, sp.props.properties, sp.programs, manager=m)
     cg = Cgroup(scope.path, scope.id, hier.root, [], report, features=set(), scope=scope)
     try:
@@ -287,24 +287,13 @@ def _setup_scope(
     except BaseException as e:
         # The caller's process goes back where it was (the cgroupfs path moves it in last, so
         # a failure never kills it); then the scope is torn down.
-        try:
-            write_file(origin / "cgroup.procs", str(pid), "rollback")
-        except CgroupError as undo:
-            e.add_note(f"rollback: pid {pid} stays in the scope and dies with it: {undo}")
+        driver.move_back(pid, origin, e)
         try:
             teardown_cgroup(cg)
         except Exception as undo:
             e.add_note(f"rollback: {undo}")
         raise
     return cg
-
-
-def _cgroup_of(pid: int, root: Path) -> Path:
-    """The cgroup2 directory `pid` is in now (its `0::` line; the root if it is gone, when
-    systemd refuses the start anyway)."""
-    text = read_text(Path(f"/proc/{pid}/cgroup"))
-    rel = next((ln[3:] for ln in text.splitlines() if ln.startswith("0::")), "/")
-    return root / rel.lstrip("/")
 
 
 def _open_scope(path: str) -> Cgroup:

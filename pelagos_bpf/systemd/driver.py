@@ -185,14 +185,33 @@ def start_scope(
             raise SystemdError(
                 spec.unit, "BPFProgram", "unsupported", f"systemd {version} < 249 lacks it"
             )
+        origin = cgroup_of(pid)
         _start(m, spec.unit, props, deadline)
         try:
             scope = _opened(m, spec, version, programs, tuple(properties))
             _check_attached(scope)
         except BaseException as e:
+            move_back(pid, origin, e)
             _stop(m, spec.unit, deadline, e)
             raise
         return scope
+
+
+def cgroup_of(pid: int) -> Path:
+    """The cgroup2 directory `pid` is in now (its `0::` line; the root when the process is
+    gone, which systemd then refuses to put in a scope anyway)."""
+    text = read_text(Path(f"/proc/{pid}/cgroup"))
+    rel = next((ln[3:] for ln in text.splitlines() if ln.startswith("0::")), "/")
+    return discover().root / rel.lstrip("/")
+
+
+def move_back(pid: int, origin: Path, during: BaseException) -> None:
+    """A failed start gives the caller's process back to the cgroup it came from before the
+    scope is stopped (StopUnit would kill it): a failure leaves the caller as it was."""
+    try:
+        write_file(origin / "cgroup.procs", str(pid), "rollback")
+    except CgroupError as e:
+        during.add_note(f"rollback: pid {pid} stays in the scope and is stopped with it: {e}")
 
 
 def _start(m: Manager, unit: str, props: list[Property], deadline: float) -> None:
