@@ -328,6 +328,25 @@ def test_scope_with_limits_devices_and_classid_survives_reload(
         wait_for(lambda i=i: freed(i), f"program {i} to be freed")  # type: ignore[misc]
 
 
+def test_socket_carrier_programs_held_by_systemd(
+    m: Manager, units: list[str], sleeper: subprocess.Popen[bytes], pin_dir: Path
+) -> None:
+    """Carrier "socket": systemd holds sock_create + setsockopt instead of egress + ingress."""
+    units.append(unit_for("t7"))
+    with topology(("va",)) as topo:
+        cfg = CgroupConfig(path=path_for("t7"), net_classid=C10, net_carrier="socket")
+        cg = setup_cgroup(cfg, sleeper.pid)
+        try:
+            held = m.unit_property(cg.unit or "", "BPFProgram", SCOPE_IFACE)
+            assert sorted(k for k, _ in held) == ["setsockopt", "sock_create"]
+            for _ in range(2):
+                assert send(topo, "va", 3, cg) == {C10: 3}
+                reload(m)
+        finally:
+            teardown_cgroup(cg)
+        assert m.unit_path(unit_for("t7")) is None
+
+
 def test_without_pins_programs_attach_inside_the_scope_and_survive_reload(
     m: Manager, units: list[str], sleeper: subprocess.Popen[bytes], no_pins: None
 ) -> None:
