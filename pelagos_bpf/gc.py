@@ -181,12 +181,12 @@ def _remove_stale_pins(report: GcReport, units: _Units) -> None:
             report.pins_kept[path] = users
             continue
         try:
-            os.unlink(os.path.join(d, name))
-            report.pins_removed.append(os.path.join(d, name))
+            os.unlink(path)
+            report.pins_removed.append(path)
         except FileNotFoundError:
             continue
         except OSError as e:
-            report.errors.append(f"{d}/{name}: {e}")
+            report.errors.append(f"{path}: {e}")
 
 
 def _remove_abandoned(prefix: str, report: GcReport) -> None:

@@ -105,13 +105,10 @@ def _systemd_lines(sd: Any) -> list[str]:
         "  held by systemd (re-applied at daemon-reload):",
     ]
     lines += [f"    {k}={v} ({sd['files'][k]})" for k, v in sd["properties"].items()]
+    state = {True: "attached", False: "NOT attached", None: "attachment unknown"}
+    gone = "; its pin is GONE: systemd detaches the program at the next daemon-reload"
     for prog in sd["programs"]:
-        state = {True: "attached", False: "NOT attached", None: "attachment unknown"}
-        pin = (
-            ""
-            if prog["pin_present"] is not False
-            else ("; its pin is GONE: systemd detaches the program at the next daemon-reload")
-        )
+        pin = gone if prog["pin_present"] is False else ""
         lines.append(f"    BPFProgram={prog['kind']}:{prog['pin']} {state[prog['attached']]}{pin}")
     return lines
 
