@@ -4,6 +4,13 @@ Setup order (docs/ARCHITECTURE.md): validate -> plan (controller writes, control
 availability, device/net feature resolution; no side effects) -> mkdir -> enable controllers in
 ancestors -> controller writes -> attach devices -> attach net -> move the pid in. Any failure
 undoes what was done, in reverse, and re-raises: a runtime never sees a half-built cgroup.
+
+runc's systemd form, `path="slice:prefix:name"` (what `--systemd-cgroup` takes), selects the
+systemd driver instead (docs/SYSTEMD.md): validate -> plan every setting's route (a unit
+property, a file inside the delegated scope, or a program systemd attaches through
+BPFProgram=) -> StartTransientUnit of the scope with the process in it -> file writes -> rule
+sets and net settings as map writes into the programs systemd attached. A failure stops the
+scope. A plain path never goes to systemd.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import controllers, devices, net
 from .cgref import open_dir
@@ -31,7 +38,12 @@ from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSet
 from .hierarchy import discover
 from .net import program as netprog
 from .owner import creating, mark
+from .systemd.names import is_systemd_form
 from .validate import validate_config
+
+if TYPE_CHECKING:
+    from .systemd.driver import Scope
+    from .systemd.properties import Route
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,9 @@ class SetupReport:
     applied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     written: list[tuple[str, str]] = field(default_factory=list)  # (filename, value)
+    # systemd driver only: the path each setting took (a unit property, a file in the
+    # scope, or a program systemd attaches), and whether daemon-reload keeps it.
+    routes: list[Route] = field(default_factory=list)
 
     def _applied(self, setting: str) -> None:
         if setting not in self.applied:
@@ -69,14 +84,25 @@ class Cgroup:
     # BPF features this process attached (set by setup/update); None: unknown (an opened
     # handle), so teardown asks the kernel what is attached.
     features: set[str] | None = field(default=None, compare=False)
+    # The systemd scope that owns this cgroup (the systemd driver); None: a cgroupfs cgroup.
+    scope: Scope | None = field(default=None, compare=False)
 
     @classmethod
     def open(
         cls, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None
     ) -> Cgroup:
-        """A handle for an existing cgroup directory (e.g. in another process than setup's)."""
+        """A handle for an existing cgroup directory (e.g. in another process than setup's),
+        or, for runc's `slice:prefix:name`, of the running scope systemd has for it (then
+        update and teardown go through systemd); CgroupError ENOENT if there is none."""
+        if isinstance(path, str) and is_systemd_form(path):
+            return _open_scope(path)
         p = Path(path)
         return cls(path=p, id=os.stat(p).st_ino, root=Path(root) if root else p.parent)
+
+    @property
+    def unit(self) -> str | None:
+        """The systemd unit owning the cgroup (systemd driver), else None."""
+        return self.scope.unit if self.scope is not None else None
 
     def open_fd(self) -> int:
         """An O_RDONLY|O_DIRECTORY|O_CLOEXEC fd of the cgroup dir; the caller closes it.
@@ -148,10 +174,18 @@ def setup_cgroup(
     what it can and records the rest in `cg.report.skipped`. `pid=None` creates the cgroup
     without moving a process (then cfg.path is required). `net_carrier` overrides
     cfg.net_carrier (default "auto").
+
+    `path="slice:prefix:name"` (runc's --systemd-cgroup form): a transient scope systemd owns,
+    `pelagos-bpf container ...` in its Description; the process is required (systemd refuses
+    a scope without one) and `root` must be None (systemd's tree is where systemd has it). In
+    strict mode a setting that would be written as a file systemd rewrites at daemon-reload is
+    refused too; `cg.report.routes` says which path each setting took.
     """
     validate_config(cfg)
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid < 1):
         raise ConfigError("pid", pid, "must be a process id >= 1")
+    if cfg.path is not None and is_systemd_form(cfg.path):
+        return _setup_scope(cfg, pid, strict, root, net_carrier or cfg.net_carrier or "auto")
     if cfg.path is not None:
         rel = cfg.path.lstrip("/")  # validate_config checked it (validate_path)
     elif pid is not None:
@@ -213,6 +247,94 @@ def setup_cgroup(
         report.skipped,
     )
     return cg
+
+
+# ---------------------------------------------------------------- the systemd driver
+
+_BPF_SETTINGS = frozenset({"device_rules", "net_classid", "net_priorities"})
+
+
+def _setup_scope(
+    cfg: CgroupConfig,
+    pid: int | None,
+    strict: bool,
+    root: str | os.PathLike[str] | None,
+    carrier: str,
+) -> Cgroup:
+    """setup_cgroup for `slice:prefix:name`: the scope with every setting, or nothing."""
+    from .systemd import driver, lifecycle, systemd_reachable
+    from .systemd.dbus import Manager, SystemdUnavailable
+
+    assert cfg.path is not None
+    spec = driver.ScopeSpec.from_path(cfg.path)  # ConfigError("path") before the bus
+    if pid is None:
+        raise ConfigError("pid", None, driver.NO_PID)
+    if root is not None:
+        raise ConfigError(
+            "root", os.fspath(root), "the systemd driver puts the scope where systemd's tree is"
+        )
+    if (why := systemd_reachable()) is not None:
+        raise SystemdUnavailable(why)
+    hier = discover()
+    net_plan = None
+    if cfg.net_classid is not None or cfg.net_priorities:
+        net_plan = net.resolve_net(cfg.net_classid, list(cfg.net_priorities), pid, carrier)
+    with Manager.connect() as m:
+        sp = lifecycle.plan_scope(cfg, m.version(), hier.root, net_plan)
+        if strict and (sp.problems or sp.unsafe):
+            raise UnsupportedSettings(sp.problems + sp.unsafe)
+        report = SetupReport(skipped=[*cfg.ignored, *sp.problems], routes=sp.routes)
+        origin = driver.cgroup_of(pid)
+        scope = driver.start_scope(spec, pid, sp.props.properties, sp.programs, manager=m)
+    cg = Cgroup(scope.path, scope.id, hier.root, [], report, features=set(), scope=scope)
+    try:
+        for r in sp.routes:
+            if r.via == "systemd" and r.setting not in _BPF_SETTINGS:  # held since the start
+                report._applied(r.setting)
+        _enable_controllers(hier.root, scope.path, controllers.needed_controllers(sp.writes))
+        _apply_writes(scope.path, sp.writes, strict, report)
+        skipped = {s for s, _ in report.skipped}
+        report.routes = [r for r in report.routes if r.setting not in skipped]
+        if cfg.device_rules:
+            cg.features = {"devices"}
+            # Map writes into the program systemd attached (or an attach in the scope)
+            devprog.apply(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
+            report._applied("device_rules")
+        if net_plan is not None:
+            cg.features = {*(cg.features or ()), "net"}
+            net.attach_net(cg, net_plan)
+            _net_applied(cfg, report)
+    except BaseException as e:
+        # The caller's process goes back where it was (the cgroupfs path moves it in last, so
+        # a failure never kills it); then the scope is torn down.
+        driver.move_back(pid, origin, e)
+        try:
+            teardown_cgroup(cg)
+        except Exception as undo:
+            e.add_note(f"rollback: {undo}")
+        raise
+    return cg
+
+
+def _open_scope(path: str) -> Cgroup:
+    from .systemd import driver
+
+    scope = driver.open_scope(path)
+    if scope is None:
+        unit = driver.ScopeSpec.from_path(path).unit
+        raise CgroupError(errno.ENOENT, f"path: systemd has no unit {unit} (from {path})")
+    root = discover().root
+    return Cgroup(scope.path, scope.id, root, scope=scope)
+
+
+def _stop_unit(cg: Cgroup) -> None:
+    """StopUnit and wait (the scope is empty by now: systemd may have collected it already),
+    then the sub-cgroups a delegate made, which systemd may leave."""
+    from .systemd import driver
+
+    assert cg.scope is not None
+    driver.stop_scope(cg.scope.unit, kill=False)
+    _rmdir_tree(cg.path)
 
 
 def _net_applied(cfg: CgroupConfig, report: SetupReport) -> None:
@@ -361,6 +483,9 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
     after it, when no task can run the programs for this cgroup any more. A cgroup this
     process's programs do not serve (set up by another process, or detached from inside)
     takes the general path: find ours of every version, detach, delete.
+
+    A systemd scope (the systemd driver) is stopped instead of removed: StopUnit and wait,
+    once everything in it is killed; its programs' entries go as above.
     """
     if cg.torn_down:
         return
@@ -371,12 +496,14 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
         cfd = -1
     if cfd >= 0:
         try:
+            # Read before the kill: systemd removes a scope's cgroup (and its storage) by
+            # itself once it is empty.
+            dev_keys = devprog.removal_keys(cg)
+            prio_key = netprog.removal_key(cg)
             if _kill_all(cfd, cg.path, timeout):
                 _wait_unpopulated(cfd, cg.path, timeout)
         finally:
             os.close(cfd)
-        dev_keys = devprog.removal_keys(cg)
-        prio_key = netprog.removal_key(cg)
         for name, fast, detach in (
             ("net", prio_key, netprog.detach_net_any),
             ("devices", dev_keys, devprog.detach_all),
@@ -387,11 +514,16 @@ def teardown_cgroup(cg: Cgroup, *, timeout: float = TEARDOWN_TIMEOUT) -> None:
                 detach(cg)
             except Exception as e:
                 errors.append(e)
-        _rmdir_tree(cg.path)
+        if cg.scope is not None:
+            _stop_unit(cg)
+        else:
+            _rmdir_tree(cg.path)
         if prio_key is not None:
             netprog.remove_entries(cg.id, prio_key)
         if dev_keys is not None:
             devprog.remove_entries(dev_keys)
+    elif cg.scope is not None:  # the cgroup is gone; the unit may still be loaded
+        _stop_unit(cg)
     for d in reversed(cg.created):
         if d == cg.path or not d.exists():
             continue
@@ -480,6 +612,8 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
     keeps the classid and carrier. Interface names resolve in the cgroup's first process's netns.
     """
     validate_config(cfg)
+    if cg.scope is not None:
+        return _update_scope(cg, cfg)
     procs = read_text(cg.path / "cgroup.procs").split()
     carrier = cfg.net_carrier
     # A cgroup's own cgroup.controllers says which controller files it has: plan against it.
@@ -494,18 +628,62 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
         report._applied("device_rules")
         if cg.features is not None:
             cg.features.add("devices")
-    if plan.net_plan is not None or carrier is not None:
-        named = frozenset(
-            n
-            for n, given in (
-                ("classid", cfg.net_classid is not None),
-                ("priorities", cfg.net_priorities),
-            )
-            if given
-        )
-        net.update_net(cg, plan.net_plan or net.NetPlan(), named, carrier)
-        _net_applied(cfg, report)
-        if cg.features is not None:
-            cg.features.add("net")
+    _update_net(cg, cfg, plan.net_plan, report)
     log.info("updated %s: applied %s", cg.path, report.applied)
+    return report
+
+
+def _update_net(cg: Cgroup, cfg: CgroupConfig, plan: Any, report: SetupReport) -> None:
+    carrier = cfg.net_carrier
+    if plan is None and carrier is None:
+        return
+    named = frozenset(
+        n
+        for n, given in (
+            ("classid", cfg.net_classid is not None),
+            ("priorities", cfg.net_priorities),
+        )
+        if given
+    )
+    net.update_net(cg, plan or net.NetPlan(), named, carrier)
+    _net_applied(cfg, report)
+    if cg.features is not None:
+        cg.features.add("net")
+
+
+def _update_scope(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
+    """update_cgroup of a systemd scope: SetUnitProperties for what systemd holds, files for the
+    rest, map writes for rule sets and net settings (the programs systemd attached stay)."""
+    from .systemd import lifecycle
+    from .systemd.dbus import Manager
+
+    assert cg.scope is not None
+    procs = read_text(cg.path / "cgroup.procs").split()
+    net_plan = None
+    if cfg.net_classid is not None or cfg.net_priorities:
+        pid = int(procs[0]) if procs else None
+        carrier = cfg.net_carrier or "auto"
+        net_plan = net.resolve_net(cfg.net_classid, list(cfg.net_priorities), pid, carrier)
+    lifecycle.check_carrier(cg.scope, cfg.net_carrier)
+    with Manager.connect() as m:
+        sp = lifecycle.plan_scope(cfg, m.version(), cg.root, net_plan, cg.scope.bpf_programs)
+        if sp.problems or sp.unsafe:
+            raise UnsupportedSettings(sp.problems + sp.unsafe)
+        controllers.preflight(cg.path, cfg)
+        if lifecycle.burst_before_quota(cg.path, cfg, sp):
+            write_file(cg.path / "cpu.max.burst", "0", "cpu_burst")
+        report = SetupReport(skipped=list(cfg.ignored), routes=sp.routes)
+        if sp.props.properties:
+            m.set_unit_properties(cg.scope.unit, sp.props.properties, runtime=True)
+    for r in sp.routes:
+        if r.via == "systemd" and r.setting not in _BPF_SETTINGS:
+            report._applied(r.setting)
+    _enable_controllers(cg.root, cg.path, controllers.needed_controllers(sp.writes))
+    _apply_writes(cg.path, sp.writes, True, report)
+    if cfg.device_rules:
+        devices.update_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
+        report._applied("device_rules")
+        if cg.features is not None:
+            cg.features.add("devices")
+    _update_net(cg, cfg, net_plan, report)
     return report

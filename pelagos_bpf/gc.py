@@ -11,6 +11,11 @@ process), the entries whose cgroup no longer exists. It runs by itself when a ru
 the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
 It also unpins programs this release would not fetch. With `-v` (logging at INFO) every
 decision is logged with its reason: what was removed, what was kept.
+
+Under systemd (PID 1) two more rules: a pin a unit's `BPFProgram=` names is never removed
+(systemd re-opens it at daemon-reload and detaches the program if it is gone: the scope would
+fail open), and when the units cannot be asked (no D-Bus, no jeepney) no pin is removed at all;
+and failed scopes of ours (driver.MARK in their Description) are reset, so systemd unloads them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class GcReport:
     cgroups_removed: list[str] = field(default_factory=list)
     programs_detached: int = 0
     pins_removed: list[str] = field(default_factory=list)
+    pins_kept: dict[str, list[str]] = field(default_factory=dict)  # stale pin -> its units
+    units_reset: list[str] = field(default_factory=list)  # failed scopes of ours, reset
+    notes: list[str] = field(default_factory=list)  # what gc left alone, and why
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -49,15 +57,19 @@ class GcReport:
         return sum(self.entries_removed.values())
 
     def __str__(self) -> str:
+        kept = self.pins_kept.items()
         lines = [
             f"cgroups removed: {len(self.cgroups_removed)}",
             *(f"  {p}" for p in self.cgroups_removed),
             f"programs detached: {self.programs_detached}",
             f"stale pins removed: {len(self.pins_removed)}",
             *(f"  {p}" for p in self.pins_removed),
+            *(f"stale pin kept: {p} (in BPFProgram= of {', '.join(u)})" for p, u in kept),
+            *([f"failed scopes reset: {', '.join(self.units_reset)}"] if self.units_reset else []),
             f"map entries removed: {self.total_entries} (of {self.dead_cgroups} dead cgroups)",
             *(f"  {k}: {n}" for k, n in sorted(self.entries_removed.items())),
         ]
+        lines += [f"note: {n}" for n in self.notes]
         if self.errors:
             lines += ["errors:", *(f"  {e}" for e in self.errors)]
         return "\n".join(lines)
@@ -66,6 +78,8 @@ class GcReport:
 def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
     """Reclaim entries of dead cgroups; with `prefix`, first remove abandoned cgroups under it."""
     report = GcReport()
+    units = _Units(report)
+    units.reset_failed()
     if prefix is not None:
         _remove_abandoned(os.fspath(prefix), report)
     dead_ids: set[int] = set()
@@ -96,14 +110,55 @@ def collect(prefix: str | os.PathLike[str] | None = None) -> GcReport:
                     for fd in maps.values():
                         os.close(fd)
     report.dead_cgroups = len(dead_ids)
-    _remove_stale_pins(report)
+    _remove_stale_pins(report, units)
     return report
 
 
-def _remove_stale_pins(report: GcReport) -> None:
+class _Units:
+    """gc's questions to systemd, asked only where systemd is PID 1; fail safe without D-Bus."""
+
+    def __init__(self, report: GcReport) -> None:
+        from .systemd import SYSTEMD_RUN_DIR
+
+        self.report = report
+        self.systemd = SYSTEMD_RUN_DIR.is_dir()  # sd_booted(): only then can units exist
+
+    def reset_failed(self) -> None:
+        if not self.systemd:
+            return
+        from .systemd import units
+        from .systemd.dbus import SystemdError, SystemdUnavailable
+
+        try:
+            self.report.units_reset = units.reset_failed_ours()
+        except SystemdUnavailable as e:
+            self.report.notes.append(f"failed scopes not collected: {e}")
+        except SystemdError as e:
+            self.report.errors.append(str(e))
+
+    def referenced_pins(self) -> dict[str, list[str]] | None:
+        """pin -> units whose BPFProgram= names it; {} without systemd; None: not known."""
+        if not self.systemd:
+            return {}
+        from .systemd import driver
+        from .systemd.dbus import SystemdError, SystemdUnavailable
+
+        try:
+            return driver.referenced_pins()
+        except (SystemdUnavailable, SystemdError) as e:
+            self.report.notes.append(
+                f"no pin removed: cannot ask systemd which pins its units' BPFProgram= name "
+                f"({e}); a unit's pin removed now would make systemd detach its program at "
+                "the next daemon-reload"
+            )
+            return None
+
+
+def _remove_stale_pins(report: GcReport, units: _Units) -> None:
     """Unpin our programs that this release would not fetch (an older bytecode, another map
     size setting): a pin keeps its program and maps loaded for as long as it exists. A process
-    still using one holds its own fds; a process wanting one pins it again."""
+    still using one holds its own fds; a process wanting one pins it again. A pin a systemd
+    unit references stays (its scope's program depends on it at the next daemon-reload)."""
     d = pin_dir()
     if d is None:
         return
@@ -116,6 +171,7 @@ def _remove_stale_pins(report: GcReport) -> None:
     except OSError as e:
         report.errors.append(f"pins in {d}: {e}")
         return
+    stale = []
     for name in sorted(names):
         prog, _, digest = name.rpartition("_")
         if prog not in ours or len(digest) != 16:
@@ -124,14 +180,27 @@ def _remove_stale_pins(report: GcReport) -> None:
         if name in current:
             log.debug("gc: pin %s/%s kept: this release fetches it", d, name)
             continue
+        stale.append(name)
+    if not stale:
+        return
+    referenced = units.referenced_pins()
+    if referenced is None:
+        return
+    for name in stale:
+        path = os.path.join(d, name)
+        users = referenced.get(path) or referenced.get(os.path.realpath(path))
+        if users:
+            report.pins_kept[path] = users
+            log.info("gc: pin %s kept: units %s name it in BPFProgram=", path, ", ".join(users))
+            continue
         try:
-            os.unlink(os.path.join(d, name))
-            report.pins_removed.append(os.path.join(d, name))
-            log.info("gc: unpinned %s/%s: a set this release would not fetch", d, name)
+            os.unlink(path)
+            report.pins_removed.append(path)
+            log.info("gc: unpinned %s: a set this release would not fetch", path)
         except FileNotFoundError:
             continue
         except OSError as e:
-            report.errors.append(f"{d}/{name}: {e}")
+            report.errors.append(f"{path}: {e}")
 
 
 def _remove_abandoned(prefix: str, report: GcReport) -> None:

@@ -97,7 +97,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def validate_path(value: Any) -> str:
-    """Return the path relative to the cgroup root.
+    """Return the path relative to the cgroup root (for runc's systemd form `slice:prefix:name`,
+    the cgroup systemd will make for that unit, checked against systemd's name rules).
 
     Rejects what the kernel would refuse with a raw OSError or a runtime would print badly:
     '..', '.', empty components, control characters (NUL, tab, CR, newline, DEL), text that is
@@ -105,8 +106,8 @@ def validate_path(value: Any) -> str:
     """
     if not isinstance(value, str):
         raise ConfigError("path", value, "must be a string")
-    if systemd.is_systemd_form(value):  # "slice:prefix:name" must never become a directory name
-        systemd.resolve(value)
+    if systemd.is_systemd_form(value):  # "slice:prefix:name" is a unit, never a directory name
+        return systemd.resolve(value).cgroup_path
     try:
         raw = value.encode()
     except UnicodeEncodeError:

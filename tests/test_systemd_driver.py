@@ -473,9 +473,13 @@ def test_bad_input_leaves_nothing(
         assert unit_gone(m, spec.unit)
     # a program systemd cannot attach (a device program as egress): systemd only logs that,
     # the driver finds it unattached and stops the scope
+    origin = Path(f"/proc/{sleeper.pid}/cgroup").read_text()
     with pytest.raises(SystemdError, match="not attached"):
         driver.start_scope(spec, sleeper.pid, [], [("egress", device_pin[0])], manager=m)
     assert unit_gone(m, spec.unit)
+    # the caller's process was given back before the stop (which would have killed it)
+    assert sleeper.poll() is None
+    assert Path(f"/proc/{sleeper.pid}/cgroup").read_text() == origin
     # a pin that is not there: ConfigError before the bus
     with pytest.raises(ConfigError, match="not a pinned BPF program"):
         driver.start_scope(spec, sleeper.pid, [], [("device", f"/sys/fs/bpf/none-{TOKEN}")])

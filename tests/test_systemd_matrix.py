@@ -23,7 +23,7 @@ from tests.vm import qemu  # noqa: E402
 from tests.vm import run as vmrun  # noqa: E402
 
 KERNEL = os.environ.get("PELAGOS_SYSTEMD_KERNEL", "6.12")
-GUEST_TESTS = ["tests/test_systemd_driver.py"]
+GUEST_TESTS = ["tests/test_systemd_driver.py", "tests/test_systemd_library.py"]
 
 
 @pytest.fixture(scope="module")

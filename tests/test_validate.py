@@ -239,10 +239,11 @@ def test_validate_reaches_net_only_through_the_leaf_plan_module() -> None:
     assert imported(plan_mod) == {"..errors"}
 
 
-def test_systemd_driver_path_is_refused_not_made_a_directory() -> None:
-    """runc's --systemd-cgroup form is a unit, not a directory name: a clear error naming the
-    systemd path it would be (no transient scope support yet)."""
-    with pytest.raises(ConfigError) as e:
-        validate_path("system.slice:docker:abc")
-    assert "system.slice/docker-abc.scope" in str(e.value)
+def test_systemd_driver_path_is_a_unit_not_a_directory() -> None:
+    """runc's --systemd-cgroup form is a unit, not a directory name: validation gives the cgroup
+    systemd will make for it, and refuses a name systemd would refuse."""
+    assert validate_path("system.slice:docker:abc") == "system.slice/docker-abc.scope"
     assert validate_path("system.slice/docker-abc.scope") == "system.slice/docker-abc.scope"
+    with pytest.raises(ConfigError) as e:
+        validate_path("a--b.slice:docker:abc")
+    assert e.value.setting == "path"

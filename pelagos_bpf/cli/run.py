@@ -6,30 +6,51 @@ KeyboardInterrupt unwinds half a teardown. The first one is forwarded to the com
 the terminal already sent it to the whole foreground process group: si_code SI_KERNEL); a
 second one, or `--stop-timeout` seconds without the command exiting, kills it. The cgroup is
 always torn down (which kills whatever else is left in it), and `run` exits 128+N.
+
+`--systemd [--slice S]` does what `systemd-run --scope` does (a transient scope
+`pelagos-run-<pid>.scope` in S, default system.slice, with the limits as unit properties), plus
+our device and net settings, whose programs systemd attaches (BPFProgram=); the scope is
+stopped at the end. Its stats may be gone by then (NO_STATS; JSON: "stats": null).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..cgroup import Cgroup, setup_cgroup, teardown_cgroup
 from ..config import CgroupConfig
-from ..stats import read_stats
-from .common import EXIT_CANNOT_EXEC, EXIT_CODES_HELP, EXIT_NOT_FOUND, EXIT_TOOL, CliError
+from ..errors import ConfigError
+from ..stats import ResourceStats, read_stats
+from ..systemd.names import expand_slice
+from .common import (
+    EXIT_CANNOT_EXEC,
+    EXIT_CODES_HELP,
+    EXIT_NOT_FOUND,
+    EXIT_TOOL,
+    CliError,
+    flag_for,
+)
 from .flags import add_config_flags, config_from_args, default_rule_count
 from .output import SCHEMA, format_stats, report_json, report_lines, stats_json
+
+if TYPE_CHECKING:
+    from ..systemd.properties import Route
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 _WAITED = {*STOP_SIGNALS, signal.SIGCHLD}
 SI_KERNEL = 0x80  # siginfo si_code of a signal the terminal sent to the foreground group
 STOP_TIMEOUT = 10.0
+# systemd stops a scope and removes its cgroup, counters included, once its last process exits:
+# reading them races with that, and a read that lost is not shown as zeros.
+NO_STATS = "stats:  n/a (systemd removed the scope's cgroup when the command exited)"
 
 
 class _Outcome:
@@ -135,16 +156,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         raise CliError("give a command after --, e.g. pelagos-bpf run --memory 64M -- sleep 1")
     cfg = config_from_args(args)
+    unit_slice = _systemd_slice(args)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
     try:
-        return _run(args, cmd, cfg, old)
+        return _run(args, cmd, cfg, old, unit_slice)
     finally:
         _drain()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _systemd_slice(args: argparse.Namespace) -> str | None:
+    """The slice of the scope `--systemd`/`--slice` ask for (checked before the fork); None:
+    no scope is made by `run` itself (a plain --path, or one in slice:prefix:name form)."""
+    if not (args.systemd or args.slice):
+        return None
+    if args.path is not None:
+        raise CliError(
+            "--path with --systemd/--slice: give either --path SLICE:PREFIX:NAME (a scope of "
+            "your naming) or --systemd [--slice S] (pelagos-run-<pid>.scope)"
+        )
+    if args.root is not None:
+        raise CliError("--root with --systemd: systemd's tree is where systemd mounted it")
+    slice_ = args.slice or "system.slice"
+    try:
+        expand_slice(slice_)
+    except ConfigError as e:
+        raise CliError(f"--slice {slice_}: {e.reason}") from None
+    return slice_
+
+
 def _run(
-    args: argparse.Namespace, cmd: list[str], cfg: CgroupConfig, mask: set[int | signal.Signals]
+    args: argparse.Namespace,
+    cmd: list[str],
+    cfg: CgroupConfig,
+    mask: set[int | signal.Signals],
+    unit_slice: str | None,
 ) -> int:
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -155,6 +201,8 @@ def _run(
         _child(cmd, go_r, err_w, mask)
     os.close(go_r)
     os.close(err_w)
+    if unit_slice is not None:
+        cfg.path = f"{unit_slice}:pelagos:run-{pid}"
     try:
         cg = setup_cgroup(
             cfg, pid, strict=not args.best_effort, root=args.root, net_carrier=args.net_carrier
@@ -176,7 +224,9 @@ def _run(
             os.waitpid(pid, 0)
             raise _exec_failure(cmd[0], err)
         _wait(pid, args.stop_timeout, args.quiet, out)
-        stats = read_stats(cg)
+        stats: ResourceStats | None = read_stats(cg)
+        if cg.unit is not None and not cg.path.exists():
+            stats = None  # systemd removed the emptied scope during (or before) the read
     finally:
         teardown_cgroup(cg)
     _print_summary(args, cmd, cg, out, stats)
@@ -198,13 +248,18 @@ def _print_summary(
             "stopped_by": signal.Signals(out.stopped_by).name if out.stopped_by else None,
             "killed": out.killed,
             "report": report_json(cg.report, offset),
-            "stats": stats_json(stats),
+            "stats": None if stats is None else stats_json(stats),
         }
+        if cg.unit is not None:  # the systemd driver: the unit, and each setting's route
+            doc["unit"] = cg.unit
+            doc["routes"] = [dataclasses.asdict(r) for r in cg.report.routes]
         print(json.dumps(doc), flush=True)
         return
     if args.quiet:
         return
     lines = [f"--- pelagos-bpf: {cg.path} (id {cg.id})"]
+    if cg.unit is not None:
+        lines.append(f"unit:   {cg.unit} (stopped)")
     code = out.exit_code()
     how = f"{code}"
     if out.stopped_by:
@@ -214,8 +269,19 @@ def _print_summary(
         how += f" (killed by signal {code - 128})"
     lines.append(f"exit:   {how}")
     lines += report_lines(cg.report, offset)
-    lines += format_stats(stats)
+    lines += route_lines(cg.report.routes, offset)
+    lines += format_stats(stats) if stats is not None else [NO_STATS]
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def route_lines(routes: list[Route], rule_offset: int = 0) -> list[str]:
+    """Which path each setting took under the systemd driver."""
+    where = {"systemd": "held by systemd", "file": "written in the scope", "scope": "attached"}
+    return [
+        f"{where.get(r.via, r.via)}: {flag_for(r.setting, rule_offset)}: {r.what}"
+        + ("" if r.reload_safe else " (lost at the next daemon-reload)")
+        for r in routes
+    ]
 
 
 def register(sub: Any) -> None:
@@ -236,7 +302,20 @@ def register(sub: Any) -> None:
         help="where --net-classid goes: skb->priority or skb->mark per packet, or the socket's "
         "priority once at its creation (socket: no per-packet cost; auto: mark if --net-prio)",
     )
-    r.add_argument("--path", help="cgroup path under the root (default pelagos-<pid>)")
+    r.add_argument(
+        "--path",
+        help="cgroup path under the root (default pelagos-<pid>); SLICE:PREFIX:NAME (runc's "
+        "--systemd-cgroup form) makes the systemd scope PREFIX-NAME.scope in SLICE",
+    )
+    r.add_argument(
+        "--systemd",
+        action="store_true",
+        help="run in a transient systemd scope (pelagos-run-<pid>.scope), as systemd-run "
+        "--scope: limits become unit properties, systemd attaches our device and net programs",
+    )
+    r.add_argument(
+        "--slice", metavar="SLICE", help="the scope's slice (implies --systemd; system.slice)"
+    )
     r.add_argument("--root", help="cgroup2 root (default: $PELAGOS_CGROUP_ROOT or mountinfo)")
     r.add_argument(
         "--best-effort", action="store_true", help="skip settings this host cannot apply"

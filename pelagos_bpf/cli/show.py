@@ -3,11 +3,15 @@
 Why it degrades instead of failing: the cgroup files are world-readable, bpf(2) queries need
 root. A non-root operator still gets the limits and counters, with the BPF part marked
 "needs root" (JSON: {"error": ...}) rather than a refusal of the whole command.
+
+Under systemd, the unit that owns the cgroup is shown with the settings systemd holds for it
+(unit properties and BPFProgram= entries): those are what daemon-reload re-applies.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 from collections.abc import Callable
@@ -71,6 +75,44 @@ def _bpf_part(read: Callable[[Cgroup], Any], cg: Cgroup) -> Any:
         return {"error": BPF_NEEDS_ROOT if _needs_root(e) else os_message(e)}
 
 
+def systemd_part(p: Path) -> dict[str, Any] | None:
+    """The unit owning the cgroup and what systemd holds for it; None without systemd as PID 1
+    or when no unit owns it; {"error": why} when systemd cannot be asked."""
+    from ..hierarchy import discover
+    from ..systemd import SYSTEMD_RUN_DIR, units
+
+    if not SYSTEMD_RUN_DIR.is_dir():
+        return None
+    root = discover().root
+    if not p.is_relative_to(root):
+        return None
+    try:
+        info = units.unit_info(p, root)
+    except (PelagosError, OSError) as e:
+        return {"error": os_message(e)}
+    return None if info is None else dataclasses.asdict(info)
+
+
+def _systemd_lines(sd: Any) -> list[str]:
+    if sd is None:
+        return []
+    if "error" in sd:
+        return [f"systemd:     {sd['error']}"]
+    where = " (this cgroup is in its delegated subtree)" if sd["inside"] else ""
+    lines = [
+        f"systemd:     unit {sd['unit']}{where}, {sd['active']}, slice {sd['slice'] or '-'}, "
+        f"Delegate={'yes' if sd['delegate'] else 'no'}",
+        "  held by systemd (re-applied at daemon-reload):",
+    ]
+    lines += [f"    {k}={v} ({sd['files'][k]})" for k, v in sd["properties"].items()]
+    state = {True: "attached", False: "NOT attached", None: "attachment unknown"}
+    gone = "; its pin is GONE: systemd detaches the program at the next daemon-reload"
+    for prog in sd["programs"]:
+        pin = gone if prog["pin_present"] is False else ""
+        lines.append(f"    BPFProgram={prog['kind']}:{prog['pin']} {state[prog['attached']]}{pin}")
+    return lines
+
+
 def inspect_doc(p: Path) -> tuple[dict[str, Any], ResourceStats]:
     """Everything `inspect` shows, as the JSON document (schema 1), and the stats read."""
     cg = Cgroup.open(p)
@@ -91,6 +133,7 @@ def inspect_doc(p: Path) -> tuple[dict[str, Any], ResourceStats]:
         "limits": read_limits(p),
         "devices": _bpf_part(device_state, cg),
         "net": _bpf_part(net_state, cg),
+        "systemd": systemd_part(p),
         "stats": stats_json(stats),
     }
     if bpf_error:
@@ -159,6 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines += [f"  {name:22} {_human_limit(name, value)}" for name, value in present.items()]
     if not present:
         lines[-1] = "limits:      (no controller files)"
+    lines += _systemd_lines(doc["systemd"])
     lines += _device_lines(doc["devices"]) + _net_lines(doc["net"])
     lines.append("stats:")
     lines += ["  " + line for line in format_stats(stats)]

@@ -9,8 +9,10 @@ CgroupConfig -> unit properties as runc's genV2ResourcesProperties, and the file
 cannot carry), `dbus` (systemd's Manager over jeepney, optional dependency), `driver` (start,
 update and stop a scope). Importing this package imports no D-Bus library.
 
-`resolve` is what validate_config calls: setup_cgroup does not drive systemd yet, so the colon
-form is still a ConfigError there, saying why; `driver` is the API to create scopes.
+`resolve` is what validate_config calls (pure: the form and systemd's name rules); setup_cgroup
+takes a path in this form to the driver (`slice:prefix:name` never becomes a directory name).
+`programs` picks the pinned programs systemd attaches through BPFProgram=; `units` reads a
+unit back (inspect) and finds our failed scopes (gc).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
 from .names import SystemdPath, expand_slice, is_systemd_form, parse
 
 __all__ = [
@@ -46,19 +47,9 @@ def systemd_reachable() -> str | None:
 
 
 def resolve(path: str) -> SystemdPath:
-    """The parsed systemd path, or a ConfigError saying why setup_cgroup cannot honour it.
+    """The parsed systemd path; ConfigError naming `path` if systemd would not accept it.
 
-    setup_cgroup/update_cgroup/teardown_cgroup do not call the driver yet (see
-    docs/SYSTEMD.md); until they do, a reachable systemd also gets an error rather than a
-    cgroup made behind its back.
+    Pure: whether systemd is reachable is the driver's question, asked at setup (a
+    `SystemdUnavailable` naming the driver), not at validation.
     """
-    parsed = parse(path)
-    why = systemd_reachable() or (
-        "setup_cgroup does not use the systemd driver yet (pelagos_bpf.systemd.driver does)"
-    )
-    raise ConfigError(
-        "path",
-        path,
-        f"systemd cgroup driver form (would be {parsed.cgroup_path}); {why}: "
-        "give a cgroupfs path such as 'mygroup/ctr1'",
-    )
+    return parse(path)

@@ -56,6 +56,9 @@ BPF_ATTACH_TYPES: dict[str, int] = {
     "getsockopt": 21,
     "setsockopt": 22,
 }
+# Every scope the driver starts has a Description beginning with this: how gc tells our failed
+# scopes from anyone else's (units.failed_scopes_of_ours); nothing else marks a transient unit.
+MARK = "pelagos-bpf container"
 NO_PID = (
     "systemd refuses a scope without a process ('Scope has no PIDs', measured on 252): start "
     "the container's process first (e.g. stopped in a pipe) and give its pid"
@@ -73,13 +76,15 @@ class ScopeSpec:
     @classmethod
     def from_path(cls, path: str, description: str = "") -> ScopeSpec:
         """From runc's `slice:prefix:name`; ConfigError naming `path` if it is not a scope
-        systemd would accept (checked before any D-Bus call)."""
+        systemd would accept (checked before any D-Bus call). The Description always starts
+        with MARK (gc's proof that the unit is ours); `description` is added after it."""
         parsed = names.parse(path)
         if not parsed.is_scope:
             raise ConfigError(
                 "path", path, f"{parsed.unit} is a slice: the driver creates scopes only"
             )
-        return cls(parsed.slice, parsed.unit, description or f"pelagos-bpf container {path}")
+        text = f"{MARK} {path}" + (f": {description}" if description else "")
+        return cls(parsed.slice, parsed.unit, text)
 
     @property
     def cgroup_path(self) -> str:
@@ -180,14 +185,33 @@ def start_scope(
             raise SystemdError(
                 spec.unit, "BPFProgram", "unsupported", f"systemd {version} < 249 lacks it"
             )
+        origin = cgroup_of(pid)
         _start(m, spec.unit, props, deadline)
         try:
             scope = _opened(m, spec, version, programs, tuple(properties))
             _check_attached(scope)
         except BaseException as e:
+            move_back(pid, origin, e)
             _stop(m, spec.unit, deadline, e)
             raise
         return scope
+
+
+def cgroup_of(pid: int) -> Path:
+    """The cgroup2 directory `pid` is in now (its `0::` line; the root when the process is
+    gone, which systemd then refuses to put in a scope anyway)."""
+    text = read_text(Path(f"/proc/{pid}/cgroup"))
+    rel = next((ln[3:] for ln in text.splitlines() if ln.startswith("0::")), "/")
+    return discover().root / rel.lstrip("/")
+
+
+def move_back(pid: int, origin: Path, during: BaseException) -> None:
+    """A failed start gives the caller's process back to the cgroup it came from before the
+    scope is stopped (StopUnit would kill it): a failure leaves the caller as it was."""
+    try:
+        write_file(origin / "cgroup.procs", str(pid), "rollback")
+    except CgroupError as e:
+        during.add_note(f"rollback: pid {pid} stays in the scope and is stopped with it: {e}")
 
 
 def _start(m: Manager, unit: str, props: list[Property], deadline: float) -> None:
