@@ -15,6 +15,7 @@ import re
 from .errors import ConfigError
 
 _DEC = re.compile(r"[0-9]+")
+_INT = re.compile(r"-?[0-9]+")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
@@ -22,6 +23,16 @@ def parse_dec(text: str, setting: str, lo: int = 0, hi: int = 0xFFFF_FFFF) -> in
     """A decimal integer in [lo, hi] written with ASCII digits only (no sign, space or '_')."""
     if not isinstance(text, str) or not _DEC.fullmatch(text):
         raise ConfigError(setting, text, "want a decimal number (ASCII digits only)")
+    n = int(text)
+    if not lo <= n <= hi:
+        raise ConfigError(setting, text, f"out of range {lo}..{hi}")
+    return n
+
+
+def parse_int(text: str, setting: str, lo: int, hi: int) -> int:
+    """parse_dec that also takes a leading '-' (flags where -1 means "unlimited")."""
+    if not isinstance(text, str) or not _INT.fullmatch(text):
+        raise ConfigError(setting, text, "want an integer (ASCII digits, optional leading '-')")
     n = int(text)
     if not lo <= n <= hi:
         raise ConfigError(setting, text, f"out of range {lo}..{hi}")
@@ -41,8 +52,9 @@ def parse_hex(text: str, setting: str, hi: int = 0xFFFF) -> int:
 def parse_classid(text: str, setting: str) -> int:
     """ "1:10" (MAJ:MIN in hex, each half a u16, as tc and HTB handles), "0x10010" (hex) or
     "65552" (decimal) -> the u32 classid. Nothing else: no signs, spaces inside, '_' or
-    non-ASCII digits; a half above 0xffff is refused, never wrapped into the other."""
-    s = text.strip() if isinstance(text, str) else text
+    non-ASCII digits; a half above 0xffff is refused, never wrapped into the other. Only ASCII
+    blanks around it are dropped (str.strip would drop any Unicode space too)."""
+    s = text.strip(" \t") if isinstance(text, str) else text
     if isinstance(s, str) and ":" in s:
         major, _, minor = s.partition(":")
         return (parse_hex(major, setting) << 16) | parse_hex(minor, setting)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hook_helpers import LEAN, Env, attached_ids, make_env, nothing_attached
 
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.bpfsys import AttachType, ProgType
@@ -22,62 +22,7 @@ from pelagos_bpf.cgroup import Cgroup
 pytest_plugins = ["helpers"]
 pytestmark = pytest.mark.root
 
-HOOK = [sys.executable, "-m", "pelagos_bpf.cli", "oci-hook"]
-ATTACH_TYPES = (
-    AttachType.CGROUP_INET_EGRESS,
-    AttachType.CGROUP_INET_INGRESS,
-    AttachType.CGROUP_DEVICE,
-)
 ALLOW_ALL = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
-
-
-def attached_ids(path: Path) -> dict[int, list[int]]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return {int(t): bpfsys.prog_query(fd, t) for t in ATTACH_TYPES}
-    finally:
-        os.close(fd)
-
-
-def nothing_attached(path: Path) -> bool:
-    return not any(attached_ids(path).values())
-
-
-class Env:
-    """A bundle dir, a hook state dir and a container process in its own test cgroup."""
-
-    def __init__(self, tmp: Path, cg: Cgroup, pid: int) -> None:
-        self.bundle = tmp / "bundle"
-        self.bundle.mkdir()
-        self.state_dir = tmp / "state"
-        self.cg, self.pid = cg, pid
-        self.write_config({})
-
-    def write_config(self, annotations: dict[str, str], linux: dict | None = None) -> None:
-        cfg = {"ociVersion": "1.0.2", "annotations": annotations, "linux": linux or {}}
-        (self.bundle / "config.json").write_text(json.dumps(cfg))
-
-    def run(
-        self,
-        annotations: dict[str, str],
-        *,
-        status: str = "creating",
-        argv: list[str] = HOOK,
-        **over: object,
-    ) -> subprocess.CompletedProcess[str]:
-        state = {
-            "ociVersion": "1.0.2",
-            "id": "hooktest",
-            "status": status,
-            "pid": self.pid,
-            "bundle": str(self.bundle),
-            "annotations": annotations,
-            **over,
-        }
-        env = dict(os.environ, PELAGOS_BPF_HOOK_STATE=str(self.state_dir))
-        return subprocess.run(
-            [*argv, "-v"], input=json.dumps(state), capture_output=True, text=True, env=env
-        )
 
 
 @pytest.fixture
@@ -86,10 +31,7 @@ def env(
     make_cgroup: Callable[[str], Cgroup],
     spawn: Callable[..., subprocess.Popen[bytes]],
 ) -> Env:
-    cg = make_cgroup("ctr")
-    p = spawn("sleep", "300")
-    (cg.path / "cgroup.procs").write_text(str(p.pid))
-    return Env(tmp_path, cg, p.pid)
+    return make_env(tmp_path, make_cgroup, spawn)
 
 
 def test_create_then_poststop(env: Env) -> None:
@@ -103,7 +45,7 @@ def test_create_then_poststop(env: Env) -> None:
     assert json.loads((env.state_dir / "hooktest.json").read_text())["cgroup_id"] == env.cg.id
     r = env.run({}, status="stopped", pid=0)
     assert r.returncode == 0, r.stderr
-    assert "detached" in r.stderr
+    assert "the hook's device set and net settings removed" in r.stderr
     assert nothing_attached(env.cg.path)
     assert not (env.state_dir / "hooktest.json").exists()
 
@@ -137,6 +79,7 @@ def test_nothing_asked_attaches_nothing(env: Env) -> None:
     "annotations, message",
     [
         ({"io.pelagos-bpf.net.classid": "one:ten"}, "io.pelagos-bpf.net.classid='one:ten'"),
+        ({"io.pelagos-bpf.net.classid": "1:10001"}, "io.pelagos-bpf.net.classid='1:10001'"),
         ({"io.pelagos-bpf.net.priorities": "eth0"}, "io.pelagos-bpf.net.priorities"),
         ({"io.pelagos-bpf.devices": "allow q 1:2"}, "io.pelagos-bpf.devices"),
         (
@@ -144,7 +87,7 @@ def test_nothing_asked_attaches_nothing(env: Env) -> None:
             "no interface 'nosuch0' in the network namespace of pid",
         ),
     ],
-    ids=["classid", "priorities", "devices", "unknown-interface"],
+    ids=["classid", "classid-half", "priorities", "devices", "unknown-interface"],
 )
 def test_bad_annotation_fails_with_reason(env: Env, annotations: dict, message: str) -> None:
     r = env.run(annotations)
@@ -203,13 +146,14 @@ def test_poststop_after_cgroup_removed(
     os.kill(env.pid, 9)
     os.waitpid(env.pid, 0)
     env.cg.path.rmdir()  # what the runtime does before poststop
-    stale = env.state_dir / "failed-create.json"  # a create that failed never gets poststop
-    stale.write_text(json.dumps({"cgroup": str(env.cg.path) + "-gone", "cgroup_id": 1}))
-    live = env.state_dir / "running.json"
-    live.write_text(json.dumps({"cgroup": str(env.cg.path.parent), "cgroup_id": 0}))
-    keep = env.state_dir / "other.json"
-    parent_id = os.stat(env.cg.path.parent).st_ino
-    keep.write_text(json.dumps({"cgroup": str(env.cg.path.parent), "cgroup_id": parent_id}))
+
+    def record(name: str, cgroup: str, cgroup_id: int) -> None:
+        doc = {"id": name, "cgroup": cgroup, "cgroup_id": cgroup_id}  # an older release's form
+        (env.state_dir / f"{name}.json").write_text(json.dumps(doc))
+
+    record("failed-create", str(env.cg.path) + "-gone", 1)  # a failed create gets no poststop
+    record("running", str(env.cg.path.parent), 0)  # a new cgroup under the old name
+    record("other", str(env.cg.path.parent), os.stat(env.cg.path.parent).st_ino)
     r = env.run({}, status="stopped", pid=0)
     assert r.returncode == 0 and "removed by the runtime" in r.stderr
     assert "2 stale record(s)" in r.stderr  # the missing cgroup and the reused name
@@ -218,10 +162,9 @@ def test_poststop_after_cgroup_removed(
 
 def test_lean_entry_point(env: Env) -> None:
     """`python -m pelagos_bpf.ocihook` (no full CLI) does the same job."""
-    lean = [sys.executable, "-m", "pelagos_bpf.ocihook"]
-    r = env.run({"io.pelagos-bpf.net.classid": "1:30"}, argv=lean)
+    r = env.run({"io.pelagos-bpf.net.classid": "1:30"}, argv=LEAN)
     assert r.returncode == 0, r.stderr
     plan = net.read_config(env.cg)
     assert plan is not None and plan.classid == 0x10030
-    assert env.run({}, status="stopped", pid=0, argv=lean).returncode == 0
+    assert env.run({}, status="stopped", pid=0, argv=LEAN).returncode == 0
     assert nothing_attached(env.cg.path)

@@ -37,7 +37,17 @@ def test_classid_forms() -> None:
     assert parse_classid("ffee:1") == 0xFFEE0001
     assert parse_classid("65552") == 0x10010
     assert parse_classid("0x10010") == 0x10010
-    for bad in ("", "1:", "x:1", "1:10:2", "ten"):
+    for bad in (
+        "",
+        "1:",
+        "x:1",
+        "1:10:2",
+        "ten",
+        "1:10001",
+        "\uff11:\uff11\uff10",
+        "+1:10",
+        "1:1_0",
+    ):
         with pytest.raises(ConfigError, match=re.escape("net.classid")):
             parse_classid(bad)
 
@@ -45,7 +55,17 @@ def test_classid_forms() -> None:
 def test_priorities_forms() -> None:
     assert parse_priorities("eth0=5,eth1=2") == [("eth0", 5), ("eth1", 2)]
     assert parse_priorities(" eth0 = 5 ; lo=0 ") == [("eth0", 5), ("lo", 0)]
-    for bad in ("eth0", "eth0=-1", "=3", "eth0=x", ",;"):
+    for bad in (
+        "eth0",
+        "eth0=-1",
+        "=3",
+        "eth0=x",
+        ",;",
+        "eth0=\u00b2",
+        "eth0=+5",
+        "eth0=\uff15",
+        "eth0=1_0",
+    ):
         with pytest.raises(ConfigError, match=re.escape("net.priorities")):
             parse_priorities(bad)
 
@@ -59,7 +79,8 @@ def test_device_rules_grammar() -> None:
         CgroupDeviceRule(False, "c", 1, 3, "w"),
         CgroupDeviceRule(False, "c", 1, 5, "rwm"),
     ]
-    for bad in ("allow q 1:2", "deny c 1", "deny c x:1", "permit c 1:3", "deny c 1:3 z", ";"):
+    bad_rules = ("allow q 1:2", "deny c 1", "deny c x:1", "permit c 1:3", "deny c 1:3 z", ";")
+    for bad in (*bad_rules, "allow c \uff11:\uff11\uff11", "deny c +1:5", "deny c 1:5\u2003r"):
         with pytest.raises(ConfigError, match=re.escape("io.pelagos-bpf.devices")):
             parse_device_rules(bad)
 
@@ -98,23 +119,26 @@ def test_request_from_config_and_annotations() -> None:
     assert build_request({"other": "x"}, {}).empty
 
 
-def test_request_device_rules_mirror_the_runtime() -> None:
-    cfg = {
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
-        }
-    }
-    req = build_request({A_DEVICES: "deny c 1:5"}, cfg)
-    rules = req.device_rules()
-    assert rules[0] == CgroupDeviceRule(False, "a", -1, -1, "rwm")
-    assert CgroupDeviceRule(True, "c", 10, 229, "rwm") in rules  # linux.devices node
-    assert CgroupDeviceRule(True, "c", 1, 3, "rwm") in rules  # runtime default allowlist
-    assert rules[-1] == CgroupDeviceRule(False, "c", 1, 5, "rwm")  # ours last: it wins
-    assert build_request({A_AUDIT: "true"}, cfg).wants_devices
-    assert not build_request({A_AUDIT: "false"}, cfg).wants_devices
+def test_request_devices_and_audit_flags() -> None:
+    req = build_request({A_DEVICES: "deny c 1:5"}, {})
+    assert req.extra_device_rules == [CgroupDeviceRule(False, "c", 1, 5, "rwm")]
+    assert req.runtime_device_rules == []  # the caller fills the mirror (mirror.py)
+    assert req.claim.device_rules == (CgroupDeviceRule(False, "c", 1, 5, "rwm"),)
+    assert build_request({A_AUDIT: "true"}, {}).wants_devices
+    assert build_request({A_AUDIT: "true"}, {}).from_annotations
+    assert not build_request({A_AUDIT: "false"}, {}).wants_devices
     with pytest.raises(ConfigError, match=re.escape("devices.audit")):
-        build_request({A_AUDIT: "maybe"}, cfg)
+        build_request({A_AUDIT: "maybe"}, {})
+
+
+def test_claim_holds_only_what_annotations_ask() -> None:
+    """config.json's network field is the runtime's (not pod input): not in the claim."""
+    cfg = {"linux": {"resources": {"network": {"classID": 0x10020}}}}
+    req = build_request({}, cfg)
+    assert req.classid == 0x10020 and req.claim.empty and not req.from_annotations
+    req = build_request({A_CLASSID: "1:10", A_PRIOS: "eth0=5"}, cfg)
+    assert (req.claim.classid, req.claim.priorities) == (0x10010, (("eth0", 5),))
+    assert req.claim.classid_setting == A_CLASSID and req.from_annotations
 
 
 def test_request_rejects_bad_values_before_anything() -> None:
