@@ -99,8 +99,8 @@ def create(
     plan = net.resolve_net(req.classid, req.priorities, state.pid) if req.wants_net else None
     rules = req.device_rules() if req.wants_devices else []
     entries = _entries(rules)
-    if plan is None and not rules:
-        return []  # an audit with no runtime mirror and no rules: the warning said why
+    if plan is None and not rules:  # an audit with an empty mirror and no rules of its own
+        return [f"cgroup {cg.path}: nothing to attach (the mirror of the runtime's rules is empty)"]
     with Records(create=True) as recs:
         _reserve(recs, Record(state.id, str(cg.path), cg.id, namespace, entries), pol)
         done: list[str] = []
