@@ -84,12 +84,10 @@ class Env:
         }
 
     def environ(self) -> dict[str, str]:
-        return dict(
-            os.environ,
-            PELAGOS_BPF_HOOK_STATE=str(self.state_dir),
-            PELAGOS_BPF_POLICY=str(self.policy),
-            **self.extra_env,
-        )
+        out = dict(os.environ)
+        out["PELAGOS_BPF_HOOK_STATE"] = str(self.state_dir)
+        out["PELAGOS_BPF_POLICY"] = str(self.policy)
+        return {**out, **self.extra_env}
 
     def run(
         self,

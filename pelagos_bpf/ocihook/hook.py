@@ -38,6 +38,7 @@ from .request import (
     build_request,
     parse_state,
     pod_namespace,
+    section,
     stage_of,
     string_map,
 )
@@ -281,7 +282,8 @@ def _mirror(req: Request, config: dict[str, Any], runtime: Any, res: Result) -> 
     how = "given by the caller"
     if runtime == DETECT:
         runtime, how = runtime_mod.detect()
-    req.runtime_device_rules, warning = mirror.mirror(config.get("linux") or {}, runtime)
+    linux = section(config, "linux", "linux")
+    req.runtime_device_rules, warning = mirror.mirror(linux, runtime)
     if warning:
         res.warnings.append(warning)
     res.done.append(f"runtime {runtime or 'unknown'} ({how})")

@@ -38,6 +38,7 @@ from ..devices.rules import (
     validate_device_rules,
 )
 from ..errors import ConfigError
+from .request import section
 from .runtime import Runtime
 
 
@@ -71,10 +72,9 @@ def oci_rules(linux: Mapping[str, Any]) -> list[CgroupDeviceRule]:
     allowlist (in that order, the order both runtimes apply their parts)."""
     from ..config import CgroupConfig
 
-    resources = linux.get("resources") or {}
-    if not isinstance(resources, Mapping):
-        raise ConfigError("linux.resources", resources, "must be a JSON object")
-    cfg = CgroupConfig.from_oci({"devices": resources.get("devices") or []})
+    resources = section(linux, "resources", "linux.resources")
+    rules = resources.get("devices")
+    cfg = CgroupConfig.from_oci({"devices": [] if rules is None else rules})
     validate_device_rules(cfg.device_rules)
     allowlist = [r for r in DEFAULT_DEVICE_RULES if r.allow]
     return [*cfg.device_rules, *device_nodes(linux), *allowlist]

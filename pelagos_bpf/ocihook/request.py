@@ -166,6 +166,17 @@ def pod_namespace(state_ann: Mapping[str, str], config_ann: Mapping[str, str]) -
     return ns
 
 
+def section(parent: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    """An optional JSON object ({} when absent); ConfigError naming `path` when it is not one
+    (a list, even an empty one, is refused: it is not what a runtime wrote)."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, value, "must be a JSON object")
+    return value
+
+
 def check_sizes(annotations: Mapping[str, str]) -> None:
     """Bound what the hook parses: each io.pelagos-bpf.* value, and all of them together."""
     total = 0
@@ -242,12 +253,8 @@ def build_request(annotations: Mapping[str, str], config: Mapping[str, Any]) -> 
         if key.startswith(PREFIX) and key not in KNOWN:
             req.warnings.append(f"annotation {key} is not one of {', '.join(KNOWN)}: ignored")
     check_sizes(annotations)
-    linux = config.get("linux") or {}
-    if not isinstance(linux, Mapping):
-        raise ConfigError("linux", linux, "must be a JSON object")
-    resources = linux.get("resources") or {}
-    if not isinstance(resources, Mapping):
-        raise ConfigError("linux.resources", resources, "must be a JSON object")
+    linux = section(config, "linux", "linux")
+    resources = section(linux, "resources", "linux.resources")
     network = resources.get("network")
     if network is not None:
         cfg = CgroupConfig.from_oci({"network": network})
