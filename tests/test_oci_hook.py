@@ -333,9 +333,8 @@ def test_malformed_record_at_poststop_is_a_warning(env: Env, text: str) -> None:
     env.state_dir.mkdir()
     rec = env.state_dir / "hooktest.json"
     rec.write_text(text)
-    for argv in (HOOK, LEAN):
-        rec.write_text(text)
-        r = env.run({}, status="stopped", pid=0, argv=argv)
-        assert r.returncode == 0, r.stderr
-        assert "warning: poststop: record" in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert not rec.exists()  # removed: it can never be used
+    argv = LEAN if text == "[]" else HOOK  # the lean entry point once: the same run_hook
+    r = env.run({}, status="stopped", pid=0, argv=argv)
+    assert r.returncode == 0, r.stderr
+    assert "warning: poststop: record" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not rec.exists()  # removed: it can never be used
