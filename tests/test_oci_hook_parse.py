@@ -217,3 +217,102 @@ def test_hook_paths_with_nothing_to_attach_never_load_the_library(tmp_path: Path
     assert "pelagos_bpf.ocihook.hook" in result["loaded"]  # it did run the hook
     assert HEAVY.isdisjoint(result["loaded"])
     assert not (records / "c1.json").exists()  # poststop did its work: the record is gone
+
+
+def test_runtime_names_and_processes(tmp_path: Path) -> None:
+    from pelagos_bpf.ocihook import runtime
+
+    for name, want in (
+        ("/usr/sbin/runc", "runc"),
+        ("/usr/bin/crun", "crun"),
+        ("/usr/local/bin/runc.amd64", "runc"),
+        ("/usr/bin/docker-runc", "runc"),
+        ("/usr/bin/crun (deleted)", "crun"),
+        ("/usr/bin/runcx", None),
+        ("/usr/bin/scrunch", None),
+        ("/usr/bin/conmon", None),
+    ):
+        assert runtime.classify(name) == want, name
+    proc = tmp_path / "proc"
+    (proc / "10").mkdir(parents=True)
+    (proc / "10" / "exe").symlink_to("/usr/sbin/runc")
+    (proc / "11").mkdir()
+    (proc / "11" / "status").write_text("Name:\tpelagos-hook\nPPid:\t10\n")
+    (proc / "12").mkdir()
+    (proc / "12" / "comm").write_text("crun\n")  # exe unreadable: comm
+    assert runtime.runtime_of_pid(10, proc) == "runc"
+    assert runtime.runtime_of_parent(11, proc) == "runc"
+    assert runtime.runtime_of_pid(12, proc) == "crun"
+    assert runtime.runtime_of_pid(13, proc) is None
+    assert runtime.detect({"PELAGOS_BPF_HOOK_RUNTIME": "crun"}) == (
+        "crun",
+        "PELAGOS_BPF_HOOK_RUNTIME=crun",
+    )
+    assert runtime.detect({"PELAGOS_BPF_HOOK_RUNTIME": "none"})[0] is None
+    with pytest.raises(ConfigError, match="PELAGOS_BPF_HOOK_RUNTIME"):
+        runtime.detect({"PELAGOS_BPF_HOOK_RUNTIME": "youki"})
+
+
+def test_mirror_never_denies_what_crun_allows() -> None:
+    """The crun copy allows every request crun's own program allows (random rule lists, the
+    crun model of test_device_semantics)."""
+    from device_helpers import PROBE_DEVICES, rules_st
+    from hypothesis import given, settings
+    from test_device_semantics import crun_allowed
+
+    from pelagos_bpf.devices.rules import device_allowed
+    from pelagos_bpf.ocihook.mirror import crun_copy, mirror
+
+    def oci(r: CgroupDeviceRule) -> dict:
+        d = {"allow": r.allow, "type": r.kind, "access": r.access}
+        d.update({k: v for k, v in (("major", r.major), ("minor", r.minor)) if v != -1})
+        return d
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(rules=rules_st)
+    def check(rules: list[CgroupDeviceRule]) -> None:
+        copy, warning = mirror({"resources": {"devices": [oci(r) for r in rules]}}, "crun")
+        assert not warning
+        for kind, major, minor in (*PROBE_DEVICES, ("c", 242, 2), ("c", 5, 1)):
+            for req in ("r", "w", "rw", "m"):
+                if crun_allowed(rules, kind, major, minor, req):
+                    assert device_allowed(copy, kind, major, minor, req), (rules, req, kind)
+
+    check()
+    assert crun_copy([CgroupDeviceRule(False, "c", 1, 3, "wm")]) == [
+        CgroupDeviceRule(False, "c", 1, 3, "m")
+    ]
+
+
+def test_mirror_reads_runc_lists_as_cgroup_v1() -> None:
+    """runc's copy decides every probe as the v1 kernel model does; a list it cannot express
+    gets no copy and a warning, never a stricter one."""
+    from pelagos_bpf.devices.rules import device_allowed
+    from pelagos_bpf.devices.v1emulator import v1_allowed
+    from pelagos_bpf.ocihook.mirror import mirror, oci_rules
+
+    linux = {
+        "resources": {
+            "devices": [
+                {"allow": False, "access": "rwm"},
+                {"allow": True, "type": "c", "major": 240, "minor": 1, "access": "rw"},
+                {"allow": False, "type": "c", "major": 240, "access": "rw"},
+            ]
+        },
+        "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
+    }
+    copy, warning = mirror(linux, "runc")
+    assert not warning
+    full = oci_rules(linux)
+    for dev in (("c", 240, 1), ("c", 240, 2), ("c", 10, 229), ("c", 1, 3), ("c", 1, 11)):
+        for req in ("r", "w", "rw", "m"):
+            assert device_allowed(copy, *dev, req) is v1_allowed(full, *dev, req), (dev, req)
+    split = {"resources": {"devices": [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 240, "access": "r"},
+        {"allow": True, "type": "c", "major": 240, "minor": 1, "access": "w"},
+    ]}}  # fmt: skip
+    copy, warning = mirror(split, "runc")
+    assert copy == [] and "not mirrored" in warning
+    copy, warning = mirror(linux, None)
+    assert copy == [] and "not recognised" in warning

@@ -50,6 +50,17 @@ def runtime_of_pid(pid: int, proc: Path = Path("/proc")) -> Runtime | None:
     return found
 
 
+def runtime_of_parent(pid: int, proc: Path = Path("/proc")) -> Runtime | None:
+    """The runtime that started process `pid` (the agent: `pid` is its thin hook client's,
+    from SO_PEERCRED; the client waits for the reply, so it and its parent are still there)."""
+    try:
+        status = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    ppid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), None)
+    return runtime_of_pid(int(ppid), proc) if ppid and ppid.isascii() and ppid.isdigit() else None
+
+
 def detect(
     environ: dict[str, str] | None = None, ppid: int | None = None
 ) -> tuple[Runtime | None, str]:
