@@ -338,3 +338,18 @@ def test_malformed_record_at_poststop_is_a_warning(env: Env, text: str) -> None:
     assert r.returncode == 0, r.stderr
     assert "warning: poststop: record" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not rec.exists()  # removed: it can never be used
+
+
+def test_rule_count_limits_apply_before_anything_is_written(env: Env) -> None:
+    """The policy's rules_per_set, then the library's per-set limit ($PELAGOS_BPF_RULES_PER_SET:
+    the hook's whole set, the mirror included), each a ConfigError naming the annotation."""
+    rules = {"io.pelagos-bpf.devices": "; ".join(f"deny c 241:{i} r" for i in range(20))}
+    env.write_policy("[default]\nrules_per_set = 19\n")
+    r = env.run(rules)
+    refused_before_anything(env, r, "io.pelagos-bpf.devices: 20 rules: more than the 19")
+    env.write_policy("[default]\nrules_per_set = 20\n")
+    env.extra_env["PELAGOS_BPF_RULES_PER_SET"] = "19"
+    r = env.run(rules)
+    refused_before_anything(
+        env, r, "io.pelagos-bpf.devices='20 rules'", "PELAGOS_BPF_RULES_PER_SET"
+    )
