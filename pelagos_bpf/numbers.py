@@ -10,18 +10,20 @@ digits must not equal `allow c 1:11`.
 from __future__ import annotations
 
 import os
-import re
 
 from .errors import ConfigError
 
-_DEC = re.compile(r"[0-9]+")
-_INT = re.compile(r"-?[0-9]+")
-_HEX = re.compile(r"[0-9a-fA-F]+")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _digits(text: object) -> bool:
+    """ASCII 0-9 only, at least one (for ASCII text, str.isdigit() is exactly that)."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 def parse_dec(text: str, setting: str, lo: int = 0, hi: int = 0xFFFF_FFFF) -> int:
     """A decimal integer in [lo, hi] written with ASCII digits only (no sign, space or '_')."""
-    if not isinstance(text, str) or not _DEC.fullmatch(text):
+    if not _digits(text):
         raise ConfigError(setting, text, "want a decimal number (ASCII digits only)")
     n = int(text)
     if not lo <= n <= hi:
@@ -31,7 +33,7 @@ def parse_dec(text: str, setting: str, lo: int = 0, hi: int = 0xFFFF_FFFF) -> in
 
 def parse_int(text: str, setting: str, lo: int, hi: int) -> int:
     """parse_dec that also takes a leading '-' (flags where -1 means "unlimited")."""
-    if not isinstance(text, str) or not _INT.fullmatch(text):
+    if not (_digits(text) or (isinstance(text, str) and text[:1] == "-" and _digits(text[1:]))):
         raise ConfigError(setting, text, "want an integer (ASCII digits, optional leading '-')")
     n = int(text)
     if not lo <= n <= hi:
@@ -41,7 +43,7 @@ def parse_int(text: str, setting: str, lo: int, hi: int) -> int:
 
 def parse_hex(text: str, setting: str, hi: int = 0xFFFF) -> int:
     """A hexadecimal integer in [0, hi] (tc's MAJ:MIN halves), ASCII hex digits only."""
-    if not isinstance(text, str) or not _HEX.fullmatch(text):
+    if not isinstance(text, str) or not text or not _HEX.issuperset(text):
         raise ConfigError(setting, text, "want a hexadecimal number (ASCII 0-9, a-f only)")
     n = int(text, 16)
     if n > hi:

@@ -13,7 +13,7 @@ import pytest
 
 from pelagos_bpf.config import CgroupDeviceRule
 from pelagos_bpf.errors import ConfigError, UnsupportedSettings
-from pelagos_bpf.ocihook import hook
+from pelagos_bpf.ocihook import records
 from pelagos_bpf.ocihook.locate import cgroup2_mounts, map_to_mount, v2_path
 from pelagos_bpf.ocihook.request import (
     A_AUDIT,
@@ -123,9 +123,11 @@ def test_request_devices_and_audit_flags() -> None:
     req = build_request({A_DEVICES: "deny c 1:5"}, {})
     assert req.extra_device_rules == [CgroupDeviceRule(False, "c", 1, 5, "rwm")]
     assert req.runtime_device_rules == []  # the caller fills the mirror (mirror.py)
+    assert req.claim is not None
     assert req.claim.device_rules == (CgroupDeviceRule(False, "c", 1, 5, "rwm"),)
     assert build_request({A_AUDIT: "true"}, {}).wants_devices
-    assert build_request({A_AUDIT: "true"}, {}).from_annotations
+    claim = build_request({A_AUDIT: "true"}, {}).claim  # the audit alone: an empty claim
+    assert claim is not None and claim.empty
     assert not build_request({A_AUDIT: "false"}, {}).wants_devices
     with pytest.raises(ConfigError, match=re.escape("devices.audit")):
         build_request({A_AUDIT: "maybe"}, {})
@@ -135,10 +137,11 @@ def test_claim_holds_only_what_annotations_ask() -> None:
     """config.json's network field is the runtime's (not pod input): not in the claim."""
     cfg = {"linux": {"resources": {"network": {"classID": 0x10020}}}}
     req = build_request({}, cfg)
-    assert req.classid == 0x10020 and req.claim.empty and not req.from_annotations
+    assert req.classid == 0x10020 and req.claim is None
     req = build_request({A_CLASSID: "1:10", A_PRIOS: "eth0=5"}, cfg)
+    assert req.claim is not None
     assert (req.claim.classid, req.claim.priorities) == (0x10010, (("eth0", 5),))
-    assert req.claim.classid_setting == A_CLASSID and req.from_annotations
+    assert req.claim.classid_setting == A_CLASSID
 
 
 def test_request_rejects_bad_values_before_anything() -> None:
@@ -171,15 +174,16 @@ def test_v2_path_and_mount_mapping() -> None:
 
 
 def test_record_names(tmp_path: Path) -> None:
-    assert hook.record_path("abc-1.x", tmp_path) == tmp_path / "abc-1.x.json"
+    assert records.record_path("abc-1.x", tmp_path) == tmp_path / "abc-1.x.json"
     for odd in ("../etc/x", ".hidden", "a/b"):
-        p = hook.record_path(odd, tmp_path)
+        p = records.record_path(odd, tmp_path)
         assert p.parent == tmp_path and p.name.startswith("sha256-")
 
 
 # What the hook loads only to attach or detach something (the BPF runtime), or for odd ids.
 HEAVY = {"pelagos_bpf.bpfsys", "pelagos_bpf.cgroup", "pelagos_bpf.feature"}
 HEAVY |= {"pelagos_bpf.devices.program", "pelagos_bpf.net.program", "hashlib"}  # hashlib: OpenSSL
+HEAVY |= {"pelagos_bpf.policy", "tomllib"}  # only a request from annotations needs the policy
 NOTHING_TO_DO = r"""
 import io, json, sys
 from pelagos_bpf.cli import main
@@ -197,13 +201,14 @@ def test_hook_paths_with_nothing_to_attach_never_load_the_library(tmp_path: Path
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "linux": {}}))
-    records = tmp_path / "records"
-    records.mkdir()
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
     gone = tmp_path / "gone-cgroup"
-    (records / "c1.json").write_text(json.dumps({"id": "c1", "cgroup": str(gone), "cgroup_id": 7}))
+    record = record_dir / "c1.json"
+    record.write_text(json.dumps({"id": "c1", "cgroup": str(gone), "cgroup_id": 7}))
     asks_nothing = {**STATE, "bundle": str(bundle), "annotations": {"other": "x"}}
     stopped = {**STATE, "status": "stopped", "bundle": str(bundle)}
-    env = {**os.environ, hook.STATE_DIR_ENV: str(records)}
+    env = {**os.environ, records.STATE_DIR_ENV: str(record_dir)}
     out = subprocess.run(
         [sys.executable, "-c", NOTHING_TO_DO, json.dumps(asks_nothing), json.dumps(stopped)],
         capture_output=True,
@@ -216,7 +221,7 @@ def test_hook_paths_with_nothing_to_attach_never_load_the_library(tmp_path: Path
     assert result["codes"] == [0, 0]
     assert "pelagos_bpf.ocihook.hook" in result["loaded"]  # it did run the hook
     assert HEAVY.isdisjoint(result["loaded"])
-    assert not (records / "c1.json").exists()  # poststop did its work: the record is gone
+    assert not record.exists()  # poststop did its work: the record is gone
 
 
 def test_runtime_names_and_processes(tmp_path: Path) -> None:

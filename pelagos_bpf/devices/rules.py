@@ -9,7 +9,6 @@ requested bit is.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -184,9 +183,6 @@ def device_allowed(
     return all(i is None or rules[i].allow for i in winners.values())
 
 
-_RULE_TEXT = re.compile(r"[ \t\x21-\x7e]*")  # printable ASCII, blanks are space and tab
-
-
 def _rule_number(text: str, rule: str, what: str, hi: int) -> int:
     if text == "*":
         return -1
@@ -207,9 +203,10 @@ def parse_rule(text: str) -> CgroupDeviceRule:
     matching text included) sees the same rule.
     """
     grammar = "expected 'allow|deny KIND MAJ:MIN [ACCESS]'"
-    if not isinstance(text, str) or not _RULE_TEXT.fullmatch(text):
+    line = text.replace("\t", " ") if isinstance(text, str) else ""
+    if not line.isascii() or not line.isprintable():  # ASCII 0x20-0x7e (and tabs) only
         raise ConfigError("device rule", text, f"{grammar} in printable ASCII")
-    parts = text.replace("\t", " ").split(" ")
+    parts = line.split(" ")
     parts = [p for p in parts if p]
     if len(parts) not in (3, 4) or parts[0] not in ("allow", "deny"):
         raise ConfigError("device rule", text, grammar)

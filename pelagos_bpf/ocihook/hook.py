@@ -18,9 +18,7 @@ hook's (OwnerConflict, exit 2). Poststop finds the cgroup through the record cre
 
 from __future__ import annotations
 
-import contextlib
 import os
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -28,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Final
 from ..errors import PelagosError
 from ..owners import HOOK
 from . import inputs, locate
-from .records import STATE_DIR_ENV, Record, Records, record_path, state_dir
 from .request import (
     A_BEST_EFFORT,
     A_DEVICES,
@@ -42,12 +39,15 @@ from .request import (
     stage_of,
     string_map,
 )
-from .runtime import Runtime
 
-if TYPE_CHECKING:  # imported where used: the paths that attach nothing never load the library
+# Imported where used: the paths that attach nothing load neither the library nor the policy,
+# and the records (with the trust checks) only when there is one to read or write.
+if TYPE_CHECKING:
     from ..policy import Policy
+    from .records import Record, Records
+    from .runtime import Runtime
 
-__all__ = ["STATE_DIR_ENV", "Result", "prune_records", "record_path", "run_hook", "state_dir"]
+__all__ = ["Result", "prune_records", "run_hook", "state_dir"]
 
 STAGES = ("auto", "create", "poststop")
 DETECT: Final = "detect"
@@ -95,6 +95,7 @@ def create(
     from .. import devices, net
     from ..cgref import Ref  # not Cgroup: the hook needs none of the controller code it loads
     from ..net.plan import carried_in
+    from .records import Record, Records
 
     cg = Ref.of(locate.cgroup_of_pid(state.pid))
     plan = net.resolve_net(req.classid, req.priorities, state.pid) if req.wants_net else None
@@ -155,10 +156,12 @@ def _reserve(recs: Records, rec: Record, pol: Policy | None) -> None:
 
     with node_lock(ENTRIES_LOCK):
         in_use = recs.entries_by_namespace().get(rec.namespace, 0)
-        with contextlib.suppress(HookError, PelagosError, OSError):
+        try:
             old = recs.read(rec.id)  # a second create of the container replaces its record
-            if old is not None and old.namespace == rec.namespace and old.alive():
-                in_use -= old.entries
+        except (HookError, PelagosError, OSError):
+            old = None
+        if old is not None and old.namespace == rec.namespace and old.alive():
+            in_use -= old.entries
         pol.check_entries(rec.namespace, in_use, rec.entries, A_DEVICES)
         recs.write(rec)
 
@@ -169,6 +172,10 @@ def _reserve(recs: Records, rec: Record, pol: Policy | None) -> None:
 def poststop(state: State) -> list[str]:
     """Remove the hook's own settings if the cgroup still exists (its removal frees the
     attachments otherwise). Reads the record create left, from a trusted directory only."""
+    from .records import Records, record_path
+
+    if not os.path.lexists(record_path(state.id)):
+        return []  # create attached nothing: no need to load the trust checks to know it
     recs = Records.open_existing()
     if recs is None:
         return []  # no create ever left a record here
@@ -198,8 +205,17 @@ def poststop(state: State) -> list[str]:
     )
 
 
+def state_dir() -> Path:
+    """Where the records are ($PELAGOS_BPF_HOOK_STATE; records.state_dir, for the agent)."""
+    from .records import state_dir
+
+    return state_dir()
+
+
 def prune_records(directory: Path) -> int:
     """Delete the records of cgroups that are gone (Records.prune; for the agent's gc)."""
+    from .records import Records
+
     with Records(directory) as recs:
         return recs.prune()
 
@@ -217,6 +233,8 @@ def _text(e: BaseException) -> str:
 def _internal(e: Exception) -> str:
     """A bug, not bad input: one line (the traceback with $PELAGOS_BPF_DEBUG)."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+
         return f"internal error: {traceback.format_exc()}"
     return f"internal error (a bug; {DEBUG_ENV}=1 shows where): {type(e).__name__}: {_text(e)}"
 
@@ -258,7 +276,7 @@ def run_hook(
         best_effort = req.best_effort
         res.warnings += req.warnings
         pol = None
-        if req.from_annotations:
+        if req.claim is not None:  # the annotations ask for something: the policy decides
             from .. import policy as policy_mod
 
             pol = policy if policy is not None else policy_mod.load()

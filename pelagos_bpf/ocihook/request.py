@@ -25,14 +25,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import CgroupConfig
 from ..devices.rules import CgroupDeviceRule, parse_rule
 from ..errors import ConfigError
 from ..numbers import parse_classid as _parse_classid
 from ..numbers import parse_dec
-from ..policy import NAMESPACE, Claim
+
+if TYPE_CHECKING:  # imported where used: a container that asks nothing never loads the policy
+    from ..policy import Claim
 
 PREFIX = "io.pelagos-bpf."
 A_CLASSID = PREFIX + "net.classid"
@@ -75,9 +77,9 @@ class State:
 class Request:
     """What to attach for one container (empty: nothing asked, the hook does nothing).
 
-    `claim` holds what came from annotations (pod input, checked against the policy);
-    `runtime_device_rules` is the mirror of the runtime's rules (filled by the caller, which
-    knows the runtime: mirror.py)."""
+    `claim` holds what came from annotations (pod input, checked against the policy; None:
+    the annotations ask for nothing); `runtime_device_rules` is the mirror of the runtime's
+    rules (filled by the caller, which knows the runtime: mirror.py)."""
 
     classid: int | None = None
     priorities: list[tuple[str, int]] = field(default_factory=list)
@@ -85,8 +87,7 @@ class Request:
     runtime_device_rules: list[CgroupDeviceRule] = field(default_factory=list)
     audit: bool = False
     best_effort: bool = False
-    claim: Claim = field(default_factory=Claim)
-    from_annotations: bool = False
+    claim: Claim | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -161,7 +162,11 @@ def pod_namespace(state_ann: Mapping[str, str], config_ann: Mapping[str, str]) -
             f"{A_NAMESPACE}: the OCI state says {state_ann.get(A_NAMESPACE)!r}, config.json "
             f"{ns!r}: refused (the namespace selects the admin policy)"
         )
-    if ns is not None and not NAMESPACE.fullmatch(ns):
+    if ns is None:
+        return None
+    from ..policy import NAMESPACE
+
+    if not NAMESPACE.fullmatch(ns):
         raise HookError(f"{A_NAMESPACE}={ns!r}: not a Kubernetes namespace name")
     return ns
 
@@ -259,27 +264,34 @@ def build_request(annotations: Mapping[str, str], config: Mapping[str, Any]) -> 
     if network is not None:
         cfg = CgroupConfig.from_oci({"network": network})
         req.classid, req.priorities = cfg.net_classid, list(cfg.net_priorities)
-    claimed: dict[str, Any] = {}
+    claimed_classid = None
     if A_CLASSID in annotations:
-        classid = parse_classid(annotations[A_CLASSID])
-        if req.classid not in (None, classid):
+        claimed_classid = parse_classid(annotations[A_CLASSID])
+        if req.classid not in (None, claimed_classid):
             req.warnings.append(
-                f"{A_CLASSID} {classid:#x} overrides linux.resources.network.classID "
+                f"{A_CLASSID} {claimed_classid:#x} overrides linux.resources.network.classID "
                 f"{req.classid:#x}"
             )
-        req.classid = claimed["classid"] = classid
+        req.classid = claimed_classid
+    claimed_prios: tuple[tuple[str, int], ...] = ()
     if A_PRIOS in annotations:
         req.priorities = parse_priorities(annotations[A_PRIOS])
-        claimed["priorities"] = tuple(req.priorities)
+        claimed_prios = tuple(req.priorities)
     if A_DEVICES in annotations:
         req.extra_device_rules = parse_device_rules(annotations[A_DEVICES])
-        claimed["device_rules"] = tuple(req.extra_device_rules)
     req.audit = _flag(A_AUDIT, annotations.get(A_AUDIT, ""))
     req.best_effort = _flag(A_BEST_EFFORT, annotations.get(A_BEST_EFFORT, ""))
-    req.from_annotations = bool(claimed) or req.audit
-    req.claim = Claim(
-        **claimed, classid_setting=A_CLASSID, priorities_setting=A_PRIOS, devices_setting=A_DEVICES
-    )
+    if claimed_classid is not None or claimed_prios or req.extra_device_rules or req.audit:
+        from ..policy import Claim
+
+        req.claim = Claim(
+            claimed_classid,
+            claimed_prios,
+            tuple(req.extra_device_rules),
+            classid_setting=A_CLASSID,
+            priorities_setting=A_PRIOS,
+            devices_setting=A_DEVICES,
+        )
     if req.classid is not None or req.priorities:  # net loads the BPF runtime: only if asked
         from ..net.plan import validate_net
 
