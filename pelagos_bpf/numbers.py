@@ -10,18 +10,31 @@ digits must not equal `allow c 1:11`.
 from __future__ import annotations
 
 import os
-import re
 
 from .errors import ConfigError
 
-_DEC = re.compile(r"[0-9]+")
-_HEX = re.compile(r"[0-9a-fA-F]+")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _digits(text: object) -> bool:
+    """ASCII 0-9 only, at least one (for ASCII text, str.isdigit() is exactly that)."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 def parse_dec(text: str, setting: str, lo: int = 0, hi: int = 0xFFFF_FFFF) -> int:
     """A decimal integer in [lo, hi] written with ASCII digits only (no sign, space or '_')."""
-    if not isinstance(text, str) or not _DEC.fullmatch(text):
+    if not _digits(text):
         raise ConfigError(setting, text, "want a decimal number (ASCII digits only)")
+    n = int(text)
+    if not lo <= n <= hi:
+        raise ConfigError(setting, text, f"out of range {lo}..{hi}")
+    return n
+
+
+def parse_int(text: str, setting: str, lo: int, hi: int) -> int:
+    """parse_dec that also takes a leading '-' (flags where -1 means "unlimited")."""
+    if not (_digits(text) or (isinstance(text, str) and text[:1] == "-" and _digits(text[1:]))):
+        raise ConfigError(setting, text, "want an integer (ASCII digits, optional leading '-')")
     n = int(text)
     if not lo <= n <= hi:
         raise ConfigError(setting, text, f"out of range {lo}..{hi}")
@@ -30,7 +43,7 @@ def parse_dec(text: str, setting: str, lo: int = 0, hi: int = 0xFFFF_FFFF) -> in
 
 def parse_hex(text: str, setting: str, hi: int = 0xFFFF) -> int:
     """A hexadecimal integer in [0, hi] (tc's MAJ:MIN halves), ASCII hex digits only."""
-    if not isinstance(text, str) or not _HEX.fullmatch(text):
+    if not isinstance(text, str) or not text or not _HEX.issuperset(text):
         raise ConfigError(setting, text, "want a hexadecimal number (ASCII 0-9, a-f only)")
     n = int(text, 16)
     if n > hi:
@@ -41,8 +54,9 @@ def parse_hex(text: str, setting: str, hi: int = 0xFFFF) -> int:
 def parse_classid(text: str, setting: str) -> int:
     """ "1:10" (MAJ:MIN in hex, each half a u16, as tc and HTB handles), "0x10010" (hex) or
     "65552" (decimal) -> the u32 classid. Nothing else: no signs, spaces inside, '_' or
-    non-ASCII digits; a half above 0xffff is refused, never wrapped into the other."""
-    s = text.strip() if isinstance(text, str) else text
+    non-ASCII digits; a half above 0xffff is refused, never wrapped into the other. Only ASCII
+    blanks around it are dropped (str.strip would drop any Unicode space too)."""
+    s = text.strip(" \t") if isinstance(text, str) else text
     if isinstance(s, str) and ":" in s:
         major, _, minor = s.partition(":")
         return (parse_hex(major, setting) << 16) | parse_hex(minor, setting)

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
+from typing import TYPE_CHECKING
 
-from . import bpfsys
 from .errors import BpfError
+
+# bpfsys and hashlib are imported where used: the file checks alone (the OCI hook's records,
+# the admin policy) must not load the BPF runtime nor OpenSSL on the hook's no-op paths.
+if TYPE_CHECKING:
+    from . import bpfsys
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_MODE = 0o755
@@ -251,12 +255,16 @@ def _tag_input(insns: bytes) -> bytes:
 def prog_tag(insns: bytes, hash_name: str = "sha256") -> bytes:
     """The kernel's tag for this bytecode: the first 8 bytes of a digest of _tag_input. Kernels
     since 6.18 use SHA-256 (measured: 6.18.44), older ones SHA-1."""
+    import hashlib
+
     return hashlib.new(hash_name, _tag_input(insns), usedforsecurity=False).digest()[:8]
 
 
 def prog_tags(insns: bytes) -> frozenset[bytes]:
     """Every tag a kernel may give this bytecode (SHA-256 and SHA-1 flavours): either is a
     64-bit second-preimage target, so accepting both costs no strength and survives backports."""
+    import hashlib
+
     data = _tag_input(insns)
     return frozenset(
         hashlib.new(h, data, usedforsecurity=False).digest()[:8] for h in ("sha256", "sha1")
@@ -285,6 +293,8 @@ BPF_FS_MAGIC = 0xCAFE4A11
 
 def is_bpffs(path: str) -> bool:
     """Is a bpffs mounted at (or holding) `path`? statfs(2)'s f_type (bpfsys)."""
+    from . import bpfsys
+
     return bpfsys.statfs_type(path) == BPF_FS_MAGIC
 
 
@@ -312,6 +322,8 @@ def open_pinned_program_at(
     """open_pinned_program in a pin dir the caller checked (check_pin_dir), so a caller with
     several pins walks the dir once; returns the program's info too, which the check read.
     `tags`: prog_tags of the bytecode we would load (recorded ones spare reading it)."""
+    from . import bpfsys
+
     name = os.path.basename(full)
     try:
         pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
@@ -363,6 +375,8 @@ def pin_program(fd: int, path: str | os.PathLike[str]) -> bool:
 
 def pin_program_at(fd: int, dirfd: int, full: str) -> bool:
     """pin_program in a pin dir the caller checked (check_pin_dir)."""
+    from . import bpfsys
+
     try:
         bpfsys.obj_pin(fd, f"/proc/self/fd/{dirfd}/{os.path.basename(full)}")
     except BpfError as e:

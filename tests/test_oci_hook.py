@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
-import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hook_helpers import HOOK, LEAN, Env, attached_ids, make_env, nothing_attached
 
 from pelagos_bpf import bpfsys, net
 from pelagos_bpf.bpfsys import AttachType, ProgType
@@ -22,62 +24,7 @@ from pelagos_bpf.cgroup import Cgroup
 pytest_plugins = ["helpers"]
 pytestmark = pytest.mark.root
 
-HOOK = [sys.executable, "-m", "pelagos_bpf.cli", "oci-hook"]
-ATTACH_TYPES = (
-    AttachType.CGROUP_INET_EGRESS,
-    AttachType.CGROUP_INET_INGRESS,
-    AttachType.CGROUP_DEVICE,
-)
 ALLOW_ALL = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1; exit
-
-
-def attached_ids(path: Path) -> dict[int, list[int]]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return {int(t): bpfsys.prog_query(fd, t) for t in ATTACH_TYPES}
-    finally:
-        os.close(fd)
-
-
-def nothing_attached(path: Path) -> bool:
-    return not any(attached_ids(path).values())
-
-
-class Env:
-    """A bundle dir, a hook state dir and a container process in its own test cgroup."""
-
-    def __init__(self, tmp: Path, cg: Cgroup, pid: int) -> None:
-        self.bundle = tmp / "bundle"
-        self.bundle.mkdir()
-        self.state_dir = tmp / "state"
-        self.cg, self.pid = cg, pid
-        self.write_config({})
-
-    def write_config(self, annotations: dict[str, str], linux: dict | None = None) -> None:
-        cfg = {"ociVersion": "1.0.2", "annotations": annotations, "linux": linux or {}}
-        (self.bundle / "config.json").write_text(json.dumps(cfg))
-
-    def run(
-        self,
-        annotations: dict[str, str],
-        *,
-        status: str = "creating",
-        argv: list[str] = HOOK,
-        **over: object,
-    ) -> subprocess.CompletedProcess[str]:
-        state = {
-            "ociVersion": "1.0.2",
-            "id": "hooktest",
-            "status": status,
-            "pid": self.pid,
-            "bundle": str(self.bundle),
-            "annotations": annotations,
-            **over,
-        }
-        env = dict(os.environ, PELAGOS_BPF_HOOK_STATE=str(self.state_dir))
-        return subprocess.run(
-            [*argv, "-v"], input=json.dumps(state), capture_output=True, text=True, env=env
-        )
 
 
 @pytest.fixture
@@ -86,10 +33,7 @@ def env(
     make_cgroup: Callable[[str], Cgroup],
     spawn: Callable[..., subprocess.Popen[bytes]],
 ) -> Env:
-    cg = make_cgroup("ctr")
-    p = spawn("sleep", "300")
-    (cg.path / "cgroup.procs").write_text(str(p.pid))
-    return Env(tmp_path, cg, p.pid)
+    return make_env(tmp_path, make_cgroup, spawn)
 
 
 def test_create_then_poststop(env: Env) -> None:
@@ -103,7 +47,7 @@ def test_create_then_poststop(env: Env) -> None:
     assert json.loads((env.state_dir / "hooktest.json").read_text())["cgroup_id"] == env.cg.id
     r = env.run({}, status="stopped", pid=0)
     assert r.returncode == 0, r.stderr
-    assert "detached" in r.stderr
+    assert "the hook's device set and net settings removed" in r.stderr
     assert nothing_attached(env.cg.path)
     assert not (env.state_dir / "hooktest.json").exists()
 
@@ -137,6 +81,7 @@ def test_nothing_asked_attaches_nothing(env: Env) -> None:
     "annotations, message",
     [
         ({"io.pelagos-bpf.net.classid": "one:ten"}, "io.pelagos-bpf.net.classid='one:ten'"),
+        ({"io.pelagos-bpf.net.classid": "1:10001"}, "io.pelagos-bpf.net.classid='1:10001'"),
         ({"io.pelagos-bpf.net.priorities": "eth0"}, "io.pelagos-bpf.net.priorities"),
         ({"io.pelagos-bpf.devices": "allow q 1:2"}, "io.pelagos-bpf.devices"),
         (
@@ -144,7 +89,7 @@ def test_nothing_asked_attaches_nothing(env: Env) -> None:
             "no interface 'nosuch0' in the network namespace of pid",
         ),
     ],
-    ids=["classid", "priorities", "devices", "unknown-interface"],
+    ids=["classid", "classid-half", "priorities", "devices", "unknown-interface"],
 )
 def test_bad_annotation_fails_with_reason(env: Env, annotations: dict, message: str) -> None:
     r = env.run(annotations)
@@ -203,13 +148,14 @@ def test_poststop_after_cgroup_removed(
     os.kill(env.pid, 9)
     os.waitpid(env.pid, 0)
     env.cg.path.rmdir()  # what the runtime does before poststop
-    stale = env.state_dir / "failed-create.json"  # a create that failed never gets poststop
-    stale.write_text(json.dumps({"cgroup": str(env.cg.path) + "-gone", "cgroup_id": 1}))
-    live = env.state_dir / "running.json"
-    live.write_text(json.dumps({"cgroup": str(env.cg.path.parent), "cgroup_id": 0}))
-    keep = env.state_dir / "other.json"
-    parent_id = os.stat(env.cg.path.parent).st_ino
-    keep.write_text(json.dumps({"cgroup": str(env.cg.path.parent), "cgroup_id": parent_id}))
+
+    def record(name: str, cgroup: str, cgroup_id: int) -> None:
+        doc = {"id": name, "cgroup": cgroup, "cgroup_id": cgroup_id}  # an older release's form
+        (env.state_dir / f"{name}.json").write_text(json.dumps(doc))
+
+    record("failed-create", str(env.cg.path) + "-gone", 1)  # a failed create gets no poststop
+    record("running", str(env.cg.path.parent), 0)  # a new cgroup under the old name
+    record("other", str(env.cg.path.parent), os.stat(env.cg.path.parent).st_ino)
     r = env.run({}, status="stopped", pid=0)
     assert r.returncode == 0 and "removed by the runtime" in r.stderr
     assert "2 stale record(s)" in r.stderr  # the missing cgroup and the reused name
@@ -218,10 +164,192 @@ def test_poststop_after_cgroup_removed(
 
 def test_lean_entry_point(env: Env) -> None:
     """`python -m pelagos_bpf.ocihook` (no full CLI) does the same job."""
-    lean = [sys.executable, "-m", "pelagos_bpf.ocihook"]
-    r = env.run({"io.pelagos-bpf.net.classid": "1:30"}, argv=lean)
+    r = env.run({"io.pelagos-bpf.net.classid": "1:30"}, argv=LEAN)
     assert r.returncode == 0, r.stderr
     plan = net.read_config(env.cg)
     assert plan is not None and plan.classid == 0x10030
-    assert env.run({}, status="stopped", pid=0, argv=lean).returncode == 0
+    assert env.run({}, status="stopped", pid=0, argv=LEAN).returncode == 0
     assert nothing_attached(env.cg.path)
+
+
+# ---------------------------------------------------------------- the admin policy
+
+CLASSID = {"io.pelagos-bpf.net.classid": "1:10"}
+NS = "io.kubernetes.pod.namespace"
+
+
+def refused_before_anything(env: Env, r: subprocess.CompletedProcess[str], *said: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert all(s in r.stderr for s in said), r.stderr
+    assert nothing_attached(env.cg.path)
+    assert not list(env.state_dir.glob("*.json"))
+
+
+def test_policy_refuses_before_anything_is_attached(env: Env) -> None:
+    env.write_policy('[default]\nclassids = ["1:20"]\n')
+    r = env.run(CLASSID)
+    refused_before_anything(
+        env, r, "io.pelagos-bpf.net.classid: classid 1:10 is not allowed", "default.classids"
+    )
+
+
+def test_without_a_policy_file_pods_pick_no_class_but_may_restrict(env: Env) -> None:
+    env.policy.unlink()
+    r = env.run(CLASSID)
+    refused_before_anything(env, r, "built-in default (no ", ": classids)")
+    r = env.run({"io.pelagos-bpf.devices": "allow c 1:11"})
+    refused_before_anything(env, r, "device grants (allow rules) are not allowed")
+    r = env.run({"io.pelagos-bpf.devices": "deny c 1:5"})
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_policy_others_can_write_fails_closed(env: Env) -> None:
+    env.policy.chmod(0o666)
+    r = env.run({"io.pelagos-bpf.devices": "deny c 1:5"})
+    refused_before_anything(env, r, str(env.policy), "group/world-writable")
+    r = env.run({"io.pelagos-bpf.devices": "deny c 1:5", "io.pelagos-bpf.best-effort": "true"})
+    assert r.returncode == 0 and "best-effort" in r.stderr, r.stderr
+    assert nothing_attached(env.cg.path)
+
+
+def test_priority_above_0xffff_is_refused_unless_the_policy_allows(env: Env) -> None:
+    """Finding 2: `eth0=65536` put every packet into HTB's unshaped direct queue. A priority
+    above 0xffff selects an HTB class: refused unless the policy allows it (and the class);
+    one that names the qdisc itself is refused whatever the policy says."""
+    env.write_policy('[default]\npriorities = ["0-7"]\nclassids = ["1:10"]\n')
+    prio = {"io.pelagos-bpf.net.priorities": "lo=65552"}
+    refused_before_anything(env, env.run(prio), "priority_classids", "selects HTB class 1:10")
+    r = env.run({"io.pelagos-bpf.net.priorities": "lo=65536"})
+    refused_before_anything(env, r, "names the qdisc 1: itself")
+    env.write_policy('[default]\npriorities = ["0-7"]\npriority_classids = true\nclassids=["*"]\n')
+    r = env.run({"io.pelagos-bpf.net.priorities": "lo=65536"})
+    refused_before_anything(env, r, "names the qdisc 1: itself")
+    r = env.run(prio)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_namespace_selects_the_policy_and_cannot_be_spoofed(env: Env) -> None:
+    env.write_policy('[namespaces.tenant]\nclassids = ["1:10"]\n')
+    env.write_config({NS: "tenant"})
+    r = env.run({NS: "tenant", **CLASSID})
+    assert r.returncode == 0, r.stderr
+    assert "namespace 'tenant'" in r.stderr
+    assert env.run({}, status="stopped", pid=0).returncode == 0
+    for key in (NS.upper(), NS + " ", "io.kubernetes.pod.namespace\u200b"):
+        env.write_config({key: "tenant"})  # a pod's lookalike key: the default policy
+        r = env.run({key: "tenant", **CLASSID})
+        refused_before_anything(env, r, "containers without a namespace", "classids")
+    env.write_config({NS: "batch"})
+    r = env.run({NS: "tenant", **CLASSID})  # the state disagrees with config.json
+    refused_before_anything(env, r, "the OCI state says 'tenant', config.json 'batch'")
+
+
+def test_namespace_entry_quota_counts_the_records(
+    env: Env, make_cgroup: Callable[[str], Cgroup], spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """Each record states its namespace and entries; the policy's per-namespace total is their
+    sum over live containers, re-read on every exec (the policy file too)."""
+    env.extra_env["PELAGOS_BPF_HOOK_RUNTIME"] = "runc"
+    deny_all = {"resources": {"devices": [{"allow": False}]}}
+    env.write_config({NS: "tenant"}, deny_all)
+    audit = {NS: "tenant", "io.pelagos-bpf.devices.audit": "true"}
+    assert env.run(audit).returncode == 0
+    entries = json.loads((env.state_dir / "hooktest.json").read_text())["entries"]
+    assert entries > 0
+    env.write_policy(f"[default]\nentries_per_namespace = {entries + entries // 2}\n")
+    cg2 = make_cgroup("ctr2")
+    p2 = spawn("sleep", "300")
+    (cg2.path / "cgroup.procs").write_text(str(p2.pid))
+    r = env.run(audit, id="second", pid=p2.pid)
+    assert r.returncode == 2 and "entries_per_namespace" in r.stderr, r.stderr
+    assert f"on top of the {entries} in use" in r.stderr
+    env.write_config({NS: "other"}, deny_all)
+    r = env.run({**audit, NS: "other"}, id="second", pid=p2.pid)
+    assert r.returncode == 0, r.stderr
+    assert env.run({}, id="second", status="stopped", pid=0).returncode == 0
+    assert env.run({}, status="stopped", pid=0).returncode == 0  # frees the tenant's entries
+    env.write_config({NS: "tenant"}, deny_all)
+    r = env.run(audit, id="second", pid=p2.pid)
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_record_planted_in_a_world_writable_dir_touches_nothing(env: Env) -> None:
+    """Finding 8: with a world-writable $PELAGOS_BPF_HOOK_STATE, `nobody` planted a record
+    naming another container's cgroup, and poststop detached our program there."""
+    victim = {"io.pelagos-bpf.devices": "deny c 240:* r"}
+    assert env.run(victim).returncode == 0
+    before = attached_ids(env.cg.path)
+    assert before[AttachType.CGROUP_DEVICE]
+    record = {"id": "planted", "cgroup": str(env.cg.path), "cgroup_id": env.cg.id}
+    for mode in (0o777, 0o1777):
+        planted = Path(tempfile.mkdtemp(prefix="pelagos-hook-planted-", dir="/tmp"))
+        try:
+            planted.chmod(mode)
+            subprocess.run(
+                ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                 "sh", "-c", f"cat > {planted}/planted.json"],
+                input=json.dumps(record), text=True, check=True, timeout=60,
+            )  # fmt: skip
+            assert (planted / "planted.json").stat().st_uid != 0
+            env.extra_env["PELAGOS_BPF_HOOK_STATE"] = str(planted)
+            r = env.run({}, id="planted", status="stopped", pid=0)
+            assert r.returncode == 0, r.stderr
+            assert "untrusted hook state dir" in r.stderr and "world-writable" in r.stderr
+            assert attached_ids(env.cg.path) == before
+        finally:
+            shutil.rmtree(planted)
+    del env.extra_env["PELAGOS_BPF_HOOK_STATE"]
+
+
+def test_records_others_own_or_can_write_are_refused(env: Env) -> None:
+    assert env.run({"io.pelagos-bpf.devices": "deny c 240:* r"}).returncode == 0
+    before = attached_ids(env.cg.path)
+    rec = env.state_dir / "hooktest.json"
+    for change in (lambda: os.chown(rec, 65534, 65534), lambda: rec.chmod(0o666)):
+        change()
+        r = env.run({}, status="stopped", pid=0)
+        assert r.returncode == 0 and "untrusted hook record" in r.stderr, r.stderr
+        assert attached_ids(env.cg.path) == before and rec.exists()
+        os.chown(rec, 0, 0)
+        rec.chmod(0o644)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[]",
+        '{"id": "hooktest", "cgroup": 5, "cgroup_id": 1}',
+        '{"id": "hooktest", "cgroup": "/x", "cgroup_id": "1"}',
+        '{"id": "hooktest", "cgroup": "rel/x", "cgroup_id": 1}',
+        '{"id": "other", "cgroup": "/x", "cgroup_id": 1}',
+        "[" * 100_000,
+    ],
+)
+def test_malformed_record_at_poststop_is_a_warning(env: Env, text: str) -> None:
+    env.state_dir.mkdir()
+    rec = env.state_dir / "hooktest.json"
+    rec.write_text(text)
+    argv = LEAN if text == "[]" else HOOK  # the lean entry point once: the same run_hook
+    r = env.run({}, status="stopped", pid=0, argv=argv)
+    assert r.returncode == 0, r.stderr
+    assert "warning: poststop: record" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not rec.exists()  # removed: it can never be used
+
+
+def test_rule_count_limits_apply_before_anything_is_written(env: Env) -> None:
+    """The policy's rules_per_set, then the library's per-set limit ($PELAGOS_BPF_RULES_PER_SET:
+    the hook's whole set, the mirror included), each a ConfigError naming the annotation."""
+    rules = {"io.pelagos-bpf.devices": "; ".join(f"deny c 241:{i} r" for i in range(20))}
+    env.write_policy("[default]\nrules_per_set = 19\n")
+    r = env.run(rules)
+    refused_before_anything(env, r, "io.pelagos-bpf.devices: 20 rules: more than the 19")
+    env.write_policy("[default]\nrules_per_set = 20\n")
+    env.extra_env["PELAGOS_BPF_RULES_PER_SET"] = "19"
+    r = env.run(rules)
+    refused_before_anything(
+        env, r, "io.pelagos-bpf.devices='20 rules'", "PELAGOS_BPF_RULES_PER_SET"
+    )

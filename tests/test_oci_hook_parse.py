@@ -13,7 +13,7 @@ import pytest
 
 from pelagos_bpf.config import CgroupDeviceRule
 from pelagos_bpf.errors import ConfigError, UnsupportedSettings
-from pelagos_bpf.ocihook import hook
+from pelagos_bpf.ocihook import records
 from pelagos_bpf.ocihook.locate import cgroup2_mounts, map_to_mount, v2_path
 from pelagos_bpf.ocihook.request import (
     A_AUDIT,
@@ -37,7 +37,17 @@ def test_classid_forms() -> None:
     assert parse_classid("ffee:1") == 0xFFEE0001
     assert parse_classid("65552") == 0x10010
     assert parse_classid("0x10010") == 0x10010
-    for bad in ("", "1:", "x:1", "1:10:2", "ten"):
+    for bad in (
+        "",
+        "1:",
+        "x:1",
+        "1:10:2",
+        "ten",
+        "1:10001",
+        "\uff11:\uff11\uff10",
+        "+1:10",
+        "1:1_0",
+    ):
         with pytest.raises(ConfigError, match=re.escape("net.classid")):
             parse_classid(bad)
 
@@ -45,7 +55,17 @@ def test_classid_forms() -> None:
 def test_priorities_forms() -> None:
     assert parse_priorities("eth0=5,eth1=2") == [("eth0", 5), ("eth1", 2)]
     assert parse_priorities(" eth0 = 5 ; lo=0 ") == [("eth0", 5), ("lo", 0)]
-    for bad in ("eth0", "eth0=-1", "=3", "eth0=x", ",;"):
+    for bad in (
+        "eth0",
+        "eth0=-1",
+        "=3",
+        "eth0=x",
+        ",;",
+        "eth0=\u00b2",
+        "eth0=+5",
+        "eth0=\uff15",
+        "eth0=1_0",
+    ):
         with pytest.raises(ConfigError, match=re.escape("net.priorities")):
             parse_priorities(bad)
 
@@ -59,7 +79,8 @@ def test_device_rules_grammar() -> None:
         CgroupDeviceRule(False, "c", 1, 3, "w"),
         CgroupDeviceRule(False, "c", 1, 5, "rwm"),
     ]
-    for bad in ("allow q 1:2", "deny c 1", "deny c x:1", "permit c 1:3", "deny c 1:3 z", ";"):
+    bad_rules = ("allow q 1:2", "deny c 1", "deny c x:1", "permit c 1:3", "deny c 1:3 z", ";")
+    for bad in (*bad_rules, "allow c \uff11:\uff11\uff11", "deny c +1:5", "deny c 1:5\u2003r"):
         with pytest.raises(ConfigError, match=re.escape("io.pelagos-bpf.devices")):
             parse_device_rules(bad)
 
@@ -98,23 +119,29 @@ def test_request_from_config_and_annotations() -> None:
     assert build_request({"other": "x"}, {}).empty
 
 
-def test_request_device_rules_mirror_the_runtime() -> None:
-    cfg = {
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
-        }
-    }
-    req = build_request({A_DEVICES: "deny c 1:5"}, cfg)
-    rules = req.device_rules()
-    assert rules[0] == CgroupDeviceRule(False, "a", -1, -1, "rwm")
-    assert CgroupDeviceRule(True, "c", 10, 229, "rwm") in rules  # linux.devices node
-    assert CgroupDeviceRule(True, "c", 1, 3, "rwm") in rules  # runtime default allowlist
-    assert rules[-1] == CgroupDeviceRule(False, "c", 1, 5, "rwm")  # ours last: it wins
-    assert build_request({A_AUDIT: "true"}, cfg).wants_devices
-    assert not build_request({A_AUDIT: "false"}, cfg).wants_devices
+def test_request_devices_and_audit_flags() -> None:
+    req = build_request({A_DEVICES: "deny c 1:5"}, {})
+    assert req.extra_device_rules == [CgroupDeviceRule(False, "c", 1, 5, "rwm")]
+    assert req.runtime_device_rules == []  # the caller fills the mirror (mirror.py)
+    assert req.claim is not None
+    assert req.claim.device_rules == (CgroupDeviceRule(False, "c", 1, 5, "rwm"),)
+    assert build_request({A_AUDIT: "true"}, {}).wants_devices
+    claim = build_request({A_AUDIT: "true"}, {}).claim  # the audit alone: an empty claim
+    assert claim is not None and claim.empty
+    assert not build_request({A_AUDIT: "false"}, {}).wants_devices
     with pytest.raises(ConfigError, match=re.escape("devices.audit")):
-        build_request({A_AUDIT: "maybe"}, cfg)
+        build_request({A_AUDIT: "maybe"}, {})
+
+
+def test_claim_holds_only_what_annotations_ask() -> None:
+    """config.json's network field is the runtime's (not pod input): not in the claim."""
+    cfg = {"linux": {"resources": {"network": {"classID": 0x10020}}}}
+    req = build_request({}, cfg)
+    assert req.classid == 0x10020 and req.claim is None
+    req = build_request({A_CLASSID: "1:10", A_PRIOS: "eth0=5"}, cfg)
+    assert req.claim is not None
+    assert (req.claim.classid, req.claim.priorities) == (0x10010, (("eth0", 5),))
+    assert req.claim.classid_setting == A_CLASSID
 
 
 def test_request_rejects_bad_values_before_anything() -> None:
@@ -147,15 +174,16 @@ def test_v2_path_and_mount_mapping() -> None:
 
 
 def test_record_names(tmp_path: Path) -> None:
-    assert hook.record_path("abc-1.x", tmp_path) == tmp_path / "abc-1.x.json"
+    assert records.record_path("abc-1.x", tmp_path) == tmp_path / "abc-1.x.json"
     for odd in ("../etc/x", ".hidden", "a/b"):
-        p = hook.record_path(odd, tmp_path)
+        p = records.record_path(odd, tmp_path)
         assert p.parent == tmp_path and p.name.startswith("sha256-")
 
 
 # What the hook loads only to attach or detach something (the BPF runtime), or for odd ids.
 HEAVY = {"pelagos_bpf.bpfsys", "pelagos_bpf.cgroup", "pelagos_bpf.feature"}
 HEAVY |= {"pelagos_bpf.devices.program", "pelagos_bpf.net.program", "hashlib"}  # hashlib: OpenSSL
+HEAVY |= {"pelagos_bpf.policy", "tomllib"}  # only a request from annotations needs the policy
 NOTHING_TO_DO = r"""
 import io, json, sys
 from pelagos_bpf.cli import main
@@ -173,13 +201,14 @@ def test_hook_paths_with_nothing_to_attach_never_load_the_library(tmp_path: Path
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "linux": {}}))
-    records = tmp_path / "records"
-    records.mkdir()
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
     gone = tmp_path / "gone-cgroup"
-    (records / "c1.json").write_text(json.dumps({"id": "c1", "cgroup": str(gone), "cgroup_id": 7}))
+    record = record_dir / "c1.json"
+    record.write_text(json.dumps({"id": "c1", "cgroup": str(gone), "cgroup_id": 7}))
     asks_nothing = {**STATE, "bundle": str(bundle), "annotations": {"other": "x"}}
     stopped = {**STATE, "status": "stopped", "bundle": str(bundle)}
-    env = {**os.environ, hook.STATE_DIR_ENV: str(records)}
+    env = {**os.environ, records.STATE_DIR_ENV: str(record_dir)}
     out = subprocess.run(
         [sys.executable, "-c", NOTHING_TO_DO, json.dumps(asks_nothing), json.dumps(stopped)],
         capture_output=True,
@@ -192,4 +221,103 @@ def test_hook_paths_with_nothing_to_attach_never_load_the_library(tmp_path: Path
     assert result["codes"] == [0, 0]
     assert "pelagos_bpf.ocihook.hook" in result["loaded"]  # it did run the hook
     assert HEAVY.isdisjoint(result["loaded"])
-    assert not (records / "c1.json").exists()  # poststop did its work: the record is gone
+    assert not record.exists()  # poststop did its work: the record is gone
+
+
+def test_runtime_names_and_processes(tmp_path: Path) -> None:
+    from pelagos_bpf.ocihook import runtime
+
+    for name, want in (
+        ("/usr/sbin/runc", "runc"),
+        ("/usr/bin/crun", "crun"),
+        ("/usr/local/bin/runc.amd64", "runc"),
+        ("/usr/bin/docker-runc", "runc"),
+        ("/usr/bin/crun (deleted)", "crun"),
+        ("/usr/bin/runcx", None),
+        ("/usr/bin/scrunch", None),
+        ("/usr/bin/conmon", None),
+    ):
+        assert runtime.classify(name) == want, name
+    proc = tmp_path / "proc"
+    (proc / "10").mkdir(parents=True)
+    (proc / "10" / "exe").symlink_to("/usr/sbin/runc")
+    (proc / "11").mkdir()
+    (proc / "11" / "status").write_text("Name:\tpelagos-hook\nPPid:\t10\n")
+    (proc / "12").mkdir()
+    (proc / "12" / "comm").write_text("crun\n")  # exe unreadable: comm
+    assert runtime.runtime_of_pid(10, proc) == "runc"
+    assert runtime.runtime_of_parent(11, proc) == "runc"
+    assert runtime.runtime_of_pid(12, proc) == "crun"
+    assert runtime.runtime_of_pid(13, proc) is None
+    assert runtime.detect({"PELAGOS_BPF_HOOK_RUNTIME": "crun"}) == (
+        "crun",
+        "PELAGOS_BPF_HOOK_RUNTIME=crun",
+    )
+    assert runtime.detect({"PELAGOS_BPF_HOOK_RUNTIME": "none"})[0] is None
+    with pytest.raises(ConfigError, match="PELAGOS_BPF_HOOK_RUNTIME"):
+        runtime.detect({"PELAGOS_BPF_HOOK_RUNTIME": "youki"})
+
+
+def test_mirror_never_denies_what_crun_allows() -> None:
+    """The crun copy allows every request crun's own program allows (random rule lists, the
+    crun model of test_device_semantics)."""
+    from device_helpers import PROBE_DEVICES, rules_st
+    from hypothesis import given, settings
+    from test_device_semantics import crun_allowed
+
+    from pelagos_bpf.devices.rules import device_allowed
+    from pelagos_bpf.ocihook.mirror import crun_copy, mirror
+
+    def oci(r: CgroupDeviceRule) -> dict:
+        d = {"allow": r.allow, "type": r.kind, "access": r.access}
+        d.update({k: v for k, v in (("major", r.major), ("minor", r.minor)) if v != -1})
+        return d
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(rules=rules_st)
+    def check(rules: list[CgroupDeviceRule]) -> None:
+        copy, warning = mirror({"resources": {"devices": [oci(r) for r in rules]}}, "crun")
+        assert not warning
+        for kind, major, minor in (*PROBE_DEVICES, ("c", 242, 2), ("c", 5, 1)):
+            for req in ("r", "w", "rw", "m"):
+                if crun_allowed(rules, kind, major, minor, req):
+                    assert device_allowed(copy, kind, major, minor, req), (rules, req, kind)
+
+    check()
+    assert crun_copy([CgroupDeviceRule(False, "c", 1, 3, "wm")]) == [
+        CgroupDeviceRule(False, "c", 1, 3, "m")
+    ]
+
+
+def test_mirror_reads_runc_lists_as_cgroup_v1() -> None:
+    """runc's copy decides every probe as the v1 kernel model does; a list it cannot express
+    gets no copy and a warning, never a stricter one."""
+    from pelagos_bpf.devices.rules import device_allowed
+    from pelagos_bpf.devices.v1emulator import v1_allowed
+    from pelagos_bpf.ocihook.mirror import mirror, oci_rules
+
+    linux = {
+        "resources": {
+            "devices": [
+                {"allow": False, "access": "rwm"},
+                {"allow": True, "type": "c", "major": 240, "minor": 1, "access": "rw"},
+                {"allow": False, "type": "c", "major": 240, "access": "rw"},
+            ]
+        },
+        "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
+    }
+    copy, warning = mirror(linux, "runc")
+    assert not warning
+    full = oci_rules(linux)
+    for dev in (("c", 240, 1), ("c", 240, 2), ("c", 10, 229), ("c", 1, 3), ("c", 1, 11)):
+        for req in ("r", "w", "rw", "m"):
+            assert device_allowed(copy, *dev, req) is v1_allowed(full, *dev, req), (dev, req)
+    split = {"resources": {"devices": [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 240, "access": "r"},
+        {"allow": True, "type": "c", "major": 240, "minor": 1, "access": "w"},
+    ]}}  # fmt: skip
+    copy, warning = mirror(split, "runc")
+    assert copy == [] and "not mirrored" in warning
+    copy, warning = mirror(linux, None)
+    assert copy == [] and "not recognised" in warning

@@ -149,7 +149,8 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
     cfg["mounts"].append(
         {"destination": "/dev/kmsg", "type": "bind", "source": "/dev/kmsg", "options": ["bind"]}
     )
-    env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", *_passed_env()]
+    env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", _policy_env(c.hook_state.parent)]
+    env += _passed_env()
     hook = {"path": str(HOOK_BIN), "args": ["pelagos-bpf", "oci-hook"], "env": env}
     cfg["hooks"] = {"createRuntime": [hook], "poststop": [hook]}
     cfg["annotations"] = annotations
@@ -228,6 +229,17 @@ def _passed_env() -> list[str]:
     hook would otherwise pin its programs (the default), which outlive the container on purpose
     and would fail the checks below that everything of ours is gone afterwards."""
     return [f"{k}={os.environ[k]}" for k in ("PELAGOS_BPF_BYTECODE", PIN_ENV) if k in os.environ]
+
+
+def _policy_env(tmp: Path) -> str:
+    """An admin policy that lets these containers' annotations through (the built-in default
+    refuses classids and device grants by annotation), as the hook's env entry."""
+    etc = tmp / "etc"
+    etc.mkdir(mode=0o755, exist_ok=True)
+    policy = etc / "policy.toml"
+    policy.write_text('[default]\nclassids = ["1:10"]\ndevice_grants = true\n')
+    policy.chmod(0o644)
+    return f"PELAGOS_BPF_POLICY={policy}"
 
 
 def _gone(get_fd, obj_id: int) -> bool:  # type: ignore[no-untyped-def]
@@ -319,7 +331,11 @@ def test_podman_hooks_dir_and_annotation(tmp_path: Path) -> None:
     hooks.mkdir()
     spec = json.loads((Path(__file__).parents[1] / "contrib/hooks.d/pelagos-bpf.json").read_text())
     spec["hook"]["path"] = str(HOOK_BIN)
-    spec["hook"]["env"] = [f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}", *_passed_env()]
+    spec["hook"]["env"] = [
+        f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}",
+        _policy_env(tmp_path),
+        *_passed_env(),
+    ]
     (hooks / "pelagos-bpf.json").write_text(json.dumps(spec))
     short = Path(tempfile.mkdtemp(prefix="pgpm", dir="/tmp"))  # podman: runroot < 50 chars
     pm = [

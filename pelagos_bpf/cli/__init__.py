@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "net-demo": ("pelagos_bpf.cli.netdemo", "watch net_classid classify real packets into HTB"),
     "oci-hook": ("pelagos_bpf.ocihook.cli", "OCI runtime hook (createRuntime/poststop)"),
     "gc": ("pelagos_bpf.cli.gc", "remove BPF state of cgroups that are gone"),
+    "policy": ("pelagos_bpf.cli.policy", "the OCI hook's admin policy: check a policy file"),
 }
 DEBUG_ENV = "PELAGOS_BPF_DEBUG"
 

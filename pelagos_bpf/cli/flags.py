@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import convert
+from .. import convert, numbers
 from ..config import CgroupConfig
-from ..devices.rules import CgroupDeviceRule
+from ..devices.rules import MAJOR_MAX, MINOR_MAX, CgroupDeviceRule
 from ..errors import ConfigError
 
 
@@ -20,31 +20,42 @@ def parse_device_rule(text: str) -> CgroupDeviceRule:
 
 
 def parse_classid(text: str) -> int:
-    """tc-style "1:10" (hex major:minor, as HTB handles) or a plain integer -> u32 classid."""
+    """tc-style "1:10" (hex major:minor, each a u16, as HTB handles), "0x10010" or a decimal
+    integer -> u32 classid: numbers.parse_classid, the grammar the OCI hook uses too."""
     try:
-        if ":" in text:
-            major, minor = text.split(":", 1)
-            return (int(major or "0", 16) << 16) | int(minor or "0", 16)
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad classid {text!r}: want e.g. 1:10") from None
+        return numbers.parse_classid(text, "--net-classid")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"bad classid {text!r}: {e.reason}; e.g. 1:10") from None
 
 
 def parse_net_prio(text: str) -> tuple[str, int]:
-    """ "eth0=5" -> ("eth0", 5)."""
+    """ "eth0=5" -> ("eth0", 5) (decimal u32, ASCII digits)."""
     name, sep, prio = text.partition("=")
-    if not sep or not prio.isdigit():
-        raise argparse.ArgumentTypeError(f"bad --net-prio {text!r}: want IFNAME=PRIO")
-    return name, int(prio)
+    try:
+        if not sep:
+            raise ConfigError("--net-prio", text, "want IFNAME=PRIO")
+        return name, numbers.parse_dec(prio, "--net-prio")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"bad --net-prio {text!r}: {e.reason}") from None
+
+
+def parse_int(text: str) -> int:
+    """An integer flag: ASCII digits with an optional '-' (int() also takes '+', '_', spaces
+    and Unicode digits)."""
+    try:
+        return numbers.parse_int(text, "value", -(1 << 63), (1 << 63) - 1)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"bad integer {text!r}: {e.reason}") from None
 
 
 def parse_cpu_quota(text: str) -> tuple[int, int]:
     """ "50000/100000" -> (50000, 100000); "50000" uses the default period; "max" -> -1."""
     quota, _, period = text.partition("/")
     try:
-        q = -1 if quota in ("max", "-1") else int(quota)
-        return q, int(period) if period else convert.DEFAULT_CFS_PERIOD
-    except ValueError:
+        q = -1 if quota in ("max", "-1") else numbers.parse_dec(quota, "quota", 0, (1 << 63) - 1)
+        p = numbers.parse_dec(period, "period", 0, (1 << 63) - 1) if period else None
+        return q, convert.DEFAULT_CFS_PERIOD if p is None else p
+    except ConfigError:
         raise argparse.ArgumentTypeError(f"bad --cpu-quota {text!r}: want QUOTA/PERIOD") from None
 
 
@@ -55,8 +66,12 @@ def parse_throttle(text: str) -> tuple[int, int, int]:
     try:
         if not sep or not sep2:
             raise ValueError
-        return int(major), int(minor), convert.parse_size(rate)
-    except ValueError:
+        return (
+            numbers.parse_dec(major, "major", 0, MAJOR_MAX),
+            numbers.parse_dec(minor, "minor", 0, MINOR_MAX),
+            convert.parse_size(rate),
+        )
+    except ValueError:  # ConfigError is one
         raise argparse.ArgumentTypeError(f"bad throttle {text!r}: want MAJ:MIN=RATE") from None
 
 
@@ -73,15 +88,17 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", type=parse_size, help="memory.max, e.g. 256M (-1: unlimited)")
     g.add_argument("--memory-swap", type=parse_size, help="memory+swap (OCI), -1 for unlimited")
     g.add_argument("--memory-reservation", type=parse_size, help="memory.low, e.g. 128M")
-    g.add_argument("--memory-swappiness", type=int, help="(cgroup v1 only: refused)")
-    g.add_argument("--cpu-shares", type=int, help="cpu shares 2..262144 (-> cpu.weight)")
+    g.add_argument("--memory-swappiness", type=parse_int, help="(cgroup v1 only: refused)")
+    g.add_argument("--cpu-shares", type=parse_int, help="cpu shares 2..262144 (-> cpu.weight)")
     g.add_argument(
         "--cpu-quota", type=parse_cpu_quota, help="QUOTA/PERIOD in us, e.g. 50000/100000"
     )
     g.add_argument("--cpuset-cpus", help="e.g. 0-1")
     g.add_argument("--cpuset-mems", help="e.g. 0")
-    g.add_argument("--pids", type=int, help="pids.max (-1: unlimited)")
-    g.add_argument("--blkio-weight", type=int, help="10..1000 (-> io.bfq.weight or io.weight)")
+    g.add_argument("--pids", type=parse_int, help="pids.max (-1: unlimited)")
+    g.add_argument(
+        "--blkio-weight", type=parse_int, help="10..1000 (-> io.bfq.weight or io.weight)"
+    )
     for flag in ("read-bps", "write-bps", "read-iops", "write-iops"):
         g.add_argument(
             f"--{flag}", type=parse_throttle, action="append", default=[], metavar="MAJ:MIN=RATE"

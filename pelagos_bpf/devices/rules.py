@@ -16,6 +16,7 @@ from itertools import permutations
 from typing import Any
 
 from ..errors import ConfigError
+from ..numbers import parse_dec
 
 
 @dataclass(frozen=True)
@@ -182,24 +183,38 @@ def device_allowed(
     return all(i is None or rules[i].allow for i in winners.values())
 
 
-def parse_rule(text: str) -> CgroupDeviceRule:
-    """The one rule grammar (CLI flags, `CgroupDeviceRule.parse`): what `str(rule)` prints.
+def _rule_number(text: str, rule: str, what: str, hi: int) -> int:
+    if text == "*":
+        return -1
+    try:
+        return parse_dec(text, "device rule", 0, hi)
+    except ConfigError as e:
+        raise ConfigError("device rule", rule, f"{what} {text!r}: {e.reason} or '*'") from None
 
-    "allow|deny KIND MAJ:MIN [ACCESS]": KIND a/b/c, MAJ and MIN numbers or `*`, ACCESS a subset
-    of "rwm" (default "rwm", as in OCI). e.g. "deny a *:* rwm", "allow c 1:3 rw", "allow b 8:*".
+
+def parse_rule(text: str) -> CgroupDeviceRule:
+    """The one rule grammar (CLI flags, `CgroupDeviceRule.parse`, the OCI hook's annotation):
+    what `str(rule)` prints.
+
+    "allow|deny KIND MAJ:MIN [ACCESS]": KIND a/b/c, MAJ and MIN decimal numbers or `*`, ACCESS
+    a subset of "rwm" (default "rwm", as in OCI). e.g. "deny a *:* rwm", "allow c 1:3 rw",
+    "allow b 8:*". Printable ASCII only, words separated by spaces or tabs: a rule in fullwidth
+    digits, with '+', '_' or a Unicode space is refused, so every reader (an admission policy
+    matching text included) sees the same rule.
     """
     grammar = "expected 'allow|deny KIND MAJ:MIN [ACCESS]'"
-    parts = text.split() if isinstance(text, str) else []
+    line = text.replace("\t", " ") if isinstance(text, str) else ""
+    if not line.isascii() or not line.isprintable():  # ASCII 0x20-0x7e (and tabs) only
+        raise ConfigError("device rule", text, f"{grammar} in printable ASCII")
+    parts = line.split(" ")
+    parts = [p for p in parts if p]
     if len(parts) not in (3, 4) or parts[0] not in ("allow", "deny"):
         raise ConfigError("device rule", text, grammar)
     major_s, sep, minor_s = parts[2].partition(":")
     if not sep:
         raise ConfigError("device rule", text, f"{grammar}; {parts[2]!r} is not MAJ:MIN")
-    try:
-        major = -1 if major_s == "*" else int(major_s)
-        minor = -1 if minor_s == "*" else int(minor_s)
-    except ValueError as e:
-        raise ConfigError("device rule", text, "major and minor are numbers or '*'") from e
+    major = _rule_number(major_s, text, "major", MAJOR_MAX)
+    minor = _rule_number(minor_s, text, "minor", MINOR_MAX)
     access = parts[3] if len(parts) == 4 else ACCESS
     rule = CgroupDeviceRule(parts[0] == "allow", parts[1], major, minor, access)
     validate_device_rule(rule, "device rule")

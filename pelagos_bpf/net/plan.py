@@ -74,8 +74,37 @@ def validate_classid(classid: Any) -> None:
         )
 
 
+PRIO_MAX = 0xFFFF  # a plain priority; above, skb->priority names a class major:minor
+
+
+def validate_priority(setting: str, prio: Any) -> int:
+    """A u32 priority that does not name a qdisc itself.
+
+    Why: a priority above 0xffff reaches HTB as a classid (major:minor). Library callers are
+    trusted to pick classes (pod input passes the admin policy first, pelagos_bpf.policy), but
+    a value that names no class is refused as validate_classid refuses it: minor 0 is the qdisc
+    `major:` itself, which HTB sends to its unshaped direct queue, and major 0xffff is the
+    root/ingress handle.
+    """
+    v = _u32(setting, prio)
+    major, minor = v >> 16, v & 0xFFFF
+    if major == 0xFFFF:
+        raise ConfigError(
+            setting, prio, f"priority {v:#x}: major 0xffff is the root/ingress handle"
+        )
+    if major and not minor:
+        raise ConfigError(
+            setting,
+            prio,
+            f"priority {v:#x} names the qdisc {major:x}: itself (HTB's unshaped direct queue), "
+            "not a class",
+        )
+    return v
+
+
 def validate_priorities(priorities: Any) -> None:
-    """A list of (ifname, prio) pairs with valid, distinct names and u32 priorities."""
+    """A list of (ifname, prio) pairs with valid, distinct names and priorities
+    (validate_priority)."""
     if not isinstance(priorities, list | tuple):
         raise ConfigError("net_priorities", priorities, "must be a list of (ifname, prio)")
     seen: dict[str, int] = {}
@@ -85,7 +114,7 @@ def validate_priorities(priorities: Any) -> None:
             raise ConfigError(setting, p, "must be an (ifname, prio) pair")
         name, prio = p
         validate_ifname(setting, name)
-        _u32(setting, prio)
+        validate_priority(setting, prio)
         if name in seen:
             raise ConfigError(
                 setting, p, f"interface {name!r} already in net_priorities[{seen[name]}]"

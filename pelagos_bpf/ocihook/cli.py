@@ -9,8 +9,9 @@ from typing import Any
 
 def cmd_oci_hook(args: argparse.Namespace) -> int:
     from .hook import run_hook_io
+    from .inputs import read_stdin
 
-    return run_hook_io(sys.stdin.buffer.read(), args.stage, args.verbose, sys.stderr)
+    return run_hook_io(read_stdin(sys.stdin.buffer), args.stage, args.verbose, sys.stderr)
 
 
 def register(sub: Any) -> None:

@@ -1,0 +1,184 @@
+"""The hook's records: what create attached, for poststop and for per-namespace quotas.
+
+Poststop cannot find the cgroup from the pid (the process is dead, and the runtime may have
+removed the cgroup), so create leaves a record under $PELAGOS_BPF_HOOK_STATE (default
+/run/pelagos-bpf/oci-hook), named by the container id: the cgroup's path and id, the pod's
+namespace and how many rule-map entries the hook's device set holds (the policy's
+per-namespace total is the sum over the namespace's records).
+
+Trust: a record tells poststop which cgroup to detach from, so records are read only from a
+directory root alone can write (it and every ancestor root-owned, not group/world writable, no
+symlinks: pelagos_bpf.trust, as for pins), and a record only if it is a regular file owned by
+root and not writable by others. A directory others can write is refused as a whole: anyone
+could have planted or swapped names in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import PelagosError
+from .request import HookError
+
+STATE_DIR_ENV = "PELAGOS_BPF_HOOK_STATE"
+DEFAULT_STATE_DIR = "/run/pelagos-bpf/oci-hook"
+MAX_RECORD = 64 << 10  # a record is ~200 bytes
+SUFFIX = ".json"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def record_name(container_id: str) -> str:
+    """The record's file name; ids that are not plain file names are hashed."""
+    if re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,200}", container_id):
+        return f"{container_id}{SUFFIX}"
+    import hashlib  # here: it loads OpenSSL, ~12 ms of every hook exec otherwise
+
+    return f"sha256-{hashlib.sha256(container_id.encode()).hexdigest()}{SUFFIX}"
+
+
+def record_path(container_id: str, directory: Path | None = None) -> Path:
+    return (directory or state_dir()) / record_name(container_id)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One container's record. `namespace` None: no Kubernetes namespace (podman, runc)."""
+
+    id: str
+    cgroup: str
+    cgroup_id: int
+    namespace: str | None = None
+    entries: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Record:
+        """HookError naming the record and the field when it is not one of ours (a record of
+        an older release has no namespace and no entries)."""
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise HookError(f"record {where}: not JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise HookError(f"record {where}: not a JSON object")
+        want = {"id": str, "cgroup": str, "cgroup_id": int, "entries": int}
+        for key, typ in want.items():
+            v = doc.get(key, 0 if key == "entries" else None)
+            if not isinstance(v, typ) or isinstance(v, bool):
+                raise HookError(f"record {where}: {key}={v!r} is not a {typ.__name__}")
+        ns = doc.get("namespace")
+        if ns is not None and not isinstance(ns, str):
+            raise HookError(f"record {where}: namespace={ns!r} is not a string")
+        if not doc["cgroup"].startswith("/"):
+            raise HookError(f"record {where}: cgroup={doc['cgroup']!r} is not an absolute path")
+        return cls(doc["id"], doc["cgroup"], doc["cgroup_id"], ns, doc.get("entries", 0))
+
+    def alive(self) -> bool:
+        """Does the cgroup still exist, as the same directory (not a new one of that name)?"""
+        try:
+            return os.stat(self.cgroup).st_ino == self.cgroup_id
+        except OSError:
+            return False
+
+
+class Records:
+    """The record directory, opened once and trust-checked (a context manager)."""
+
+    def __init__(self, directory: Path | None = None, *, create: bool = False) -> None:
+        from .. import trust  # file checks only: loads neither bpfsys nor hashlib
+
+        self.path = str(directory or state_dir())
+        self.fd = trust.open_trusted_dir(self.path, "hook state dir", create=create)
+
+    @classmethod
+    def open_existing(cls, directory: Path | None = None) -> Records | None:
+        """The directory if it exists (None: no create ever left a record here)."""
+        try:
+            return cls(directory)
+        except PelagosError as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOENT:
+                return None
+            raise
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
+
+    def write(self, rec: Record) -> str:
+        """Atomically (re)place the container's record; its path."""
+        from .. import trust
+
+        name = record_name(rec.id)
+        trust.write_trusted_file(self.fd, name, rec.to_json())
+        return f"{self.path}/{name}"
+
+    def _read(self, name: str) -> Record | None:
+        from .. import trust
+
+        raw = trust.read_trusted_file(self.fd, name, self.path, "hook record")
+        if raw is None:
+            return None
+        if len(raw) > MAX_RECORD:
+            raise HookError(f"record {self.path}/{name}: {len(raw)} bytes, not a record of ours")
+        return Record.from_json(raw, f"{self.path}/{name}")
+
+    def read(self, container_id: str) -> Record | None:
+        """The container's record (None: create left none); HookError or an untrusted-file
+        error naming it when it cannot be used."""
+        rec = self._read(record_name(container_id))
+        if rec is not None and rec.id != container_id:
+            raise HookError(f"record {self.path}/{record_name(container_id)}: of {rec.id!r}")
+        return rec
+
+    def remove(self, container_id: str) -> None:
+        self._unlink(record_name(container_id))
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def _names(self) -> list[str]:
+        return [n for n in os.listdir(self.fd) if n.endswith(SUFFIX) and not n.startswith(".")]
+
+    def each(self) -> Iterator[tuple[str, Record]]:
+        """(file name, record) of every usable record; others are skipped (being written,
+        malformed, untrusted: prune and poststop name them when they meet them)."""
+        for name in self._names():
+            try:
+                rec = self._read(name)
+            except (HookError, PelagosError, OSError):
+                continue
+            if rec is not None:
+                yield name, rec
+
+    def prune(self) -> int:
+        """Delete records whose cgroup is gone: a create that failed after the hook ran gets
+        no poststop (runc), and the kernel freed its attachments with the cgroup."""
+        n = 0
+        for name, rec in self.each():
+            if not rec.alive():
+                self._unlink(name)
+                n += 1
+        return n
+
+    def entries_by_namespace(self) -> dict[str | None, int]:
+        """Rule-map entries the hook's device sets hold, per namespace, over live cgroups."""
+        out: dict[str | None, int] = {}
+        for _, rec in self.each():
+            if rec.entries and rec.alive():
+                out[rec.namespace] = out.get(rec.namespace, 0) + rec.entries
+        return out
