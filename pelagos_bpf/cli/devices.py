@@ -27,13 +27,18 @@ from .flags import parse_device_rule
 
 
 def _device(text: str) -> tuple[int, int]:
+    """MAJOR:MINOR in ASCII decimal digits, each in the kernel's range (numbers.parse_dec)."""
+    from ..devices.rules import MAJOR_MAX, MINOR_MAX
+    from ..errors import ConfigError
+    from ..numbers import parse_dec
+
     major, sep, minor = text.partition(":")
     try:
         if not sep:
-            raise ValueError
-        return int(major), int(minor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad device {text!r}: want MAJOR:MINOR") from None
+            raise ConfigError("device", text, "want MAJOR:MINOR")
+        return parse_dec(major, "MAJOR", 0, MAJOR_MAX), parse_dec(minor, "MINOR", 0, MINOR_MAX)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"bad device {text!r}: {e.reason}") from None
 
 
 def _check_rules(rules: list[CgroupDeviceRule], kind: str, dev: tuple[int, int], acc: str) -> int:
