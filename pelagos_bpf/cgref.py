@@ -12,12 +12,18 @@ import ctypes as ct
 import errno
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from . import bpfsys
 from .errors import CgroupError
+
+LOCK_TIMEOUT: float | None = None
+"""Seconds a writer waits for a cgroup's lock before failing with EAGAIN; None: as long as it
+takes. A resident daemon (the agent) sets it, so one stuck writer elsewhere (a hung CLI, a
+stopped runtime) cannot hold its request threads forever."""
 
 
 class CgroupRef(Protocol):
@@ -68,10 +74,34 @@ def opened(cg: CgroupRef, what: str, *, missing_ok: bool = False) -> Iterator[in
     except OSError as e:
         raise CgroupError(e.errno, f"{what}: cannot open cgroup {cg.path}: {e.strerror}") from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, what, cg.path)
         yield fd
     finally:
         os.close(fd)  # closing the last fd of the open file releases the flock
+
+
+def _lock(fd: int, what: str, path: object) -> None:
+    """flock LOCK_EX, bounded by LOCK_TIMEOUT: flock has no timeout of its own, so a bounded
+    wait retries LOCK_NB with a growing pause (0.5 ms .. 20 ms)."""
+    timeout = LOCK_TIMEOUT
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise CgroupError(
+                    errno.EAGAIN,
+                    f"{what}: cgroup {path} is locked by another writer for more than "
+                    f"{timeout:g} s; nothing was changed",
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
 
 class _FileHandle(ct.Structure):
@@ -113,6 +143,16 @@ class Liveness:
 
     def dead(self, cgroup_id: int) -> bool:
         return self._probe(cgroup_id) == errno.ESTALE
+
+    def open(self, cgroup_id: int) -> int | None:
+        """A directory fd of the cgroup with this id (the caller closes it); None when it is
+        gone or not reachable from our mount. The kernel reconnects a directory's dentry when
+        it decodes the handle, so /proc/self/fd/N names its real path."""
+        fh = _FileHandle(8, _FILEID_KERNFS, cgroup_id)
+        fd = self._open_by_handle_at(
+            self._mount_fd, ct.byref(fh), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        return fd if fd >= 0 else None
 
     def close(self) -> None:
         os.close(self._mount_fd)

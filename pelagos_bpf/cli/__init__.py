@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "net-demo": ("pelagos_bpf.net.cli", "watch net_classid classify real packets into HTB"),
     "oci-hook": ("pelagos_bpf.ocihook.cli", "OCI runtime hook (createRuntime/poststop)"),
     "gc": ("pelagos_bpf.cli.gc", "remove BPF state of cgroups that are gone"),
+    "agent": ("pelagos_bpf.agent.cli", "the node agent (serve; status; metrics)"),
+    "hook-path": ("pelagos_bpf.agent.cli", "print the thin OCI hook's path"),
 }
 DEBUG_ENV = "PELAGOS_BPF_DEBUG"
 
