@@ -195,6 +195,8 @@ static void set_timeouts(int fd)
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
+/* Send the request; an agent that refuses early (another uid, too many connections) replies
+ * and closes before reading it all, so a closed socket here still has its reply to read. */
 static void send_all(int fd, const char *p, size_t len)
 {
 	while (len) {
@@ -202,6 +204,8 @@ static void send_all(int fd, const char *p, size_t len)
 		ssize_t w = send(fd, p, len, MSG_NOSIGNAL);
 		if (w < 0 && errno == EINTR)
 			continue;
+		if (w < 0 && (errno == EPIPE || errno == ECONNRESET))
+			return;
 		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			fail("the agent at %s did not take the request within %ld ms", sock_path,
 			     timeout_ms);

@@ -278,8 +278,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(make_ctr: Callable[..., Ctr]) 
             assert hook.stdin is not None
             hook.stdin.write(c.create())
             hook.stdin.close()
-            # in flight: the create (waiting for the lock) and this status request itself
-            wait_for(lambda: a.client().status()["in_flight"] == 2, "the create to be in flight")
+            wait_for(lambda: a.client().status()["in_flight"] == 1, "the create to be in flight")
             assert a.proc is not None
             a.proc.send_signal(signal.SIGTERM)
             wait_for(lambda: not a.sock.exists(), "the agent to stop listening")

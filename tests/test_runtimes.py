@@ -318,7 +318,8 @@ def test_podman_hooks_dir_and_annotation(tmp_path: Path) -> None:
     hooks = tmp_path / "hooks.d"
     hooks.mkdir()
     spec = json.loads((Path(__file__).parents[1] / "contrib/hooks.d/pelagos-bpf.json").read_text())
-    spec["hook"]["path"] = str(HOOK_BIN)
+    spec["hook"]["path"] = str(HOOK_BIN)  # the in-process hook (the thin one: test_agent_runtimes)
+    spec["hook"]["args"] = ["pelagos-bpf", "oci-hook"]
     spec["hook"]["env"] = [f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}", *_passed_env()]
     (hooks / "pelagos-bpf.json").write_text(json.dumps(spec))
     short = Path(tempfile.mkdtemp(prefix="pgpm", dir="/tmp"))  # podman: runroot < 50 chars

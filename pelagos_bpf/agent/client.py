@@ -9,6 +9,7 @@ change. One connection per request; every request has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
@@ -71,7 +72,9 @@ class Client:
             try:
                 s.settimeout(self.timeout)
                 s.connect(self.path)
-                s.sendall(frame(kind, payload))
+                # refused early (uid, connections): the reply is there to read all the same
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    s.sendall(frame(kind, payload))
                 reply_kind, length = parse_header(
                     self._recv(s, HEADER.size, deadline), replies=True
                 )

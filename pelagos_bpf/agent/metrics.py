@@ -134,7 +134,7 @@ def render(
     out = _Out()
     out.family("pelagos_bpf_agent_uptime_seconds", "gauge", "Seconds since the agent started.")
     out.sample("pelagos_bpf_agent_uptime_seconds", round(stats.uptime(), 3))
-    out.family("pelagos_bpf_agent_in_flight", "gauge", "Requests being served or queued.")
+    out.family("pelagos_bpf_agent_in_flight", "gauge", "Container requests being served or queued.")
     out.sample("pelagos_bpf_agent_in_flight", in_flight)
     out.family("pelagos_bpf_agent_connections", "gauge", "Open client connections.")
     out.sample("pelagos_bpf_agent_connections", connections)

@@ -3,7 +3,9 @@
 Why this shape: reading frames is waiting (a slow or stuck client must cost the others
 nothing), the work is library calls that block on syscalls and the cgroup's flock. So one
 asyncio loop accepts and reads every connection under its deadline, and hands whole requests
-to a fixed pool of worker threads. A request is refused (an error reply, nothing done) when
+to a fixed pool of worker threads (operators' requests, status, metrics, inspect and gc, to a
+small pool of their own, so a node saturated with containers can still be looked at). A
+request is refused (an error reply, nothing done) when
 too many are waiting or when it waited too long for a worker, so under overload no client gets
 a half-attached cgroup: a request either runs whole or not at all.
 
@@ -54,14 +56,17 @@ from .protocol import (
 log = logging.getLogger("pelagos_bpf.agent")
 
 HTTP_HEAD_MAX = 8192
+ADMIN_OPS = frozenset({"inspect", "gc", "status", "metrics"})
 
 
 @dataclass(frozen=True)
 class Limits:
     """How much the agent takes on at once; every figure bounds memory or a wait."""
 
-    workers: int = 8  # threads running library calls (GIL-bound; some wait on flock)
-    max_pending: int = 256  # requests running or queued; more are refused ("overloaded")
+    workers: int = 8  # threads running container requests (GIL-bound; some wait on flock)
+    max_pending: int = 256  # container requests running or queued; more are refused
+    admin_workers: int = 2  # threads for status, metrics, inspect, gc
+    admin_pending: int = 64  # of those, running or queued
     queue_wait: float = 5.0  # a request that waited longer for a worker is refused, not run
     max_connections: int = 2048  # open connections; more are refused at accept
     frame_deadline: float = FRAME_DEADLINE  # to send one whole request frame
@@ -116,8 +121,10 @@ class Server:
         self.metrics_listen = metrics_listen
         self.stats = Stats()
         self.pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="pelagos-agent")
+        self.admin = ThreadPoolExecutor(limits.admin_workers, thread_name_prefix="pelagos-admin")
         self.conns: set[asyncio.Task[None]] = set()
-        self.pending = 0
+        self.pending = 0  # container requests running or queued
+        self.admin_pending = 0
         self.draining = False
         self._last_warn: dict[str, tuple[float, int]] = {}
         self._stop: asyncio.Event | None = None
@@ -161,6 +168,7 @@ class Server:
                     self.limits.drain_timeout,
                 )
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.admin.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
         return 0
 
@@ -269,12 +277,21 @@ class Server:
             log.debug("reply not delivered: %r", e)
 
     async def _serve(self, req: Request) -> bytes:
+        loop = asyncio.get_running_loop()
+        if req.kind == CALL and req.op in ADMIN_OPS:
+            if self.admin_pending >= self.limits.admin_pending:
+                self._refuse("overload", f"refused {req.label}: {self.admin_pending} pending")
+                return self._overloaded(req, f"{self.admin_pending} status requests in progress")
+            self.admin_pending += 1
+            try:
+                return await loop.run_in_executor(self.admin, self._handle, req, time.monotonic())
+            finally:
+                self.admin_pending -= 1
         if self.pending >= self.limits.max_pending:
             self._refuse("overload", f"refused {req.label}: {self.pending} requests pending")
             return self._overloaded(req, f"{self.pending} requests in progress")
         self.pending += 1
         try:
-            loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.pool, self._handle, req, time.monotonic())
         finally:
             self.pending -= 1
@@ -345,6 +362,7 @@ class Server:
             "failed": sum(r["failed"] for r in requests.values()),
             "refused": self.stats.refused(),
             "in_flight": self.pending,
+            "admin_in_flight": self.admin_pending,
             "connections": len(self.conns),
             "programs": ops.programs(),
             "cgroups_held": len(held),
@@ -367,7 +385,7 @@ class Server:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.limits.gc_interval)
-            await loop.run_in_executor(self.pool, self._periodic_gc)
+            await loop.run_in_executor(self.admin, self._periodic_gc)
 
     def _periodic_gc(self) -> None:
         t0 = time.perf_counter()
@@ -448,7 +466,7 @@ class Server:
             finally:
                 self.stats.observe("metrics", time.perf_counter() - t0, ok)
 
-        return await asyncio.get_running_loop().run_in_executor(self.pool, build)
+        return await asyncio.get_running_loop().run_in_executor(self.admin, build)
 
     # ------------------------------------------------------------ refusals
 
