@@ -125,7 +125,16 @@ def _rootfs(dest: Path) -> None:
         (dest / d).mkdir()
 
 
-def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, network: dict) -> None:
+def _config(
+    c: Container,
+    topo: Topo,
+    cgroups_path: str,
+    annotations: dict,
+    network: dict,
+    hook: dict | None = None,
+) -> None:
+    """config.json of a container; `hook` is the hooks' entry (default: the in-process
+    `pelagos-bpf oci-hook`; test_agent_runtimes.py passes the thin hook's)."""
     subprocess.run([c.runtime, "spec"], cwd=c.bundle, check=True, capture_output=True)
     cfg_path = c.bundle / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -149,8 +158,9 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
     cfg["mounts"].append(
         {"destination": "/dev/kmsg", "type": "bind", "source": "/dev/kmsg", "options": ["bind"]}
     )
-    env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", *_passed_env()]
-    hook = {"path": str(HOOK_BIN), "args": ["pelagos-bpf", "oci-hook"], "env": env}
+    if hook is None:
+        env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", *_passed_env()]
+        hook = {"path": str(HOOK_BIN), "args": ["pelagos-bpf", "oci-hook"], "env": env}
     cfg["hooks"] = {"createRuntime": [hook], "poststop": [hook]}
     cfg["annotations"] = annotations
     cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -158,7 +168,13 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
 
 @contextmanager
 def container(
-    runtime_name: str, tmp: Path, topo: Topo, annotations: dict, network: dict
+    runtime_name: str,
+    tmp: Path,
+    topo: Topo,
+    annotations: dict,
+    network: dict,
+    hook: dict | None = None,
+    hook_state: Path | None = None,
 ) -> Iterator[Container]:
     runtime = _runtime(runtime_name)
     uniq = f"pelagos-rt-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -168,12 +184,12 @@ def container(
         f"{uniq}-{runtime_name}",
         tmp / "bundle",
         tmp / "console.log",
-        tmp / "hook-state",
+        hook_state or tmp / "hook-state",
     )
     c.bundle.mkdir()
     _rootfs(c.bundle / "rootfs")
     cgroup_dir = discover().root / uniq
-    _config(c, topo, f"/{uniq}", annotations, network)
+    _config(c, topo, f"/{uniq}", annotations, network, hook)
     try:
         with open(c.log, "w") as out:
             r = subprocess.run(

@@ -191,11 +191,18 @@ def inspect(path: str | None = None) -> Any:
 
 
 def gc() -> dict[str, Any]:
-    """One garbage collection (entries of dead cgroups, stale pins): the GcReport as a dict."""
+    """One garbage collection: entries of dead cgroups, stale pins (the GcReport), and hook
+    records of cgroups that are gone (a create the runtime failed gets no poststop)."""
     from .. import gc as gc_mod
+    from ..ocihook.hook import prune_records, state_dir
 
     report = gc_mod.collect()
-    return {**dataclasses.asdict(report), "total_entries": report.total_entries}
+    records = prune_records(state_dir()) if state_dir().is_dir() else 0
+    return {
+        **dataclasses.asdict(report),
+        "total_entries": report.total_entries,
+        "records_removed": records,
+    }
 
 
 # ---------------------------------------------------------------- what the agent holds
@@ -395,13 +402,3 @@ def _walk_denials(
         d = out.setdefault(cgroup_id, {})
         for label, n in enc.decode_denials(items, cgroup_id).items():
             d[label] = d.get(label, 0) + n
-
-
-def prune_records() -> int:
-    """Remove hook records whose cgroup is gone (a create the runtime failed gets no
-    poststop); returns how many."""
-    from ..ocihook.hook import prune_records as prune
-    from ..ocihook.hook import state_dir
-
-    d = state_dir()
-    return prune(d) if d.is_dir() else 0

@@ -392,7 +392,7 @@ class Server:
         ok = False
         try:
             report = ops.gc()
-            pruned = ops.prune_records()
+            pruned = report["records_removed"]
             ok = not report["errors"]
             if report["total_entries"] or report["pins_removed"] or pruned:
                 log.info(

@@ -70,8 +70,9 @@ SUBSET_KERNELS = ("6.1", "6.12")
 SUBSET_ARGS = ("--deselect", "tests/test_device_kernel.py::test_kernel_matches_evaluator")
 # Real runc/crun/podman containers (Debian 12's) run on Debian 12's newer kernel, where the
 # evaluator comparison does not run, which keeps the guests' times even.
-RUNTIME_TESTS = ("tests/test_runtimes.py",)
+RUNTIME_TESTS = ("tests/test_runtimes.py", "tests/test_agent_runtimes.py")
 RUNTIME_KERNELS = ("6.12",)
+RUNTIME_MEMORY = "4G"  # the agent's load test: 200 containers, 20 at a time
 FULL = os.environ.get("PELAGOS_MATRIX_FULL", "") not in ("", "0")
 
 
@@ -208,6 +209,7 @@ def run_kernel(
     timeout: float = TIMEOUT,
     boot_timeout: float = 180.0,
     keep: Path | None = None,
+    memory: str | None = None,
     log=print,
 ) -> KernelResult:
     """Boot kernel `name`, run the guest suite (or `cmd`), retrying once if it dies in boot.
@@ -225,6 +227,7 @@ def run_kernel(
             what = f"the kernel suite ({evaluator} the evaluator comparison{runtimes})"
     python = venv_python()
     job = job_script(PROJECT, python, pytest_args, cmd, name)
+    memory = memory or (RUNTIME_MEMORY if name in RUNTIME_KERNELS else "2G")
     # the project, the interpreter's installation (the venv's python links into it), modules
     share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
     prefill = {BPF_CACHE_NAME: bpf_cache} if bpf_cache else None
@@ -240,6 +243,7 @@ def run_kernel(
             timeout=timeout,
             boot_timeout=boot_timeout,
             keep=keep,
+            memory=memory,
             progress=lambda t, line: log(f"vm: {name} {t:4.0f}s | {line}"),
         )
         if r.started or attempts >= 2:
@@ -313,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help="per kernel, seconds")
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
+    ap.add_argument(
+        "--memory", help=f"guest RAM (default 2G; {RUNTIME_MEMORY} on {', '.join(RUNTIME_KERNELS)})"
+    )
     ap.add_argument("--no-bpf-cache", action="store_true", help="don't pre-compile BPF programs")
     ap.add_argument("--fetch-only", action="store_true", help="download/unpack and exit")
     ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
@@ -356,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeout=args.timeout,
                     boot_timeout=args.boot_timeout,
                     keep=keep,
+                    memory=args.memory,
                 )
             except RUNNER_ERRORS as e:
                 res = KernelResult.failed(n, str(e))
