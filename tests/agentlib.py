@@ -41,8 +41,17 @@ def short_tmp(prefix: str = "pba-") -> Iterator[Path]:
 class AgentProc:
     """One agent process: `start()` returns once it told "systemd" READY=1."""
 
-    def __init__(self, d: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        d: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.dir = d
+        self.launcher = launcher  # argv before the agent's (e.g. a shell setting LISTEN_PID)
+        self.pass_fds = pass_fds
         self.sock = d / "agent.sock"
         self.state = d / "state"
         self.log = d / "agent.log"
@@ -63,11 +72,12 @@ class AgentProc:
         notify.bind(str(notify_path))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*AGENT, *self.args],
+                [*self.launcher, *AGENT, *self.args],
                 env={**self.env, "NOTIFY_SOCKET": str(notify_path)},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                pass_fds=self.pass_fds,
             )
         try:
             deadline = time.monotonic() + READY_TIMEOUT

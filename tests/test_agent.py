@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,7 @@ from device_helpers import probe
 from prometheus_client.parser import text_string_to_metric_families
 
 from pelagos_bpf import DEFAULT_DEVICE_RULES, CgroupConfig, CgroupDeviceRule, bpfsys, net
-from pelagos_bpf.agent import AgentError
+from pelagos_bpf.agent import AgentError, Client
 from pelagos_bpf.bpfsys import AttachType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.errors import ConfigError
@@ -324,3 +325,34 @@ def test_fifty_parallel_creates(make_ctr: Callable[..., Ctr], agent: AgentProc) 
     assert [r.returncode for r in results] == [0] * 50
     assert all(attached(c.cg.path) == [] for c in ctrs)
     assert not list(agent.state.glob("*.json"))
+
+
+def test_socket_activation() -> None:
+    """systemd's socket (fd 3, LISTEN_PID/LISTEN_FDS) is served and left in place at exit."""
+    with short_tmp() as d:
+        path = d / "activated.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(16)
+        # As systemd: the socket as fd 3, LISTEN_PID the pid that execs the agent.
+        launcher = (
+            sys.executable,
+            "-c",
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+            "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])",
+            str(listener.fileno()),
+        )
+        a = AgentProc(
+            d,
+            env={"LISTEN_FDS": "1", "PELAGOS_BPF_AGENT_SOCKET": str(d / "unused.sock")},
+            launcher=launcher,
+            pass_fds=(listener.fileno(),),
+        ).start()
+        try:
+            st = Client(str(path)).status()
+            assert st["socket"] == str(path) and st["pid"] == a.pid
+            assert not (d / "unused.sock").exists()
+        finally:
+            assert a.stop() == 0
+        listener.close()
+        assert path.exists()  # systemd's, not the agent's to remove

@@ -22,7 +22,8 @@ from pelagos_bpf.agent.metrics import Stats, quantile, render
 from pelagos_bpf.agent.server import parse_listen
 from pelagos_bpf.errors import BpfError, CgroupError, ConfigError, UnsupportedSettings
 
-C_SOURCE = Path(__file__).resolve().parents[1] / "hook" / "pelagos-bpf-hook.c"
+ROOT = Path(__file__).resolve().parents[1]
+C_SOURCE = ROOT / "hook" / "pelagos-bpf-hook.c"
 
 
 def test_frame_round_trip() -> None:
@@ -251,3 +252,25 @@ def test_render_parses_as_prometheus_text() -> None:
     assert fill.value == 26 and fill.labels["map"] == "dev_rules"
     assert fams["pelagos_bpf_agent_refused"].samples[0].labels == {"reason": "uid"}
     assert fams["pelagos_bpf_agent_cgroups_held"].samples[0].value == 1
+
+
+def _unit(name: str) -> dict[str, dict[str, str]]:
+    import configparser
+
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string((ROOT / "contrib" / "systemd" / name).read_text())
+    return {s: dict(cp[s]) for s in cp.sections()}
+
+
+def test_systemd_units_match_the_agent() -> None:
+    """Type=notify (the agent sends READY=1), the CLI's agent command, the default socket
+    with the modes the agent would give it."""
+    svc = _unit("pelagos-bpf-agent.service")["Service"]
+    assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
+    assert svc["ExecStart"] == "/usr/local/bin/pelagos-bpf agent"
+    assert svc["KillSignal"] == "SIGTERM"
+    sock = _unit("pelagos-bpf-agent.socket")["Socket"]
+    assert sock["ListenStream"] == p.DEFAULT_SOCKET
+    assert (sock["SocketMode"], sock["DirectoryMode"]) == ("0600", "0700")
+    assert sock["Service"] == "pelagos-bpf-agent.service"
