@@ -356,3 +356,27 @@ def test_socket_activation() -> None:
             assert a.stop() == 0
         listener.close()
         assert path.exists()  # systemd's, not the agent's to remove
+
+
+def test_refuses_to_start_next_to_another_agent_or_in_an_unsafe_dir(agent: AgentProc) -> None:
+    def start(sock: Path) -> subprocess.CompletedProcess[str]:
+        env = {**agent.env, "PELAGOS_BPF_AGENT_SOCKET": str(sock)}
+        return subprocess.run(
+            [sys.executable, "-m", "pelagos_bpf.cli", "agent", "--gc-interval", "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    r = start(agent.sock)
+    assert r.returncode == 125 and f"another agent is listening on {agent.sock}" in r.stderr
+    unsafe = agent.dir / "unsafe"
+    unsafe.mkdir(mode=0o777)
+    os.chmod(unsafe, 0o777)
+    r = start(unsafe / "a.sock")
+    assert r.returncode == 125 and "must be root's and writable by root only" in r.stderr
+    (agent.dir / "file").write_text("")
+    r = start(agent.dir / "file")
+    assert r.returncode == 125 and "exists and is not a socket" in r.stderr
+    assert agent.client().status()["pid"] == agent.pid  # the first one is untouched

@@ -149,6 +149,8 @@ def job_script(
         "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
         "PELAGOS_BPF_CACHE": f"{qemu.GUEST_OUT}/{BPF_CACHE_NAME}",
         "PELAGOS_VM_KERNEL": kernel,
+        # the agent's soak length and seed (tests/test_agent_runtimes.py), when set here
+        **{k: v for k, v in os.environ.items() if k in ("PELAGOS_SOAK", "PELAGOS_SOAK_SEED")},
     }
     lines = ["set -e", f"cd {shlex.quote(str(project))}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
