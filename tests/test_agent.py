@@ -380,3 +380,35 @@ def test_refuses_to_start_next_to_another_agent_or_in_an_unsafe_dir(agent: Agent
     r = start(agent.dir / "file")
     assert r.returncode == 125 and "exists and is not a socket" in r.stderr
     assert agent.client().status()["pid"] == agent.pid  # the first one is untouched
+
+
+def test_pinned_programs_are_shared_across_restarts_and_the_fallback(
+    make_ctr: Callable[..., Ctr],
+) -> None:
+    """With a pin dir, a restarted agent fetches the programs it pinned (same ids), and the
+    thin hook's in-process fallback attaches those same programs."""
+    with short_tmp() as d:
+        bpffs = d / "bpffs"
+        bpffs.mkdir()
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(bpffs)], check=True)
+        try:
+            pins = bpffs / "pins"
+            pins.mkdir(mode=0o700)
+            a = AgentProc(d, env={"PELAGOS_BPF_PIN_DIR": str(pins)}).start()
+            ids = {p["id"] for p in a.client().status()["programs"]}
+            a.kill()
+            a.start()
+            assert {p["id"] for p in a.client().status()["programs"]} == ids
+            c = make_ctr("pin", {CLASSID: "1:10"})
+            env = a.hook_env(PELAGOS_BPF_PIN_DIR=str(pins))
+            assert run_thin(c.create(), env, "create").returncode == 0
+            assert set(attached(c.cg.path)) <= ids
+            assert a.stop() == 0
+            f = make_ctr("pinfb", {CLASSID: "1:20"})  # no agent now: the fallback
+            r = run_thin(f.create(), env, "create")
+            assert r.returncode == 0, r.stderr
+            assert set(attached(f.cg.path)) <= ids and attached(f.cg.path)
+            for x in (c, f):
+                assert run_thin(x.stop(), env, "poststop").returncode == 0
+        finally:
+            subprocess.run(["umount", str(bpffs)], check=True)
