@@ -8,7 +8,8 @@ acts only on cgroups this script creates, under pelagos-bench-agent-<pid>).
    alternating; p50 and p99. Components: the agent's own time (its status), the round trip of
    an empty request.
 3. Agent create measured inside the agent (hook_create p50/p99 from its status).
-4. 50 parallel creates: 50 threads each send a hook create at once; client round trip p50/p99.
+4. 50 parallel creates: 50 client processes each send a hook create at once (released by one
+   barrier); client round trip p50/p99.
 5. Agent RSS with 10,000 cgroups held (setup through the Client: classid + the default device
    rules), after a status and a metrics scrape; peak (VmHWM) beside it.
 
@@ -24,15 +25,14 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hook import CLASSID, hook_entry, runc_bench
 
 from pelagos_bpf import DEFAULT_DEVICE_RULES, CgroupConfig
-from pelagos_bpf.agent import Client
+from pelagos_bpf.agent import Client, protocol
 from pelagos_bpf.agent.cli import hook_binary
 from pelagos_bpf.hierarchy import discover
 
@@ -54,7 +54,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 @contextmanager
-def agent(tmp: Path, state: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def agent(tmp: Path, state: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """An agent on a socket in tmp, started and stopped on real conditions (READY=1, exit)."""
     sock, notify_path = tmp / "agent.sock", tmp / "notify"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -68,7 +68,7 @@ def agent(tmp: Path, state: Path) -> Iterator[tuple[subprocess.Popen[bytes], Pat
     )
     log = open(tmp / "agent.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [CLI, "agent", "--gc-interval", "0", "--max-pending", "1024"], env=env, stderr=log
+        [CLI, "agent", "--gc-interval", "0", "--max-pending", "1024", *args], env=env, stderr=log
     )
     try:
         while b"READY=1" not in notify.recv(4096):
@@ -159,38 +159,60 @@ def bench_thin_hook(runs: int, sock: Path, ctrs: Containers, hook_env: dict[str,
         print(f"  component: {op} inside the agent {'':27} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")
 
 
+def _one_client(sock: str, payload: bytes, gate: Any, out: Any) -> None:
+    """A client process (as 50 runtimes' hooks are): waits at the gate, sends one hook
+    create, reads the reply; reports its round trip (or the failure)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    gate.wait()
+    t0 = time.perf_counter()
+    s.connect(sock)
+    s.sendall(protocol.frame(protocol.HOOK, payload))
+    raw = b""
+    while chunk := s.recv(1 << 16):
+        raw += chunk
+    dt = time.perf_counter() - t0
+    code, text = protocol.parse_hook_reply(raw[12:])
+    out.put(dt if code == 0 else text)
+
+
 def bench_parallel(sock: Path, ctrs: Containers, rounds: int) -> None:
-    """Each round: 50 threads released together, each sends one hook create (its own cgroup);
-    then the 50 poststops. The client round trip of every create is kept."""
+    """Each round: 50 client processes released together, each sends one hook create (its own
+    cgroup); then the 50 poststops. The round trip of every create is kept."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
     n = len(ctrs.procs)
     rtt: list[float] = []
-    lock = threading.Lock()
     for r in range(rounds):
-        gate = threading.Barrier(n)
-
-        def one(i: int) -> None:
-            c = Client(str(sock), timeout=60)
-            st = state(f"par{r}-{i}", ctrs.procs[i].pid, ctrs.bundle)
-            gate.wait()
-            t0 = time.perf_counter()
-            code, text = c.hook("create", st)
-            dt = time.perf_counter() - t0
-            if code != 0:
-                raise SystemExit(f"parallel create failed: {text}")
-            with lock:
-                rtt.append(dt)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        gate, out = ctx.Barrier(n), ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_one_client,
+                args=(
+                    str(sock),
+                    protocol.hook_payload("create", state(f"par{r}-{i}", pr.pid, ctrs.bundle)),
+                    gate,
+                    out,
+                ),
+            )
+            for i, pr in enumerate(ctrs.procs)
+        ]
+        for x in procs:
+            x.start()
+        got = [out.get(timeout=120) for _ in procs]
+        for x in procs:
+            x.join()
+        bad = [g for g in got if not isinstance(g, float)]
+        if bad:
+            raise SystemExit(f"parallel create failed: {bad[0]}")
+        rtt += got
         c = Client(str(sock))
         for i in range(n):
             c.hook("poststop", state(f"par{r}-{i}", None, ctrs.bundle, "stopped"))
     print(
-        f"{n} parallel creates, client round trip over {rounds} rounds (ms): "
-        f"p50 {pct(rtt, 0.5):.2f}  p99 {pct(rtt, 0.99):.2f}  max {max(rtt) * 1e3:.2f}"
+        f"{n} parallel creates (one client process each), round trip over {rounds} rounds "
+        f"(ms): p50 {pct(rtt, 0.5):.2f}  p99 {pct(rtt, 0.99):.2f}  max {max(rtt) * 1e3:.2f}"
     )
 
 
@@ -212,6 +234,7 @@ def bench_rss(proc: subprocess.Popen[bytes], sock: Path, root: Path, n: int) -> 
         t1 = time.perf_counter()
         text = client.metrics()
         metrics_ms = (time.perf_counter() - t1) * 1e3
+        time.sleep(1.0)  # the agent trims its heap after the reply is sent
         after = rss_kb(proc.pid)
         print(
             f"agent RSS with {st['cgroups_held']} cgroups held (setup of {n} through the Client: "
@@ -221,7 +244,8 @@ def bench_rss(proc: subprocess.Popen[bytes], sock: Path, root: Path, n: int) -> 
         print(f"  {n} cgroups held                      {held[0] / 1024:7.1f} MB")
         print(
             f"  after a status ({status_ms:.0f} ms) and a metrics scrape ({metrics_ms:.0f} ms, "
-            f"{len(text) / 1e6:.1f} MB)  {after[0] / 1024:7.1f} MB  (peak {after[1] / 1024:.1f} MB)"
+            f"{len(text) / 1e6:.1f} MB), trimmed  {after[0] / 1024:7.1f} MB  "
+            f"(peak during them {after[1] / 1024:.1f} MB)"
         )
     finally:
         for cg in made:

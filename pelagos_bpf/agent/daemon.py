@@ -146,3 +146,15 @@ def same_namespaces(pid: int) -> str | None:
                 return None  # the client is gone: its request is moot, not refused
             raise
     return None
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the kernel (glibc malloc_trim). A status or a metrics
+    scrape of 10,000 cgroups builds ~20 MB of short-lived objects; without this the agent's
+    RSS stays at that high-water mark for its whole life. A no-op where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return
