@@ -70,6 +70,7 @@ class AgentProc:
             notify_path.unlink()
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
+        self.notify = notify  # kept: the agent says STOPPING=1 on SIGTERM
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.launcher, *AGENT, *self.args],
@@ -93,8 +94,18 @@ class AgentProc:
                     continue
                 if "READY=1" in msg.split("\n"):
                     return self
-        finally:
+        except BaseException:
             notify.close()
+            raise
+
+    def notifications(self) -> list[str]:
+        """The datagrams the agent sent to NOTIFY_SOCKET since READY=1."""
+        out = []
+        self.notify.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                out.append(self.notify.recv(4096).decode())
+        return out
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -166,6 +166,7 @@ def test_hook_create_and_poststop_through_the_agent(make_ctr: Callable[..., Ctr]
         assert str(c.cg.path) not in {h["path"] for h in a.client().inspect()["cgroups"]}
         assert a.stop() == 0
         assert "refusing new connections" in a.log_text()
+        assert any("STOPPING=1" in m for m in a.notifications())
 
 
 def test_metrics_over_loopback_tcp() -> None:
