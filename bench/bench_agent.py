@@ -280,8 +280,10 @@ def main() -> int:
                 }
                 ctrs = Containers(root, tmp, 50)
                 try:
-                    bench_thin_hook(args.runs, sock, ctrs, hook_env)
-                    bench_parallel(sock, ctrs, args.parallel_rounds)
+                    if args.runs:
+                        bench_thin_hook(args.runs, sock, ctrs, hook_env)
+                    if args.parallel_rounds:
+                        bench_parallel(sock, ctrs, args.parallel_rounds)
                 finally:
                     ctrs.close()
                 if args.runc_runs:
@@ -297,7 +299,7 @@ def main() -> int:
                         )
                     runc_bench(args.runc_runs, tmp, hooks)
                 st = Client(str(sock)).status()["requests"]
-                r = st["hook_create"]
+                r = st.get("hook_create", {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0})
                 print(
                     f"agent create, inside the agent, over {r['count']} creates: "
                     f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"

@@ -214,11 +214,12 @@ def test_podman_hooks_dir_with_the_thin_hook(tmp_path: Path) -> None:
 
 
 class Runc:
-    """`runc run -d` of busybox `sleep` containers sharing one read-only rootfs, each with its
-    own bundle (config.json), cgroup under one prefix, and the thin hook."""
+    """`runc run -d` (or crun's, the same CLI) of busybox `sleep` containers sharing one
+    read-only rootfs, each with its own bundle (config.json), cgroup under one prefix, and the
+    thin hook."""
 
-    def __init__(self, tmp: Path, hook: dict) -> None:  # type: ignore[type-arg]
-        self.runc = _runtime("runc")
+    def __init__(self, tmp: Path, hook: dict, runtime: str = "runc") -> None:  # type: ignore[type-arg]
+        self.runc = _runtime(runtime)
         self.tmp = tmp
         self.root = tmp / "state"
         self.rootfs = tmp / "rootfs"
@@ -275,10 +276,8 @@ class Runc:
         even when the hook failed (an agent killed meanwhile: runc reports it, and gc prunes
         the record the poststop could not remove)."""
         r = self.cmd("delete", "--force", cid)
-        if r.returncode != 0:
-            assert "post stop hooks" in r.stderr and any(m in r.stderr for m in CLEAR_FAILURES), (
-                r.stderr
-            )
+        if r.returncode != 0:  # the poststop hook failed: runc and crun report it
+            assert any(m in r.stderr for m in CLEAR_FAILURES), r.stderr
         assert not self.exists(cid)
         shutil.rmtree(self.tmp / "bundles" / cid, ignore_errors=True)
 
@@ -300,9 +299,9 @@ class Runc:
 
 
 @contextlib.contextmanager
-def runc_with(a: AgentProc, **env: str) -> Iterator[Runc]:
+def runc_with(a: AgentProc, runtime: str = "runc", **env: str) -> Iterator[Runc]:
     with tempfile.TemporaryDirectory(prefix="pelagos-ag-") as d:
-        r = Runc(Path(d), thin_entry(a, **env))
+        r = Runc(Path(d), thin_entry(a, **env), runtime)
         try:
             yield r
         finally:
@@ -404,8 +403,12 @@ def assert_nothing_leaked(a: AgentProc, r: Runc, baseline: dict[str, int]) -> No
     assert _fill(a.client()) == baseline
 
 
+# Load and soak run crun (the same hook path): each runc exec costs ~0.5 s under TCG, crun's
+# a fraction of it, so the time goes to the hook and the agent rather than to the runtime.
+
+
 def test_load_200_containers_20_at_a_time() -> None:
-    with agent_proc() as a, runc_with(a) as r:
+    with agent_proc() as a, runc_with(a, "crun") as r:
         baseline = _fill(a.client())
         ids = [f"l{i}" for i in range(200)]
         ann = {"io.pelagos-bpf.devices": "deny c 1:5 r"}
@@ -436,7 +439,7 @@ def lifecycle(r: Runc, cid: str) -> None:
 def test_soak_steady_rss(capsys: pytest.CaptureFixture[str]) -> None:
     """Container lifecycles back to back for SOAK_STEADY seconds: after a warm-up of 20, the
     agent's RSS at the end is within 10 % of its start."""
-    with agent_proc() as a, runc_with(a) as r:
+    with agent_proc() as a, runc_with(a, "crun") as r:
         baseline = _fill(a.client())
         for i in range(20):
             lifecycle(r, f"w{i}")
@@ -464,7 +467,7 @@ def test_soak_random_agent_kills(capsys: pytest.CaptureFixture[str]) -> None:
     outcomes = {"started": 0, "refused": 0}
     lock = threading.Lock()
     stop = threading.Event()
-    with agent_proc() as a, runc_with(a) as r:
+    with agent_proc() as a, runc_with(a, "crun") as r:
         baseline = _fill(a.client())
 
         def worker(w: int) -> None:
