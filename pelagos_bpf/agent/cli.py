@@ -59,6 +59,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 max_pending=args.max_pending,
                 queue_wait=args.queue_wait,
                 lock_timeout=args.lock_timeout,
+                frame_deadline=args.frame_deadline,
                 gc_interval=args.gc_interval,
             ),
         )
@@ -175,6 +176,14 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="fail a request whose cgroup another writer holds locked longer "
         f"(default {limits.lock_timeout:g})",
+    )
+    a.add_argument(
+        "--frame-deadline",
+        type=_positive(float),
+        default=limits.frame_deadline,
+        metavar="SECONDS",
+        help="drop a client that has not sent its whole request this long after connecting "
+        f"(default {limits.frame_deadline:g})",
     )
     a.add_argument(
         "--gc-interval",

@@ -41,8 +41,10 @@ DEFAULT_SOCKET = "/run/pelagos-bpf/agent.sock"
 TIMEOUT_ENV = "PELAGOS_BPF_AGENT_TIMEOUT"
 DEFAULT_TIMEOUT = 10.0
 """Seconds a client (the thin hook, `Client`) waits for its reply, connect included."""
-FRAME_DEADLINE = 2.0
-"""Seconds the agent gives a client to send one whole request frame after connecting."""
+FRAME_DEADLINE = 5.0
+"""Seconds the agent gives a client to send one whole request frame after connecting. A
+thin hook sends its frame right after connect; 2 s proved too tight on a starved machine (a
+TCG guest starting 20 containers at once), and an idle connection costs one fd until then."""
 
 
 class ProtocolError(Exception):
