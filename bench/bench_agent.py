@@ -11,7 +11,8 @@ acts only on cgroups this script creates, under pelagos-bench-agent-<pid>).
 4. 50 parallel creates: 50 client processes each send a hook create at once (released by one
    barrier); client round trip p50/p99.
 5. Agent RSS with 10,000 cgroups held (setup through the Client: classid + the default device
-   rules), after a status and a metrics scrape; peak (VmHWM) beside it.
+   rules), then after a status, a Prometheus scrape (HTTP) and `agent metrics` (JSON over the
+   socket), each with the peak (VmHWM) so far.
 
 The hook records go to a tmpfs (/dev/shm), as /run is on a real node.
 Usage: .venv/bin/python bench/bench_agent.py [--runs 200] [--runc-runs 20] [--cgroups 10000]
@@ -68,7 +69,19 @@ def agent(tmp: Path, state: Path, *args: str) -> Iterator[tuple[subprocess.Popen
     )
     log = open(tmp / "agent.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [CLI, "agent", "--gc-interval", "0", "--max-pending", "1024", *args], env=env, stderr=log
+        [
+            CLI,
+            "agent",
+            "--gc-interval",
+            "0",
+            "--max-pending",
+            "1024",
+            "--metrics-listen",
+            f"unix:{tmp}/metrics.sock",
+            *args,
+        ],
+        env=env,
+        stderr=log,
     )
     try:
         while b"READY=1" not in notify.recv(4096):
@@ -216,7 +229,22 @@ def bench_parallel(sock: Path, ctrs: Containers, rounds: int) -> None:
     )
 
 
-def bench_rss(proc: subprocess.Popen[bytes], sock: Path, root: Path, n: int) -> None:
+def scrape(path: Path) -> str:
+    """GET /metrics over the agent's unix-socket HTTP listener (what a local scraper does)."""
+    import http.client
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(120)
+    s.connect(str(path))
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n\r\n")
+    resp = http.client.HTTPResponse(s)
+    resp.begin()
+    body = resp.read().decode()
+    s.close()
+    return body
+
+
+def bench_rss(proc: subprocess.Popen[bytes], sock: Path, metrics: Path, root: Path, n: int) -> None:
     client = Client(str(sock), timeout=600)
     base = rss_kb(proc.pid)
     rules = list(DEFAULT_DEVICE_RULES)
@@ -231,22 +259,33 @@ def bench_rss(proc: subprocess.Popen[bytes], sock: Path, root: Path, n: int) -> 
         t1 = time.perf_counter()
         st = client.status()
         status_ms = (time.perf_counter() - t1) * 1e3
+        after_status = rss_kb(proc.pid)
         t1 = time.perf_counter()
-        text = client.metrics()
-        metrics_ms = (time.perf_counter() - t1) * 1e3
+        text = scrape(metrics)
+        scrape_ms = (time.perf_counter() - t1) * 1e3
         time.sleep(1.0)  # the agent trims its heap after the reply is sent
+        after_scrape = rss_kb(proc.pid)
+        t1 = time.perf_counter()
+        client.metrics()
+        metrics_ms = (time.perf_counter() - t1) * 1e3
+        time.sleep(1.0)
         after = rss_kb(proc.pid)
         print(
             f"agent RSS with {st['cgroups_held']} cgroups held (setup of {n} through the Client: "
             f"{setup_s:.1f} s, {setup_s / n * 1e3:.2f} ms each):"
         )
-        print(f"  at start (programs loaded)            {base[0] / 1024:7.1f} MB")
-        print(f"  {n} cgroups held                      {held[0] / 1024:7.1f} MB")
-        print(
-            f"  after a status ({status_ms:.0f} ms) and a metrics scrape ({metrics_ms:.0f} ms, "
-            f"{len(text) / 1e6:.1f} MB), trimmed  {after[0] / 1024:7.1f} MB  "
-            f"(peak during them {after[1] / 1024:.1f} MB)"
+        rows = (
+            ("at start (programs loaded)", base),
+            (f"{n} cgroups held", held),
+            (f"after a status ({status_ms:.0f} ms)", after_status),
+            (
+                f"after a Prometheus scrape, HTTP ({scrape_ms:.0f} ms, {len(text) / 1e6:.1f} MB)",
+                after_scrape,
+            ),
+            (f"after `agent metrics` over the socket, JSON ({metrics_ms:.0f} ms)", after),
         )
+        for label, (rss, peak) in rows:
+            print(f"  {label:62} {rss / 1024:6.1f} MB  (peak so far {peak / 1024:.1f} MB)")
     finally:
         for cg in made:
             client.teardown(cg)
@@ -305,7 +344,7 @@ def main() -> int:
                     f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
                 )
                 if args.cgroups:
-                    bench_rss(proc, sock, root, args.cgroups)
+                    bench_rss(proc, sock, tmp / "metrics.sock", root, args.cgroups)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         for d in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -291,7 +292,7 @@ def test_sigterm_drains_in_flight_and_refuses_new(make_ctr: Callable[..., Ctr]) 
             os.close(fd)
         assert hook.wait(120) == 0, hook.stderr.read() if hook.stderr else ""
         assert a.wait() == 0
-        assert "draining 1 connection" in a.log_text()
+        assert re.search(r"draining \d+ connection", a.log_text())  # the create (+ a status)
     assert net.read_state(c.cg).classid == 0x10010
 
 

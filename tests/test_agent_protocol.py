@@ -213,7 +213,7 @@ def test_render_parses_as_prometheus_text() -> None:
     held = [{"id": 7, "path": '/sys/fs/cgroup/a"b\\c', "container": "ctr-1", "features": []}]
     counters = {
         "denials": {7: {"c 1:5 r": 3}, 8: {"c 1:5 r": 9}},  # 8: not held, not exported
-        "net": {7: {"egress_bytes": 10, "egress_packets": 1}},
+        "net": {7: [10, 1, None, None]},  # egress only
         "maps": [
             {
                 "feature": "devices",
@@ -226,7 +226,7 @@ def test_render_parses_as_prometheus_text() -> None:
         ],
     }
     text = render(stats, in_flight=1, connections=2, programs=[{}], held=held, counters=counters)
-    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    fams = {f.name: f for f in text_string_to_metric_families(text.decode())}
     reqs = {
         (s.labels["op"], s.labels["result"]): s.value
         for s in fams["pelagos_bpf_agent_requests"].samples

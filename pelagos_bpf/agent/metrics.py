@@ -112,17 +112,18 @@ def _num(v: float) -> str:
 
 
 class _Out:
-    """One growing buffer, not a list of lines: 10,000 cgroups make ~40,000 lines (5 MB),
-    and a list of them would hold each line twice until the join."""
+    """One growing byte buffer, not a list of lines: 10,000 cgroups make ~40,000 lines
+    (5 MB); a list would hold each line twice until the join, and a str once more when
+    encoded for the HTTP reply."""
 
     def __init__(self) -> None:
-        self.buf = io.StringIO()
+        self.buf = io.BytesIO()
 
     def family(self, name: str, kind: str, help_: str) -> None:
-        self.buf.write(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n")
+        self.buf.write(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n".encode())
 
     def sample(self, name: str, value: float, **labels: object) -> None:
-        self.buf.write(f"{name}{_labels(**labels)} {_num(value)}\n")
+        self.buf.write(f"{name}{_labels(**labels)} {_num(value)}\n".encode())
 
 
 def render(
@@ -133,8 +134,8 @@ def render(
     programs: list[dict[str, Any]],
     held: list[dict[str, Any]],
     counters: dict[str, Any],
-) -> str:
-    """The whole exposition: agent, per-cgroup kernel counters, map fill levels."""
+) -> bytes:
+    """The whole exposition (UTF-8): agent, per-cgroup kernel counters, map fill levels."""
     out = _Out()
     out.family("pelagos_bpf_agent_uptime_seconds", "gauge", "Seconds since the agent started.")
     out.sample("pelagos_bpf_agent_uptime_seconds", round(stats.uptime(), 3))
@@ -209,15 +210,16 @@ def render(
             "counter",
             f"IP {unit} sent (egress) and received (ingress) by a cgroup's sockets.",
         )
-        for cg_id, net in sorted(counters["net"].items()):
+        for cg_id, row in sorted(counters["net"].items()):
             if cg_id not in where:
                 continue
             path, container = where[cg_id]
-            for direction in ("egress", "ingress"):
-                if f"{direction}_{unit}" in net:
+            for direction, base in (("egress", 0), ("ingress", 2)):
+                value = row[base + (unit == "packets")]
+                if value is not None:
                     out.sample(
                         f"pelagos_bpf_net_{unit}_total",
-                        net[f"{direction}_{unit}"],
+                        value,
                         cgroup=path,
                         container=container,
                         direction=direction,

@@ -46,7 +46,7 @@ from .protocol import (
     ProtocolError,
     Request,
     call_error,
-    call_ok,
+    call_ok_parts,
     error_doc,
     error_reply,
     hook_reply,
@@ -312,36 +312,38 @@ class Server:
         reply = self._reply(req, queued_at)
         try:
             conn.settimeout(self.limits.frame_deadline)  # a client that does not read
-            conn.sendall(reply)
+            for part in reply:
+                conn.sendall(part)
         except OSError as e:
             log.debug("reply not delivered: %r", e)
         if req.kind == CALL and req.op in ADMIN_OPS:
             del reply
             release_memory()  # after the reply: off the client's path
 
-    def _reply(self, req: Request, queued_at: float) -> bytes:
+    def _reply(self, req: Request, queued_at: float) -> tuple[bytes, ...]:
+        """The reply's parts (header and payload may come separately)."""
         waited = time.monotonic() - queued_at
         if waited > self.limits.queue_wait:
             self._refuse("overload", f"refused {req.label}: waited {waited:.1f} s for a worker")
-            return self._overloaded(req, f"waited {waited:.1f} s for a worker")
+            return (self._overloaded(req, f"waited {waited:.1f} s for a worker"),)
         label = f"hook_{ops.hook_stage(req.stage, req.state)}" if req.kind == HOOK else req.op
         t0 = time.perf_counter()
         ok = False
         try:
             reply, ok = self._dispatch(req)
         except (PelagosError, OSError) as e:
-            reply = error_reply(REPLY_OF[req.kind], error_to_doc(e))
+            reply = (error_reply(REPLY_OF[req.kind], error_to_doc(e)),)
         except Exception as e:
             log.exception("%s: internal error", req.label)
-            reply = error_reply(REPLY_OF[req.kind], _agent_error(e, "internal error: "))
+            reply = (error_reply(REPLY_OF[req.kind], _agent_error(e, "internal error: ")),)
         finally:
             self.stats.observe(label, time.perf_counter() - t0, ok)
         return reply
 
-    def _dispatch(self, req: Request) -> tuple[bytes, bool]:
+    def _dispatch(self, req: Request) -> tuple[tuple[bytes, ...], bool]:
         if req.kind == HOOK:
             code, text = ops.hook(req.stage, req.state, req.owner)
-            return hook_reply(code, text), code == 0
+            return (hook_reply(code, text),), code == 0
         assert req.kind == CALL
         a = req.args
         result: Any
@@ -364,8 +366,8 @@ class Server:
         elif req.op == "status":
             result = self.status()
         else:
-            result = self.metrics_text()
-        return call_ok(result), True
+            result = self.metrics_body().decode()
+        return call_ok_parts(result), True
 
     def status(self) -> dict[str, Any]:
         held = ops.held()
@@ -386,7 +388,7 @@ class Server:
             "containers": sum(1 for h in held if h["container"]),
         }
 
-    def metrics_text(self) -> str:
+    def metrics_body(self) -> bytes:
         return render(
             self.stats,
             in_flight=self.pending,
@@ -450,18 +452,19 @@ class Server:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), FRAME_DEADLINE)
             words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(words) != 3 or words[0] not in ("GET", "HEAD"):
-                status, body = "405 Method Not Allowed", "GET /metrics\n"
+                status, data = "405 Method Not Allowed", b"GET /metrics\n"
             elif words[1].split("?", 1)[0] not in ("/", "/metrics"):
-                status, body = "404 Not Found", "GET /metrics\n"
+                status, data = "404 Not Found", b"GET /metrics\n"
             else:
-                body = await self._metrics_body()
-                status = "200 OK" if not body.startswith("# error") else "503 Service Unavailable"
-            data = body.encode()
+                got = await self._metrics_body()
+                status = "200 OK" if got is not None else "503 Service Unavailable"
+                data = got if got is not None else b"# the metrics could not be read: see the log\n"
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-                + (data if words[:1] != ["HEAD"] else b"")
             )
+            if words[:1] != ["HEAD"]:
+                writer.write(data)
             await asyncio.wait_for(writer.drain(), FRAME_DEADLINE)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass
@@ -469,18 +472,20 @@ class Server:
             writer.close()
         await asyncio.get_running_loop().run_in_executor(self.admin, release_memory)
 
-    async def _metrics_body(self) -> str:
-        """The exposition, built in the pool and counted as a "metrics" request."""
+    async def _metrics_body(self) -> bytes | None:
+        """The exposition, built in the admin pool and counted as a "metrics" request; None
+        when it cannot be built (logged)."""
 
-        def build() -> str:
+        def build() -> bytes | None:
             t0 = time.perf_counter()
             ok = False
             try:
-                text = self.metrics_text()
+                body = self.metrics_body()
                 ok = True
-                return text
+                return body
             except (PelagosError, OSError) as e:
-                return f"# error: {e}\n"
+                log.warning("metrics: %s", e)
+                return None
             finally:
                 self.stats.observe("metrics", time.perf_counter() - t0, ok)
 
