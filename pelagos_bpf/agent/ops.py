@@ -24,7 +24,7 @@ from .codec import config_from_json
 
 log = logging.getLogger("pelagos_bpf.agent")
 
-RUNTIME, HOOK, NRI = "runtime", "hook", "nri"
+HOOK = "hook"  # the owner a hook request acts for (protocol.OWNERS lists every role)
 
 
 # ---------------------------------------------------------------- start-up
