@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -130,6 +131,14 @@ def peer_uid_pid(sock: socket.socket) -> tuple[int, int]:
     return uid, pid
 
 
+NAMESPACES = ("pid", "mnt", "cgroup")
+
+
+@functools.cache
+def _own_namespaces() -> tuple[str, ...]:
+    return tuple(os.readlink(f"/proc/self/ns/{ns}") for ns in NAMESPACES)
+
+
 def same_namespaces(pid: int) -> str | None:
     """None when `pid` shares our pid, mount and cgroup namespaces; else which one differs.
 
@@ -137,9 +146,9 @@ def same_namespaces(pid: int) -> str | None:
     agent in other namespaces would act on another process or directory."""
     if pid <= 0:
         return "pid (the client is in a pid namespace the agent cannot see)"
-    for ns in ("pid", "mnt", "cgroup"):
+    for ns, own in zip(NAMESPACES, _own_namespaces(), strict=True):
         try:
-            if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
+            if os.readlink(f"/proc/{pid}/ns/{ns}") != own:
                 return ns
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ESRCH):

@@ -42,6 +42,7 @@ from .protocol import (
     FRAME_DEADLINE,
     HEADER,
     HOOK,
+    HOOK_REPLY,
     REPLY_OF,
     ProtocolError,
     Request,
@@ -230,16 +231,19 @@ class Server:
                 msg = "permission denied: the pelagos-bpf agent serves root only"
                 await self._send(conn, call_error(error_doc("AgentError", msg, errno=errno.EACCES)))
                 return
-            kind, length = parse_header(await self._read(conn, HEADER.size, deadline))
-            reply_kind = REPLY_OF[kind]
-            req = parse_request(kind, await self._read(conn, length, deadline))
+            got: list[int] = []  # the frame's kind, once its header is in
+            try:
+                kind, payload = await self._read_frame(conn, deadline, got)
+            finally:
+                reply_kind = REPLY_OF[got[0]] if got else None
+            req = parse_request(kind, payload)
             if req.kind == HOOK and (ns := same_namespaces(pid)) is not None:
                 self._refuse("namespace", f"refused a hook from pid {pid}: other {ns} namespace")
                 msg = (
                     f"the agent runs in another {ns} namespace than this hook: run it in the "
                     "runtime's (the host's) namespaces"
                 )
-                await self._send(conn, error_reply(reply_kind, error_doc("AgentError", msg)))
+                await self._send(conn, error_reply(HOOK_REPLY, error_doc("AgentError", msg)))
                 return
             await self._serve(req, conn)
         except ProtocolError as e:
@@ -257,19 +261,28 @@ class Server:
         finally:
             conn.close()
 
-    async def _read(self, conn: socket.socket, n: int, deadline: float) -> bytes:
+    async def _read_frame(
+        self, conn: socket.socket, deadline: float, got: list[int]
+    ) -> tuple[int, bytes]:
+        """One whole request frame by `deadline` (loop time): (kind, payload). Read in as few
+        recv calls as it arrives in (a thin hook's frame: one); ProtocolError as soon as the
+        header is bad, so an oversized payload is never read. The kind goes into `got`."""
         loop = asyncio.get_running_loop()
-
-        async def exactly() -> bytes:
-            buf = bytearray()
-            while len(buf) < n:
-                chunk = await loop.sock_recv(conn, min(n - len(buf), 1 << 16))
+        buf = bytearray()
+        need = HEADER.size
+        async with asyncio.timeout_at(deadline):
+            while True:
+                if len(buf) >= need:
+                    if not got:
+                        kind, length = parse_header(bytes(buf[: HEADER.size]))
+                        got.append(kind)
+                        need = HEADER.size + length
+                        continue
+                    return got[0], bytes(buf[HEADER.size : need])
+                chunk = await loop.sock_recv(conn, max(need - len(buf), 1 << 16))
                 if not chunk:
-                    raise _Cut(f"{len(buf)} of {n} bytes")
+                    raise _Cut(f"{len(buf)} of {need} bytes")
                 buf += chunk
-            return bytes(buf)
-
-        return await asyncio.wait_for(exactly(), max(0.0, deadline - loop.time()))
 
     async def _send(self, conn: socket.socket, data: bytes) -> None:
         loop = asyncio.get_running_loop()
