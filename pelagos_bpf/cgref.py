@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
-import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,11 @@ from typing import Literal, Protocol, overload
 
 from . import bpfsys
 from .errors import CgroupError
+from .locks import flock_until
+
+"""Seconds a writer waits for a cgroup's lock before failing with EAGAIN; None: as long as it
+takes. A resident daemon (the agent) sets it, so one stuck writer elsewhere (a hung CLI, a
+stopped runtime) cannot hold its request threads forever."""
 
 
 class CgroupRef(Protocol):
@@ -93,10 +97,15 @@ def _opened(cg: CgroupRef, what: str, missing_ok: bool) -> Iterator[int | None]:
             path=cg.path,
         ) from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, what, cg.path)
         yield fd
     finally:
         os.close(fd)  # closing the last fd of the open file releases the flock
+
+
+def _lock(fd: int, what: str, path: object) -> None:
+    """flock LOCK_EX with the deadline every lock wait has (locks.flock_until)."""
+    flock_until(fd, f"{what}: cgroup {path}", path=str(path))
 
 
 class _FileHandle(ct.Structure):
@@ -151,6 +160,16 @@ class Liveness:
 
     def dead(self, cgroup_id: int) -> bool:
         return self._probe(cgroup_id) == errno.ESTALE
+
+    def open(self, cgroup_id: int) -> int | None:
+        """A directory fd of the cgroup with this id (the caller closes it); None when it is
+        gone or not reachable from our mount. The kernel reconnects a directory's dentry when
+        it decodes the handle, so /proc/self/fd/N names its real path."""
+        fh = _FileHandle(8, _FILEID_KERNFS, cgroup_id)
+        fd = self._open_by_handle_at(
+            self._mount_fd, ct.byref(fh), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        return fd if fd >= 0 else None
 
     def close(self) -> None:
         os.close(self._mount_fd)

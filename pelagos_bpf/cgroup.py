@@ -38,6 +38,7 @@ from .errors import CgroupError, ConfigError, UnsupportedSetting, UnsupportedSet
 from .hierarchy import discover
 from .net import program as netprog
 from .owner import creating, mark
+from .owners import RUNTIME, Owner
 from .systemd.names import is_systemd_form
 from .validate import validate_config
 
@@ -604,16 +605,22 @@ def _wait_unpopulated(cfd: int, path: Path, timeout: float) -> None:
 # ---------------------------------------------------------------- update
 
 
-def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
+def update_cgroup(cg: Cgroup, cfg: CgroupConfig, *, owner: Owner = RUNTIME) -> SetupReport:
     """Re-apply the settings cfg names to a live cgroup (strict); the others keep their values.
 
     Controller files are rewritten, device rules replaced with `update_devices`. Net: only the
     named parts change (net_classid, net_priorities, net_carrier): a priorities-only update
     keeps the classid and carrier. Interface names resolve in the cgroup's first process's netns.
+    `owner` (pelagos_bpf.owners): whose device set and net settings change; controller settings
+    are the runtime's alone, another owner naming one is refused before anything is written.
     """
     validate_config(cfg)
+    if owner != RUNTIME:
+        for setting in controllers.named_settings(cfg):
+            reason = f"controller settings are the runtime's, not the {owner}'s"
+            raise ConfigError(setting, getattr(cfg, setting, None), reason)
     if cg.scope is not None:
-        return _update_scope(cg, cfg)
+        return _update_scope(cg, cfg, owner)
     procs = read_text(cg.path / "cgroup.procs").split()
     carrier = cfg.net_carrier
     # A cgroup's own cgroup.controllers says which controller files it has: plan against it.
@@ -624,16 +631,19 @@ def update_cgroup(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
     report = SetupReport(skipped=list(cfg.ignored))
     _apply_writes(cg.path, plan.writes, True, report)
     if plan.devices:
-        devices.update_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
+        rules = effective_rules(cfg.device_rules, cfg.device_semantics)
+        devices.update_devices(cg, rules, owner=owner)
         report._applied("device_rules")
         if cg.features is not None:
             cg.features.add("devices")
-    _update_net(cg, cfg, plan.net_plan, report)
-    log.info("updated %s: applied %s", cg.path, report.applied)
+    _update_net(cg, cfg, plan.net_plan, report, owner)
+    log.info("updated %s as the %s: applied %s", cg.path, owner, report.applied)
     return report
 
 
-def _update_net(cg: Cgroup, cfg: CgroupConfig, plan: Any, report: SetupReport) -> None:
+def _update_net(
+    cg: Cgroup, cfg: CgroupConfig, plan: Any, report: SetupReport, owner: Owner
+) -> None:
     carrier = cfg.net_carrier
     if plan is None and carrier is None:
         return
@@ -645,13 +655,13 @@ def _update_net(cg: Cgroup, cfg: CgroupConfig, plan: Any, report: SetupReport) -
         )
         if given
     )
-    net.update_net(cg, plan or net.NetPlan(), named, carrier)
+    net.update_net(cg, plan or net.NetPlan(), named, carrier, owner=owner)
     _net_applied(cfg, report)
     if cg.features is not None:
         cg.features.add("net")
 
 
-def _update_scope(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
+def _update_scope(cg: Cgroup, cfg: CgroupConfig, owner: Owner) -> SetupReport:
     """update_cgroup of a systemd scope: SetUnitProperties for what systemd holds, files for the
     rest, map writes for rule sets and net settings (the programs systemd attached stay)."""
     from .systemd import lifecycle
@@ -681,9 +691,10 @@ def _update_scope(cg: Cgroup, cfg: CgroupConfig) -> SetupReport:
     _enable_controllers(cg.root, cg.path, controllers.needed_controllers(sp.writes))
     _apply_writes(cg.path, sp.writes, True, report)
     if cfg.device_rules:
-        devices.update_devices(cg, effective_rules(cfg.device_rules, cfg.device_semantics))
+        rules = effective_rules(cfg.device_rules, cfg.device_semantics)
+        devices.update_devices(cg, rules, owner=owner)
         report._applied("device_rules")
         if cg.features is not None:
             cg.features.add("devices")
-    _update_net(cg, cfg, net_plan, report)
+    _update_net(cg, cfg, net_plan, report, owner)
     return report

@@ -48,13 +48,16 @@ def run_dir() -> str:
 def flock_until(
     fd: int,
     what: str,
-    timeout: float = LOCK_TIMEOUT,
+    timeout: float | None = None,
     *,
     setting: str | None = None,
     path: str | None = None,
 ) -> None:
-    """flock(LOCK_EX) on `fd`, giving up after `timeout` seconds with LockTimeout naming
-    `what` (and carrying `setting` and `path`)."""
+    """flock(LOCK_EX) on `fd`, giving up after `timeout` seconds (default: LOCK_TIMEOUT, which a
+    resident agent sets with --lock-timeout) with LockTimeout naming `what` (and carrying
+    `setting` and `path`)."""
+    if timeout is None:
+        timeout = LOCK_TIMEOUT
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
@@ -102,8 +105,10 @@ def _lock_file(name: str) -> tuple[int, threading.Lock, str]:
 
 
 @contextlib.contextmanager
-def node_lock(name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+def node_lock(name: str, timeout: float | None = None) -> Iterator[None]:
     """Hold the node-wide lock `name` (threads of this process and other processes alike)."""
+    if timeout is None:
+        timeout = LOCK_TIMEOUT
     fd, tlock, path = _lock_file(name)
     if not tlock.acquire(timeout=timeout):
         raise LockTimeout(

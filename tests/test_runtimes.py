@@ -125,7 +125,16 @@ def _rootfs(dest: Path) -> None:
         (dest / d).mkdir()
 
 
-def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, network: dict) -> None:
+def _config(
+    c: Container,
+    topo: Topo,
+    cgroups_path: str,
+    annotations: dict,
+    network: dict,
+    hook: dict | None = None,
+) -> None:
+    """config.json of a container; `hook` is the hooks' entry (default: the in-process
+    `pelagos-bpf oci-hook`; test_agent_runtimes.py passes the thin hook's)."""
     subprocess.run([c.runtime, "spec"], cwd=c.bundle, check=True, capture_output=True)
     cfg_path = c.bundle / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -149,9 +158,10 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
     cfg["mounts"].append(
         {"destination": "/dev/kmsg", "type": "bind", "source": "/dev/kmsg", "options": ["bind"]}
     )
-    env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", _policy_env(c.hook_state.parent)]
-    env += _passed_env()
-    hook = {"path": str(HOOK_BIN), "args": ["pelagos-bpf", "oci-hook"], "env": env}
+    if hook is None:
+        env = [f"PELAGOS_BPF_HOOK_STATE={c.hook_state}", _policy_env(c.hook_state.parent)]
+        env += _passed_env()
+        hook = {"path": str(HOOK_BIN), "args": ["pelagos-bpf", "oci-hook"], "env": env}
     cfg["hooks"] = {"createRuntime": [hook], "poststop": [hook]}
     cfg["annotations"] = annotations
     cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -159,7 +169,13 @@ def _config(c: Container, topo: Topo, cgroups_path: str, annotations: dict, netw
 
 @contextmanager
 def container(
-    runtime_name: str, tmp: Path, topo: Topo, annotations: dict, network: dict
+    runtime_name: str,
+    tmp: Path,
+    topo: Topo,
+    annotations: dict,
+    network: dict,
+    hook: dict | None = None,
+    hook_state: Path | None = None,
 ) -> Iterator[Container]:
     runtime = _runtime(runtime_name)
     uniq = f"pelagos-rt-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -169,12 +185,12 @@ def container(
         f"{uniq}-{runtime_name}",
         tmp / "bundle",
         tmp / "console.log",
-        tmp / "hook-state",
+        hook_state or tmp / "hook-state",
     )
     c.bundle.mkdir()
     _rootfs(c.bundle / "rootfs")
     cgroup_dir = discover().root / uniq
-    _config(c, topo, f"/{uniq}", annotations, network)
+    _config(c, topo, f"/{uniq}", annotations, network, hook)
     try:
         with open(c.log, "w") as out:
             r = subprocess.run(
@@ -250,7 +266,11 @@ def _gone(get_fd, obj_id: int) -> bool:  # type: ignore[no-untyped-def]
     return False
 
 
-def _check_classified_and_cleaned(c: Container, topo: Topo, before: dict) -> dict[str, str]:
+def _check_classified_and_cleaned(
+    c: Container, topo: Topo, before: dict, programs_die: bool = True
+) -> dict[str, str]:
+    """Classified, then gone after delete. programs_die=False: the programs belong to a
+    resident process (the agent), which keeps them loaded for the next container."""
     lines = c.wait_output()
     devs = {ln.split()[1]: ln.split(None, 2)[2] for ln in lines if ln.startswith("dev ")}
     assert "ping 0" in lines, lines
@@ -276,8 +296,9 @@ def _check_classified_and_cleaned(c: Container, topo: Topo, before: dict) -> dic
         time.sleep(0.1)
     c.cmd("delete", c.id)
     assert not cg_path.exists()
-    assert all(_gone(bpfsys.prog_get_fd_by_id, p) for p in progs)
-    assert all(_gone(bpfsys.map_get_fd_by_id, m) for m in maps)
+    if programs_die:
+        assert all(_gone(bpfsys.prog_get_fd_by_id, p) for p in progs)
+        assert all(_gone(bpfsys.map_get_fd_by_id, m) for m in maps)
     assert not record.exists()  # poststop ran
     return devs
 
@@ -330,7 +351,8 @@ def test_podman_hooks_dir_and_annotation(tmp_path: Path) -> None:
     hooks = tmp_path / "hooks.d"
     hooks.mkdir()
     spec = json.loads((Path(__file__).parents[1] / "contrib/hooks.d/pelagos-bpf.json").read_text())
-    spec["hook"]["path"] = str(HOOK_BIN)
+    spec["hook"]["path"] = str(HOOK_BIN)  # the in-process hook (the thin one: test_agent_runtimes)
+    spec["hook"]["args"] = ["pelagos-bpf", "oci-hook"]
     spec["hook"]["env"] = [
         f"PELAGOS_BPF_HOOK_STATE={tmp_path / 'hook-state'}",
         _policy_env(tmp_path),

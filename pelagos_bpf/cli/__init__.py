@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "oci-hook": ("pelagos_bpf.ocihook.cli", "OCI runtime hook (createRuntime/poststop)"),
     "gc": ("pelagos_bpf.cli.gc", "remove BPF state of cgroups that are gone"),
     "policy": ("pelagos_bpf.cli.policy", "the OCI hook's admin policy: check a policy file"),
+    "agent": ("pelagos_bpf.agent.cli", "the node agent (serve; status; metrics)"),
+    "hook-path": ("pelagos_bpf.agent.cli", "print the thin OCI hook's path"),
 }
 DEBUG_ENV = "PELAGOS_BPF_DEBUG"
 

@@ -20,6 +20,7 @@ __all__ = [
     "MODULES",
     "Unsupported",
     "Write",
+    "named_settings",
     "needed_controllers",
     "plan",
     "preflight",
@@ -35,6 +36,12 @@ def plan(cfg: CgroupConfig) -> list[Write]:
 def unsupported(cfg: CgroupConfig) -> list[Unsupported]:
     """Valid settings that cgroup v2 cannot express at all (e.g. memory_swappiness)."""
     return [u for mod in MODULES for u in mod.unsupported(cfg)]
+
+
+def named_settings(cfg: CgroupConfig) -> list[str]:
+    """The controller settings cfg names (what it would write, or refuse as v2-less)."""
+    out = [w.setting for w in plan(cfg)] + [u.setting for u in unsupported(cfg)]
+    return list(dict.fromkeys(s.split("[")[0] for s in out))
 
 
 def needed_controllers(writes: list[Write]) -> list[str]:

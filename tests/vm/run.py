@@ -69,8 +69,12 @@ SUBSET_KERNELS = ("6.1", "6.12")
 SUBSET_ARGS = ("--deselect", "tests/test_device_kernel.py::test_kernel_matches_evaluator")
 # Real runc/crun/podman containers (Debian 12's) run on Debian 12's newer kernel, where the
 # evaluator comparison does not run, which keeps the guests' times even.
-RUNTIME_TESTS = ("tests/test_runtimes.py",)
+RUNTIME_TESTS = ("tests/test_runtimes.py", "tests/test_agent_runtimes.py")
 RUNTIME_KERNELS = ("6.12",)
+RUNTIME_MEMORY = "4G"  # the agent's load test: 200 containers, 20 at a time
+# The agent's guest tests (load, 5 + 3 minutes of soak) take 12-22 min under TCG on top of the
+# kernel suite and test_runtimes.py (~10 min): the runtime kernel's guest gets this much more.
+RUNTIME_EXTRA_TIMEOUT = 1500.0
 FULL = os.environ.get("PELAGOS_MATRIX_FULL", "") not in ("", "0")
 
 
@@ -153,6 +157,8 @@ def job_script(
         "PYTHONUNBUFFERED": "1",
         "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
         "PELAGOS_VM_KERNEL": kernel,
+        # the agent's soak length and seed (tests/test_agent_runtimes.py), when set here
+        **{k: v for k, v in os.environ.items() if k in ("PELAGOS_SOAK", "PELAGOS_SOAK_SEED")},
     }
     lines = ["set -e", f"cd {shlex.quote(str(project))}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
@@ -189,9 +195,10 @@ def run_kernel(
     pytest_args: list[str] | None = None,
     *,
     cmd: str | None = None,
-    timeout: float = TIMEOUT,
+    timeout: float | None = None,
     boot_timeout: float = 180.0,
     keep: Path | None = None,
+    memory: str | None = None,
     init: str = "busybox",
     node: str | None = None,
     node_setup: str | None = None,
@@ -214,6 +221,9 @@ def run_kernel(
             runtimes = ", real runtimes" if name in RUNTIME_KERNELS else ""
             what = f"the kernel suite ({evaluator} the evaluator comparison{runtimes})"
     python = venv_python()
+    memory = memory or (RUNTIME_MEMORY if name in RUNTIME_KERNELS else "2G")
+    if timeout is None:
+        timeout = TIMEOUT + (RUNTIME_EXTRA_TIMEOUT if name in RUNTIME_KERNELS else 0.0)
     # the project, the interpreter's installation (the venv's python links into it), modules
     share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
     prefill: dict[str, Path] = {}
@@ -246,6 +256,7 @@ def run_kernel(
                 timeout=timeout,
                 boot_timeout=boot_timeout,
                 keep=keep,
+                memory=memory,
                 progress=lambda t, line: log(f"vm: {name} {t:4.0f}s | {line}"),
                 **second,
             )
@@ -325,9 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--node", choices=NODES, help="start this container runtime first")
     ap.add_argument("--node-setup", metavar="SHELL", help="run after the node is up (an agent)")
-    ap.add_argument("--timeout", type=float, default=TIMEOUT, help="per kernel, seconds")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        help=f"per kernel, seconds (default {TIMEOUT:g}; {TIMEOUT + RUNTIME_EXTRA_TIMEOUT:g} "
+        f"on {', '.join(RUNTIME_KERNELS)})",
+    )
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
+    ap.add_argument(
+        "--memory", help=f"guest RAM (default 2G; {RUNTIME_MEMORY} on {', '.join(RUNTIME_KERNELS)})"
+    )
     ap.add_argument("--fetch-only", action="store_true", help="download/unpack and exit")
     ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
     args = ap.parse_args(argv)
@@ -363,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
                 boot_timeout=args.boot_timeout,
                 keep=keep,
+                memory=args.memory,
                 init=args.init,
                 node=args.node,
                 node_setup=args.node_setup,
