@@ -34,6 +34,7 @@ class PelagosError(Exception):
 
     setting: str | None = None
     path: str | None = None
+    errno: int | None = None
 
 
 class ConfigError(PelagosError, ValueError):

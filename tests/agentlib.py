@@ -34,6 +34,15 @@ OPEN_POLICY = (
 )
 
 
+def open_policy(d: Path) -> Path:
+    """OPEN_POLICY as d/policy.toml (root's, 0644: the policy's trust checks pass)."""
+    policy = d / "policy.toml"
+    if not policy.exists():
+        policy.write_text(OPEN_POLICY)
+        policy.chmod(0o644)
+    return policy
+
+
 @contextlib.contextmanager
 def short_tmp(prefix: str = "pba-") -> Iterator[Path]:
     """A private (0700) dir under /tmp with a short path (a unix socket path has 107 bytes)."""
@@ -62,10 +71,7 @@ class AgentProc:
         self.state = d / "state"
         self.log = d / "agent.log"
         self.args = list(args)
-        policy = d / "policy.toml"
-        if not policy.exists():
-            policy.write_text(OPEN_POLICY)
-            policy.chmod(0o644)
+        policy = open_policy(d)
         self.env = {
             **os.environ,
             "PELAGOS_BPF_AGENT_SOCKET": str(self.sock),
@@ -150,6 +156,7 @@ class AgentProc:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         env["PELAGOS_BPF_AGENT_SOCKET"] = str(self.sock)
         env["PELAGOS_BPF_HOOK_STATE"] = str(self.state)
+        env["PELAGOS_BPF_POLICY"] = str(open_policy(self.dir))  # for the in-process fallback
         return {**env, **extra}
 
 

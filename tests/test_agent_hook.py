@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentlib import bundle, oci_state, run_thin, running_agent, short_tmp, thin_hook
+from agentlib import bundle, oci_state, open_policy, run_thin, running_agent, short_tmp, thin_hook
 
 from pelagos_bpf import net
 from pelagos_bpf.agent import protocol as p
@@ -178,7 +178,11 @@ def test_no_agent_falls_back_to_the_in_process_hook(
     (cg.path / "cgroup.procs").write_text(str(proc.pid))
     b = bundle(tmp_path / "b", CLASSID)
     with short_tmp() as d:
-        e = env(d / "none.sock", PELAGOS_BPF_HOOK_STATE=str(d / "state"))
+        e = env(
+            d / "none.sock",
+            PELAGOS_BPF_HOOK_STATE=str(d / "state"),
+            PELAGOS_BPF_POLICY=str(open_policy(d)),
+        )
         r = run_thin(oci_state("fb", proc.pid, b), e, "create")
         assert r.returncode == 0, r.stderr
         st = net.read_state(cg)
@@ -201,7 +205,11 @@ def test_the_fallback_and_the_agent_share_records(
     (cg.path / "cgroup.procs").write_text(str(proc.pid))
     b = bundle(tmp_path / "b", CLASSID)
     with short_tmp() as d:
-        e = env(d / "agent.sock", PELAGOS_BPF_HOOK_STATE=str(d / "state"))
+        e = env(
+            d / "agent.sock",
+            PELAGOS_BPF_HOOK_STATE=str(d / "state"),
+            PELAGOS_BPF_POLICY=str(open_policy(d)),
+        )
         assert run_thin(oci_state("mix", proc.pid, b), e, "create").returncode == 0
     with running_agent() as a:
         e = a.hook_env()

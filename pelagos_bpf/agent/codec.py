@@ -133,8 +133,8 @@ def error_to_doc(e: BaseException) -> dict[str, Any]:
 
 
 def _path_of(e: BaseException) -> str | None:
-    filename = getattr(e, "filename", None)
-    return str(filename) if filename is not None else None
+    path = getattr(e, "path", None) or getattr(e, "filename", None)
+    return str(path) if path is not None else None
 
 
 def error_from_doc(doc: dict[str, Any]) -> PelagosError:
@@ -152,8 +152,12 @@ def error_from_doc(doc: dict[str, Any]) -> PelagosError:
         e.setting, e.reason = setting, message
     if isinstance(e, UnsupportedSettings):
         e.problems = [(setting, message)]
-    if isinstance(e, OSError | AgentError):
-        e.errno = doc.get("errno") if isinstance(doc.get("errno"), int) else None
+    # Every library error carries errno, setting and path (errors.py): so do these.
+    errno = doc.get("errno")
+    e.errno = errno if isinstance(errno, int) else None
+    if not isinstance(e, ConfigError | UnsupportedSetting):
+        e.setting = doc.get("setting")
+    e.path = doc.get("path")
     if isinstance(e, BpfError):
         e.log = ""
     return e
