@@ -34,7 +34,6 @@ class PelagosError(Exception):
 
     setting: str | None = None
     path: str | None = None
-    errno: int | None = None
 
 
 class ConfigError(PelagosError, ValueError):

@@ -154,7 +154,8 @@ def error_from_doc(doc: dict[str, Any]) -> PelagosError:
         e.problems = [(setting, message)]
     # Every library error carries errno, setting and path (errors.py): so do these.
     errno = doc.get("errno")
-    e.errno = errno if isinstance(errno, int) else None
+    # (an OSError's errno is a slot; ConfigError and UnsupportedSetting set an attribute)
+    setattr(e, "errno", errno if isinstance(errno, int) else None)  # noqa: B010
     if not isinstance(e, ConfigError | UnsupportedSetting):
         e.setting = doc.get("setting")
     e.path = doc.get("path")
