@@ -100,12 +100,16 @@ def test_command_ignoring_the_signal_is_killed_after_stop_timeout(
 
 
 def test_second_signal_kills_at_once(cg_root: Path, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
     flags = ("--json", "--stop-timeout", "120")
-    script = _trapping(tmp_path, "'' TERM INT")
+    # The command records the forwarded SIGTERM (and ignores it): then `run` has taken the
+    # first signal, and the second is really a second one (two signals pending at once would
+    # be taken lowest number first, SIGINT before SIGTERM).
+    script = _trapping(tmp_path, f"'echo TERM >> {seen}' TERM; trap '' INT")
     proc, path, pid, ids = _running(cg_root, "twice", "sh", "-c", script, flags=flags)
     _ready(tmp_path)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    wait_until(seen.exists, 60, "the command to get the forwarded SIGTERM")
     assert proc.poll() is None  # the first signal only asked
     proc.send_signal(signal.SIGINT)
     code, out, err = _finish(proc, timeout=20)  # far below the 120 s grace period
@@ -127,17 +131,18 @@ def test_children_of_the_command_are_removed_too(cg_root: Path) -> None:
 
 def test_ctrl_c_at_a_terminal_stops_run_cleanly(cg_root: Path, tmp_path: Path) -> None:
     """Ctrl-C at a real terminal (a pty): the line discipline signals the whole foreground
-    group; the command sees SIGINT, `run` gives it --stop-timeout, tears down, exits 130.
+    group; the command sees SIGINT and ends, `run` tears down and exits 130.
     (Whether run also forwards it cannot be seen here: a second SIGINT pending at once merges
-    with the first.)"""
+    with the first.) The command exits from its trap: with a short --stop-timeout, a loaded
+    machine could let run kill it before the trap ran (the record missing, exit still 130)."""
     import os
     import pty
 
     from clitest import EXE
 
     seen = tmp_path / "seen"
-    script = _trapping(tmp_path, f"'echo INT >> {seen}' INT")
-    argv = [str(EXE), "run", "--stop-timeout", "2", "--path", rel(cg_root, "tty"), "--"]
+    script = _trapping(tmp_path, f"'echo INT >> {seen}; exit 0' INT")
+    argv = [str(EXE), "run", "--stop-timeout", "120", "--path", rel(cg_root, "tty"), "--"]
     pid, master = pty.fork()
     if pid == 0:  # a session of its own, the pty as controlling terminal, foreground group
         os.execv(str(EXE), [*argv, "sh", "-c", script])

@@ -4,6 +4,7 @@
     python -m tests.vm.run --kernel 6.12 -- -k memory -x
     python -m tests.vm.run --kernel 6.1 --cmd 'python -c "import pelagos_bpf"'
     python -m tests.vm.run --list
+    python -m tests.vm.run --jobs 1             # one guest at a time ($PELAGOS_MATRIX_JOBS)
 
 Why a guest at all: the development host's cgroups are hybrid (every v1 controller taken), so
 controller files can only be proven on a pure cgroup v2 kernel; and the library must work on
@@ -26,7 +27,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import kernels, qemu
+from . import kernels, pool, qemu, roots
 
 PROJECT = Path(__file__).resolve().parents[2]
 GUEST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-m", "not matrix")
@@ -89,7 +90,7 @@ def guest_args(name: str, user_args: list[str] | None, full: bool = FULL) -> lis
 
 
 # What a kernel the runner cannot resolve, unpack or boot raises: reported as a message.
-RUNNER_ERRORS = (kernels.KernelError, qemu.BootError)
+RUNNER_ERRORS = (kernels.KernelError, qemu.BootError, roots.RootError)
 
 
 @dataclass
@@ -134,11 +135,13 @@ def venv_python(project: Path = PROJECT) -> Path:
 
 
 def job_script(
-    project: Path, python: Path, argv: list[str] | None, cmd: str | None, kernel: str
+    project: Path, python: Path | None, argv: list[str] | None, cmd: str | None, kernel: str
 ) -> str:
-    """The guest's job: environment for a read-only project tree, then pytest (or `cmd`)."""
+    """The guest's job: environment for a read-only project tree, then pytest (or `cmd`).
+    python None: the guest's own root has no host interpreter (only `cmd` runs there)."""
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     env = {
-        "PATH": f"{python.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{python.parent}:{path}" if python is not None else path,
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
@@ -154,6 +157,8 @@ def job_script(
     if cmd is not None:
         lines.append(f"exec /bin/sh -c {shlex.quote(cmd)}")
     else:
+        if python is None:
+            raise ValueError("pytest runs only on the host root (give a command)")
         full = [str(python), "-m", "pytest", *GUEST_PYTEST_ARGS]
         full += [f"--junitxml={qemu.GUEST_OUT}/junit.xml", *(argv or [])]
         lines.append("exec " + shlex.join(full))
@@ -204,6 +209,8 @@ def run_kernel(
     pytest_args: list[str] | None = None,
     *,
     cmd: str | None = None,
+    root: str = roots.HOST,
+    shares: list[Path] | None = None,
     bpf_cache: Path | None = None,
     timeout: float = TIMEOUT,
     boot_timeout: float = 180.0,
@@ -212,9 +219,14 @@ def run_kernel(
 ) -> KernelResult:
     """Boot kernel `name`, run the guest suite (or `cmd`), retrying once if it dies in boot.
 
+    root: `host` (the host's root, read-only) or a tests/vm/roots.py root, which runs `cmd`
+    only (no pytest there). shares: more host dirs the guest sees at the same path.
     Raises one of RUNNER_ERRORS (with a message) when the kernel can't be fetched or launched.
     """
+    if root != roots.HOST and cmd is None:
+        raise roots.RootError(f"the {root} root runs a --cmd only: it has no pytest")
     k = kernels.ensure_kernel(name, log=log)
+    root_dir = roots.ensure_root(root, log=log)
     if cmd is not None:
         what = f"command: {cmd}"
     else:
@@ -223,19 +235,23 @@ def run_kernel(
             evaluator = "without" if name in SUBSET_KERNELS else "with"
             runtimes = ", real runtimes" if name in RUNTIME_KERNELS else ""
             what = f"the kernel suite ({evaluator} the evaluator comparison{runtimes})"
-    python = venv_python()
+    python = venv_python() if root == roots.HOST else None
     job = job_script(PROJECT, python, pytest_args, cmd, name)
     # the project, the interpreter's installation (the venv's python links into it), modules
-    share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
+    share = [PROJECT, k.modules_dir, *(shares or [])]
+    if python is not None:
+        share.append(Path(os.path.realpath(python)).parents[1])
     prefill = {BPF_CACHE_NAME: bpf_cache} if bpf_cache else None
     attempts = 0
     while True:
         attempts += 1
-        log(f"vm: booting {name} ({k.package}, {k.boot_image.name}); running {what}")
+        on = "" if root == roots.HOST else f" on the {root} root"
+        log(f"vm: booting {name} ({k.package}, {k.boot_image.name}){on}; running {what}")
         r = qemu.boot(
             k,
             job,
             share_paths=share,
+            root=root_dir,
             prefill=prefill,
             timeout=timeout,
             boot_timeout=boot_timeout,
@@ -310,6 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--full", action="store_true", help="the full suite on every kernel")
     ap.add_argument("--cmd", help="run this shell command in the guest instead of pytest")
+    ap.add_argument(
+        "--root",
+        default=roots.HOST,
+        choices=[roots.HOST, *roots.ROOTS],
+        help="the guest's root: the host's (default) or a cached Debian root without "
+        "compilers (built with mmdebstrap on first use; runs --cmd only)",
+    )
+    ap.add_argument(
+        "--share",
+        action="append",
+        type=Path,
+        default=[],
+        help="another host dir the guest sees at the same path, read-only (repeatable)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        help=f"guests at once (default ${pool.JOBS_ENV}, else one per core up to 2)",
+    )
     ap.add_argument("--timeout", type=float, default=TIMEOUT, help="per kernel, seconds")
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
@@ -318,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
     args = ap.parse_args(argv)
     names = args.kernel or list(kernels.DEFAULT_KERNELS)
+    if args.root != roots.HOST and args.cmd is None:
+        ap.error(f"--root {args.root} runs a --cmd only (it has no pytest)")
+    if missing_share := [str(p) for p in args.share if not p.is_dir()]:
+        ap.error(f"--share: no such directory: {', '.join(missing_share)}")
 
     try:
         if args.list:
@@ -335,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vm: cannot boot guests, missing: {', '.join(missing)} (run scripts/bootstrap)")
         return 2
 
+    jobs = args.jobs or pool.default_jobs()
     t0 = time.monotonic()
-    results: list[KernelResult] = []
+    results: dict[str, KernelResult] = {}
     with tempfile.TemporaryDirectory(prefix="pelagos-vm-bpf-") as tmp:
         bpf_cache: Path | None = None
         if not args.no_bpf_cache and args.cmd is None:
@@ -345,26 +385,36 @@ def main(argv: list[str] | None = None) -> int:
             if not prefill_bpf_cache(venv_python(), bpf_cache):
                 shutil.rmtree(bpf_cache)
                 bpf_cache = None
-        for n in names:
-            keep = args.keep / n if args.keep else None
-            try:
-                res = run_kernel(
-                    n,
-                    guest_args(n, pytest_args, args.full or FULL),
-                    cmd=args.cmd,
-                    bpf_cache=bpf_cache,
-                    timeout=args.timeout,
-                    boot_timeout=args.boot_timeout,
-                    keep=keep,
-                )
-            except RUNNER_ERRORS as e:
-                res = KernelResult.failed(n, str(e))
-            report(res)
-            results.append(res)
-    print(f"==== kernel matrix: {len(results)} kernels in {time.monotonic() - t0:.0f}s")
-    for res in results:
-        print(f"     {res.summary()}")
-    return 0 if all(r.ok for r in results) else 1
+        with pool.GuestPool(jobs) as guests:
+            for n in dict.fromkeys(names):
+
+                def job(log: pool.Log, n: str = n) -> KernelResult:
+                    return run_kernel(
+                        n,
+                        guest_args(n, pytest_args, args.full or FULL),
+                        cmd=args.cmd,
+                        root=args.root,
+                        shares=args.share,
+                        bpf_cache=bpf_cache,
+                        timeout=args.timeout,
+                        boot_timeout=args.boot_timeout,
+                        keep=args.keep / n if args.keep else None,
+                        log=log,
+                    )
+
+                guests.submit(n, job)
+            for n, fut in guests.as_completed(print):
+                try:
+                    res = fut.result()
+                except RUNNER_ERRORS as e:
+                    res = KernelResult.failed(n, str(e))
+                report(res)
+                results[n] = res
+    took = time.monotonic() - t0
+    print(f"==== kernel matrix: {len(results)} kernels in {took:.0f}s, {jobs} at once")
+    for n in dict.fromkeys(names):
+        print(f"     {results[n].summary()}")
+    return 0 if all(r.ok for r in results.values()) else 1
 
 
 if __name__ == "__main__":
