@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .apt import KEYRING, archive_uri, locked
 from .kernels import cache_dir
+from .qemu import die_with_parent
 
 ROOTS_ENV = "PELAGOS_VM_ROOTS"
 HOST = "host"  # the default: the host's own root, shared read-only
@@ -82,7 +84,11 @@ def mmdebstrap_argv(spec: RootSpec, target: Path, mirror: str) -> list[str]:
     """The build command: Essential packages plus the spec's, merged /usr without the usrmerge
     package (which pulls perl), no docs, man pages or locales (half the size)."""
     source = f"deb [signed-by={KEYRING}] {mirror} {spec.suite} main"
-    argv = ["mmdebstrap", "--variant=essential", "--mode=root"]
+    # Root mode mounts /proc, /sys and /dev nodes inside the target: in private mount and pid
+    # namespaces (killed with their first process), an interrupted build leaves no mount for
+    # the clean-up to descend into and no apt or dpkg running.
+    argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child"]
+    argv += ["mmdebstrap", "--variant=essential", "--mode=root"]
     argv += [f"--include={','.join(spec.packages)}"]
     argv += ["--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr"]
     for path in ("/usr/share/man/*", "/usr/share/locale/*", "/usr/share/doc/*"):
@@ -109,7 +115,7 @@ def forbidden_in(packages: list[str], pattern: str) -> list[str]:
     return sorted(p for p in packages if rx.fullmatch(p.split(":")[0]))
 
 
-def ensure_root(name: str, log=print) -> Path:
+def ensure_root(name: str, log: Callable[[str], None] = print) -> Path:
     """The directory of root `name`, built now unless the cache holds it (HOST: `/`)."""
     if name == HOST:
         return Path("/")
@@ -126,10 +132,12 @@ def ensure_root(name: str, log=print) -> Path:
     return dest / "root"
 
 
-def _build(name: str, spec: RootSpec, dest: Path, log) -> None:
+def _build(name: str, spec: RootSpec, dest: Path, log: Callable[[str], None]) -> None:
     if shutil.which("mmdebstrap") is None:
         raise RootError("mmdebstrap is not installed (apt-get install mmdebstrap)")
     mirror = archive_uri()
+    for old in dest.parent.glob(f".build-{name}-*"):  # a dead runner's (we hold the lock)
+        shutil.rmtree(old, ignore_errors=True)
     log(f"vm: building root {name} ({spec.why}) from {mirror} into {dest}")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".build-{name}-", dir=dest.parent) as tmp:
@@ -137,8 +145,14 @@ def _build(name: str, spec: RootSpec, dest: Path, log) -> None:
         build.mkdir()
         tree = build / "root"
         argv = mmdebstrap_argv(spec, tree, mirror)
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT)
+        try:  # the build dies with the runner (unshare --kill-child: all of it)
+            r = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT,
+                preexec_fn=die_with_parent(),
+            )
         except (OSError, subprocess.SubprocessError) as e:
             raise RootError(f"mmdebstrap for root {name}: {e}") from None
         if r.returncode != 0:
@@ -161,7 +175,7 @@ def _build(name: str, spec: RootSpec, dest: Path, log) -> None:
     )
 
 
-def _prune(base: Path, name: str, keep: Path, log) -> None:
+def _prune(base: Path, name: str, keep: Path, log: Callable[[str], None]) -> None:
     """Remove builds of `name` for other package lists unused for PRUNE_SECONDS (a checkout
     with another list may still boot its own; a week of disuse means it is gone)."""
     now = time.time()
