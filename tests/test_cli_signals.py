@@ -119,6 +119,27 @@ def test_second_signal_kills_at_once(cg_root: Path, tmp_path: Path) -> None:
     _gone(path, pid, ids)
 
 
+def test_a_signal_ignored_at_start_stays_ignored(cg_root: Path) -> None:
+    """`nohup pelagos-bpf run -- job`: a hangup must not stop the job. (Blocking an ignored
+    signal, as run blocks the stop signals, would queue it instead of dropping it.) The
+    SIGTERM sent after it is what stops run: had SIGHUP been queued, run would have taken it
+    first, whichever arrived first (the lower number is taken first)."""
+    path = cg_root / "nohup"
+    proc = start(
+        "run", "--json", "--path", rel(cg_root, "nohup"), "--", "sleep", "300",
+        ignored=(signal.SIGHUP,),
+    )  # fmt: skip
+    pid = command_pid(path, "sleep")
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc)
+    assert code == 143, err
+    doc = json.loads(out)
+    assert doc["stopped_by"] == "SIGTERM" and doc["killed"] is False
+    assert doc["status"] == {"code": None, "signal": signal.SIGTERM}
+    _gone(path, pid, [])
+
+
 def test_children_of_the_command_are_removed_too(cg_root: Path) -> None:
     """The command exits on SIGTERM but leaves a background child: teardown kills it."""
     proc, path, _pid, ids = _running(cg_root, "bg", "sh", "-c", "sleep 300 & wait")
@@ -133,18 +154,20 @@ def test_ctrl_c_at_a_terminal_stops_run_cleanly(cg_root: Path, tmp_path: Path) -
     """Ctrl-C at a real terminal (a pty): the line discipline signals the whole foreground
     group; the command sees SIGINT and ends, `run` tears down and exits 130.
     (Whether run also forwards it cannot be seen here: a second SIGINT pending at once merges
-    with the first.) The command exits from its trap: with a short --stop-timeout, a loaded
-    machine could let run kill it before the trap ran (the record missing, exit still 130)."""
+    with the first.) The command exits from its trap, so run never needs --stop-timeout."""
     import os
     import pty
 
-    from clitest import EXE
+    from clitest import EXE, as_from_a_terminal
 
     seen = tmp_path / "seen"
     script = _trapping(tmp_path, f"'echo INT >> {seen}; exit 0' INT")
     argv = [str(EXE), "run", "--stop-timeout", "120", "--path", rel(cg_root, "tty"), "--"]
     pid, master = pty.fork()
     if pid == 0:  # a session of its own, the pty as controlling terminal, foreground group
+        # (with SIGINT ignored, as in a background job of a script, the command would never
+        # see the Ctrl-C: run would kill it after --stop-timeout, exit 130, no record)
+        as_from_a_terminal()
         os.execv(str(EXE), [*argv, "sh", "-c", script])
     try:
         _ready(tmp_path)
