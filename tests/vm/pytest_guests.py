@@ -1,12 +1,12 @@
 """pytest plugin: every QEMU guest test of a session runs in one pool, up to N guests at once.
 
 A guest test is marked `@pytest.mark.guest("KIND", cost=MINUTES)` (the longest start first); a
-module registers what KIND boots with `@guest_job("KIND")` on a factory
-`(ctx, **params) -> Job` (params: the test's parametrize values). When the first guest test starts, the session-wide `guest_pool` fixture submits the
-jobs of ALL selected guest tests; each test then waits for its own result (`wait(request)`),
-showing every guest's progress meanwhile. Guest tests are moved to the end of the session, so
-the host tests never share the cores with guests. Leaving early (-x, Ctrl-C, SIGTERM) stops
-the running guests and starts no other.
+module registers what KIND boots with `@guest_job("KIND")` on a factory `(ctx, **params) ->
+Job` (params: the test's parametrize values). When the first guest test starts, the
+session-wide `guest_pool` fixture submits the jobs of ALL selected guest tests; each test then
+waits for its own result (`wait(request)`), showing every guest's progress meanwhile. Guest
+tests are moved to the end of the session, so the host tests never share the cores with
+guests. Leaving early (-x, Ctrl-C, SIGTERM) stops the running guests and starts no other.
 """
 
 from __future__ import annotations
