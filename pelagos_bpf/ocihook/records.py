@@ -100,7 +100,8 @@ class Records:
         from .. import trust  # file checks only: loads neither bpfsys nor hashlib
 
         self.path = str(directory or state_dir())
-        self.fd = trust.open_trusted_dir(self.path, "hook state dir", create=create)
+        # held: the agent opens it for every container (a fresh hook process walks it once)
+        self.fd = trust.open_trusted_dir_held(self.path, "hook state dir", create=create)
 
     @classmethod
     def open_existing(cls, directory: Path | None = None) -> Records | None:
@@ -123,7 +124,7 @@ class Records:
         from .. import trust
 
         name = record_name(rec.id)
-        trust.write_trusted_file(self.fd, name, rec.to_json())
+        trust.write_trusted_file(self.fd, name, rec.to_json(), durable=False)  # /run: a tmpfs
         return f"{self.path}/{name}"
 
     def _read(self, name: str) -> Record | None:
