@@ -45,7 +45,7 @@ _LAZY = {
     "ResourceStats": "stats",
     "read_stats": "stats",
 }
-# Submodules the README names as `pelagos_bpf.<module>.<function>`: usable after a bare
+# Submodules docs/LIBRARY.md names as `pelagos_bpf.<module>.<function>`: usable after a bare
 # `import pelagos_bpf` (before, only those __init__ happened to import were).
 _SUBMODULES = frozenset({"cgroup", "config", "devices", "events", "freezer", "gc", "net", "stats"})
 
