@@ -1,7 +1,8 @@
-"""Trust checks for what reaches PROG_LOAD: the bytecode cache and pinned programs.
+"""Trust checks for what reaches PROG_LOAD: bytecode files and pinned programs (and the files
+the OCI hook and the agent act on: the admin policy, the hook records).
 
 Why: device rules are a security boundary, and a program is only as trustworthy as the places it
-comes from. A directory or file that someone other than us could write (a cache dir an
+comes from. A directory or file that someone other than us could write (a bytecode dir an
 unprivileged user pre-created under /tmp, a 0777 dir, a name squatted in a 1777 bpffs) must be
 refused with an error naming the path and the fix, never followed or loaded. The checks follow
 sshd's StrictModes: every directory from / down is owned by a trusted uid and not group/world
@@ -221,7 +222,7 @@ def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes 
         if st.st_size > MAX_FILE:
             raise _refuse(path, what, f"{st.st_size} bytes is too large", f"rm {path}")
         # Reads sized by fstat (plus one byte to see EOF): asking for MAX_FILE at once makes
-        # Python map and unmap an 8 MiB buffer per read, ~0.1 ms of a fresh process's start.
+        # Python map and unmap an 8 MiB buffer per read, on every fresh process's start.
         chunks: list[bytes] = []
         size, want = 0, st.st_size + 1
         while size <= MAX_FILE and (chunk := os.read(fd, min(want, MAX_FILE + 1 - size))):

@@ -41,7 +41,7 @@ def record_name(container_id: str) -> str:
     """The record's file name; ids that are not plain file names are hashed."""
     if re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,200}", container_id):
         return f"{container_id}{SUFFIX}"
-    import hashlib  # here: it loads OpenSSL, ~12 ms of every hook exec otherwise
+    import hashlib  # here: it loads OpenSSL, which every hook exec would pay otherwise
 
     return f"sha256-{hashlib.sha256(container_id.encode()).hexdigest()}{SUFFIX}"
 
