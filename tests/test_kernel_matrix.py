@@ -5,7 +5,8 @@ proven on a pure cgroup v2 kernel, and the BPF features must hold on the kernels
 The host's own kernel is the ordinary run; `-m "not matrix"` deselects this file.
 Kernels: $PELAGOS_MATRIX_KERNELS (space-separated) or the runner's defaults; extra guest pytest
 args: $PELAGOS_MATRIX_PYTEST_ARGS; the middle kernels run a declared subset unless
-$PELAGOS_MATRIX_FULL=1 (see `tests.vm.run.guest_args`).
+$PELAGOS_MATRIX_FULL=1 (see `tests.vm.run.guest_args`). The guests run in the session's pool,
+up to $PELAGOS_MATRIX_JOBS at once, after the host tests (tests/vm/pytest_guests.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ guests. Leaving early (-x, Ctrl-C, SIGTERM) stops the running guests and starts 
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -74,8 +75,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def cannot_boot() -> str | None:
     """Why guests cannot run here, or None."""
-    import os
-
     if os.environ.get("PELAGOS_VM_KERNEL"):
         return "already inside a matrix guest"
     missing = qemu.missing_tools()
