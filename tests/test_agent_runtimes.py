@@ -77,6 +77,7 @@ def thin_entry(a: AgentProc, **env: str) -> dict:  # type: ignore[type-arg]
             f"PELAGOS_BPF_AGENT_SOCKET={a.sock}",
             f"PELAGOS_BPF_HOOK_STATE={a.state}",
             "PELAGOS_BPF_AGENT_TIMEOUT=120",
+            f"PELAGOS_BPF_POLICY={open_policy(a.dir)}",  # for the in-process fallback
             *_passed_env(),
             *(f"{k}={v}" for k, v in env.items()),
         ],
@@ -85,8 +86,11 @@ def thin_entry(a: AgentProc, **env: str) -> dict:  # type: ignore[type-arg]
 
 @contextlib.contextmanager
 def agent_proc(*args: str) -> Iterator[AgentProc]:
+    """An agent whose queue wait matches the hooks' deadline under TCG (PELAGOS_BPF_AGENT_TIMEOUT
+    above): its default 5 s suits a host, where a request takes ~0.5 ms, not a guest that runs
+    10-20x slower beside other guests."""
     with short_tmp() as d:
-        a = AgentProc(d, *args).start()
+        a = AgentProc(d, "--queue-wait", "100", *args).start()
         try:
             yield a
         finally:

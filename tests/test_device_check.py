@@ -56,7 +56,7 @@ def runc_like(major: int, minor: int) -> bytes:
 def with_helper_call() -> bytes:
     """A program the interpreter cannot run (a helper call): allows everything for real."""
     return b"".join(
-        [_insn(0x85, imm=14), _insn(0xB7, 0, imm=1), _insn(0x95)]  # get_current_pid_tgid
+        [_insn(0x85, imm=15), _insn(0xB7, 0, imm=1), _insn(0x95)]  # get_current_uid_gid
     )
 
 

@@ -10,8 +10,8 @@ every later setup fail (E2BIG). Three limits, all checked before anything is wri
 - entries are counted, not rules (an index entry per 16 patterns), and an update holds both
   generations until its switch, so it reserves its whole new set.
 
-The fill level is kept in the map itself, in one META entry no program ever looks up, updated
-under a node-wide lock by every writer (a BPF hash map has no cheap element count). A writer
+The fill level is kept in the map itself, in one META entry no program ever looks up (absent
+while the count is zero), updated under a node-wide lock by every writer (a BPF hash map has no cheap element count). A writer
 killed between its reservation and its write leaves the count high (refusing early, never
 late); `gc` recounts.
 """
@@ -72,7 +72,12 @@ def used(fd: int) -> int:
 
 
 def _store(fd: int, n: int) -> None:
-    bpfsys.map_update(fd, META_KEY, _COUNT.pack(max(n, 0)))
+    """The count, or no META entry at all at zero (an unused map holds nothing, so a leak
+    check can compare it with the empty map it started as)."""
+    if n > 0:
+        bpfsys.map_update(fd, META_KEY, _COUNT.pack(n))
+    else:
+        bpfsys.map_delete(fd, META_KEY)
 
 
 def admit(fd: int, n: int, what: str) -> None:
