@@ -185,6 +185,11 @@ def test_a_deny_rule_takes_dev_zero_and_a_resource_update_keeps_it(
     pods.append(pod)
     assert _denied_zero(cri, pod)
     assert cri.exec_sync(pod.container, ["head", "-c1", "/dev/urandom"]).exit_code == 0
+    st = devices.read_state(Ref.of(_cgroup(pod)))
+    (mine,) = [o for o in st.owners if o.owner == "nri"]
+    # runc's rules were mirrored (read from runc's init at StartContainer): deny-all first
+    assert (mine.rules[0].allow, mine.rules[0].kind) == (False, "a"), mine.rules
+    assert st.denials.get("c 1:5 r", 0) >= 1, st.denials  # the denial audit counted it
     # runc update (CRI UpdateContainerResources -> NRI UpdateContainer/PostUpdateContainer)
     cri.rt(
         "UpdateContainerResources",

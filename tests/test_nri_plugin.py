@@ -190,6 +190,26 @@ def test_namespaces_come_from_the_pod_sandbox_and_are_checked() -> None:
         request.namespace_of("Team_A")
 
 
+def test_the_runtime_is_read_from_its_init_process() -> None:
+    import sys
+
+    from pelagos_bpf.nri.plugin import runtime_of_init
+
+    # runc's init renames itself and runs from a memfd copy of runc
+    code = "open('/proc/self/comm', 'w').write('runc:[2:INIT]'); print(flush=True); input()"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"\n"
+        assert runtime_of_init(p.pid) == "runc"
+    finally:
+        p.kill()
+        p.wait()
+    assert runtime_of_init(os.getpid()) is None
+    assert runtime_of_init(p.pid) is None  # gone
+
+
 # ---------------------------------------------------------------- grants: the host's node
 
 

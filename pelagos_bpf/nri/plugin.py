@@ -70,6 +70,7 @@ from .ttrpc import Code, TtrpcError
 if TYPE_CHECKING:
     from ..cgref import Ref
     from ..devices.rules import CgroupDeviceRule
+    from ..ocihook.runtime import Runtime
     from ..policy import Policy
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,6 @@ class Plugin(BaseHandler):
         ours and raises)."""
         from .. import devices, net
         from ..ocihook import mirror
-        from ..ocihook.runtime import runtime_of_pid
 
         cg = self._cgroup(ctr)
         self._check_grants(ctr, ask)
@@ -286,7 +286,7 @@ class Plugin(BaseHandler):
         if ask.wants_program:
             # The task's process is still the runtime's init (runc init, crun): its executable
             # names the runtime whose reading of the rules the mirror must follow.
-            runtime = runtime_of_pid(ctr.pid)
+            runtime = runtime_of_init(ctr.pid)
             if runtime is None:
                 copy: list[CgroupDeviceRule] = []
                 log.warning(
@@ -442,6 +442,22 @@ class Plugin(BaseHandler):
         finally:
             if self._observe is not None:
                 self._observe(op, time.perf_counter() - t0, ok)
+
+
+def runtime_of_init(pid: int, proc: Path = Path("/proc")) -> Runtime | None:
+    """The runtime whose init process `pid` is, at StartContainer (created, not started).
+
+    runc's init names itself "runc:[2:INIT]" (libcontainer/nsenter/nsexec.c) and runs from a
+    sealed memfd copy of runc (its exe names no runtime); crun's waits as crun itself."""
+    from ..ocihook.runtime import runtime_of_pid
+
+    try:
+        comm = (proc / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return None
+    if comm.startswith("runc:["):
+        return "runc"
+    return runtime_of_pid(pid, proc)
 
 
 def _who(pod: PodSandbox, ctr: Container) -> str:
