@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,8 +96,6 @@ class Agent:
 
 def _wait_log(text: str, since: int, timeout: float = 120.0) -> None:
     """Until containerd's log has `text` after byte `since` (a real condition, not a sleep)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         with containerd.log_path().open("rb") as f:
@@ -309,7 +308,11 @@ def test_after_removal_nothing_of_ours_is_left(cri: Client, agent: Agent) -> Non
         assert _entries_of(cg.id, FEATURES), "nothing of ours to look for"
     finally:
         cri.remove_pod(pod.pod)
-    assert _entries_of(cg.id, FEATURES) == {}
+    # RemoveContainer answered at once; the plugin's janitor walks the maps after it
+    deadline = time.monotonic() + 120
+    while left := _entries_of(cg.id, FEATURES):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.1)
     assert cg.id not in {h["id"] for h in ops.held()}
     records = AGENT_DIR / "state"
     assert not records.exists() or list(records.iterdir()) == []  # the plugin keeps none

@@ -228,19 +228,43 @@ def cgroup_dir(cgroups_path: str, root: Path) -> Path:
 # ---------------------------------------------------------------- the runtime's device rules
 
 
-def oci_linux(devices: Sequence[Any], device_rules: Sequence[Any]) -> dict[str, Any]:
-    """The `linux` section of the OCI spec for the mirror (ocihook/mirror.py), from an NRI
-    Container's linux.devices (LinuxDevice) and linux.resources.devices (LinuxDeviceCgroup):
-    what the runtime turns into its own device program."""
-    rules = []
-    for d in device_rules:
-        rule: dict[str, Any] = {"allow": d.allow, "access": d.access}
-        if d.type:
-            rule["type"] = d.type
-        if d.HasField("major"):
-            rule["major"] = d.major.value
-        if d.HasField("minor"):
-            rule["minor"] = d.minor.value
-        rules.append(rule)
-    nodes = [{"type": d.type, "major": d.major, "minor": d.minor} for d in devices]
-    return {"devices": nodes, "resources": {"devices": rules}}
+DeviceKey = tuple[
+    tuple[tuple[str, int, int], ...],
+    tuple[tuple[bool, str, int | None, int | None, str], ...],
+]
+"""A container's device nodes (type, major, minor) and rules (allow, type, major, minor,
+access; None: a wildcard), hashable: the mirror is computed once per distinct key."""
+
+
+def device_key(linux: Any) -> DeviceKey:
+    """The DeviceKey of an NRI LinuxContainer (linux.devices, linux.resources.devices): what the
+    runtime turns into its own device program."""
+    nodes = tuple((d.type, d.major, d.minor) for d in linux.devices)
+    rules = tuple(
+        (
+            d.allow,
+            d.type,
+            d.major.value if d.HasField("major") else None,
+            d.minor.value if d.HasField("minor") else None,
+            d.access,
+        )
+        for d in linux.resources.devices
+    )
+    return nodes, rules
+
+
+def oci_linux_of(key: DeviceKey) -> dict[str, Any]:
+    """The `linux` section of the OCI spec for the mirror (ocihook/mirror.py) from a DeviceKey."""
+    nodes, rules = key
+    out_rules = []
+    for allow, kind, major, minor, access in rules:
+        rule: dict[str, Any] = {"allow": allow, "access": access}
+        if kind:
+            rule["type"] = kind
+        if major is not None:
+            rule["major"] = major
+        if minor is not None:
+            rule["minor"] = minor
+        out_rules.append(rule)
+    devices = [{"type": t, "major": ma, "minor": mi} for t, ma, mi in nodes]
+    return {"devices": devices, "resources": {"devices": out_rules}}
