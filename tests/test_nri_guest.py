@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,3 +351,54 @@ def test_the_agent_drains_and_the_plugin_goes_with_it(agent: Agent) -> None:
     agent.proc.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait() == 0
     _wait_log('connection to plugin \\"10-pelagos-bpf\\" closed', mark)
+
+
+def test_launched_by_containerd_from_its_plugin_dir(cri: Client, agent: Agent) -> None:
+    """After the drain above (one plugin of that name at a time): containerd starts the agent
+    itself from plugin_path at its own start, with only NRI_PLUGIN_* and fd 3, before it
+    serves the CRI; a restart without the file ends it."""
+    assert agent.proc.proc is not None and agent.proc.proc.poll() is not None
+    plugins = Path("/opt/nri/plugins")
+    plugins.mkdir(parents=True, exist_ok=True)
+    wrapper = plugins / "10-pelagos-bpf"
+    log = AGENT_DIR / "launched.log"
+    exe = Path(sys.executable).parent / "pelagos-bpf"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"export PELAGOS_BPF_POLICY={agent.policy} PELAGOS_BPF_AGENT_SOCKET={AGENT_DIR}/x.sock\n"
+        f"exec {exe} agent --nri 2>>{log}\n"
+    )
+    wrapper.chmod(0o755)
+    pod = None
+    try:
+        mark = containerd.log_offset()
+        containerd.restart(log=lambda line: None)
+        _wait_log('pre-installed NRI plugin \\"10-pelagos-bpf\\" synchronization success', mark)
+        cri.wait_ready(cri.default_image())
+        pod = cri.run_pod(["sleep", "inf"], annotations={DEVICES: "deny c 1:5 rwm"})
+        assert _denied_zero(cri, pod)
+        assert not (AGENT_DIR / "x.sock").exists()  # NRI only: no agent socket
+        (launched,) = _nri_agents()
+        assert b"NRI_PLUGIN_SOCKET=3" in Path(f"/proc/{launched}/environ").read_bytes()
+    finally:
+        if pod is not None:
+            cri.remove_pod(pod.pod)
+        wrapper.unlink()
+        containerd.restart(log=lambda line: None)
+        if GUEST_OUT.is_dir() and log.exists():
+            shutil.copy(log, GUEST_OUT / "nri-launched.log")
+    assert _nri_agents() == []  # its runtime went: it went too
+
+
+def _nri_agents() -> list[int]:
+    """Live processes running `pelagos-bpf agent --nri` (zombies are not)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"\0agent\0--nri" in cmd and state != "Z":
+            out.append(int(d.name))
+    return out

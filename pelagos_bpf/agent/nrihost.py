@@ -35,6 +35,10 @@ INDEX = "10"
 refusals come before most plugins (resource managers, injectors) have done any work for the
 container, and 00-09 stay free for plugins that must run before everything."""
 JOIN_TIMEOUT = 30.0
+BACKOFF_MAX = 2.0
+"""Seconds between attempts to reach a runtime that is down, at most (the stub's default is
+30): an attempt is one connect() on a unix socket, and every second without the plugin is a
+second in which pods start without their settings (Synchronize covers them late)."""
 
 
 class NriUnavailable(Exception):
@@ -79,6 +83,7 @@ class NriRunner:
                 index=settings.index,
                 socket_path=settings.socket,
                 environ=environ,
+                backoff_max=BACKOFF_MAX,
             )
         except (ValueError, NriError) as e:
             raise NriUnavailable(str(e)) from None
@@ -126,11 +131,13 @@ class NriRunner:
 
 def serve_launched(settings: NriSettings, lock_timeout: float) -> int:
     """NRI launched us: the plugin alone, until the runtime closes the connection (0) or
-    registration fails (1). SIGTERM/SIGINT stop it; SIGHUP re-reads the policy."""
+    registration fails (1). SIGTERM/SIGINT stop it; SIGHUP re-reads the policy.
+
+    The runtime waits for a launched plugin's registration at its own start (5 s by
+    default), so the plugin registers first and the programs load meanwhile (an event that
+    needs them waits for the load: Feature.loaded holds a lock)."""
     ops.configure(lock_timeout)
     ops.reload_policy()
-    progs = ops.load_programs()
-    log.info("loaded %d programs", len(progs))
     runner = NriRunner(settings, Stats())
 
     def on_stop(sig: int, _frame: object) -> None:
@@ -141,6 +148,7 @@ def serve_launched(settings: NriSettings, lock_timeout: float) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, lambda _s, _f: ops.reload_policy())
     runner.start()
+    log.info("loaded %d programs", len(ops.load_programs()))
     while not runner.done.wait(0.5):
         pass
     runner.thread.join(JOIN_TIMEOUT)
