@@ -366,6 +366,7 @@ def test_launched_by_containerd_from_its_plugin_dir(cri: Client, agent: Agent) -
     wrapper.write_text(
         "#!/bin/sh\n"
         f"export PELAGOS_BPF_POLICY={agent.policy} PELAGOS_BPF_AGENT_SOCKET={AGENT_DIR}/x.sock\n"
+        "export PELAGOS_BPF_PIN_DIR=\n"  # as the suite's own processes (tests/conftest.py)
         f"exec {exe} agent --nri 2>>{log}\n"
     )
     wrapper.chmod(0o755)

@@ -641,3 +641,25 @@ def test_launched_by_nri_the_agent_serves_nri_only_and_exits_with_its_connection
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_shipped_unit_drop_in_and_daemonset_run_the_plugin() -> None:
+    """What contrib/ starts parses as `agent --nri` with the defaults docs/NRI.md names."""
+    import configparser
+    import shlex
+
+    from pelagos_bpf.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string((root / "contrib/systemd/pelagos-bpf-agent.service.d/nri.conf").read_text())
+    argv = shlex.split(cp["Service"]["ExecStart"])  # the last ExecStart= (the first resets)
+    assert argv[0] == "/usr/local/bin/pelagos-bpf"
+    daemonset = (root / "contrib/kubernetes/pelagos-bpf-nri.yaml").read_text()
+    line = next(ln for ln in daemonset.splitlines() if ln.strip().startswith("command:"))
+    ds_argv = [a.strip(' "') for a in line.split("[", 1)[1].rstrip("]").split(",")]
+    assert ds_argv[0] == "pelagos-bpf"
+    for args in (argv[1:], ds_argv[1:]):
+        ns = build_parser(args).parse_args(args)
+        assert (ns.nri, ns.nri_socket, ns.nri_index) == (True, "/var/run/nri/nri.sock", "10")

@@ -176,7 +176,7 @@ class Plugin(BaseHandler):
         cgroup, no pid yet)."""
 
         def body() -> CreateContainerResponse:
-            ask = self._ask(req.pod, req.container)
+            ask = self._ask(req.pod, req.container, warn=True)
             adjust = grants.adjustment(ask.grants, ask.source(A_DEVICES), self._sys_dev, self._dev)
             if adjust is None:
                 return CreateContainerResponse()
@@ -240,11 +240,11 @@ class Plugin(BaseHandler):
 
     # ------------------------------------------------------------ the work
 
-    def _ask(self, pod: PodSandbox, ctr: Container) -> request.Ask:
+    def _ask(self, pod: PodSandbox, ctr: Container, *, warn: bool = False) -> request.Ask:
         """The container's request, checked against the policy (nothing asked: no policy
-        read). Warnings (unknown keys) are logged."""
+        read). Warnings (unknown keys) are logged when `warn` (once: at CreateContainer)."""
         ask = request.parse(pod.annotations, ctr.name)
-        for w in ask.warnings:
+        for w in ask.warnings if warn else ():
             log.warning("%s: %s", _who(pod, ctr), w)
         if ask.claim is not None:
             self._policy().check(request.namespace_of(pod.namespace), ask.claim)
@@ -362,9 +362,14 @@ class Plugin(BaseHandler):
         from .. import devices, net
 
         cg = self._cgroup(ctr)
-        if ask.wants_net:  # map writes: the same plan again changes nothing
-            net.update_net(
-                cg, net.resolve_net(ask.classid, list(ask.priorities), ctr.pid), owner=NRI
+        if ask.wants_net and net.read_config(cg) is None:  # there: kept (no netns lookups)
+            plan = net.resolve_net(ask.classid, list(ask.priorities), ctr.pid)
+            net.update_net(cg, plan, owner=NRI)
+            log.warning(
+                "%s: cgroup %s: our net settings were missing: put on (%s)",
+                _who(pod, ctr),
+                cg.path,
+                plan,
             )
         if not ask.wants_program:
             return
