@@ -10,9 +10,12 @@ plugin containerd ignores the annotations; with it every pod gets its classid an
 (checked on the first pod of each side).
 
 The plugin runs in this process (pelagos_bpf.nri.plugin.Plugin on a PluginStub thread, its
-programs loaded once, as in the agent), so switching it on and off costs a registration, not an
-agent start (seconds under TCG), and its per-event times are its own samples. This process's
-gRPC client only waits while containerd calls the plugin.
+programs loaded once and the GIL switch interval set as in the agent), so switching it on and
+off costs a registration, not an agent start (seconds under TCG), and its per-event times are
+its own samples. This process's gRPC client only waits while containerd calls the plugin.
+After each removal the plugin's janitor (the dead cgroup's map entries) is let finish before
+the next pod: it runs off the start path, and under TCG's one emulated CPU it would otherwise
+land in the next start; its time is printed as "purge".
 
 Printed: medians per CRI call on both sides, the ratio of the pod start (goal <= 1.05x), the
 plugin's p50/p99 per event, and what the difference is made of (the plugin's own time vs NRI's
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pelagos_bpf import devices, net
 from pelagos_bpf.agent.metrics import quantile
+from pelagos_bpf.agent.server import SWITCH_INTERVAL
 from pelagos_bpf.cgref import Ref
 from pelagos_bpf.nri.plugin import Plugin
 from pelagos_bpf.nri.stub import PluginStub
@@ -96,7 +100,10 @@ def wait_log(text: str, since: int) -> None:
         time.sleep(0.05)
 
 
-def pod_round(c: Client, side: str, out: dict[str, list[float]], check: bool) -> None:
+def pod_round(
+    c: Client, side: str, out: dict[str, list[float]], check: bool, plugin: InProcessPlugin
+) -> None:
+    purged = len(plugin.samples["purge"])
     c.calls.clear()
     pod = c.run_pod(["sleep", "inf"], annotations=ANNOTATIONS, namespace=NAMESPACE)
     try:
@@ -110,6 +117,11 @@ def pod_round(c: Client, side: str, out: dict[str, list[float]], check: bool) ->
         t0 = time.perf_counter()
         c.remove_pod(pod.pod)
         out[f"{side}: remove_pod"].append(time.perf_counter() - t0)
+    deadline = time.monotonic() + WAIT
+    while side == "with" and len(plugin.samples["purge"]) == purged:
+        if time.monotonic() > deadline:
+            raise SystemExit("the plugin's janitor never ran after a removal")
+        time.sleep(0.01)
 
 
 def check_pod(pod: Pod, plugin: bool) -> None:
@@ -124,12 +136,13 @@ def check_pod(pod: Pod, plugin: bool) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=16, help="pods per side (default 16)")
+    ap.add_argument("--runs", type=int, default=24, help="pods per side (default 24)")
     args = ap.parse_args()
     if os.environ.get("PELAGOS_VM_NODE") != "containerd":
         raise SystemExit("run inside the containerd guest (see the docstring)")
     for feat in FEATURES:  # once, as the agent does at start
         feat.loaded()
+    sys.setswitchinterval(SWITCH_INTERVAL)  # as the agent
     plugin = InProcessPlugin()
     out: dict[str, list[float]] = defaultdict(list)
     with Client() as c:
@@ -137,13 +150,13 @@ def main() -> int:
         sides = {"with": plugin.on, "without": plugin.off}
         for side, switch in sides.items():  # warm-up: first pods pay one-time costs
             switch()
-            pod_round(c, side, defaultdict(list), check=True)
+            pod_round(c, side, defaultdict(list), True, plugin)
         plugin.samples.clear()
         for n in range(args.runs):
             order = ("with", "without") if n % 2 == 0 else ("without", "with")
             for side in order:
                 sides[side]()
-                pod_round(c, side, out, check=n < 2)
+                pod_round(c, side, out, n < 2, plugin)
         plugin.off()
     med = {k: statistics.median(v) * 1000 for k, v in out.items()}
     print(f"medians of {args.runs} annotated pods per side, interleaved ABBA (ms):")
