@@ -571,7 +571,7 @@ def test_a_namespace_gets_its_quota_of_rule_map_entries(node: Node) -> None:
 
 
 def test_the_agent_is_the_plugin_and_reports_each_events_latency(tmp_path: Path) -> None:
-    from tests.agentlib import AgentProc, short_tmp
+    from tests.agentlib import AGENT, AgentProc, short_tmp
 
     with short_tmp() as d:
         runtime = FakeRuntime(str(d / "nri.sock"))
@@ -597,6 +597,14 @@ def test_the_agent_is_the_plugin_and_reports_each_events_latency(tmp_path: Path)
             assert st["requests"]["nri_create_container"]["count"] == 2
             assert st["requests"]["nri_create_container"]["failed"] == 1
             assert st["requests"]["nri_synchronize"]["p99_ms"] is not None
+            shown = subprocess.run(
+                [*AGENT, "--socket", str(agent.sock), "status"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            ).stdout
+            assert f"nri:        plugin 10-pelagos-bpf on {runtime.path}: registered\n" in shown
             text = agent.client().metrics()
             assert 'pelagos_bpf_agent_nri_registered{plugin="10-pelagos-bpf"} 1' in text
             assert 'requests_total{op="nri_create_container",result="failed"} 1' in text
