@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hook import CLASSID, hook_entry, runc_bench
+from bench_hook import CLASSID, hook_entry, runc_bench, use_bench_policy
 
 from pelagos_bpf import DEFAULT_DEVICE_RULES, CgroupConfig
 from pelagos_bpf.agent import Client, protocol
@@ -319,6 +319,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="pba-", dir="/tmp") as d:
             tmp = Path(d)
+            use_bench_policy(tmp)
             with agent(tmp, shm / "state") as (proc, sock):
                 hook_env = {
                     **{k: v for k, v in os.environ.items() if k.startswith("PELAGOS_BPF_")},

@@ -33,12 +33,24 @@ from pelagos_bpf import devices, net
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
 from pelagos_bpf.ocihook import run_hook
-from pelagos_bpf.ocihook.hook import record_path
+from pelagos_bpf.ocihook.records import record_path
 
 HOOK = Path(sys.executable).parent / "pelagos-bpf"
 CLASSID = {"io.pelagos-bpf.net.classid": "1:10"}
 DEVICES = {**CLASSID, "io.pelagos-bpf.devices": "deny c 1:5 r"}
-NODE_SETTINGS = ("PELAGOS_BPF_BYTECODE", "PELAGOS_BPF_PIN_DIR")  # passed on to runc's hooks
+# passed on to runc's hooks
+NODE_SETTINGS = ("PELAGOS_BPF_BYTECODE", "PELAGOS_BPF_PIN_DIR", "PELAGOS_BPF_POLICY")
+# The admin policy the benches' hooks run under: their containers ask for a classid and device
+# rules by annotation, which the built-in default refuses.
+BENCH_POLICY = '[default]\nclassids = ["*"]\ndevice_grants = true\n'
+
+
+def use_bench_policy(d: Path) -> None:
+    """Write BENCH_POLICY into d (a root-owned dir) and point $PELAGOS_BPF_POLICY at it."""
+    policy = d / "policy.toml"
+    policy.write_text(BENCH_POLICY)
+    policy.chmod(0o644)
+    os.environ["PELAGOS_BPF_POLICY"] = str(policy)
 
 
 Step = tuple[str | None, Callable[[], None]]  # (row label, or None: run but not timed)
@@ -231,6 +243,7 @@ def main() -> int:
         print("needs root")
         return 2
     with tempfile.TemporaryDirectory(prefix="pelagos-bench-hook-") as d:
+        use_bench_policy(Path(d))
         hook_bench(args.runs, Path(d))
         if args.runc_runs:
             runc_bench(args.runc_runs, Path(d))

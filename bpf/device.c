@@ -1,4 +1,4 @@
-// pelagos_bpf device rules (BPF_CGROUP_DEVICE), layout version 3 (program names pelagos_dv3_*).
+// pelagos_bpf device rules (BPF_CGROUP_DEVICE), layout version 3 (pelagos_d{rt,hk,nr}_v3).
 // Compiled once with bcc (when the package is built) against the uapi stub tree in bpf/include;
 // loaded once per node (pins) and attached with BPF_F_ALLOW_MULTI to container cgroups. Rules
 // live in maps, so a container start (or a live rule update) is map writes plus a PROG_ATTACH,

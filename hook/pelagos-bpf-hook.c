@@ -2,7 +2,7 @@
  * pelagos-bpf-hook: the OCI hook runtimes exec (createRuntime/prestart and poststop).
  *
  * Why C, and static: a runtime execs its hook once per container stage, and a Python start
- * alone costs ~10 ms here and ~200 ms in a TCG guest; a static binary execs in ~1 ms. This
+ * alone costs many times what a static binary's exec does (bench/bench_agent.py). This
  * program does no cgroup or BPF work: it forwards the OCI state (stdin) and the stage to
  * `pelagos-bpf agent` over its unix socket, prints the agent's message on stderr and exits
  * with the agent's exit code. The protocol is pelagos_bpf/agent/protocol.py's (docs/AGENT.md):

@@ -1,11 +1,11 @@
 """pelagos_bpf: put a process under a full-featured cgroup v2 (controller files + cgroup BPF).
 
-`import pelagos_bpf` stays cheap: it never imports bcc (only `pelagos-bpf compile` and a cache
-miss do) or pyroute2 (only the tc helpers' callers do); tests/test_hot_path.py enforces it.
+`import pelagos_bpf` stays cheap: it never imports bcc (only the package build and `pelagos-bpf
+compile` do) or pyroute2 (only the tc helpers' callers do); tests/test_hot_path.py enforces it.
 The API below loads on first use (PEP 562): importing any submodule imports this package first,
-and the OCI hook must not pay for the whole library (~80 ms of a fresh process here) on the
-paths that need none of it (a container that asks nothing, a poststop after the runtime removed
-the cgroup); tests/test_oci_hook_parse.py enforces it.
+and the OCI hook's in-process fallback must not pay for the whole library (most of a fresh
+process's import time) on the paths that need none of it (a container that asks nothing, a
+poststop after the runtime removed the cgroup); tests/test_oci_hook_parse.py enforces it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _LAZY = {
     "ResourceStats": "stats",
     "read_stats": "stats",
 }
-# Submodules the README names as `pelagos_bpf.<module>.<function>`: usable after a bare
+# Submodules docs/LIBRARY.md names as `pelagos_bpf.<module>.<function>`: usable after a bare
 # `import pelagos_bpf` (before, only those __init__ happened to import were).
 _SUBMODULES = frozenset({"cgroup", "config", "devices", "events", "freezer", "gc", "net", "stats"})
 
@@ -94,7 +94,7 @@ def _version() -> str:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "__version__":  # lazy: importlib.metadata costs ~50 ms of a fresh process
+    if name == "__version__":  # lazy: importlib.metadata is a costly import for a fresh process
         return _version()
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)  # (import binds the attribute)

@@ -1,8 +1,8 @@
 /* The two system calls of pelagos_bpf's hot paths, without ctypes (optional build).
  *
- * Why: through ctypes, a fresh process pays ~120-200 us for its first bpf(2) (building the
- * CDLL and the syscall() prototype), here ~20 us; a warm map_lookup takes 6.8 us instead of
- * 8.8 (docs/BPF_LAYER.md; bench/bench_devices.py times both backends). bpfsys.py falls back
+ * Why: through ctypes, a fresh process builds the CDLL and the syscall() prototype before its
+ * first bpf(2), and every call converts its arguments; here a call is one C function call
+ * (docs/BPF_LAYER.md; bench/bench_backends.py times both backends). bpfsys.py falls back
  * to ctypes when this module was not built; both return -errno on failure, so the callers
  * cannot tell them apart.
  */

@@ -1,10 +1,11 @@
 """The one low-level BPF layer: bpf(2) issued directly, by our C extension pelagos_bpf._sys
 when it was built (setup.py, optional) or else through libc's `syscall()` with ctypes.
 
-Why no libbpf: dlopening `libbpf.so.1` costs ~0.6 ms in every fresh process, more than half the
-budget of a container's first attach. Why the extension: ctypes costs a fresh process ~0.15 ms
-for its first call (the CDLL, the prototype) and every call ~2 us of conversions (bench/
-bench_devices.py prints both backends); `BACKEND` says which one this process uses, and
+Why no libbpf: dlopening `libbpf.so.1` is paid again by every fresh process (the OCI hook's
+fallback, a CLI call), and its first map create probes the kernel with extra PROG_LOADs. Why the
+extension: ctypes makes a fresh process build the CDLL and the prototype before its first call,
+and converts arguments on every call (bench/bench_backends.py times both backends side by
+side); `BACKEND` says which one this process uses, and
 $PELAGOS_BPF_CTYPES=1 forces ctypes. Both return -errno, so nothing above can tell them apart.
 What libbpf gave us is kept here: every command's `union bpf_attr` is a zero-filled buffer of
 ATTR_SIZE bytes (the layouts are in bpfabi.py); PROG_LOAD is retried on EAGAIN (libbpf's 5
@@ -83,15 +84,16 @@ __all__ = [
 
 @cache
 def libc() -> ct.CDLL:
-    """The process's libc, one handle for every module: each CDLL makes a new ctypes class
-    (~40 us in a fresh process)."""
+    """The process's libc, one handle for every module: each CDLL makes a new ctypes class,
+    which a fresh process pays for."""
     return ct.CDLL(None, use_errno=True)
 
 
 @cache
 def _syscall() -> tuple[Callable[..., int], int]:
     """libc's syscall() and __NR_bpf for this machine."""
-    # os.uname() is what platform.machine() reads; `import platform` alone costs ~4 ms.
+    # os.uname() is what platform.machine() reads, without importing `platform` (a module
+    # import of its own on every fresh process).
     machine = os.uname().machine
     nr = SYS_BPF.get(machine)
     if nr is None:
@@ -216,7 +218,7 @@ def _addr(obj: ct.Array[ct.c_char] | ct.Array[ct.c_uint32] | ct.Structure | None
 
 def _out_buffer(size: int) -> tuple[bytearray, int]:
     """A zeroed output buffer and its address. A bytearray, not `ct.c_char * size`: ctypes
-    makes (and caches) a new array type per size, ~40 us each in a fresh process, and a first
+    makes (and caches) a new array type per size, a cost in every fresh process, and a first
     attach would make four."""
     buf = bytearray(max(size, 1))
     return buf, ct.addressof(ct.c_char.from_buffer(buf))
@@ -301,8 +303,8 @@ def map_update_batch(fd: int, items: list[tuple[bytes, bytes]], flags: int = BPF
     """Write many entries in one syscall (kernel >= 5.6); PartialWrite says how many of the
     first entries were written when it fails, so a rollback deletes exactly those.
 
-    Why: a device rule set is ~15 entries; one BPF_MAP_UPDATE_BATCH costs what ~3 single
-    updates do, on the container-start path.
+    Why: a device rule set is a dozen entries or more; one BPF_MAP_UPDATE_BATCH is one syscall
+    and one map lock round instead of one per entry, on the container-start path.
     """
     if not items:
         return
@@ -358,7 +360,7 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
 
 def map_count(fd: int, key_size: int) -> int:
     """How many keys the map holds (a snapshot), without keeping them: the agent's fill level
-    of a 262,144-entry rule map would otherwise build ~15 MB of keys per scrape."""
+    of a 262,144-entry rule map would otherwise build a list of every key per scrape."""
     n = 0
     cur = ct.create_string_buffer(key_size)
     prev: bytes | None = None

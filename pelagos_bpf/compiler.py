@@ -1,9 +1,10 @@
 """Compile bpf/*.c with bcc into the bytecode files `pelagos_bpf.bytecode` loads.
 
 Run when the package is built (setup.py) and by `pelagos-bpf compile [--out DIR]`; never on a
-container's path: importing bcc dlopens LLVM (~0.2 s, ~80 MB) and a compile costs ~0.3 s and
-~125 MB. bcc is Debian's `python3-bpfcc` (not on PyPI), so a build runs with `--no-isolation`
-where it is importable; a tree that already holds current bytecode (an sdist) builds without it.
+container's path: importing bcc dlopens LLVM, and a compile takes a large share of a second
+and of memory per program. bcc is Debian's `python3-bpfcc` (not on PyPI), so a build runs with
+`--no-isolation` where it is importable; a tree that already holds current bytecode (an
+sdist) builds without it.
 
 No kernel headers either: the programs use uapi types only, and bcc gets a minimal kernel
 source tree (`BCC_KERNEL_SOURCE`) made of our stub headers (bpf/include) and the system's uapi

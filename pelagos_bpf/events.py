@@ -55,7 +55,7 @@ def cgroup_path(cg: CgroupLike) -> Path:
 
 @cache
 def _libc() -> ctypes.CDLL:
-    """The process's libc (bpfsys's handle: find_library would run ldconfig, ~7 ms) with the
+    """The process's libc (bpfsys's handle: find_library would run ldconfig, a subprocess) with the
     inotify prototypes."""
     libc = bpfsys.libc()
     libc.inotify_init1.argtypes = [ctypes.c_int]

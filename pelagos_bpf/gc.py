@@ -3,13 +3,17 @@
 Why it is needed: the maps are shared by every container and keyed by cgroup id. An entry
 outlives its cgroup when someone else removes the cgroup (a runtime, an admin), when the
 program was detached from inside before teardown, or when a process dies mid-setup. The maps
-are bounded (64 Ki entries), so leaks would eventually block every new container.
+are bounded (a node setting sizes the rule map), so leaks would eventually block every new
+container.
 
 `collect()` deletes, in every map of every program of ours the kernel holds (any version, any
-process), the entries whose cgroup no longer exists. It runs by itself when a rule map is full
-(then the write is retried once), and from `pelagos-bpf gc`. With a prefix it first tears down
-the empty cgroups under it that this library created (docs/DEVICES.md, "What gc removes").
-It also unpins programs this release would not fetch. With `-v` (logging at INFO) every
+process), the entries whose cgroup no longer exists, and the stale rule-set generations of
+live cgroups that killed writers left (never the current or the previous one, never while a
+writer holds the cgroup's lock). The dead cgroups' part also runs by itself when a rule map is
+full (then the write is retried once); all of it from `pelagos-bpf gc` and the agent's
+periodic gc. With a prefix it first tears down the empty cgroups under it that this library
+created, and no other (docs/DEVICES.md, "What gc removes"). It also unpins programs this
+release would not fetch. With `-v` (logging at INFO) every
 decision is logged with its reason: what was removed, what was kept.
 
 Under systemd (PID 1) two more rules: a pin a unit's `BPFProgram=` names is never removed

@@ -1,7 +1,8 @@
-"""Trust checks for what reaches PROG_LOAD: the bytecode cache and pinned programs.
+"""Trust checks for what reaches PROG_LOAD: bytecode files and pinned programs (and the files
+the OCI hook and the agent act on: the admin policy, the hook records).
 
 Why: device rules are a security boundary, and a program is only as trustworthy as the places it
-comes from. A directory or file that someone other than us could write (a cache dir an
+comes from. A directory or file that someone other than us could write (a bytecode dir an
 unprivileged user pre-created under /tmp, a 0777 dir, a name squatted in a 1777 bpffs) must be
 refused with an error naming the path and the fix, never followed or loaded. The checks follow
 sshd's StrictModes: every directory from / down is owned by a trusted uid and not group/world
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from typing import TYPE_CHECKING
 
 from .errors import BpfError
@@ -100,6 +102,35 @@ def open_trusted_dir(
         os.close(fd)
         raise
     return fd
+
+
+_HELD: dict[tuple[str, str], int] = {}  # (path, what) -> a checked dir's fd, kept open
+_HELD_LOCK = threading.Lock()
+
+
+def open_trusted_dir_held(path: str, what: str, *, create: bool = False) -> int:
+    """open_trusted_dir for a dir a long-lived process opens again and again (the agent's hook
+    records): the walk from / runs once; later calls dup the held fd after checking that
+    `path` still names that same live directory and that its owner and mode still pass. A
+    moved, removed, re-created or loosened dir is walked (and refused) again. The caller
+    closes what it gets, as with open_trusted_dir."""
+    key = (path, what)
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is not None:
+            try:
+                st, fst = os.stat(path), os.fstat(held)
+                same = (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino) and fst.st_nlink > 0
+            except OSError:
+                same = False
+            if same:
+                check_dir_stat(fst, path, what)
+                return os.dup(held)
+            del _HELD[key]
+            os.close(held)
+        fd = open_trusted_dir(path, what, create=create)
+        _HELD[key] = fd
+        return os.dup(fd)
 
 
 def _open_existing_checked(
@@ -191,7 +222,7 @@ def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes 
         if st.st_size > MAX_FILE:
             raise _refuse(path, what, f"{st.st_size} bytes is too large", f"rm {path}")
         # Reads sized by fstat (plus one byte to see EOF): asking for MAX_FILE at once makes
-        # Python map and unmap an 8 MiB buffer per read, ~0.1 ms of a fresh process's start.
+        # Python map and unmap an 8 MiB buffer per read, on every fresh process's start.
         chunks: list[bytes] = []
         size, want = 0, st.st_size + 1
         while size <= MAX_FILE and (chunk := os.read(fd, min(want, MAX_FILE + 1 - size))):
@@ -206,9 +237,11 @@ def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes 
 TMP_PREFIX = ".tmp-"  # write_trusted_file's temporary names (a writer killed mid-write leaves one)
 
 
-def write_trusted_file(dirfd: int, name: str, data: bytes) -> None:
+def write_trusted_file(dirfd: int, name: str, data: bytes, *, durable: bool = True) -> None:
     """Atomically replace `name` in a trusted dir: a fresh O_EXCL tmp (0644 whatever the
-    umask), fsync, rename; a concurrent reader sees the old file or the new one, never half."""
+    umask), fsync, rename; a concurrent reader sees the old file or the new one, never half.
+    durable False skips the fsync: for state that means nothing after a reboot (the hook's
+    records under /run), where it would only cost every container start a disk flush."""
     tmp = f"{TMP_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, FILE_MODE, dir_fd=dirfd)
@@ -218,7 +251,8 @@ def write_trusted_file(dirfd: int, name: str, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)

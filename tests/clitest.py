@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,11 +29,37 @@ def cli(
     )
 
 
-def start(*args: str) -> subprocess.Popen[str]:
-    """`pelagos-bpf ARGS` in the background (stdout/stderr captured)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+
+
+def as_from_a_terminal() -> None:
+    """preexec_fn: what a terminal's shell gives a job it starts: default dispositions for the
+    stop signals, nothing blocked. The suite may itself run as a background job of a
+    non-interactive shell (`pytest &` in a script, CI), which ignores SIGINT and SIGQUIT; an
+    ignored signal is inherited through exec, and sh cannot even trap it, so a command would
+    never see the signals the signal tests send."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def start(*args: str, ignored: tuple[signal.Signals, ...] = ()) -> subprocess.Popen[str]:
+    """`pelagos-bpf ARGS` in the background (stdout/stderr captured), as from a terminal,
+    or with the `ignored` signals ignored (as nohup does SIGHUP)."""
     env = {k: v for k, v in os.environ.items() if k != "PELAGOS_BPF_DEBUG"}
+
+    def preexec() -> None:
+        as_from_a_terminal()
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
+
     return subprocess.Popen(
-        [str(EXE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [str(EXE), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=preexec,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,11 @@ import pytest
 
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.hierarchy import discover
+
+# QEMU guest tests run in one pool, several guests at once (tests/vm/pytest_guests.py).
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+pytest_plugins = ("tests.vm.pytest_guests",)
 
 IS_ROOT = os.geteuid() == 0
 

@@ -100,12 +100,16 @@ def test_command_ignoring_the_signal_is_killed_after_stop_timeout(
 
 
 def test_second_signal_kills_at_once(cg_root: Path, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
     flags = ("--json", "--stop-timeout", "120")
-    script = _trapping(tmp_path, "'' TERM INT")
+    # The command records the forwarded SIGTERM (and ignores it): then `run` has taken the
+    # first signal, and the second is really a second one (two signals pending at once would
+    # be taken lowest number first, SIGINT before SIGTERM).
+    script = _trapping(tmp_path, f"'echo TERM >> {seen}' TERM; trap '' INT")
     proc, path, pid, ids = _running(cg_root, "twice", "sh", "-c", script, flags=flags)
     _ready(tmp_path)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    wait_until(seen.exists, 60, "the command to get the forwarded SIGTERM")
     assert proc.poll() is None  # the first signal only asked
     proc.send_signal(signal.SIGINT)
     code, out, err = _finish(proc, timeout=20)  # far below the 120 s grace period
@@ -113,6 +117,27 @@ def test_second_signal_kills_at_once(cg_root: Path, tmp_path: Path) -> None:
     assert json.loads(out)["killed"] is True
     no_traceback(err)
     _gone(path, pid, ids)
+
+
+def test_a_signal_ignored_at_start_stays_ignored(cg_root: Path) -> None:
+    """`nohup pelagos-bpf run -- job`: a hangup must not stop the job. (Blocking an ignored
+    signal, as run blocks the stop signals, would queue it instead of dropping it.) The
+    SIGTERM sent after it is what stops run: had SIGHUP been queued, run would have taken it
+    first, whichever arrived first (the lower number is taken first)."""
+    path = cg_root / "nohup"
+    proc = start(
+        "run", "--json", "--path", rel(cg_root, "nohup"), "--", "sleep", "300",
+        ignored=(signal.SIGHUP,),
+    )  # fmt: skip
+    pid = command_pid(path, "sleep")
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc)
+    assert code == 143, err
+    doc = json.loads(out)
+    assert doc["stopped_by"] == "SIGTERM" and doc["killed"] is False
+    assert doc["status"] == {"code": None, "signal": signal.SIGTERM}
+    _gone(path, pid, [])
 
 
 def test_children_of_the_command_are_removed_too(cg_root: Path) -> None:
@@ -127,19 +152,22 @@ def test_children_of_the_command_are_removed_too(cg_root: Path) -> None:
 
 def test_ctrl_c_at_a_terminal_stops_run_cleanly(cg_root: Path, tmp_path: Path) -> None:
     """Ctrl-C at a real terminal (a pty): the line discipline signals the whole foreground
-    group; the command sees SIGINT, `run` gives it --stop-timeout, tears down, exits 130.
+    group; the command sees SIGINT and ends, `run` tears down and exits 130.
     (Whether run also forwards it cannot be seen here: a second SIGINT pending at once merges
-    with the first.)"""
+    with the first.) The command exits from its trap, so run never needs --stop-timeout."""
     import os
     import pty
 
-    from clitest import EXE
+    from clitest import EXE, as_from_a_terminal
 
     seen = tmp_path / "seen"
-    script = _trapping(tmp_path, f"'echo INT >> {seen}' INT")
-    argv = [str(EXE), "run", "--stop-timeout", "2", "--path", rel(cg_root, "tty"), "--"]
+    script = _trapping(tmp_path, f"'echo INT >> {seen}; exit 0' INT")
+    argv = [str(EXE), "run", "--stop-timeout", "120", "--path", rel(cg_root, "tty"), "--"]
     pid, master = pty.fork()
     if pid == 0:  # a session of its own, the pty as controlling terminal, foreground group
+        # (with SIGINT ignored, as in a background job of a script, the command would never
+        # see the Ctrl-C: run would kill it after --stop-timeout, exit 130, no record)
+        as_from_a_terminal()
         os.execv(str(EXE), [*argv, "sh", "-c", script])
     try:
         _ready(tmp_path)

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shlex
 import sys
 import tarfile
@@ -26,40 +25,30 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # `tests.vm` is importable however pytest was started
     sys.path.insert(0, str(_ROOT))
 
-from tests.vm import containerd, images, qemu  # noqa: E402
+from tests.vm import containerd, images, pool  # noqa: E402
 from tests.vm import run as vmrun  # noqa: E402
+from tests.vm.pytest_guests import Context, guest_job, show, wait  # noqa: E402
 
 GUEST_TESTS = ["tests/test_cri_guest.py", "tests/test_nri_guest.py"]
 
 
-def _show(request: pytest.FixtureRequest, line: str) -> None:
-    """Past pytest's capture, as the kernel matrix does: CI must see the guest moving."""
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    cap = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is None or cap is None:
-        print(line)
-        return
-    with cap.global_and_fixture_disabled():
-        tr.write_line(line)
+@guest_job("containerd")
+def _containerd_suite(ctx: Context) -> pool.Job:
+    def job(log: pool.Log) -> vmrun.KernelResult:
+        return vmrun.run_kernel("6.12", GUEST_TESTS, node="containerd", log=log)
+
+    return job
 
 
 @pytest.mark.matrix
-def test_cri_guest_suite(request: pytest.FixtureRequest) -> None:
-    if os.environ.get("PELAGOS_VM_KERNEL"):
-        pytest.skip("already inside a guest")
-    missing = qemu.missing_tools()
-    if missing:
-        pytest.skip(f"cannot boot QEMU guests here, missing: {', '.join(missing)}")
-
-    def show(line: str) -> None:
-        _show(request, f"[containerd] {line}")
-
+@pytest.mark.guest("containerd", cost=6)
+def test_cri_guest_suite(guest_pool: pool.GuestPool, request: pytest.FixtureRequest) -> None:
     try:
-        res = vmrun.run_kernel("6.12", GUEST_TESTS, node="containerd", log=show)
+        res = wait(guest_pool, request)
     except vmrun.RUNNER_ERRORS as e:
         pytest.fail(f"containerd guest: {e}", pytrace=False)
     vmrun.report(res)  # captured: shown when the test fails
-    _show(request, f"[containerd] {res.summary()}")
+    show(request.config, f"[containerd] {res.summary()}")
     r = res.run
     assert r.started, "the guest never started the job (retried once)"
     assert r.status is not None, "guest crashed or timed out"

@@ -68,6 +68,6 @@ def test_package_api_loads_on_first_use() -> None:
         "loaded_at_import": [],
         "same_object": True,
         "in_dir": [],
-        "submodules": ["pelagos_bpf.gc", "pelagos_bpf.devices.api"],  # as the README names them
+        "submodules": ["pelagos_bpf.gc", "pelagos_bpf.devices.api"],  # docs/LIBRARY.md names them
         "missing": "module 'pelagos_bpf' has no attribute 'no_such_name'",
     }

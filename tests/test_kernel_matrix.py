@@ -5,7 +5,8 @@ proven on a pure cgroup v2 kernel, and the BPF features must hold on the kernels
 The host's own kernel is the ordinary run; `-m "not matrix"` deselects this file.
 Kernels: $PELAGOS_MATRIX_KERNELS (space-separated) or the runner's defaults; extra guest pytest
 args: $PELAGOS_MATRIX_PYTEST_ARGS; the middle kernels run a declared subset unless
-$PELAGOS_MATRIX_FULL=1 (see `tests.vm.run.guest_args`).
+$PELAGOS_MATRIX_FULL=1 (see `tests.vm.run.guest_args`). The guests run in the session's pool,
+up to $PELAGOS_MATRIX_JOBS at once, after the host tests (tests/vm/pytest_guests.py).
 """
 
 from __future__ import annotations
@@ -24,50 +25,44 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # `tests.vm` is importable however pytest was started
     sys.path.insert(0, str(_ROOT))
 
-from tests.vm import kernels, qemu  # noqa: E402
+from tests.vm import kernels, pool, qemu  # noqa: E402
 from tests.vm import run as vmrun  # noqa: E402
+from tests.vm.pytest_guests import Context, guest_job, show, wait  # noqa: E402
 
 KERNELS = os.environ.get("PELAGOS_MATRIX_KERNELS", " ".join(kernels.DEFAULT_KERNELS)).split()
 GUEST_ARGS = shlex.split(os.environ.get("PELAGOS_MATRIX_PYTEST_ARGS", ""))
 
 
-@pytest.fixture(scope="module")
-def can_boot() -> None:
-    """Skip where guests cannot boot (the guests load the package's bytecode from the checkout,
-    shared read-only: nothing to prepare)."""
-    if os.environ.get("PELAGOS_VM_KERNEL"):
-        pytest.skip("already inside a matrix guest")
-    missing = qemu.missing_tools()
-    if missing:
-        pytest.skip(f"cannot boot QEMU guests here, missing: {', '.join(missing)}")
+@guest_job("matrix")
+def _kernel_suite(ctx: Context, kernel: str) -> pool.Job:
+    """Boot `kernel` and run its guest suite (the guests load the package's bytecode from the
+    checkout, shared read-only: nothing to prepare)."""
+
+    def job(log: pool.Log) -> vmrun.KernelResult:
+        return vmrun.run_kernel(kernel, vmrun.guest_args(kernel, GUEST_ARGS), log=log)
+
+    return job
 
 
-def _show(request: pytest.FixtureRequest, line: str) -> None:
-    """Write past pytest's capture: progress and the per-kernel counts belong in every run's
-    output (write_line starts a fresh line after pytest's own progress dots)."""
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    cap = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is None or cap is None:
-        print(line)
-        return
-    with cap.global_and_fixture_disabled():
-        tr.write_line(line)
+# A guest's minutes under TCG on an idle 2-core machine (orders the pool: longest first).
+COST = {"5.10": 9, "6.1": 7, "6.12": 10, "sid": 12}
 
 
 @pytest.mark.matrix
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_guest_suite(kernel: str, can_boot: None, request: pytest.FixtureRequest) -> None:
-    def show(line: str) -> None:  # start line and heartbeats: CI must see the guest moving
-        _show(request, f"[matrix] {line}")
-
+@pytest.mark.parametrize(
+    "kernel",
+    [pytest.param(k, marks=pytest.mark.guest("matrix", cost=COST.get(k, 8))) for k in KERNELS],
+)
+def test_guest_suite(
+    kernel: str, guest_pool: pool.GuestPool, request: pytest.FixtureRequest
+) -> None:
     try:
-        args = vmrun.guest_args(kernel, GUEST_ARGS)
-        res = vmrun.run_kernel(kernel, args, log=show)
+        res = wait(guest_pool, request)  # every guest's start line and heartbeats shown
     except vmrun.RUNNER_ERRORS as e:
         pytest.fail(f"{kernel}: {e}", pytrace=False)
     vmrun.report(res)  # captured: shown when the test fails
     request.node.user_properties.append(("matrix", res.summary()))
-    _show(request, f"[matrix] {res.summary()}")
+    show(request.config, f"[matrix] {res.summary()}")
     r = res.run
     assert r.started, f"{kernel}: the guest never started the suite (retried once)"
     assert r.status is not None, f"{kernel}: guest crashed or timed out during the suite"

@@ -19,37 +19,32 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from tests.vm import qemu  # noqa: E402
+from tests.vm import pool  # noqa: E402
 from tests.vm import run as vmrun  # noqa: E402
+from tests.vm.pytest_guests import Context, guest_job, show, wait  # noqa: E402
 
 KERNEL = os.environ.get("PELAGOS_SYSTEMD_KERNEL", "6.12")
 GUEST_TESTS = ["tests/test_systemd_driver.py", "tests/test_systemd_library.py"]
 
 
-@pytest.fixture(scope="module")
-def can_boot() -> None:
-    if os.environ.get("PELAGOS_VM_KERNEL"):
-        pytest.skip("already inside a guest")
-    missing = qemu.missing_tools()
-    if missing:
-        pytest.skip(f"cannot boot QEMU guests here, missing: {', '.join(missing)}")
+@guest_job("systemd")
+def _systemd_suite(ctx: Context) -> pool.Job:
+    def job(log: pool.Log) -> vmrun.KernelResult:
+        return vmrun.run_kernel(KERNEL, GUEST_TESTS, init="systemd", log=log)
+
+    return job
 
 
 @pytest.mark.matrix
-def test_systemd_guest(can_boot: None, request: pytest.FixtureRequest) -> None:
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def show(line: str) -> None:  # start line and heartbeats: CI must see the guest moving
-        if tr is not None:
-            tr.write_line(f"[systemd] {line}")
-
+@pytest.mark.guest("systemd", cost=3)
+def test_systemd_guest(guest_pool: pool.GuestPool, request: pytest.FixtureRequest) -> None:
     try:
-        res = vmrun.run_kernel(KERNEL, GUEST_TESTS, init="systemd", log=show)
+        res = wait(guest_pool, request)
     except vmrun.RUNNER_ERRORS as e:
         pytest.fail(f"{KERNEL}: {e}", pytrace=False)
     vmrun.report(res)  # captured: shown when the test fails
     request.node.user_properties.append(("systemd", res.summary()))
-    show(res.summary())
+    show(request.config, f"[systemd] {res.summary()}")
     r = res.run
     assert r.started, f"{KERNEL}: systemd never started the job (retried once)"
     assert r.status == 0, f"{KERNEL}: guest pytest exited {r.status}: {res.counts}"

@@ -9,6 +9,7 @@ it moves its calls from the library to `pelagos_bpf.agent.Client`).
 from __future__ import annotations
 
 import dataclasses
+from errno import EIO
 from typing import Any
 
 from ..config import CgroupConfig
@@ -99,7 +100,7 @@ class AgentError(PelagosError):
 
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
-        self.errno = errno
+        self.errno = EIO if errno is None else errno  # errors.py: every error carries one
 
 
 _TYPES: dict[str, type[PelagosError]] = {
@@ -155,7 +156,7 @@ def error_from_doc(doc: dict[str, Any]) -> PelagosError:
     # Every library error carries errno, setting and path (errors.py): so do these.
     errno = doc.get("errno")
     # (an OSError's errno is a slot; ConfigError and UnsupportedSetting set an attribute)
-    setattr(e, "errno", errno if isinstance(errno, int) else None)  # noqa: B010
+    setattr(e, "errno", errno if isinstance(errno, int) else EIO)  # noqa: B010
     if not isinstance(e, ConfigError | UnsupportedSetting):
         e.setting = doc.get("setting")
     e.path = doc.get("path")

@@ -159,7 +159,7 @@ def same_namespaces(pid: int) -> str | None:
 
 def release_memory() -> None:
     """Hand freed heap pages back to the kernel (glibc malloc_trim). A status or a metrics
-    scrape of 10,000 cgroups builds ~20 MB of short-lived objects; without this the agent's
+    scrape of 10,000 cgroups builds megabytes of short-lived objects; without this the agent's
     RSS stays at that high-water mark for its whole life. A no-op where there is no glibc."""
     import ctypes
 

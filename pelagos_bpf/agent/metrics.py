@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-"""Latency histogram bounds (seconds): a create is ~0.2-1 ms, a gc or a scrape 10-1000 ms."""
+"""Latency histogram bounds (seconds): from a create (well under a millisecond when all is
+well) up to a gc or a scrape of a large node."""
 RESERVOIR = 2048
 """Latencies kept per op for p50/p99 (the most recent ones): bounded memory."""
 
@@ -112,8 +113,8 @@ def _num(v: float) -> str:
 
 
 class _Out:
-    """One growing byte buffer, not a list of lines: 10,000 cgroups make ~40,000 lines
-    (5 MB); a list would hold each line twice until the join, and a str once more when
+    """One growing byte buffer, not a list of lines: 10,000 cgroups make tens of thousands of
+    lines; a list would hold each line twice until the join, and a str once more when
     encoded for the HTTP reply."""
 
     def __init__(self) -> None:

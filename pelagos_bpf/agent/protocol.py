@@ -172,7 +172,7 @@ def hook_reply(code: int, text: str) -> bytes:
 
 def call_ok_parts(result: Any) -> tuple[bytes, ...]:
     """A CALL_REPLY with the result as (header, payload), to be sent one after the other: a
-    metrics reply of 10,000 cgroups is ~6 MB, and joining the two would copy it once more.
+    metrics reply of 10,000 cgroups is megabytes, and joining the two would copy it once more.
     An error reply when it would exceed MAX_REPLY."""
     payload = json.dumps({"ok": True, "result": result}).encode()
     if len(payload) > MAX_REPLY:

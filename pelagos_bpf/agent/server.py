@@ -568,8 +568,8 @@ def serve(
 
     nofile = raise_nofile()
     # The loop thread must get the GIL back quickly from busy workers to accept and read
-    # (the default 5 ms slice makes every loop step wait behind a create; measured: 50
-    # parallel creates' p99 391 -> 142 ms with 8 workers under load).
+    # (with the default 5 ms slice every loop step waits behind a create, and the round trip
+    # of parallel creates grows with the number of busy workers: bench/bench_agent.py).
     sys.setswitchinterval(SWITCH_INTERVAL)
     ops.configure(limits.lock_timeout)
     ops.reload_policy()

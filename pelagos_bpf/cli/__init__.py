@@ -50,8 +50,8 @@ def version() -> str:
 
 class _VersionAction(argparse.Action):
     """`--version`, looked up only when asked: the version comes from importlib.metadata,
-    whose import and distribution search cost a fresh process ~45 ms here (bench_hook_ab.py),
-    and every command (the OCI hook runs on each container start) builds this parser."""
+    whose import and distribution search are a large part of a fresh process's start, and
+    every command (the OCI hook runs on each container start) builds this parser."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)

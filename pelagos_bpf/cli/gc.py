@@ -1,8 +1,10 @@
 """`pelagos-bpf gc [--prefix PATH]`: reclaim what removed cgroups and crashed setups left.
 
-Map entries keyed by a cgroup that no longer exists are deleted; with --prefix, empty cgroups
-this library created under PATH (and never finished, or whose runtime died) are torn down.
-Pins of ours this release would not fetch (older bytecode, another map size) are removed.
+Map entries keyed by a cgroup that no longer exists are deleted, and so are rule sets of live
+cgroups that no program can read any more (stale generations a killed update left); with
+--prefix, empty cgroups this library created under PATH (never one it only attached to) are
+torn down. Pins of ours this release would not fetch are removed, except those a systemd
+unit's BPFProgram= names; failed systemd scopes of ours are reset.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ def register(sub: Any) -> None:
         "gc",
         help="remove BPF state of cgroups that are gone, and abandoned cgroups under a prefix",
         description="Delete the map entries (device rules, denial counters, net priorities) "
-        "of cgroups that no longer exist. With --prefix, first tear down the empty cgroups "
-        "under PATH that pelagos_bpf created (crashed setups). Unpins programs of ours that this "
-        "release would not fetch (older bytecode, another map size). Runs by itself when a map "
-        "is full; a runtime daemon may also run it periodically. `pelagos-bpf -v gc` logs each "
-        "decision and its reason.",
+        "of cgroups that no longer exist, and the stale rule-set generations of live ones (each "
+        "keeps its current and previous set; a cgroup being written is skipped). With --prefix, "
+        "first tear down the empty cgroups under PATH that pelagos_bpf created (its creation "
+        "mark; never one it only attached to). Unpins programs of ours that this release would "
+        "not fetch, keeping any pin a systemd unit's BPFProgram= names; resets failed systemd "
+        "scopes of ours. Runs by itself when a map is full; the agent runs it periodically. "
+        "`pelagos-bpf -v gc` logs each decision and its reason.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,6 +6,8 @@ KeyboardInterrupt unwinds half a teardown. The first one is forwarded to the com
 the terminal already sent it to the whole foreground process group: si_code SI_KERNEL); a
 second one, or `--stop-timeout` seconds without the command exiting, kills it. The cgroup is
 always torn down (which kills whatever else is left in it), and `run` exits 128+N.
+A stop signal ignored when `run` started (nohup's SIGHUP, SIGINT in a script's background job)
+stays ignored, by `run` and the command: blocking it would queue it instead.
 
 `--systemd [--slice S]` does what `systemd-run --scope` does (a transient scope
 `pelagos-run-<pid>.scope` in S, default system.slice, with the limits as unit properties), plus
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
     from ..systemd.properties import Route
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-_WAITED = {*STOP_SIGNALS, signal.SIGCHLD}
 SI_KERNEL = 0x80  # siginfo si_code of a signal the terminal sent to the foreground group
 STOP_TIMEOUT = 10.0
 # systemd stops a scope and removes its cgroup, counters included, once its last process exits:
@@ -92,21 +93,28 @@ def _child(cmd: list[str], go_r: int, err_w: int, mask: set[int | signal.Signals
         os._exit(code)
 
 
-def _stop_pending() -> int | None:
+def _stop_signals() -> set[signal.Signals]:
+    """The stop signals this run answers: those not ignored when it started."""
+    return {s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+
+
+def _stop_pending(stops: set[signal.Signals]) -> int | None:
     """A stop signal that arrived while the cgroup was being built (consumed)."""
-    if not set(STOP_SIGNALS) & signal.sigpending():
+    if not stops & signal.sigpending():
         return None
-    info = signal.sigtimedwait(STOP_SIGNALS, 0)
+    info = signal.sigtimedwait(stops, 0)
     return info.si_signo if info else None
 
 
-def _drain() -> None:
+def _drain(waited: set[signal.Signals]) -> None:
     """Consume signals still pending, so unblocking them later does not kill us mid-report."""
-    while signal.sigtimedwait(_WAITED, 0) is not None:
+    while signal.sigtimedwait(waited, 0) is not None:
         pass
 
 
-def _wait(pid: int, stop_timeout: float, quiet: bool, out: _Outcome) -> None:
+def _wait(
+    pid: int, stop_timeout: float, quiet: bool, out: _Outcome, waited: set[signal.Signals]
+) -> None:
     deadline: float | None = None
     while True:
         wpid, status = os.waitpid(pid, os.WNOHANG)
@@ -115,9 +123,9 @@ def _wait(pid: int, stop_timeout: float, quiet: bool, out: _Outcome) -> None:
             return
         info: signal.struct_siginfo | None
         if deadline is None:
-            info = signal.sigwaitinfo(_WAITED)
+            info = signal.sigwaitinfo(waited)
         else:
-            info = signal.sigtimedwait(_WAITED, max(0.0, deadline - time.monotonic()))
+            info = signal.sigtimedwait(waited, max(0.0, deadline - time.monotonic()))
             if info is None:
                 if not quiet:
                     name = signal.Signals(out.stopped_by or 0).name
@@ -157,11 +165,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("give a command after --, e.g. pelagos-bpf run --memory 64M -- sleep 1")
     cfg = config_from_args(args)
     unit_slice = _systemd_slice(args)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+    stops = _stop_signals()
+    waited = {*stops, signal.SIGCHLD}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     try:
-        return _run(args, cmd, cfg, old, unit_slice)
+        return _run(args, cmd, cfg, old, unit_slice, stops)
     finally:
-        _drain()
+        _drain(waited)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
@@ -191,6 +201,7 @@ def _run(
     cfg: CgroupConfig,
     mask: set[int | signal.Signals],
     unit_slice: str | None,
+    stops: set[signal.Signals],
 ) -> int:
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -214,7 +225,7 @@ def _run(
         raise
     out = _Outcome()
     try:
-        out.stopped_by = _stop_pending()
+        out.stopped_by = _stop_pending(stops)
         if out.stopped_by is None:
             os.write(go_w, b"1")
         os.close(go_w)
@@ -223,7 +234,7 @@ def _run(
         if err:
             os.waitpid(pid, 0)
             raise _exec_failure(cmd[0], err)
-        _wait(pid, args.stop_timeout, args.quiet, out)
+        _wait(pid, args.stop_timeout, args.quiet, out, {*stops, signal.SIGCHLD})
         stats: ResourceStats | None = read_stats(cg)
         if cg.unit is not None and not cg.path.exists():
             stats = None  # systemd removed the emptied scope during (or before) the read
@@ -289,8 +300,8 @@ def register(sub: Any) -> None:
         "run",
         help="run a command in a new cgroup, print its stats, tear down",
         description="Create a cgroup from the flags, run CMD in it, report, remove the cgroup. "
-        "SIGTERM/SIGHUP/SIGINT are forwarded to CMD; a second signal or --stop-timeout "
-        "kills it. The cgroup is removed in every case.",
+        "SIGTERM/SIGHUP/SIGINT are forwarded to CMD (unless ignored when run started); a "
+        "second signal or --stop-timeout kills it. The cgroup is removed in every case.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -220,7 +220,11 @@ def write_set(cg: CgroupRef, maps: dict[str, int], gen: int, owner: Owner, prep:
                 errno.E2BIG,
                 "device_rules",
                 f"cannot store {prep.n_patterns} rule patterns ({len(entries)} entries): "
-                f"{e.strerror}; the node setting {lay.RULES_ENV} sizes the map",
+                + (
+                    str(e.strerror)
+                    if isinstance(e, usage.Refused)  # names the reserve setting itself
+                    else f"{e.strerror}; the node setting {lay.RULES_ENV} sizes the map"
+                ),
                 setting="device_rules",
                 path=cg.path,
             ) from e

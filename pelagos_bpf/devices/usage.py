@@ -46,6 +46,11 @@ _sizes: dict[int, int] = {}  # map id -> max_entries
 _sizes_lock = threading.Lock()
 
 
+class Refused(BpfError):
+    """A write refused by admission (the fill level and the reserve), before the kernel saw
+    it: its message names the setting that decided."""
+
+
 def per_set_limit() -> int:
     return env_int(PER_SET_ENV, PER_SET_DEFAULT)
 
@@ -85,7 +90,7 @@ def admit(fd: int, n: int, what: str) -> None:
                 else ""
             )
             log.info("%s: refused: %s", what, why)
-            raise BpfError(errno.E2BIG, what, why, setting=what)
+            raise Refused(errno.E2BIG, what, why, setting=what)
         _store(fd, now + n)
         log.debug("%s: admitted %d entries (%d of %d in use)", what, n, now + n, size)
 

@@ -14,24 +14,24 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   SO_PRIORITY values (0..0xffff, not classids) but keeps a classid-valued one; the mark
   carrier keeps a non-zero mark (SO_MARK, netfilter).
 - Carrier "socket" (opt-in, never chosen by "auto"): no per-packet program at all (a cgroup_skb
-  egress program, even an empty one, costs ~+4 % CPU per packet on a veth, the default classid
-  carrier ~+6 %; this one costs nothing per packet). The classid goes into the socket's priority
-  once, when an AF_INET/AF_INET6 socket is created by a process of the cgroup or a descendant
-  (cgroup/sock_create); the kernel copies it into skb->priority of every packet the socket
-  sends, so HTB picks the class exactly as with "priority". A cgroup/setsockopt program guards
-  it: a plain SO_PRIORITY (major 0) on a classified socket is swallowed (the call succeeds, the
-  socket keeps its class; rewriting the value instead would fail with EPERM for apps without
-  CAP_NET_ADMIN), a classid-valued one goes to the kernel as usual. What differs from the packet
-  carriers: a classid update reaches sockets created AFTER it only (existing sockets keep their
-  class; v1 net_cls updated them: a classid write rewrote the sockets its tasks held); an IPv4
-  socket's IP_TOS makes the kernel reset its priority (rt_tos2priority), which takes it out of
-  its class (known gap, tested); no net_priorities (ConfigError naming net_carrier: they need
-  each packet's egress interface); no accounting (`read_net_stats` returns NOT_ACCOUNTED,
-  `{"not_accounted": 1}`, never zeros; an ancestor with a packet carrier still counts the
-  subtree). Nesting works across carriers: the nearest cgroup with a classid wins. A carrier
-  switch attaches the new carrier's programs before it detaches the old ones; if the switching
-  process dies in between, the next update or attach attaches only what is missing and
-  detaches what its carrier does not use (tested), and detach_net removes both.
+  egress program, even an empty one, adds CPU to every packet, and the packet carriers' own work
+  adds more: bench/bench_net.py prints both; this one costs nothing per packet). The classid goes
+  into the socket's priority once, when an AF_INET/AF_INET6 socket is created by a process of the
+  cgroup or a descendant (cgroup/sock_create); the kernel copies it into skb->priority of every
+  packet the socket sends, so HTB picks the class exactly as with "priority". A cgroup/setsockopt
+  program guards it: a plain SO_PRIORITY (major 0) on a classified socket is swallowed (the call
+  succeeds, the socket keeps its class; rewriting the value instead would fail with EPERM for apps
+  without CAP_NET_ADMIN), a classid-valued one goes to the kernel as usual. What differs from the
+  packet carriers: a classid update reaches sockets created AFTER it only (existing sockets keep
+  their class; v1 net_cls updated them: a classid write rewrote the sockets its tasks held); an IPv4
+  socket's IP_TOS makes the kernel reset its priority (rt_tos2priority), which takes it out of its
+  class (known gap, tested); no net_priorities (ConfigError naming net_carrier: they need each
+  packet's egress interface); no accounting (`read_net_stats` returns NOT_ACCOUNTED,
+  `{"not_accounted": 1}`, never zeros; an ancestor with a packet carrier still counts the subtree).
+  Nesting works across carriers: the nearest cgroup with a classid wins. A carrier switch attaches
+  the new carrier's programs before it detaches the old ones; if the switching process dies in
+  between, the next update or attach attaches only what is missing and detaches what its carrier
+  does not use (tested), and detach_net removes both.
 - Every carrier: a TCP connection's last ACK, when the kernel sends it for a FIN_WAIT2
   timewait socket (the app closed first), leaves from the kernel's control socket without the
   socket's priority and outside the cgroup, so it lands in the default class (the same with a
@@ -61,9 +61,9 @@ Settings (CgroupConfig.net_classid / net_priorities / net_carrier):
   a GSO/GRO skb counts its headers once); packets count wire segments (gso_segs).
 
 Cost: one egress, one ingress, one sock_create and one setsockopt program (plus their maps)
-are loaded once per process from the bytecode cache; a container start is 2 PROG_ATTACH + map
-writes (egress + ingress, or sock_create + setsockopt), a live update is map writes.
-`PROGRAMS` lists the programs so `pelagos-bpf compile` can fill the cache ahead.
+are loaded once per process from the packaged bytecode (or fetched from the node's pins); a
+container start is 2 PROG_ATTACH + map writes (egress + ingress, or sock_create + setsockopt),
+a live update is map writes. `PROGRAMS` lists the programs the package build compiles.
 
 Importing this package is cheap: no pyroute2 (tc.py takes its IPRoute from the caller), and the
 names below load on first use (PEP 562), so the hook's input checks (`plan`) never load the BPF

@@ -30,8 +30,8 @@ def _setns(fd: int) -> None:
     if setns is not None:
         setns(fd, CLONE_NEWNET)
         return
-    # Python 3.11: libc's setns, not pyroute2's (whose import costs ~0.1-0.4 s and ~15 MB of
-    # RSS, paid by a resident agent for its whole life)
+    # Python 3.11: libc's setns, not pyroute2's (whose import is slow and large, and its
+    # memory would be paid by a resident agent for its whole life)
     import ctypes
 
     from ..bpfsys import libc

@@ -2,7 +2,7 @@
 
 Why: the hook's latency is mostly interpreter start and imports; this entry skips the CLI's own
 (its parser of every subcommand, logging). Since the CLI stopped loading the library up front,
-the two are within the noise of each other here (bench/bench_hook.py: ±10 ms).
+the two entry points cost about the same (bench/bench_hook.py times both).
 """
 
 from __future__ import annotations

@@ -63,8 +63,22 @@ def cgroup_of_pid(pid: int, proc: Path = Path("/proc")) -> Path:
         rel = v2_path((proc / str(pid) / "cgroup").read_text())
     except FileNotFoundError:
         raise HookError(f"process {pid} is gone (did the container exit first?)") from None
-    mounts = cgroup2_mounts((proc / "self" / "mountinfo").read_text())
-    path = map_to_mount(rel, mounts)
-    if not (path / "cgroup.procs").exists():
-        raise HookError(f"cgroup {path} of process {pid} does not exist (exited?)")
+    path = map_to_mount(rel, _mounts(proc, fresh=False))
+    if not (path / "cgroup.procs").exists():  # the mounts may have moved: ask again
+        path = map_to_mount(rel, _mounts(proc, fresh=True))
+        if not (path / "cgroup.procs").exists():
+            raise HookError(f"cgroup {path} of process {pid} does not exist (exited?)")
     return path
+
+
+_MOUNTS: dict[Path, list[tuple[str, Path]]] = {}
+
+
+def _mounts(proc: Path, fresh: bool) -> list[tuple[str, Path]]:
+    """This process's cgroup2 mounts, read from mountinfo once and again only when a mapped
+    path does not exist (a long-lived agent maps a pid per container; mountinfo is the
+    largest read of it). A stale table can only yield a path that is not there: then a fresh
+    read decides."""
+    if fresh or proc not in _MOUNTS:
+        _MOUNTS[proc] = cgroup2_mounts((proc / "self" / "mountinfo").read_text())
+    return _MOUNTS[proc]

@@ -41,7 +41,7 @@ def record_name(container_id: str) -> str:
     """The record's file name; ids that are not plain file names are hashed."""
     if re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,200}", container_id):
         return f"{container_id}{SUFFIX}"
-    import hashlib  # here: it loads OpenSSL, ~12 ms of every hook exec otherwise
+    import hashlib  # here: it loads OpenSSL, which every hook exec would pay otherwise
 
     return f"sha256-{hashlib.sha256(container_id.encode()).hexdigest()}{SUFFIX}"
 
@@ -100,7 +100,8 @@ class Records:
         from .. import trust  # file checks only: loads neither bpfsys nor hashlib
 
         self.path = str(directory or state_dir())
-        self.fd = trust.open_trusted_dir(self.path, "hook state dir", create=create)
+        # held: the agent opens it for every container (a fresh hook process walks it once)
+        self.fd = trust.open_trusted_dir_held(self.path, "hook state dir", create=create)
 
     @classmethod
     def open_existing(cls, directory: Path | None = None) -> Records | None:
@@ -123,7 +124,7 @@ class Records:
         from .. import trust
 
         name = record_name(rec.id)
-        trust.write_trusted_file(self.fd, name, rec.to_json())
+        trust.write_trusted_file(self.fd, name, rec.to_json(), durable=False)  # /run: a tmpfs
         return f"{self.path}/{name}"
 
     def _read(self, name: str) -> Record | None:

@@ -1,2 +1,2 @@
 """QEMU kernel-matrix runner: boots Debian kernels with the host's root shared read-only and
-runs the test suite inside (see docs/KERNEL_MATRIX.md). Stdlib only."""
+runs the test suite inside (see docs/TESTING.md). Stdlib only."""

@@ -10,6 +10,7 @@ The guest reports through a second, writable share: `started` (job about to run)
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -30,11 +31,18 @@ from .kernels import Kernel
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/bin/virtiofsd")
 QEMU = "qemu-system-x86_64"
 GUEST_OUT = "/run/pelagos-vm"  # where the writable share appears in the guest
-CMDLINE = "console=ttyS0 rdinit=/init panic=-1 oops=panic loglevel=4 mitigations=off"
+# no_timer_check: under TCG on a busy host the vCPU can miss the timer IRQ the kernel's IO-APIC
+# check waits for ("IO-APIC + timer doesn't work!" panics, seen with two guests on 2 cores).
+CMDLINE = "console=ttyS0 rdinit=/init panic=-1 oops=panic loglevel=4 mitigations=off no_timer_check"
 
 
 class BootError(RuntimeError):
-    """The guest could not be launched (virtiofsd or QEMU failed to start)."""
+    """The guest could not be launched (virtiofsd or QEMU failed to start), or was stopped."""
+
+
+# Set to stop every guest of this process (a pool's SIGTERM or teardown): each boot loop sees it
+# within 0.2 s, stops its QEMU and virtiofsds and raises BootError.
+STOP = threading.Event()
 
 
 def virtiofsd_path() -> str | None:
@@ -79,15 +87,16 @@ def _mountpoint(p: Path) -> Path:
     return p
 
 
-def extra_mounts(paths: list[Path]) -> list[Path]:
+def extra_mounts(paths: list[Path], root: Path = Path("/")) -> list[Path]:
     """Host dirs to share besides the root (which is shared without its submounts).
 
     A needed dir below a guest tmpfs (a CI clone in /tmp) is shared itself; a dir on another
     filesystem brings that filesystem's mount point. Both are mounted after the tmpfs mounts.
+    With another root than the host's (tests/vm/roots.py), every needed dir is shared itself.
     """
     out: set[Path] = set()
     for p in (q.resolve() for q in paths):
-        if any(p == t or t in p.parents for t in GUEST_TMPFS):
+        if root != Path("/") or any(p == t or t in p.parents for t in GUEST_TMPFS):
             out.add(p)
         elif (m := _mountpoint(p)) != Path("/"):
             out.add(m)
@@ -115,16 +124,24 @@ def _rw_virtiofsd(source: Path, sock: Path, log: Path) -> subprocess.Popen[bytes
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as f:  # the child keeps its own copy of the fd
         return subprocess.Popen(
-            argv, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            argv, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
         )
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the kernel SIGKILLs the child if the runner dies without cleaning up
-    (e.g. `timeout` SIGKILLs pytest), so no QEMU or virtiofsd is ever left behind."""
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn: the kernel SIGKILLs the child when the thread that started it ends (a
+    guest runs within one runner thread) or the runner dies without cleaning up (e.g.
+    `timeout` SIGKILLs pytest), so no QEMU or virtiofsd is ever left behind. prctl is looked
+    up here, in the parent: the fork of a threaded runner must not dlopen."""
+    prctl = _libc_prctl()
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@functools.cache
+def _libc_prctl() -> Callable[..., int]:
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 @contextmanager
@@ -174,6 +191,7 @@ def _boot(
     job: str,
     *,
     share_paths: list[Path],
+    root: Path = Path("/"),
     prefill: dict[str, Path] | None = None,
     preload_modules: tuple[str, ...] = ("loop",),
     boot_timeout: float = 180.0,
@@ -187,12 +205,15 @@ def _boot(
     kernel_args: tuple[str, ...] = (),
 ) -> GuestRun:
     """share_paths: host paths the job needs (project, interpreter); their filesystems are shared.
+    root: the host dir shared read-only as the guest's root (`/`, or a tests/vm/roots.py tree).
     prefill: name -> host dir copied into the writable share before boot (e.g. the BPF cache).
     progress: called every `heartbeat` seconds with the elapsed time and the job's last output
     line, so a person watching a long TCG run sees it moving.
     guest_env: extra vm.env entries for init.sh; kernel_args: appended to the kernel cmdline
     (both for a second stage such as systemd_init).
     """
+    if STOP.is_set():
+        raise BootError("stopped before boot: the runner is shutting down")
     run = Path(tempfile.mkdtemp(prefix="pelagos-vm-"))
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.monotonic()
@@ -203,7 +224,7 @@ def _boot(
         out.mkdir()
         for name, src in (prefill or {}).items():
             shutil.copytree(src, out / name, symlinks=True)
-        extras = extra_mounts(share_paths)
+        extras = extra_mounts(share_paths, root)
         tags = {f"extra{i}": m for i, m in enumerate(extras)}
         (out / "vm.env").write_text(
             _env_file(
@@ -220,7 +241,7 @@ def _boot(
 
         shares = {
             "hostroot": _ro_virtiofsd(
-                Path("/"), run / "ro", run / "hostroot.sock", run / "virtiofsd-hostroot.log"
+                root, run / "ro", run / "hostroot.sock", run / "virtiofsd-hostroot.log"
             )
         }
         for tag, m in tags.items():
@@ -247,6 +268,8 @@ def _boot(
         procs.insert(0, qemu)
         beat = t0 + heartbeat
         while qemu.poll() is None:
+            if STOP.is_set():  # `finally` below stops the processes and removes the run dir
+                raise BootError("stopped: the runner is shutting down")
             now = time.monotonic()
             if started_at is None and (out / "started").exists():
                 started_at = now

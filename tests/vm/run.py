@@ -5,6 +5,7 @@
     python -m tests.vm.run --kernel 6.1 --cmd 'python -c "import pelagos_bpf"'
     python -m tests.vm.run --list
     python -m tests.vm.run --kernel 6.12 --node containerd --cmd 'python -m tests.cri ...'
+    python -m tests.vm.run --jobs 1             # one guest at a time ($PELAGOS_MATRIX_JOBS)
 
 Why a guest at all: the development host's cgroups are hybrid (every v1 controller taken), so
 controller files can only be proven on a pure cgroup v2 kernel; and the library must work on
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import containerd, kernels, qemu, systemd_init
+from . import containerd, kernels, pool, qemu, roots, systemd_init
 
 PROJECT = Path(__file__).resolve().parents[2]
 GUEST_PYTEST_ARGS = ("-p", "no:cacheprovider", "-m", "not matrix")
@@ -64,17 +65,15 @@ KERNEL_SUITE = (
     "tests/test_net_leak.py",
     "tests/test_net_resolve.py",
     "tests/test_net_socket.py",
+    "tests/test_tenants.py",
+    "tests/test_device_check.py",
 )
 SUBSET_KERNELS = ("6.1", "6.12")
 SUBSET_ARGS = ("--deselect", "tests/test_device_kernel.py::test_kernel_matches_evaluator")
 # Real runc/crun/podman containers (Debian 12's) run on Debian 12's newer kernel, where the
 # evaluator comparison does not run, which keeps the guests' times even.
-RUNTIME_TESTS = ("tests/test_runtimes.py", "tests/test_agent_runtimes.py")
+RUNTIME_TESTS = ("tests/test_runtimes.py",)
 RUNTIME_KERNELS = ("6.12",)
-RUNTIME_MEMORY = "4G"  # the agent's load test: 200 containers, 20 at a time
-# The agent's guest tests (load, 5 + 3 minutes of soak) take 12-22 min under TCG on top of the
-# kernel suite and test_runtimes.py (~10 min): the runtime kernel's guest gets this much more.
-RUNTIME_EXTRA_TIMEOUT = 1500.0
 FULL = os.environ.get("PELAGOS_MATRIX_FULL", "") not in ("", "0")
 
 
@@ -92,7 +91,7 @@ def guest_args(name: str, user_args: list[str] | None, full: bool = FULL) -> lis
 
 
 # What a kernel the runner cannot resolve, unpack or boot raises: reported as a message.
-RUNNER_ERRORS = (kernels.KernelError, qemu.BootError, containerd.NodeError)
+RUNNER_ERRORS = (kernels.KernelError, qemu.BootError, containerd.NodeError, roots.RootError)
 NODES = ("containerd",)
 
 
@@ -139,16 +138,18 @@ def venv_python(project: Path = PROJECT) -> Path:
 
 def job_script(
     project: Path,
-    python: Path,
+    python: Path | None,
     argv: list[str] | None,
     cmd: str | None,
     kernel: str,
     prelude: list[str] | None = None,
 ) -> str:
     """The guest's job: environment for a read-only project tree, `prelude` (a node's start),
-    then pytest (or `cmd`)."""
+    then pytest (or `cmd`). python None: the guest's own root has no host interpreter (only
+    `cmd` runs there)."""
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     env = {
-        "PATH": f"{python.parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{python.parent}:{path}" if python is not None else path,
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
@@ -166,6 +167,8 @@ def job_script(
     if cmd is not None:
         lines.append(f"exec /bin/sh -c {shlex.quote(cmd)}")
     else:
+        if python is None:
+            raise ValueError("pytest runs only on the host root (give a command)")
         full = [str(python), "-m", "pytest", *GUEST_PYTEST_ARGS]
         full += [f"--junitxml={qemu.GUEST_OUT}/junit.xml", *(argv or [])]
         lines.append("exec " + shlex.join(full))
@@ -195,6 +198,8 @@ def run_kernel(
     pytest_args: list[str] | None = None,
     *,
     cmd: str | None = None,
+    root: str = roots.HOST,
+    shares: list[Path] | None = None,
     timeout: float | None = None,
     boot_timeout: float = 180.0,
     keep: Path | None = None,
@@ -209,9 +214,14 @@ def run_kernel(
 
     init "systemd": systemd is PID 1 and the job a service (tests/vm/systemd_init.py).
 
+    root: `host` (the host's root, read-only) or a tests/vm/roots.py root, which runs `cmd`
+    only (no pytest there). shares: more host dirs the guest sees at the same path.
     Raises one of RUNNER_ERRORS (with a message) when the kernel can't be fetched or launched.
     """
+    if root != roots.HOST and cmd is None:
+        raise roots.RootError(f"the {root} root runs a --cmd only: it has no pytest")
     k = kernels.ensure_kernel(name, log=log)
+    root_dir = roots.ensure_root(root, log=log)
     if cmd is not None:
         what = f"command: {cmd}"
     else:
@@ -220,12 +230,13 @@ def run_kernel(
             evaluator = "without" if name in SUBSET_KERNELS else "with"
             runtimes = ", real runtimes" if name in RUNTIME_KERNELS else ""
             what = f"the kernel suite ({evaluator} the evaluator comparison{runtimes})"
-    python = venv_python()
-    memory = memory or (RUNTIME_MEMORY if name in RUNTIME_KERNELS else "2G")
-    if timeout is None:
-        timeout = TIMEOUT + (RUNTIME_EXTRA_TIMEOUT if name in RUNTIME_KERNELS else 0.0)
+    python = venv_python() if root == roots.HOST else None
+    memory = memory or "2G"
+    timeout = TIMEOUT if timeout is None else timeout
     # the project, the interpreter's installation (the venv's python links into it), modules
-    share = [PROJECT, Path(os.path.realpath(python)).parents[1], k.modules_dir]
+    share = [PROJECT, k.modules_dir, *(shares or [])]
+    if python is not None:
+        share.append(Path(os.path.realpath(python)).parents[1])
     prefill: dict[str, Path] = {}
     second: dict[str, Any] = {}
     prelude = None
@@ -247,11 +258,13 @@ def run_kernel(
             raise ValueError(f"init must be busybox or systemd, not {init!r}")
         while True:
             attempts += 1
-            log(f"vm: booting {name} ({k.package}, {k.boot_image.name}, init {init}); {what}")
+            on = "" if root == roots.HOST else f" on the {root} root"
+            log(f"vm: booting {name} ({k.package}, {k.boot_image.name}, init {init}){on}; {what}")
             r = qemu.boot(
                 k,
                 job,
                 share_paths=share,
+                root=root_dir,
                 prefill=prefill,
                 timeout=timeout,
                 boot_timeout=boot_timeout,
@@ -337,22 +350,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", choices=NODES, help="start this container runtime first")
     ap.add_argument("--node-setup", metavar="SHELL", help="run after the node is up (an agent)")
     ap.add_argument(
+        "--root",
+        default=roots.HOST,
+        choices=[roots.HOST, *roots.ROOTS],
+        help="the guest's root: the host's (default) or a cached Debian root without "
+        "compilers (built with mmdebstrap on first use; runs --cmd only)",
+    )
+    ap.add_argument(
+        "--share",
+        action="append",
+        type=Path,
+        default=[],
+        help="another host dir the guest sees at the same path, read-only (repeatable)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        help=f"guests at once (default ${pool.JOBS_ENV}, else one per core up to 2)",
+    )
+    ap.add_argument(
         "--timeout",
         type=float,
-        help=f"per kernel, seconds (default {TIMEOUT:g}; {TIMEOUT + RUNTIME_EXTRA_TIMEOUT:g} "
-        f"on {', '.join(RUNTIME_KERNELS)})",
+        help=f"per kernel, seconds (default {TIMEOUT:g})",
     )
     ap.add_argument("--boot-timeout", type=float, default=180.0, help="until the job starts")
     ap.add_argument("--keep", type=Path, help="copy each run's files (console, logs) here")
-    ap.add_argument(
-        "--memory", help=f"guest RAM (default 2G; {RUNTIME_MEMORY} on {', '.join(RUNTIME_KERNELS)})"
-    )
+    ap.add_argument("--memory", help="guest RAM (default 2G; the agent's load test wants 4G)")
     ap.add_argument("--fetch-only", action="store_true", help="download/unpack and exit")
     ap.add_argument("--list", action="store_true", help="show kernels and the cache, then exit")
     args = ap.parse_args(argv)
     if args.node_setup and not args.node:
         ap.error("--node-setup needs --node")
     names = args.kernel or list(kernels.DEFAULT_KERNELS)
+    if args.root != roots.HOST and args.cmd is None:
+        ap.error(f"--root {args.root} runs a --cmd only (it has no pytest)")
+    if missing_share := [str(p) for p in args.share if not p.is_dir()]:
+        ap.error(f"--share: no such directory: {', '.join(missing_share)}")
 
     try:
         if args.list:
@@ -370,31 +403,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vm: cannot boot guests, missing: {', '.join(missing)} (run scripts/bootstrap)")
         return 2
 
+    jobs = args.jobs or pool.default_jobs()
     t0 = time.monotonic()
-    results: list[KernelResult] = []
-    for n in names:
-        keep = args.keep / n if args.keep else None
-        try:
-            res = run_kernel(
-                n,
-                guest_args(n, pytest_args, args.full or FULL),
-                cmd=args.cmd,
-                timeout=args.timeout,
-                boot_timeout=args.boot_timeout,
-                keep=keep,
-                memory=args.memory,
-                init=args.init,
-                node=args.node,
-                node_setup=args.node_setup,
-            )
-        except RUNNER_ERRORS as e:
-            res = KernelResult.failed(n, str(e))
-        report(res)
-        results.append(res)
-    print(f"==== kernel matrix: {len(results)} kernels in {time.monotonic() - t0:.0f}s")
-    for res in results:
-        print(f"     {res.summary()}")
-    return 0 if all(r.ok for r in results) else 1
+    results: dict[str, KernelResult] = {}
+    with pool.GuestPool(jobs) as guests:
+        for n in dict.fromkeys(names):
+
+            def job(log: pool.Log, n: str = n) -> KernelResult:
+                return run_kernel(
+                    n,
+                    guest_args(n, pytest_args, args.full or FULL),
+                    cmd=args.cmd,
+                    root=args.root,
+                    shares=args.share,
+                    timeout=args.timeout,
+                    boot_timeout=args.boot_timeout,
+                    keep=args.keep / n if args.keep else None,
+                    memory=args.memory,
+                    init=args.init,
+                    node=args.node,
+                    node_setup=args.node_setup,
+                    log=log,
+                )
+
+            guests.submit(n, job)
+        for n, fut in guests.as_completed(print):
+            try:
+                res = fut.result()
+            except RUNNER_ERRORS as e:
+                res = KernelResult.failed(n, str(e))
+            report(res)
+            results[n] = res
+    took = time.monotonic() - t0
+    print(f"==== kernel matrix: {len(results)} kernels in {took:.0f}s, {jobs} at once")
+    for n in dict.fromkeys(names):
+        print(f"     {results[n].summary()}")
+    return 0 if all(r.ok for r in results.values()) else 1
 
 
 if __name__ == "__main__":
