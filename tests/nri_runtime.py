@@ -13,6 +13,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from pelagos_bpf.nri import api
 from pelagos_bpf.nri.mux import PLUGIN_SERVICE_CONN, RUNTIME_SERVICE_CONN, Mux
+from pelagos_bpf.nri.stub import PluginStub
 from pelagos_bpf.nri.ttrpc import Client, Server
 
 R = TypeVar("R", bound=ProtoMessage)
@@ -103,3 +104,24 @@ class FakeRuntime:
         for conn in self.conns:
             conn.close()
         self.sock.close()
+
+
+class Running:
+    """A PluginStub.run() on its own thread, stopped and joined at the end."""
+
+    def __init__(self, stub: PluginStub) -> None:
+        self.stub = stub
+        self.error: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.stub.run()
+        except BaseException as e:
+            self.error.append(e)
+
+    def stop(self) -> None:
+        self.stub.stop()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive(), "PluginStub.run() did not return after stop()"

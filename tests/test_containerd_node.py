@@ -1,8 +1,10 @@
 """The containerd guest: its pure parts here, and (marked `matrix`) one boot that runs
-tests/test_cri_guest.py inside it against a real containerd.
+tests/test_cri_guest.py and then tests/test_nri_guest.py (our NRI plugin, started by that file
+itself) inside it against a real containerd.
 
 Why a separate boot: the kernel matrix's guests run no container runtime; this one starts
-containerd 2.1.9 (tests/vm/containerd.py) before pytest. `-m "not matrix"` deselects the boot.
+containerd 2.1.9 (tests/vm/containerd.py) before pytest. One boot for both files: a boot and
+the node's start are a third of the run. `-m "not matrix"` deselects the boot.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tests.vm import containerd, images, pool  # noqa: E402
 from tests.vm import run as vmrun  # noqa: E402
 from tests.vm.pytest_guests import Context, guest_job, show, wait  # noqa: E402
 
-GUEST_TESTS = ["tests/test_cri_guest.py"]
+GUEST_TESTS = ["tests/test_cri_guest.py", "tests/test_nri_guest.py"]
 
 
 @guest_job("containerd")

@@ -21,7 +21,7 @@ from pelagos_bpf.nri.api import Event
 from pelagos_bpf.nri.proto import nri_pb2
 from pelagos_bpf.nri.stub import BaseHandler, NriError, PluginStub
 from pelagos_bpf.nri.ttrpc import Code, TtrpcError
-from tests.nri_runtime import WAIT, FakeRuntime, RuntimeConn
+from tests.nri_runtime import WAIT, FakeRuntime, Running, RuntimeConn
 
 
 class PolicyError(Exception):
@@ -33,7 +33,7 @@ class Recorder(BaseHandler):
 
     def __init__(self) -> None:
         self.seen: queue.Queue[tuple[str, object]] = queue.Queue()
-        self.fail_start = False
+        self.fail_start: bool | TtrpcError = False
 
     def synchronize(self, request: api.SynchronizeRequest) -> api.SynchronizeResponse:
         self.seen.put(("synchronize", request))
@@ -53,6 +53,8 @@ class Recorder(BaseHandler):
         return api.CreateContainerResponse(adjust=adjust)
 
     def start_container(self, event: api.StateChangeEvent) -> None:
+        if isinstance(self.fail_start, TtrpcError):
+            raise self.fail_start
         if self.fail_start:
             raise PolicyError("io.pelagos-bpf.net.classid: namespace team-a allows 1:10..1:19")
         self.seen.put(("start", event))
@@ -67,27 +69,6 @@ class Recorder(BaseHandler):
         got_kind, value = self.seen.get(timeout=WAIT)
         assert got_kind == kind
         return value
-
-
-class Running:
-    """A PluginStub.run() on its own thread, stopped and joined at the end."""
-
-    def __init__(self, stub: PluginStub) -> None:
-        self.stub = stub
-        self.error: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.stub.run()
-        except BaseException as e:
-            self.error.append(e)
-
-    def stop(self) -> None:
-        self.stub.stop()
-        self.thread.join(WAIT)
-        assert not self.thread.is_alive(), "PluginStub.run() did not return after stop()"
 
 
 def _pod() -> api.PodSandbox:
@@ -185,6 +166,12 @@ def test_full_conversation(runtime: FakeRuntime, sock_path: str) -> None:
             "StartContainer: PolicyError: io.pelagos-bpf.net.classid: namespace team-a allows "
             "1:10..1:19"
         )
+
+        # A handler that raises TtrpcError chooses code and message (PluginHandler's contract).
+        h.fail_start = TtrpcError(Code.FAILED_PRECONDITION, "pelagos-bpf: refused")
+        with pytest.raises(TtrpcError) as e:
+            conn.call("StateChange", start, api.Empty)
+        assert (e.value.code, e.value.message) == (Code.FAILED_PRECONDITION, "pelagos-bpf: refused")
 
         remove = api.StateChangeEvent(
             event=nri_pb2.REMOVE_CONTAINER, pod=_pod(), container=_container()

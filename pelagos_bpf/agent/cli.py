@@ -48,12 +48,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
         force=True,
     )
     from .daemon import DaemonError
+    from .nrihost import NriSettings, NriUnavailable, launched, serve_launched
     from .protocol import socket_path
 
+    nri = NriSettings(socket=args.nri_socket, index=args.nri_index) if args.nri else None
     try:
+        if nri is not None and launched():
+            return serve_launched(nri, args.lock_timeout)
         return serve(
             socket_path(args.socket),
             metrics_listen=args.metrics_listen,
+            nri=nri,
             limits=Limits(
                 workers=args.workers,
                 max_pending=args.max_pending,
@@ -63,7 +68,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 gc_interval=args.gc_interval,
             ),
         )
-    except DaemonError as e:
+    except (DaemonError, NriUnavailable) as e:
         raise CliError(str(e)) from None
 
 
@@ -80,6 +85,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "programs:   " + ", ".join(f"{p['name']} (id {p['id']})" for p in st["programs"]),
         f"held:       {st['cgroups_held']} cgroups, {st['containers']} with a container id",
         f"now:        {st['in_flight']} requests in flight, {st['connections']} connections",
+        *([_nri_line(st["nri"])] if st.get("nri") else []),
         f"failed:     {st['failed']}; refused: "
         + (", ".join(f"{k} {n}" for k, n in sorted(st["refused"].items())) or "none"),
         "requests:   op                      count  failed   p50 ms   p99 ms",
@@ -89,6 +95,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"            {op:22} {counts} {_ms(r['p50_ms'])} {_ms(r['p99_ms'])}")
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _nri_line(nri: dict[str, Any]) -> str:
+    where = "launched by NRI" if nri["launched"] else nri["socket"]
+    state = "registered" if nri["registered"] else "not registered (connecting)"
+    return f"nri:        plugin {nri['plugin']} on {where}: {state}"
 
 
 def _ms(v: float | None) -> str:
@@ -191,6 +203,24 @@ def register(sub: Any) -> None:
         default=300.0,
         metavar="SECONDS",
         help="garbage-collect map entries of removed cgroups this often (0: never; default 300)",
+    )
+    a.add_argument(
+        "--nri",
+        action="store_true",
+        help="also be containerd's (or CRI-O's) NRI plugin: pod annotations under the admin "
+        "policy (docs/NRI.md); with NRI_PLUGIN_SOCKET set (NRI launched us), the plugin only",
+    )
+    a.add_argument(
+        "--nri-socket",
+        default="/var/run/nri/nri.sock",
+        metavar="PATH",
+        help="the runtime's NRI socket (default /var/run/nri/nri.sock)",
+    )
+    a.add_argument(
+        "--nri-index",
+        default="10",
+        metavar="NN",
+        help="the plugin's two-digit index: NRI calls plugins in ascending order (default 10)",
     )
     a.set_defaults(func=cmd_agent)
     asub = a.add_subparsers(dest="agent_command", metavar="{status,metrics}")

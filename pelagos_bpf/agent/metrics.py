@@ -135,6 +135,7 @@ def render(
     programs: list[dict[str, Any]],
     held: list[dict[str, Any]],
     counters: dict[str, Any],
+    nri: dict[str, Any] | None = None,
 ) -> bytes:
     """The whole exposition (UTF-8): agent, per-cgroup kernel counters, map fill levels."""
     out = _Out()
@@ -152,6 +153,13 @@ def render(
         "pelagos_bpf_agent_cgroups_held", "gauge", "Cgroups with a pelagos-bpf program attached."
     )
     out.sample("pelagos_bpf_agent_cgroups_held", len(held))
+    if nri is not None:
+        out.family(
+            "pelagos_bpf_agent_nri_registered",
+            "gauge",
+            "1 while the NRI plugin is registered with the runtime and synchronized, else 0.",
+        )
+        out.sample("pelagos_bpf_agent_nri_registered", int(nri["registered"]), plugin=nri["plugin"])
 
     hist = stats.histograms()
     out.family(

@@ -59,6 +59,17 @@ def reload_policy() -> str:
     return "loaded"
 
 
+def current_policy() -> Any:
+    """The admin policy in force (pelagos_bpf.policy.Policy), for the NRI plugin: the one
+    loaded at start or on SIGHUP; with none loaded (the file failed), loaded now, so a request
+    is refused with the file's error (PolicyFileError) as a hook's would be."""
+    if _policy is not None:
+        return _policy
+    from ..policy import load
+
+    return load()
+
+
 def load_programs() -> list[dict[str, Any]]:
     """Load (or fetch from the pins) every feature's programs now, once for the agent's life:
     the first container then pays no PROG_LOAD."""

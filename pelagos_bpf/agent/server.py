@@ -37,6 +37,7 @@ from . import ops
 from .codec import error_to_doc
 from .daemon import bind_socket, peer_uid_pid, release_memory, same_namespaces, sd_notify
 from .metrics import Stats, render
+from .nrihost import NriRunner, NriSettings
 from .protocol import (
     CALL,
     CALL_REPLY,
@@ -117,6 +118,7 @@ class Server:
         unlink: bool,
         limits: Limits = Limits(),
         metrics_listen: str | None = None,
+        nri: NriSettings | None = None,
     ) -> None:
         self.sock = sock
         self.path = path
@@ -132,6 +134,8 @@ class Server:
         self.draining = False
         self._last_warn: dict[str, tuple[float, int]] = {}
         self._stop: asyncio.Event | None = None
+        # the NRI plugin (--nri), started once the agent serves, stopped when it drains
+        self.nri = NriRunner(nri, self.stats) if nri is not None else None
 
     # ------------------------------------------------------------ life cycle
 
@@ -151,7 +155,11 @@ class Server:
         gc_task = loop.create_task(self._gc_loop()) if self.limits.gc_interval > 0 else None
         sd_notify(f"READY=1\nSTATUS=serving on {self.path}\nMAINPID={os.getpid()}")
         log.info("ready: serving on %s (pid %d)", self.path, os.getpid())
+        if self.nri is not None:
+            self.nri.start()
         await self._stop.wait()
+        if self.nri is not None:  # the runtime sees us go and goes on without us
+            await loop.run_in_executor(None, self.nri.stop)
         accept.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await accept
@@ -402,6 +410,7 @@ class Server:
             "programs": ops.programs(),
             "cgroups_held": len(held),
             "containers": sum(1 for h in held if h["container"]),
+            "nri": self.nri.status() if self.nri is not None else None,
         }
 
     def metrics_body(self) -> bytes:
@@ -412,6 +421,7 @@ class Server:
             programs=ops.programs(),
             held=ops.held(),
             counters=ops.counters(),
+            nri=self.nri.status() if self.nri is not None else None,
         )
 
     # ------------------------------------------------------------ periodic gc
@@ -545,7 +555,12 @@ def _agent_error(e: BaseException, prefix: str = "") -> dict[str, Any]:
 
 
 def serve(
-    path: str, *, metrics_listen: str | None = None, limits: Limits = Limits(), backlog: int = 4096
+    path: str,
+    *,
+    metrics_listen: str | None = None,
+    limits: Limits = Limits(),
+    backlog: int = 4096,
+    nri: NriSettings | None = None,
 ) -> int:
     """Start an agent in the foreground: bound lock waits, programs loaded, what is held read
     back from the kernel (logged), the socket bound (or taken from systemd), then served."""
@@ -584,4 +599,7 @@ def serve(
         limits.workers,
         limits.max_pending,
     )
-    return Server(sock, path, unlink=unlink, limits=limits, metrics_listen=metrics_listen).run()
+    server = Server(
+        sock, path, unlink=unlink, limits=limits, metrics_listen=metrics_listen, nri=nri
+    )
+    return server.run()

@@ -333,6 +333,9 @@ class _Session:
         )
         try:
             method(evt)
+        except TtrpcError as e:  # the handler chose code and message (PluginHandler's contract)
+            log.warning("NRI %s refused: %s", _event_name(event), e.message)
+            raise
         except Exception as e:
             # Name the event, not the StateChange RPC that carries it: this message is what
             # the runtime reports ("NRI container start failed: ... StartContainer: ...").

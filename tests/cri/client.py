@@ -39,6 +39,8 @@ class CriError(RuntimeError):
 
     def __init__(self, method: str, code: grpc.StatusCode | None, details: str) -> None:
         self.method, self.code, self.details = method, code, details
+        self.pod: str | None = None  # run_pod(keep_failed=True): what is left to look at
+        self.container: str | None = None
         name = code.name if code is not None else "ERROR"
         super().__init__(f"{method}: {name}: {details}")
 
@@ -166,11 +168,14 @@ class Client:
         sysctls: Mapping[str, str] | None = None,
         image: str | None = None,
         cgroup_parent: str | None = None,
+        keep_failed: bool = False,
     ) -> Pod:
         """Run a pod with one container running `command`; return its ids and pid.
 
         A failure after the sandbox exists removes the sandbox before raising, so a refused
-        container (an NRI plugin's error at CreateContainer) leaves nothing behind.
+        container (an NRI plugin's error at CreateContainer) leaves nothing behind; unless
+        `keep_failed`: then the CriError names the pod and container (None: not created) for
+        the caller to inspect and remove.
         """
         if image is None:  # the guest's own image: wait until the CRI has learnt of it
             image = self.default_image()
@@ -194,6 +199,7 @@ class Client:
             ),
         )
         pod_id = self.rt("RunPodSandbox", config=sandbox).pod_sandbox_id
+        cid = None
         try:
             config = pb.ContainerConfig(
                 metadata=pb.ContainerMetadata(name=container_name),
@@ -207,6 +213,9 @@ class Client:
             self.rt("StartContainer", container_id=cid)
             return Pod(pod=pod_id, container=cid, pid=self.pid(cid))
         except BaseException as e:
+            if keep_failed and isinstance(e, CriError):
+                e.pod, e.container = pod_id, cid
+                raise
             try:
                 self.remove_pod(pod_id)
             except CriError as cleanup:
