@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from agentlib import AgentProc, short_tmp, thin_hook, wait_for
+from agentlib import AgentProc, open_policy, short_tmp, thin_hook, wait_for
 from net_helpers import C10, topology
 from prometheus_client.parser import text_string_to_metric_families
 from test_runtimes import (

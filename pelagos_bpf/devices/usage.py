@@ -11,9 +11,9 @@ every later setup fail (E2BIG). Three limits, all checked before anything is wri
   generations until its switch, so it reserves its whole new set.
 
 The fill level is kept in the map itself, in one META entry no program ever looks up (absent
-while the count is zero), updated under a node-wide lock by every writer (a BPF hash map has no cheap element count). A writer
-killed between its reservation and its write leaves the count high (refusing early, never
-late); `gc` recounts.
+while the count is zero), updated under a node-wide lock by every writer (a BPF hash map has no
+cheap element count). A writer killed between its reservation and its write leaves the count
+high (refusing early, never late); `gc` recounts.
 """
 
 from __future__ import annotations
