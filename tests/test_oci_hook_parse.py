@@ -242,7 +242,7 @@ def test_runtime_names_and_processes(tmp_path: Path) -> None:
     (proc / "10").mkdir(parents=True)
     (proc / "10" / "exe").symlink_to("/usr/sbin/runc")
     (proc / "11").mkdir()
-    (proc / "11" / "status").write_text("Name:\tpelagos-hook\nPPid:\t10\n")
+    (proc / "11" / "stat").write_text("11 (a (b) c) S 10 11 1 0 -1 4194560 90 0 0 0\n")
     (proc / "12").mkdir()
     (proc / "12" / "comm").write_text("crun\n")  # exe unreadable: comm
     assert runtime.runtime_of_pid(10, proc) == "runc"

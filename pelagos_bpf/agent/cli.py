@@ -41,12 +41,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from None
     if os.geteuid() != 0:
         raise CliError("the agent needs root (CAP_BPF, CAP_SYS_ADMIN, the cgroup tree)")
+    # One line per request from the agent (and its NRI plugin); the library's own decisions
+    # (attach, pin, rollback, gc: several lines per container) with -v. A line costs a
+    # formatted write on the request's path, and journald's CPU after it.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
         format="pelagos-bpf agent: %(levelname)s: %(message)s",
         stream=sys.stderr,
         force=True,
     )
+    for name in ("pelagos_bpf.agent", "pelagos_bpf.nri"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     from .daemon import DaemonError
     from .nrihost import NriSettings, NriUnavailable, launched, serve_launched
     from .protocol import socket_path

@@ -110,7 +110,12 @@ def hook(
 
     if owner != HOOK:
         return 2, f"pelagos-bpf oci-hook: error: a hook acts for the hook, not the {owner}"
-    runtime = runtime_of_parent(client_pid) if client_pid else None
+
+    def runtime() -> tuple[Any, str]:  # only for a device mirror: two /proc reads
+        if not client_pid:
+            return None, "no client pid"
+        return runtime_of_parent(client_pid), f"the parent of the thin hook {client_pid}"
+
     try:
         res = run_hook(raw_state, stage, runtime=runtime, policy=_policy)
     except Exception as e:
@@ -119,8 +124,8 @@ def hook(
     prefix = f"pelagos-bpf oci-hook [{res.container}]"
     lines = [f"{prefix}: error: {x}" for x in res.errors]
     lines += [f"{prefix}: warning: {x}" for x in res.warnings]
-    for x in res.done:
-        log.info("%s %s: %s", prefix, stage, x)
+    if res.done:
+        log.info("%s %s: %s", prefix, stage, "; ".join(res.done))
     return res.code, "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ hook's (OwnerConflict, exit 2). Poststop finds the cgroup through the record cre
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -247,14 +248,16 @@ def run_hook(
     raw_state: str | bytes,
     stage: str = "auto",
     *,
-    runtime: Runtime | str | None = DETECT,
+    runtime: Runtime | str | Callable[[], tuple[Runtime | None, str]] | None = DETECT,
     policy: Policy | None = None,
 ) -> Result:
     """Run one hook invocation on the OCI state text; never raises for any input.
 
-    runtime: the OCI runtime the hook serves ("runc", "crun", None: unknown), or DETECT
-    (runtime.detect: $PELAGOS_BPF_HOOK_RUNTIME, else this process's parent). policy: the admin
-    policy to apply; None loads it (policy.load) when annotations ask for something.
+    runtime: the OCI runtime the hook serves ("runc", "crun", None: unknown), DETECT
+    (runtime.detect: $PELAGOS_BPF_HOOK_RUNTIME, else this process's parent), or a function
+    returning (runtime, how it was found), called only when the device mirror needs it.
+    policy: the admin policy to apply; None loads it (policy.load) when annotations ask for
+    something.
     """
     res = Result()
     best_effort = False
@@ -300,6 +303,8 @@ def _mirror(req: Request, config: dict[str, Any], runtime: Any, res: Result) -> 
     how = "given by the caller"
     if runtime == DETECT:
         runtime, how = runtime_mod.detect()
+    elif callable(runtime):  # the caller's lookup, run only when a mirror is wanted
+        runtime, how = runtime()
     linux = section(config, "linux", "linux")
     req.runtime_device_rules, warning = mirror.mirror(linux, runtime)
     if warning:

@@ -52,13 +52,18 @@ def runtime_of_pid(pid: int, proc: Path = Path("/proc")) -> Runtime | None:
 
 def runtime_of_parent(pid: int, proc: Path = Path("/proc")) -> Runtime | None:
     """The runtime that started process `pid` (the agent: `pid` is its thin hook client's,
-    from SO_PEERCRED; the client waits for the reply, so it and its parent are still there)."""
+    from SO_PEERCRED; the client waits for the reply, so it and its parent are still there).
+
+    The parent pid comes from /proc/PID/stat (field 4, after the comm's closing parenthesis:
+    a comm may hold spaces and parentheses), which the kernel formats in a fraction of the
+    time it takes for /proc/PID/status."""
     try:
-        status = (proc / str(pid) / "status").read_text()
+        stat = (proc / str(pid) / "stat").read_bytes()
     except OSError:
         return None
-    ppid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), None)
-    return runtime_of_pid(int(ppid), proc) if ppid and ppid.isascii() and ppid.isdigit() else None
+    fields = stat[stat.rfind(b")") + 1 :].split()
+    ppid = fields[1] if len(fields) > 1 else b""
+    return runtime_of_pid(int(ppid), proc) if ppid.isdigit() else None
 
 
 def detect(
