@@ -61,7 +61,8 @@ def mark_classifier() -> int:
 
 
 def _prio_keys_of(prios_fd: int, prio_key: int) -> list[bytes]:
-    # O(entries in the shared hash); only cgroups that use net_priorities pay it.
+    """O(entries in the shared hash, and at least a walk of its buckets: ~75 us empty): only
+    cgroups whose config has (or had) F_PRIOS pay it, never a classid-only container."""
     return [
         k
         for k in bpfsys.map_keys(prios_fd, lay.PRIO_KEY.size)
@@ -105,7 +106,7 @@ def _read_plan(maps: dict[str, int], cgroup_id: int, at: int = EGRESS) -> NetPla
     if flags & F_SOCKET:
         return NetPlan(classid=classid, carrier="socket")
     prios = []
-    for key in _prio_keys_of(maps["net_prios"], prio_key):
+    for key in _prio_keys_of(maps["net_prios"], prio_key) if flags & F_PRIOS else ():
         val = bpfsys.map_lookup(maps["net_prios"], key, lay.PRIO_VAL.size)
         if val is not None:
             prios.append(("", lay.PRIO_KEY.unpack(key)[1], lay.PRIO_VAL.unpack(val)[0]))
@@ -117,7 +118,13 @@ def _read_plan(maps: dict[str, int], cgroup_id: int, at: int = EGRESS) -> NetPla
 
 
 def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan, owner: Owner) -> None:
-    """New priority entries first, then the config that points at them, then drop stale ones."""
+    """New priority entries first, then the config that points at them, then drop stale ones.
+
+    Stale ones are looked for only where the programs could read them: the new config has
+    priorities, or the one it replaces had (entries a killed writer left on a cgroup whose
+    config never pointed at them are never read, and gc removes them with the cgroup)."""
+    old = bpfsys.map_lookup(maps["net_cfg"], storage_key(cg.id, EGRESS), lay.CFG.size)
+    had_prios = old is not None and bool(lay.CFG.unpack(old)[1] & F_PRIOS)
     wanted = {lay.PRIO_KEY.pack(cg.id, idx, 0): p for idx, p in plan.prio_by_ifindex().items()}
 
     def store() -> None:
@@ -130,6 +137,8 @@ def _write_config(maps: dict[str, int], cg: CgroupRef, plan: NetPlan, owner: Own
         if spec.attach_type != INGRESS:  # the ingress program only counts
             assert spec.attach_type is not None
             bpfsys.map_update(maps["net_cfg"], storage_key(cg.id, spec.attach_type), cfg)
+    if not (wanted or had_prios):
+        return
     for key in _prio_keys_of(maps["net_prios"], cg.id):
         if key not in wanted:
             bpfsys.map_delete(maps["net_prios"], key)
@@ -210,7 +219,7 @@ def _attach_new(
                 bpfsys.prog_detach(loaded.progs[spec.func], cg_fd, spec.attach_type or 0)
             except OSError as undo:
                 exc.add_note(f"net rollback: detach failed: {undo}")
-        if plan.carrier != "socket" and not present:  # a socket plan wrote no priority entries
+        if plan.priorities and plan.carrier != "socket" and not present:  # entries it wrote
             for key in _prio_keys_of(loaded.maps["net_prios"], cg.id):
                 bpfsys.map_delete(loaded.maps["net_prios"], key)
         log.info("%s: %s's attach to %s rolled back (%s)", setting, owner, cg.path, exc)
@@ -218,13 +227,20 @@ def _attach_new(
 
 
 def _detach(cg: CgroupRef, group: Attached, cg_fd: int) -> None:
-    prio_key = cg.id
+    """Detach; the priority entries (the only state outside cgroup storage) are looked for
+    with a walk of the shared map only when the config says there are some, or cannot say."""
+    prio_key, scan = cg.id, True
     if "net_cfg" in group.maps:
         raw = bpfsys.map_lookup(group.maps["net_cfg"], storage_key(cg.id, EGRESS), lay.CFG.size)
         if raw is not None:
-            prio_key = lay.CFG.unpack(raw)[2]
+            _, flags, prio_key = lay.CFG.unpack(raw)
+            scan = bool(flags & F_PRIOS)
+        else:  # the socket carrier's config: its plans have no priority entries
+            sock = storage_key(cg.id, lay.SOCK_CREATE)
+            scan = bpfsys.map_lookup(group.maps["net_cfg"], sock, lay.CFG.size) is None
     FEATURE.detach(group, cg_fd)
-    FEATURE.purge(group.layer, group.maps, lambda i: i in (prio_key, cg.id))
+    if scan:
+        FEATURE.purge(group.layer, group.maps, lambda i: i in (prio_key, cg.id))
 
 
 def apply(
