@@ -325,7 +325,16 @@ def test_device_program_attached_by_systemd_survives_reload(
         os.close(cgfd)
         os.close(fd)
 
-    for change in (lambda: reload_and_wait(m), lambda: set_property(scope.unit, "MemoryMax=90M")):
+    def reexec() -> None:  # systemctl returns once the re-executed manager serves again
+        cmd = ["systemctl", "daemon-reexec"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE * 2, check=False)
+        assert r.returncode == 0, r.stderr
+
+    for change in (
+        lambda: reload_and_wait(m),
+        lambda: set_property(scope.unit, "MemoryMax=90M"),
+        reexec,  # the last: `m`'s connection may not outlive it
+    ):
         change()
         assert attach_flags(scope, lay.ATTACH) == (bpfsys.BPF_F_ALLOW_MULTI, [prog_id])
         state = devprog.read_state(scope)
@@ -338,10 +347,12 @@ def test_device_program_attached_by_systemd_survives_reload(
     assert (opens(scope, "/dev/null"), opens(scope, "/dev/zero")) == (errno.EPERM, 0)
     assert attach_flags(scope, lay.ATTACH) == (bpfsys.BPF_F_ALLOW_MULTI, [prog_id])
 
-    # teardown: the rule set's keys are read first, the scope stopped, then they go
+    # teardown: the rule set's keys are read first, the scope stopped, then they go (on a new
+    # connection: the re-executed manager may have closed the private socket's)
     keys = devprog.removal_keys(scope)
-    driver.stop_scope(scope, manager=m)
-    assert unit_gone(m, scope.unit) and not scope.path.exists()
+    with Manager.connect() as m2:
+        driver.stop_scope(scope, manager=m2)
+        assert unit_gone(m2, scope.unit) and not scope.path.exists()
     if keys is not None:
         devprog.remove_entries(keys)
 
