@@ -231,6 +231,12 @@ static void recv_all(int fd, char *p, size_t len, const char *what)
 		ssize_t n = recv(fd, p, len, 0);
 		if (n < 0 && errno == EINTR)
 			continue;
+		/* An agent that dies (SIGKILL) with our request still unread in its socket makes the
+		 * kernel reset the connection instead of closing it: the same event, one message. */
+		if (n < 0 && errno == ECONNRESET)
+			fail("the agent at %s closed the connection before its %s (reset: it died with "
+			     "the request unread)",
+			     sock_path, what);
 		if (n < 0)
 			fail("reading %s from the agent at %s: %s", what, sock_path, strerror(errno));
 		if (n == 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import stat
 import subprocess
@@ -97,6 +98,34 @@ def test_default_stage_is_auto(sockdir: Path) -> None:
         fake.close()
     assert r.returncode == 0 and r.stderr == ""
     assert p.parse_request(p.HOOK, fake.request[12:]).stage == "auto"
+
+
+def test_killed_with_the_request_unread_exits_2_clearly(sockdir: Path) -> None:
+    """An agent that dies before reading the request: a unix socket closed with unread data
+    resets its peer (ECONNRESET, not EOF). The hook says what happened, as for a close."""
+    from pelagos_bpf.agent import AgentError, Client
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sockdir / "a.sock"))
+    srv.listen(2)
+
+    def serve() -> None:
+        for _ in range(2):  # the thin hook, then the Python client
+            conn, _ = srv.accept()
+            select.select([conn], [], [], 30)  # the request is in, unread
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        r = run_thin(STATE, env(sockdir / "a.sock"), "create")
+        with pytest.raises(AgentError, match=r"closed the connection before replying \(reset"):
+            Client(str(sockdir / "a.sock")).status()
+    finally:
+        t.join(30)
+        srv.close()
+    assert r.returncode == 2
+    assert "closed the connection before its reply (reset" in r.stderr, r.stderr
 
 
 def test_accepted_then_closed_exits_2(sockdir: Path) -> None:

@@ -97,7 +97,14 @@ class Client:
             if left <= 0:
                 raise TimeoutError
             s.settimeout(left)
-            chunk = s.recv(min(n - len(buf), 1 << 20))
+            try:
+                chunk = s.recv(min(n - len(buf), 1 << 20))
+            except ConnectionResetError:  # it died with our request unread: the same event
+                raise AgentError(
+                    f"agent at {self.path} closed the connection before replying (reset: it "
+                    "died with the request unread)",
+                    errno.ECONNRESET,
+                ) from None
             if not chunk:
                 raise AgentError(
                     f"agent at {self.path} closed the connection before replying",
