@@ -14,7 +14,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import errors, lazy
 from .errors import (
     BpfError,
     CgroupError,
@@ -98,12 +98,7 @@ def __getattr__(name: str) -> Any:
         return _version()
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)  # (import binds the attribute)
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    return lazy.load(__name__, globals(), _LAZY, name)
 
 
 def __dir__() -> list[str]:

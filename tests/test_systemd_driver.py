@@ -13,12 +13,13 @@ import errno
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentlib import wait_for
+from systemd_helpers import DEADLINE, not_under_systemd
 
 from pelagos_bpf import bpfsys, loader
 from pelagos_bpf.config import CgroupConfig, CgroupDeviceRule
@@ -29,37 +30,10 @@ from pelagos_bpf.systemd.dbus import SCOPE_IFACE, Manager, Property, SystemdErro
 pytestmark = pytest.mark.systemd
 
 TOKEN = uuid.uuid4().hex[:8]
-DEADLINE = 60.0  # generous: TCG guests are slow
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    try:
-        pid1 = Path("/proc/1/comm").read_text().strip()
-    except OSError:
-        pid1 = "?"
-    if pid1 != "systemd" or not Path("/run/systemd/system").is_dir():
-        return f"needs systemd as PID 1 (PID 1 is {pid1}): run in the --init systemd guest"
-    try:
-        import jeepney  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
-        return "needs jeepney (pip install 'pelagos-bpf[systemd]')"
-    return None
-
-
-if (_reason := _why_not()) is not None:
+if (_reason := not_under_systemd()) is not None:
     pytest.skip(_reason, allow_module_level=True)
-
-
-def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    delay = 0.01
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,9 @@ runtime (`program`).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from .. import lazy
 
 if TYPE_CHECKING:
     from .plan import CARRIERS, NetPlan, build_plan, choose_carrier, validate_net
@@ -132,12 +133,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    return lazy.load(__name__, globals(), _LAZY, name)
 
 
 def __dir__() -> list[str]:
