@@ -9,10 +9,11 @@ acts only on cgroups this script creates, under pelagos-bench-agent-<pid>).
    an empty request.
 3. Agent create measured inside the agent (hook_create p50/p99 from its status).
 4. 50 parallel creates: 50 client processes each send a hook create at once (released by one
-   barrier); client round trip p50/p99.
-5. Agent RSS with 10,000 cgroups held (setup through the Client: classid + the default device
-   rules), then after a status, a Prometheus scrape (HTTP) and `agent metrics` (JSON over the
-   socket), each with the peak (VmHWM) so far.
+   barrier); client round trip p50/p99; side by side (rounds interleaved) with a second agent
+   serving from one process (--processes 1).
+5. Agent memory (PSS, RSS summed over its processes) with 10,000 cgroups held (setup through
+   the Client: classid + the default device rules), then after a status, a Prometheus scrape
+   (HTTP) and `agent metrics` (JSON over the socket), each with the peak (VmHWM) so far.
 
 The hook records go to a tmpfs (/dev/shm), as /run is on a real node.
 Usage: .venv/bin/python bench/bench_agent.py [--runs 200] [--runc-runs 20] [--cgroups 10000]
@@ -21,6 +22,7 @@ Usage: .venv/bin/python bench/bench_agent.py [--runs 200] [--runc-runs 20] [--cg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -95,17 +97,39 @@ def agent(tmp: Path, state: Path, *args: str) -> Iterator[tuple[subprocess.Popen
         log.close()
 
 
-def rss_kb(pid: int) -> tuple[int, int]:
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+def _kb(path: str, *keys: str) -> list[int]:
+    fields = dict(line.split(":", 1) for line in Path(path).read_text().splitlines())
+    return [int(fields[k].split()[0]) for k in keys]
+
+
+def agent_pids(pid: int) -> list[int]:
+    """The agent's main pid and the serving processes it forked."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, kids)]
+
+
+def rss_kb(pid: int) -> tuple[int, int, int]:
+    """Over the agent's processes: (PSS, RSS, peak RSS) summed, kB. PSS counts the pages
+    they share (all but what each wrote since the fork) once: the memory the agent holds.
+    RSS counts them in every process."""
+    pss = rss = peak = 0
+    for p in agent_pids(pid):
+        r, hwm = _kb(f"/proc/{p}/status", "VmRSS", "VmHWM")
+        pss += _kb(f"/proc/{p}/smaps_rollup", "Pss")[0]
+        rss, peak = rss + r, peak + hwm
+    return pss, rss, peak
 
 
 def state(cid: str, pid: int | None, bundle: Path, status: str = "creating") -> bytes:
     return json.dumps(
         {"ociVersion": "1.0.2", "id": cid, "status": status, "pid": pid, "bundle": str(bundle)}
     ).encode()
+
+
+def hook_env_of(sock: Path) -> dict[str, str]:
+    """What a runtime passes the thin hook: the node's settings and the agent's socket."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("PELAGOS_BPF_")}
+    return {**env, "PELAGOS_BPF_AGENT_SOCKET": str(sock)}
 
 
 def exec_ms(argv: list[str], stdin: bytes, env: dict[str, str], expect: int = 0) -> float:
@@ -120,7 +144,7 @@ def exec_ms(argv: list[str], stdin: bytes, env: dict[str, str], expect: int = 0)
 class Containers:
     """n test cgroups with a sleeping process each, and a bundle asking for a classid."""
 
-    def __init__(self, root: Path, tmp: Path, n: int) -> None:
+    def __init__(self, root: Path, tmp: Path, n: int, prefix: str = "c") -> None:
         self.root = root
         self.bundle = tmp / "bundle"
         self.bundle.mkdir(exist_ok=True)
@@ -129,20 +153,25 @@ class Containers:
         self.procs = [subprocess.Popen(["sleep", "3600"]) for _ in range(n)]
         self.dirs = []
         for i, p in enumerate(self.procs):
-            d = root / f"c{i}"
+            d = root / f"{prefix}{i}"
             d.mkdir()
             (d / "cgroup.procs").write_text(str(p.pid))
             self.dirs.append(d)
 
     def close(self) -> None:
+        """Idempotent: the processes killed and reaped, the cgroups removed."""
         for p in self.procs:
-            p.kill()
+            if p.poll() is None:
+                p.kill()
             p.wait()
         for d in self.dirs:
-            d.rmdir()
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
 
 
-def bench_thin_hook(runs: int, sock: Path, ctrs: Containers, hook_env: dict[str, str]) -> None:
+def bench_thin_hook(
+    runs: int, sock: Path, ctrs: Containers, hook_env: dict[str, str], where: str
+) -> dict[str, Any]:
     pid = ctrs.procs[0].pid
     create, stop = state("one", pid, ctrs.bundle), state("one", None, ctrs.bundle, "stopped")
     times: dict[str, list[float]] = {
@@ -159,7 +188,8 @@ def bench_thin_hook(runs: int, sock: Path, ctrs: Containers, hook_env: dict[str,
         client.hook("poststop", state("none", None, ctrs.bundle, "stopped"))
         times["empty round trip"].append(time.perf_counter() - t0)
     st = client.status()["requests"]
-    print(f"thin hook exec -> exit, agent up, {runs} runs each (ms):        p50      p99")
+    print(f"thin hook exec -> exit, agent up, {runs} runs each, {where} (ms):")
+    print(f"{'':60} {'p50':>8} {'p99':>8}")
     for label, key in (
         ("hook create (classid)", "create"),
         ("hook poststop (cgroup alive: detach)", "poststop"),
@@ -171,6 +201,7 @@ def bench_thin_hook(runs: int, sock: Path, ctrs: Containers, hook_env: dict[str,
     for op in ("hook_create", "hook_poststop"):
         r = st[op]
         print(f"  component: {op} inside the agent {'':27} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")
+    return {k: pct(v, 0.5) for k, v in times.items()} | {"agent": st["hook_create"]["p50_ms"]}
 
 
 def _one_client(sock: str, payload: bytes, gate: Any, wfd: int) -> None:
@@ -192,49 +223,58 @@ def _one_client(sock: str, payload: bytes, gate: Any, wfd: int) -> None:
     os.write(wfd, struct.pack("d", dt if code == 0 else -1.0))
 
 
-def bench_parallel(sock: Path, ctrs: Containers, rounds: int) -> None:
-    """Each round: 50 client processes released together, each sends one hook create (its own
-    cgroup); then the 50 poststops. The round trip of every create is kept."""
+def bench_parallel(agents: dict[str, Path], ctrs: Containers, rounds: int) -> None:
+    """Each round, for each agent in turn: 50 client processes released together, each sends
+    one hook create (its own cgroup); then the 50 poststops. The round trip of every create is
+    kept."""
+    rtt: dict[str, list[float]] = {label: [] for label in agents}
+    for r in range(rounds):
+        for label, sock in agents.items():
+            rtt[label] += _parallel_round(sock, ctrs, f"{r}{label[0]}")
+    n = len(ctrs.procs)
+    print(f"{n} parallel creates (one client process each), round trip over {rounds} rounds (ms):")
+    for label, xs in rtt.items():
+        print(
+            f"  {label:40} p50 {pct(xs, 0.5):6.2f}  p99 {pct(xs, 0.99):6.2f}  "
+            f"max {max(xs) * 1e3:6.2f}"
+        )
+
+
+def _parallel_round(sock: Path, ctrs: Containers, r: str) -> list[float]:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     n = len(ctrs.procs)
-    rtt: list[float] = []
-    for r in range(rounds):
-        gate = ctx.Barrier(n)
-        rfd, wfd = os.pipe()
-        procs = [
-            ctx.Process(
-                target=_one_client,
-                args=(
-                    str(sock),
-                    protocol.hook_payload("create", state(f"par{r}-{i}", pr.pid, ctrs.bundle)),
-                    gate,
-                    wfd,
-                ),
-            )
-            for i, pr in enumerate(ctrs.procs)
-        ]
-        for x in procs:
-            x.start()
-        os.close(wfd)
-        data = b""
-        while chunk := os.read(rfd, 8 * n):
-            data += chunk
-        os.close(rfd)
-        for x in procs:
-            x.join()
-        got = [v for (v,) in struct.iter_unpack("d", data)]
-        if len(got) != n or min(got) < 0:
-            raise SystemExit(f"parallel creates: {len(got)} of {n} replied, some failed")
-        rtt += got
-        c = Client(str(sock))
-        for i in range(n):
-            c.hook("poststop", state(f"par{r}-{i}", None, ctrs.bundle, "stopped"))
-    print(
-        f"{n} parallel creates (one client process each), round trip over {rounds} rounds "
-        f"(ms): p50 {pct(rtt, 0.5):.2f}  p99 {pct(rtt, 0.99):.2f}  max {max(rtt) * 1e3:.2f}"
-    )
+    gate = ctx.Barrier(n)
+    rfd, wfd = os.pipe()
+    procs = [
+        ctx.Process(
+            target=_one_client,
+            args=(
+                str(sock),
+                protocol.hook_payload("create", state(f"par{r}-{i}", pr.pid, ctrs.bundle)),
+                gate,
+                wfd,
+            ),
+        )
+        for i, pr in enumerate(ctrs.procs)
+    ]
+    for x in procs:
+        x.start()
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 8 * n):
+        data += chunk
+    os.close(rfd)
+    for x in procs:
+        x.join()
+    got = [v for (v,) in struct.iter_unpack("d", data)]
+    if len(got) != n or min(got) < 0:
+        raise SystemExit(f"parallel creates: {len(got)} of {n} replied, some failed")
+    c = Client(str(sock))
+    for i in range(n):
+        c.hook("poststop", state(f"par{r}-{i}", None, ctrs.bundle, "stopped"))
+    return got
 
 
 def scrape(path: Path) -> str:
@@ -292,8 +332,15 @@ def bench_rss(proc: subprocess.Popen[bytes], sock: Path, metrics: Path, root: Pa
             ),
             (f"after `agent metrics` over the socket, JSON ({metrics_ms:.0f} ms)", after),
         )
-        for label, (rss, peak) in rows:
-            print(f"  {label:62} {rss / 1024:6.1f} MB  (peak so far {peak / 1024:.1f} MB)")
+        print(
+            f"  over its {len(agent_pids(proc.pid))} processes:"
+            f"{'':38} PSS (RSS summed; peaks summed)"
+        )
+        for label, (pss, rss, peak) in rows:
+            print(
+                f"  {label:62} {pss / 1024:6.1f} MB  ({rss / 1024:.1f} MB; "
+                f"peak so far {peak / 1024:.1f} MB)"
+            )
     finally:
         for cg in made:
             client.teardown(cg)
@@ -306,6 +353,9 @@ def main() -> int:
     ap.add_argument("--parallel-rounds", type=int, default=10)
     ap.add_argument("--cgroups", type=int, default=10000)
     ap.add_argument("--python-hook", action="store_true", help="also runc + `pelagos-bpf oci-hook`")
+    ap.add_argument(
+        "--agent-arg", action="append", default=[], help="passed to the agent (repeatable)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root")
@@ -320,45 +370,90 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pba-", dir="/tmp") as d:
             tmp = Path(d)
             use_bench_policy(tmp)
-            with agent(tmp, shm / "state") as (proc, sock):
-                hook_env = {
-                    **{k: v for k, v in os.environ.items() if k.startswith("PELAGOS_BPF_")},
-                    "PELAGOS_BPF_AGENT_SOCKET": str(sock),
-                    "PELAGOS_BPF_HOOK_STATE": str(shm / "state"),
-                }
-                ctrs = Containers(root, tmp, 50)
-                try:
+            for sub in ("one", "empty"):
+                (tmp / sub).mkdir(mode=0o700)
+            ctrs = Containers(root, tmp, 50)
+            resident = Containers(root, tmp, 1, prefix="resident")
+            try:
+                if args.runs:
+                    # The first program of an attach type on the node (and the last one's
+                    # detach) flips a kernel static key: text patching, IPIs to every CPU.
+                    with agent(tmp / "empty", shm / "state-empty", *args.agent_arg) as (_, s0):
+                        env0 = {**hook_env_of(s0), "PELAGOS_BPF_HOOK_STATE": str(shm / "s0")}
+                        empty = bench_thin_hook(
+                            args.runs, s0, ctrs, env0, "the only container on the node"
+                        )
+                with (
+                    agent(tmp, shm / "state", *args.agent_arg) as (proc, sock),
+                    agent(tmp / "one", shm / "state-one", "--processes", "1") as (_, sock_one),
+                ):
+                    # As on any node running containers, another one holds our programs.
+                    res = state("resident", resident.procs[0].pid, resident.bundle)
+                    if Client(str(sock)).hook("create", res)[0] != 0:
+                        raise SystemExit("the resident container's create failed")
+                    hook_env = {**hook_env_of(sock), "PELAGOS_BPF_HOOK_STATE": str(shm / "state")}
+                    n_proc = len(agent_pids(proc.pid))
                     if args.runs:
-                        bench_thin_hook(args.runs, sock, ctrs, hook_env)
+                        busy = bench_thin_hook(
+                            args.runs, sock, ctrs, hook_env, "beside a running container"
+                        )
+                        hook_d = empty["create"] - busy["create"]
+                        agent_d = empty["agent"] - busy["agent"]
+                        print(
+                            "  the kernel's static-key switch, paid by the first container of "
+                            f"a node (p50 difference): hook create {hook_d:+.2f} ms, "
+                            f"inside the agent {agent_d:+.2f} ms"
+                        )
                     if args.parallel_rounds:
-                        bench_parallel(sock, ctrs, args.parallel_rounds)
-                finally:
+                        bench_parallel(
+                            {
+                                f"the agent ({n_proc} processes)": sock,
+                                "an agent with --processes 1": sock_one,
+                            },
+                            ctrs,
+                            args.parallel_rounds,
+                        )
+                    if args.runc_runs:
+                        hooks = {
+                            f"thin hook + agent, {n_proc} processes (classid)": hook_entry(
+                                shm,
+                                HOOK,
+                                ["pelagos-bpf-hook"],
+                                [f"PELAGOS_BPF_AGENT_SOCKET={sock}"],
+                            ),
+                            "thin hook + agent, 1 process (classid)": hook_entry(
+                                shm,
+                                HOOK,
+                                ["pelagos-bpf-hook"],
+                                [f"PELAGOS_BPF_AGENT_SOCKET={sock_one}"],
+                            ),
+                        }
+                        if args.python_hook:
+                            hooks["oci-hook in-process (classid)"] = hook_entry(
+                                shm, CLI, ["pelagos-bpf", "oci-hook"]
+                            )
+                        print("runc, beside a running container:")
+                        runc_bench(args.runc_runs, tmp, hooks)
+                    st = Client(str(sock)).status()["requests"]
+                    r = st.get("hook_create", {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0})
+                    print(
+                        f"agent create, inside the agent, beside a running container, over "
+                        f"{r['count']} creates (thin hook, parallel, runc): "
+                        f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+                    )
+                    Client(str(sock)).hook("poststop", state("resident", None, resident.bundle))
+                    resident.close()
                     ctrs.close()
-                if args.runc_runs:
-                    env = [f"PELAGOS_BPF_AGENT_SOCKET={sock}"]
-                    hooks = {
-                        "thin hook + agent (classid)": hook_entry(
-                            shm, HOOK, ["pelagos-bpf-hook"], env
-                        )
-                    }
-                    if args.python_hook:
-                        hooks["oci-hook in-process (classid)"] = hook_entry(
-                            shm, CLI, ["pelagos-bpf", "oci-hook"]
-                        )
-                    runc_bench(args.runc_runs, tmp, hooks)
-                st = Client(str(sock)).status()["requests"]
-                r = st.get("hook_create", {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0})
-                print(
-                    f"agent create, inside the agent, over {r['count']} creates: "
-                    f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
-                )
-                if args.cgroups:
-                    bench_rss(proc, sock, tmp / "metrics.sock", root, args.cgroups)
+                    if args.cgroups:
+                        bench_rss(proc, sock, tmp / "metrics.sock", root, args.cgroups)
+            finally:
+                for c in (ctrs, resident):
+                    c.close()
     finally:
         shutil.rmtree(shm, ignore_errors=True)
-        for d in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
-            if d.is_dir():
-                d.rmdir()
+        for left in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+            if left.is_dir():
+                left.rmdir()
         root.rmdir()
     return 0
 

@@ -22,6 +22,7 @@ import pytest
 
 from pelagos_bpf.agent import Client
 from pelagos_bpf.agent.cli import hook_binary
+from pelagos_bpf.cgroup import Cgroup
 
 READY_TIMEOUT = 120.0  # generous: a TCG guest starts Python in ~1 s, the agent in a few
 AGENT = [sys.executable, "-m", "pelagos_bpf.cli", "agent"]
@@ -227,3 +228,17 @@ def wait_for(cond: Any, what: str, timeout: float = 60.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+class Ctr:
+    """A 'container': a test cgroup with a process in it and a bundle asking for `ann`."""
+
+    def __init__(self, cg: Cgroup, pid: int, bundle_dir: Path) -> None:
+        self.cg, self.pid, self.bundle = cg, pid, bundle_dir
+        self.id = f"{cg.path.name}-ctr"
+
+    def create(self) -> bytes:
+        return oci_state(self.id, self.pid, self.bundle)
+
+    def stop(self) -> bytes:
+        return oci_state(self.id, None, self.bundle, "stopped")

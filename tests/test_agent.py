@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 from agentlib import (
     AgentProc,
-    bundle,
-    oci_state,
+    Ctr,
     raw_connect,
     run_thin,
     running_agent,
@@ -40,7 +39,7 @@ from pelagos_bpf.bpfsys import AttachType
 from pelagos_bpf.cgroup import Cgroup
 from pelagos_bpf.errors import ConfigError
 
-pytest_plugins = ["helpers"]
+pytest_plugins = ["helpers", "agent_fixtures"]
 pytestmark = pytest.mark.root
 
 CLASSID = "io.pelagos-bpf.net.classid"
@@ -59,35 +58,6 @@ def attached(path: Path) -> list[int]:
         return [i for t in ATTACH_TYPES for i in bpfsys.prog_query(fd, t)]
     finally:
         os.close(fd)
-
-
-class Ctr:
-    """A 'container': a test cgroup with a process in it and a bundle asking for `ann`."""
-
-    def __init__(self, cg: Cgroup, pid: int, bundle_dir: Path) -> None:
-        self.cg, self.pid, self.bundle = cg, pid, bundle_dir
-        self.id = f"{cg.path.name}-ctr"
-
-    def create(self) -> bytes:
-        return oci_state(self.id, self.pid, self.bundle)
-
-    def stop(self) -> bytes:
-        return oci_state(self.id, None, self.bundle, "stopped")
-
-
-@pytest.fixture
-def make_ctr(
-    make_cgroup: Callable[[str], Cgroup],
-    spawn: Callable[..., subprocess.Popen[bytes]],
-    tmp_path: Path,
-) -> Callable[..., Ctr]:
-    def make(name: str, ann: dict[str, str]) -> Ctr:
-        cg = make_cgroup(name)
-        p = spawn("sleep", "600")
-        (cg.path / "cgroup.procs").write_text(str(p.pid))
-        return Ctr(cg, p.pid, bundle(tmp_path / f"bundle-{name}", ann))
-
-    return make
 
 
 @pytest.fixture

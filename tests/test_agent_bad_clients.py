@@ -214,7 +214,8 @@ def test_overload_refuses_whole_requests(
         )
         cgs.append(cg)
         states.append(oci_state(f"o{i}", proc.pid, b))
-    args = ("--workers", "1", "--max-pending", "4", "--queue-wait", "2", "--lock-timeout", "300")
+    args = ("--processes", "1", "--workers", "1", "--max-pending", "4", "--queue-wait", "2")
+    args += ("--lock-timeout", "300")
     with running_agent(*args) as a:
         env = a.hook_env()
         pool = ThreadPoolExecutor(4)

@@ -274,3 +274,55 @@ def test_systemd_units_match_the_agent() -> None:
     assert sock["ListenStream"] == p.DEFAULT_SOCKET
     assert (sock["SocketMode"], sock["DirectoryMode"]) == ("0600", "0700")
     assert sock["Service"] == "pelagos-bpf-agent.service"
+
+
+def test_stats_add_up_the_slots_of_every_process() -> None:
+    """Each process writes its own slot of one shared mapping (forked: here, the same object
+    bound to each slot in turn); readers see the node: counts added, names matched even when
+    each process met them in another order, latencies pooled, gauges per process."""
+    import os
+
+    stats = Stats(2)
+    stats.observe("hook_create", 0.001, True)
+    stats.observe("setup", 0.5, False)
+    stats.refuse("uid")
+    stats.set_load(3, 1, 0)
+    stats.add_load(2)
+    if (pid := os.fork()) == 0:  # the second process: its own slot, names in another order
+        try:
+            stats.bind(1)
+            stats.observe("setup", 0.1, True)
+            stats.observe("hook_create", 0.003, True)
+            stats.observe("hook_create", 0.002, True)
+            stats.refuse("uid")
+            stats.refuse("cut")
+            stats.add_load(1)
+            stats.set_nri_registered(True)  # the main process's flag: written in slot 0
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    req = stats.requests()
+    assert req["hook_create"] == {"count": 3, "failed": 0, "p50_ms": 2.0, "p99_ms": 3.0}
+    assert req["setup"]["count"] == 2 and req["setup"]["failed"] == 1
+    assert stats.refused() == {"uid": 2, "cut": 1}
+    ok, failed, buckets, total = stats.histograms()["hook_create"]
+    assert (ok, failed, sum(buckets)) == (3, 0, 3) and abs(total - 0.006) < 1e-9
+    mine, theirs = stats.loads()
+    assert mine["pid"] == os.getpid() and mine["connections"] == 3 and mine["load"] == 2
+    assert theirs["pid"] == pid and theirs["load"] == 1 and theirs["requests"] == 3
+    assert stats.load() == 2 and stats.least_load() == 1
+    assert stats.nri_registered()
+    stats.forget(pid)
+    assert stats.loads()[1]["pid"] == 0 and stats.least_load() > 1000
+    assert stats.requests()["setup"]["count"] == 2  # history stays
+
+
+def test_stats_fold_ops_past_the_table_into_other() -> None:
+    from pelagos_bpf.agent.metrics import MAX_OPS
+
+    stats = Stats()
+    for i in range(MAX_OPS + 5):
+        stats.observe(f"op{i}", 0.001, True)
+    req = stats.requests()
+    assert len(req) == MAX_OPS and req["other"]["count"] == 6
+    assert req["op0"]["count"] == 1

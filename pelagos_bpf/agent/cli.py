@@ -32,7 +32,7 @@ def cmd_hook_path(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from .server import Limits, parse_listen, serve
+    from .server import Limits, default_processes, parse_listen, serve
 
     if args.metrics_listen:
         try:
@@ -69,6 +69,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             nri=nri,
             limits=Limits(
+                processes=args.processes or default_processes(),
                 workers=args.workers,
                 max_pending=args.max_pending,
                 queue_wait=args.queue_wait,
@@ -147,7 +148,7 @@ def _socket_flag(p: argparse.ArgumentParser, default: Any = None) -> None:
 
 
 def register(sub: Any) -> None:
-    from .server import Limits
+    from .server import MAX_PROCESSES, Limits
 
     fmt = argparse.RawDescriptionHelpFormatter
     a = sub.add_parser(
@@ -168,19 +169,26 @@ def register(sub: Any) -> None:
     )
     limits = Limits()
     a.add_argument(
+        "--processes",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help=f"processes serving the socket (default: one per CPU, up to {MAX_PROCESSES})",
+    )
+    a.add_argument(
         "--workers",
         type=_positive(int),
         default=limits.workers,
         metavar="N",
-        help=f"threads running library calls (default {limits.workers})",
+        help=f"threads per process running library calls (default {limits.workers})",
     )
     a.add_argument(
         "--max-pending",
         type=_positive(int),
         default=limits.max_pending,
         metavar="N",
-        help="requests running or waiting for a worker; more are refused as overloaded "
-        f"(default {limits.max_pending})",
+        help="requests per process running or waiting for a worker; more are refused as "
+        f"overloaded (default {limits.max_pending})",
     )
     a.add_argument(
         "--queue-wait",

@@ -15,10 +15,12 @@ import os
 import resource
 import socket
 import stat
+import time
 
 log = logging.getLogger("pelagos_bpf.agent")
 
 SD_LISTEN_FDS_START = 3
+PR_SET_PDEATHSIG = 1
 NOFILE_WANTED = 65536
 
 
@@ -100,15 +102,10 @@ def bind_socket(path: str, backlog: int) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise DaemonError(f"{path} exists and is not a socket: not replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(path)
+        if _listened_on(path):
             raise DaemonError(f"another agent is listening on {path}")
-        except ConnectionRefusedError:
-            os.unlink(path)
-            log.info("removed the stale socket %s (nobody listened on it)", path)
-        finally:
-            probe.close()
+        os.unlink(path)
+        log.info("removed the stale socket %s (nobody listened on it)", path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)  # the socket is created 0600: no window with a wider mode
     try:
@@ -120,6 +117,34 @@ def bind_socket(path: str, backlog: int) -> socket.socket:
         os.umask(old)
     sock.listen(backlog)
     return sock
+
+
+def _listened_on(path: str, tries: int = 10, pause: float = 0.05) -> bool:
+    """Whether a process listens on the socket file: a connect that succeeds `tries` times,
+    `pause` apart. Why more than once: the serving processes of an agent just SIGKILLed die a
+    moment after it (PR_SET_PDEATHSIG), and one may still hold the socket when a restart
+    looks."""
+    for i in range(tries):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        finally:
+            probe.close()
+        if i + 1 < tries:
+            time.sleep(pause)
+    return True
+
+
+def set_pdeathsig(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): this process gets `sig` when its parent dies."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 
 
 def peer_uid_pid(sock: socket.socket) -> tuple[int, int]:

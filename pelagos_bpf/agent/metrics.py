@@ -11,28 +11,27 @@ from __future__ import annotations
 import bisect
 import collections
 import io
+import mmap
+import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 """Latency histogram bounds (seconds): from a create (well under a millisecond when all is
 well) up to a gc or a scrape of a large node."""
 RESERVOIR = 2048
-"""Latencies kept per op for p50/p99 (the most recent ones): bounded memory."""
+"""Latencies kept per op and process for p50/p99 (the most recent ones): bounded memory."""
 
 
-@dataclass
-class _Op:
-    ok: int = 0
-    failed: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
-    total: float = 0.0
-    recent: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=RESERVOIR)
-    )
+MAX_OPS = 32
+"""Op names one process can count separately (more fold into "other"): hook stages, library
+calls, admin calls, NRI events."""
+MAX_REASONS = 16
+NAME = 32  # bytes per op or reason name
+_OP_INTS = 3 + len(BUCKETS)  # ok, failed, ring position, the buckets
+_GAUGES = ("pid", "connections", "pending", "admin_pending", "load", "nri")
 
 
 def quantile(values: Iterable[float], q: float) -> float | None:
@@ -43,41 +42,192 @@ def quantile(values: Iterable[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, max(0, int(q * len(xs) + 0.5) - 1))]
 
 
-class Stats:
-    """Request counts, latencies and refusals, shared by the server's threads."""
+class _Slot:
+    """One process's counters, as typed views on its part of the shared mapping.
 
-    def __init__(self) -> None:
+    Layout (8-byte words): gauges, op count, reason count; op names; per op: ints
+    (ok, failed, ring position, buckets), the sum of seconds, the ring of recent latencies;
+    reason names; reason counts."""
+
+    def __init__(self, buf: memoryview) -> None:
+        off = 0
+
+        def take(nbytes: int) -> memoryview:
+            nonlocal off
+            view = buf[off : off + nbytes]
+            off += nbytes
+            return view
+
+        self.gauges = take(8 * len(_GAUGES)).cast("q")
+        self.counts = take(16).cast("q")  # ops named, reasons named
+        self.op_names = take(NAME * MAX_OPS)
+        self.op_ints = take(8 * _OP_INTS * MAX_OPS).cast("q")
+        self.op_sums = take(8 * MAX_OPS).cast("d")
+        self.rings = take(8 * RESERVOIR * MAX_OPS).cast("d")
+        self.reason_names = take(NAME * MAX_REASONS)
+        self.reasons = take(8 * MAX_REASONS).cast("q")
+        self.size = off
+
+    @staticmethod
+    def _name(table: memoryview, i: int) -> str:
+        return bytes(table[i * NAME : (i + 1) * NAME]).rstrip(b"\0").decode()
+
+    def names(self, table: memoryview, n: int) -> list[str]:
+        return [self._name(table, i) for i in range(n)]
+
+    def op(self, i: int) -> tuple[int, int, list[int], float, list[float]]:
+        """(ok, failed, buckets, sum, recent latencies) of op i."""
+        base = i * _OP_INTS
+        ok, failed, pos = self.op_ints[base], self.op_ints[base + 1], self.op_ints[base + 2]
+        buckets = list(self.op_ints[base + 3 : base + _OP_INTS])
+        ring = self.rings[i * RESERVOIR : (i + 1) * RESERVOIR]
+        recent = list(ring[: min(pos, RESERVOIR)])
+        return ok, failed, buckets, self.op_sums[i], recent
+
+
+def _slot_size() -> int:
+    words = len(_GAUGES) + 2 + (_OP_INTS + 1 + RESERVOIR) * MAX_OPS + MAX_REASONS
+    return 8 * words + NAME * (MAX_OPS + MAX_REASONS)
+
+
+class Stats:
+    """Request counts, latencies, refusals and load, shared by the agent's threads and
+    processes.
+
+    Why shared memory: the agent may serve from several processes (one socket, the kernel as
+    the only state), yet its status and metrics are the node's. Each process writes only its
+    own slot of one anonymous shared mapping made before the fork (under a thread lock);
+    readers add the slots up. No message per request, no lock between processes: a reader may
+    see a count one request ahead of its latency, never a torn total worth worrying about."""
+
+    def __init__(self, processes: int = 1) -> None:
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self._ops: dict[str, _Op] = {}
-        self._refused: collections.Counter[str] = collections.Counter()
+        size = _SLOT_SIZE
+        self._map = mmap.mmap(-1, size * processes)  # anonymous, MAP_SHARED: seen across fork
+        whole = memoryview(self._map)
+        self._slots = [_Slot(whole[i * size : (i + 1) * size]) for i in range(processes)]
+        self._own = self._slots[0]
+        self._ops: dict[str, int] = {}
+        self._reasons: dict[str, int] = {}
+        self.bind(0)
+
+    @property
+    def processes(self) -> int:
+        return len(self._slots)
+
+    def bind(self, index: int) -> None:
+        """This process writes slot `index` from now on (each forked worker its own)."""
+        self._own = self._slots[index]
+        self._ops, self._reasons = {}, {}
+        self._own.gauges[0] = os.getpid()
+
+    def _index(
+        self, table: dict[str, int], names: memoryview, n_at: int, cap: int, name: str
+    ) -> int:
+        i = table.get(name)
+        if i is None:
+            n = self._own.counts[n_at]
+            if n >= cap:
+                return table.get("other", cap - 1)
+            i = table[name] = n
+            raw = name.encode()[:NAME]
+            names[i * NAME : (i + 1) * NAME] = raw.ljust(NAME, b"\0")
+            self._own.counts[n_at] = n + 1  # the name is in before anyone may read it
+            if n + 1 == cap:
+                table["other"] = n
+                names[n * NAME : (n + 1) * NAME] = b"other".ljust(NAME, b"\0")
+        return i
 
     def observe(self, op: str, seconds: float, ok: bool) -> None:
         with self._lock:
-            o = self._ops.setdefault(op, _Op())
-            if ok:
-                o.ok += 1
-            else:
-                o.failed += 1
-            i = bisect.bisect_left(BUCKETS, seconds)
-            if i < len(BUCKETS):
-                o.buckets[i] += 1
-            o.total += seconds
-            o.recent.append(seconds)
+            s = self._own
+            i = self._index(self._ops, s.op_names, 0, MAX_OPS, op)
+            base = i * _OP_INTS
+            s.op_ints[base + (0 if ok else 1)] += 1
+            b = bisect.bisect_left(BUCKETS, seconds)
+            if b < len(BUCKETS):
+                s.op_ints[base + 3 + b] += 1
+            s.op_sums[i] += seconds
+            pos = s.op_ints[base + 2]
+            s.rings[i * RESERVOIR + pos % RESERVOIR] = seconds
+            s.op_ints[base + 2] = pos + 1
 
     def refuse(self, reason: str) -> None:
         with self._lock:
-            self._refused[reason] += 1
+            s = self._own
+            s.reasons[self._index(self._reasons, s.reason_names, 1, MAX_REASONS, reason)] += 1
+
+    def set_load(self, connections: int, pending: int, admin_pending: int) -> None:
+        """This process's open connections and requests in progress (for status, metrics and
+        for siblings deciding who accepts next)."""
+        g = self._own.gauges
+        g[1], g[2], g[3] = connections, pending, admin_pending
+
+    def loads(self) -> list[dict[str, int]]:
+        """Every process's gauges (pid, connections, pending, admin_pending) and how many
+        requests it has served."""
+        out = []
+        for s in self._slots:
+            d = dict(zip(_GAUGES[:5], s.gauges[:5], strict=True))
+            d["requests"] = sum(
+                s.op_ints[i * _OP_INTS] + s.op_ints[i * _OP_INTS + 1] for i in range(s.counts[0])
+            )
+            out.append(d)
+        return out
+
+    def add_load(self, delta: int) -> None:
+        """Connections this process must still answer: +1 at accept, -1 once its reply is
+        written (by the worker, before it sends: the client's next connection must not find
+        this process still loaded) or once it ends without one."""
+        with self._lock:
+            self._own.gauges[4] += delta
+
+    def load(self) -> int:
+        return int(self._own.gauges[4])
+
+    def least_load(self) -> int:
+        """The least load of any other live process (a large number if none)."""
+        return min(
+            (s.gauges[4] for s in self._slots if s is not self._own and s.gauges[0]),
+            default=1 << 30,
+        )
+
+    def set_nri_registered(self, registered: bool) -> None:
+        """The main process's NRI plugin is (not) registered with the runtime: any process
+        answering a status or a scrape reports it."""
+        self._slots[0].gauges[5] = 2 if registered else 1
+
+    def nri_registered(self) -> bool:
+        return self._slots[0].gauges[5] == 2
+
+    def forget(self, pid: int) -> None:
+        """A process that exited holds no connections any more (its counts stay: history)."""
+        for s in self._slots:
+            if s.gauges[0] == pid:
+                for i in range(len(_GAUGES)):
+                    s.gauges[i] = 0
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
 
+    def _merged(self) -> dict[str, tuple[int, int, list[int], float, list[float]]]:
+        out: dict[str, tuple[int, int, list[int], float, list[float]]] = {}
+        for s in self._slots:
+            for i, name in enumerate(s.names(s.op_names, s.counts[0])):
+                ok, failed, buckets, total, recent = s.op(i)
+                if name in out:
+                    ok0, f0, b0, t0, r0 = out[name]
+                    buckets = [x + y for x, y in zip(b0, buckets, strict=True)]
+                    ok, failed, total, recent = ok + ok0, failed + f0, total + t0, r0 + recent
+                out[name] = (ok, failed, buckets, total, recent)
+        return out
+
     def requests(self) -> dict[str, dict[str, Any]]:
-        """op -> {count, failed, p50_ms, p99_ms} (quantiles of the recent RESERVOIR)."""
-        with self._lock:
-            ops = {k: (o.ok, o.failed, list(o.recent)) for k, o in self._ops.items()}
+        """op -> {count, failed, p50_ms, p99_ms} (quantiles of the RESERVOIR most recent of
+        each process)."""
         out = {}
-        for name, (ok, failed, recent) in sorted(ops.items()):
+        for name, (ok, failed, _b, _t, recent) in sorted(self._merged().items()):
             p50, p99 = quantile(recent, 0.5), quantile(recent, 0.99)
             out[name] = {
                 "count": ok + failed,
@@ -88,13 +238,18 @@ class Stats:
         return out
 
     def refused(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._refused)
+        out: collections.Counter[str] = collections.Counter()
+        for s in self._slots:
+            for i, name in enumerate(s.names(s.reason_names, s.counts[1])):
+                out[name] += s.reasons[i]
+        return dict(out)
 
     def histograms(self) -> dict[str, tuple[int, int, list[int], float]]:
         """op -> (ok, failed, per-bucket counts (not cumulative), sum of seconds)."""
-        with self._lock:
-            return {k: (o.ok, o.failed, list(o.buckets), o.total) for k, o in self._ops.items()}
+        return {k: (ok, f, b, t) for k, (ok, f, b, t, _r) in self._merged().items()}
+
+
+_SLOT_SIZE = _slot_size()
 
 
 # ---------------------------------------------------------------- exposition format

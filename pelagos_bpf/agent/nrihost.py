@@ -87,6 +87,7 @@ class NriRunner:
             )
         except (ValueError, NriError) as e:
             raise NriUnavailable(str(e)) from None
+        self.stub.synchronized = _Published(stats)
         self.settings = settings
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -121,12 +122,35 @@ class NriRunner:
             log.warning("NRI plugin thread still running after %g s", timeout)
 
     def status(self) -> dict[str, Any]:
-        return {
-            "plugin": f"{self.stub.index}-{self.stub.name}",
-            "socket": None if self.launched else self.stub.socket_path,
-            "launched": self.launched,
-            "registered": self.stub.synchronized.is_set(),
-        }
+        return nri_status(self.settings, self.stub.synchronized.is_set(), self.launched)
+
+
+def nri_status(settings: NriSettings, registered: bool, launched: bool = False) -> dict[str, Any]:
+    """The NRI part of `agent status` (any serving process answers it: `registered` comes
+    from the main process through Stats)."""
+    return {
+        "plugin": f"{settings.index}-{settings.name}",
+        "socket": None if launched else settings.socket,
+        "launched": launched,
+        "registered": registered,
+    }
+
+
+class _Published(threading.Event):
+    """The stub's "synchronized" event, also published in Stats for the other processes."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self._stats = stats
+        stats.set_nri_registered(False)
+
+    def set(self) -> None:
+        super().set()
+        self._stats.set_nri_registered(True)
+
+    def clear(self) -> None:
+        super().clear()
+        self._stats.set_nri_registered(False)
 
 
 def serve_launched(settings: NriSettings, lock_timeout: float) -> int:

@@ -9,10 +9,18 @@ request is refused (an error reply, nothing done) when
 too many are waiting or when it waited too long for a worker, so under overload no client gets
 a half-attached cgroup: a request either runs whole or not at all.
 
-Life cycle: load the programs, read back what is held, bind, READY=1; SIGTERM (or SIGINT)
-stops accepting (a later client finds no agent and the thin hook falls back to the in-process
-hook), serves every connection already accepted, then exits. Periodic gc runs in the pool.
-See docs/AGENT.md.
+Several processes (--processes, one per CPU up to 4) serve the one socket: the create path is
+Python under one GIL, and a node starting many containers at once needs every CPU. They share
+nothing but the kernel's state (pins, maps, flock locks) and one shared mapping of counters
+(metrics.Stats); a busy process leaves new connections to a less busy sibling.
+
+Life cycle: load the programs, read back what is held, bind, fork the other processes,
+READY=1; SIGTERM (or SIGINT) stops accepting (a later client finds no agent and the thin hook
+falls back to the in-process hook), serves every connection already accepted, then exits. The
+first process (the main pid) also runs the NRI plugin, the metrics listener and periodic gc,
+passes SIGTERM and SIGHUP on, and stops the agent (exit 1) when another process dies: a
+supervisor (systemd) restarts it whole, and the kernel kept everything. A SIGKILL of the main
+process takes the others with it (PR_SET_PDEATHSIG). See docs/AGENT.md.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,9 +45,16 @@ from typing import Any
 from ..errors import PelagosError
 from . import ops
 from .codec import error_to_doc
-from .daemon import bind_socket, peer_uid_pid, release_memory, same_namespaces, sd_notify
+from .daemon import (
+    bind_socket,
+    peer_uid_pid,
+    release_memory,
+    same_namespaces,
+    sd_notify,
+    set_pdeathsig,
+)
 from .metrics import Stats, render
-from .nrihost import NriRunner, NriSettings
+from .nrihost import NriRunner, NriSettings, nri_status
 from .protocol import (
     CALL,
     CALL_REPLY,
@@ -61,6 +78,8 @@ log = logging.getLogger("pelagos_bpf.agent")
 
 HTTP_HEAD_MAX = 8192
 SWITCH_INTERVAL = 0.0005
+YIELD_POLL = 0.001  # how often a process that left the socket to a sibling looks again
+MAX_PROCESSES = 4
 ADMIN_OPS = frozenset({"inspect", "gc", "status", "metrics"})
 
 
@@ -68,8 +87,9 @@ ADMIN_OPS = frozenset({"inspect", "gc", "status", "metrics"})
 class Limits:
     """How much the agent takes on at once; every figure bounds memory or a wait."""
 
-    workers: int = 4  # threads running container requests (GIL-bound; some wait on flock)
-    max_pending: int = 256  # container requests running or queued; more are refused
+    processes: int = 1  # processes serving the socket (serve() picks one per CPU, up to 4)
+    workers: int = 2  # threads per process running container requests (some wait on flock)
+    max_pending: int = 256  # per process: container requests running or queued; more refused
     admin_workers: int = 2  # threads for status, metrics, inspect, gc
     admin_pending: int = 64  # of those, running or queued
     queue_wait: float = 5.0  # a request that waited longer for a worker is refused, not run
@@ -107,6 +127,16 @@ class _Cut(Exception):
     """The client closed its connection in the middle of a frame."""
 
 
+class _Answer:
+    """Whether a connection's answer is written (it then stops counting as load)."""
+
+    __slots__ = ("done", "lock")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.lock = threading.Lock()
+
+
 class Server:
     """One agent: `run()` serves `sock` until SIGTERM/SIGINT; returns the exit status."""
 
@@ -119,13 +149,22 @@ class Server:
         limits: Limits = Limits(),
         metrics_listen: str | None = None,
         nri: NriSettings | None = None,
+        stats: Stats | None = None,
+        main_pid: int | None = None,
+        others: tuple[int, ...] = (),
     ) -> None:
         self.sock = sock
         self.path = path
         self.unlink = unlink  # remove the socket file at exit (not systemd's)
         self.limits = limits
         self.metrics_listen = metrics_listen
-        self.stats = Stats()
+        self.stats = stats if stats is not None else Stats()
+        # the main process (pid printed in status) runs the node-wide parts; `others` are the
+        # processes it forked (main only)
+        self.main_pid = main_pid or os.getpid()
+        self.main = self.main_pid == os.getpid()
+        self.others = set(others)
+        self.exit_code = 0
         self.pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="pelagos-agent")
         self.admin = ThreadPoolExecutor(limits.admin_workers, thread_name_prefix="pelagos-admin")
         self.conns: set[asyncio.Task[None]] = set()
@@ -134,8 +173,10 @@ class Server:
         self.draining = False
         self._last_warn: dict[str, tuple[float, int]] = {}
         self._stop: asyncio.Event | None = None
-        # the NRI plugin (--nri), started once the agent serves, stopped when it drains
-        self.nri = NriRunner(nri, self.stats) if nri is not None else None
+        # the NRI plugin (--nri): the main process's, started once the agent serves, stopped
+        # when it drains; the others report its state from Stats
+        self.nri_settings = nri
+        self.nri = NriRunner(nri, self.stats) if nri is not None and self.main else None
 
     # ------------------------------------------------------------ life cycle
 
@@ -148,17 +189,28 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._begin_drain, sig)
         # SIGHUP: re-read the admin policy (new containers only), as a daemon's reload does
-        loop.add_signal_handler(signal.SIGHUP, ops.reload_policy)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        if self.others:
+            loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.sock.setblocking(False)
-        metrics_server = await self._start_metrics() if self.metrics_listen else None
+        main = self.main
+        metrics_server = await self._start_metrics() if main and self.metrics_listen else None
         accept = loop.create_task(self._accept_loop())
-        gc_task = loop.create_task(self._gc_loop()) if self.limits.gc_interval > 0 else None
-        sd_notify(f"READY=1\nSTATUS=serving on {self.path}\nMAINPID={os.getpid()}")
-        log.info("ready: serving on %s (pid %d)", self.path, os.getpid())
-        if self.nri is not None:
+        gc_task = None
+        if main and self.limits.gc_interval > 0:
+            gc_task = loop.create_task(self._gc_loop())
+        if main:
+            sd_notify(f"READY=1\nSTATUS=serving on {self.path}\nMAINPID={os.getpid()}")
+            log.info(
+                "ready: serving on %s (pid %d, %d processes)",
+                self.path,
+                os.getpid(),
+                1 + len(self.others),
+            )
+        if main and self.nri is not None:
             self.nri.start()
         await self._stop.wait()
-        if self.nri is not None:  # the runtime sees us go and goes on without us
+        if main and self.nri is not None:  # the runtime sees us go and goes on without us
             await loop.run_in_executor(None, self.nri.stop)
         accept.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -172,6 +224,7 @@ class Server:
             gc_task.cancel()
         if metrics_server is not None:
             metrics_server.close()
+        t_end = loop.time() + self.limits.drain_timeout
         if self.conns:
             log.info("draining %d connection(s)", len(self.conns))
             _done, left = await asyncio.wait(set(self.conns), timeout=self.limits.drain_timeout)
@@ -181,30 +234,115 @@ class Server:
                     len(left),
                     self.limits.drain_timeout,
                 )
+        await self._wait_others(t_end)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.admin.shutdown(wait=False, cancel_futures=True)
-        log.info("stopped")
-        return 0
+        if main:
+            log.info("stopped")
+        return self.exit_code
 
     def _begin_drain(self, sig: int) -> None:
         if self.draining:
             return
         self.draining = True
-        sd_notify("STOPPING=1")
-        log.info("%s: refusing new connections, serving the ones accepted", signal.strsignal(sig))
+        if self.main:
+            sd_notify("STOPPING=1")
+            log.info(
+                "%s: refusing new connections, serving the ones accepted", signal.strsignal(sig)
+            )
+        self._signal_others(signal.SIGTERM)
         assert self._stop is not None
         self._stop.set()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _reload(self) -> None:
+        ops.reload_policy()
+        self._signal_others(signal.SIGHUP)
+
+    # ------------------------------------------------------------ the other processes (main)
+
+    def _signal_others(self, sig: int) -> None:
+        for pid in self.others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap(self) -> None:
+        """SIGCHLD: a serving process that exits unasked stops the agent (exit 1); its
+        supervisor restarts it whole (Restart=always), and the kernel kept every rule."""
+        for pid in list(self.others):
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = pid, 0
+            if got == 0:
+                continue
+            self.others.discard(pid)
+            self.stats.forget(pid)
+            if not self.draining:
+                log.error(
+                    "serving process %d exited (%s): stopping the agent so that its "
+                    "supervisor restarts it whole",
+                    pid,
+                    _wait_status(status),
+                )
+                self.exit_code = 1
+                self._begin_drain(signal.SIGTERM)
+
+    async def _wait_others(self, t_end: float) -> None:
+        """Main: the others drain as we do; past the deadline they are killed."""
+        loop = asyncio.get_running_loop()
+        while self.others and loop.time() < t_end + 1.0:
+            self._reap()
+            await asyncio.sleep(0.01)
+        for pid in list(self.others):
+            log.warning("serving process %d still running: killed", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    async def _accept_loop(self) -> None:
+        while True:
+            if self._leave_to_sibling():
+                await asyncio.sleep(YIELD_POLL)
+                continue
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:  # none waiting (or a sibling took it): wait for one
+                await self._readable()
+                continue
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS: back off, keep serving the rest
                 self._warn("accept", f"accept failed: {e.strerror}")
                 await asyncio.sleep(0.05)
                 continue
+            conn.setblocking(False)
             self._spawn(conn)
+
+    def _leave_to_sibling(self) -> bool:
+        """Every process waits on the one socket and the kernel wakes them all; the first
+        awake would take nearly every connection (even with its workers stuck on a lock). So
+        a process with a worker's worth of connections to answer leaves the next one to a
+        sibling with fewer. Asked again whenever a connection is waiting, not once before a
+        wait: the loads change while it waits."""
+        if self.stats.processes == 1:
+            return False
+        load = self.stats.load()
+        return load >= self.limits.workers and self.stats.least_load() < load
+
+    async def _readable(self) -> None:
+        """Until the listening socket has a connection waiting (or this task is cancelled)."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self.sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
 
     def _accept_backlog(self) -> None:
         """Take the connections already queued on the listening socket (their clients saw
@@ -225,13 +363,30 @@ class Server:
                 conn.send(call_error(error_doc("AgentError", msg, errno=errno.EAGAIN)))
             conn.close()
             return
-        task = asyncio.get_running_loop().create_task(self._serve_conn(conn))
+        self.stats.add_load(1)
+        task = asyncio.get_running_loop().create_task(self._serve_conn(conn, _Answer()))
         self.conns.add(task)
-        task.add_done_callback(self.conns.discard)
+        self._publish_load()
+        task.add_done_callback(self._conn_done)
+
+    def _conn_done(self, task: asyncio.Task[None]) -> None:
+        self.conns.discard(task)
+        self._publish_load()
+
+    def _publish_load(self) -> None:
+        self.stats.set_load(len(self.conns), self.pending, self.admin_pending)
 
     # ------------------------------------------------------------ one connection
 
-    async def _serve_conn(self, conn: socket.socket) -> None:
+    def _answered(self, answer: _Answer) -> None:
+        """The connection no longer loads this process (once; from any thread)."""
+        with answer.lock:
+            if answer.done:
+                return
+            answer.done = True
+        self.stats.add_load(-1)
+
+    async def _serve_conn(self, conn: socket.socket, answer: _Answer) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.frame_deadline
         reply_kind: int | None = None
@@ -256,7 +411,7 @@ class Server:
                 )
                 await self._send(conn, error_reply(HOOK_REPLY, error_doc("AgentError", msg)))
                 return
-            await self._serve(dataclasses.replace(req, client_pid=pid), conn)
+            await self._serve(dataclasses.replace(req, client_pid=pid), conn, answer)
         except ProtocolError as e:
             self._refuse("frame", f"refused a bad frame: {e}")
             await self._send(conn, error_reply(e.reply_kind or CALL_REPLY, _agent_error(e)))
@@ -270,6 +425,7 @@ class Server:
         except OSError as e:
             log.debug("connection: %s", e)
         finally:
+            self._answered(answer)
             conn.close()
 
     async def _read_frame(
@@ -302,7 +458,7 @@ class Server:
         except (TimeoutError, OSError) as e:
             log.debug("reply not delivered: %r", e)
 
-    async def _serve(self, req: Request, conn: socket.socket) -> None:
+    async def _serve(self, req: Request, conn: socket.socket, answer: _Answer) -> None:
         """Run the request in its pool; the worker sends the reply itself (one thread
         hand-off on the client's path, not two)."""
         loop = asyncio.get_running_loop()
@@ -317,14 +473,16 @@ class Server:
             self.admin_pending += 1
         else:
             self.pending += 1
+        self._publish_load()
         try:
             pool = self.admin if admin else self.pool
-            await loop.run_in_executor(pool, self._handle, req, conn, time.monotonic())
+            await loop.run_in_executor(pool, self._handle, req, conn, answer, time.monotonic())
         finally:
             if admin:
                 self.admin_pending -= 1
             else:
                 self.pending -= 1
+            self._publish_load()
 
     def _overloaded(self, req: Request, why: str) -> bytes:
         msg = f"agent overloaded ({why}); nothing was done: retry"
@@ -332,8 +490,9 @@ class Server:
 
     # ------------------------------------------------------------ the work (pool threads)
 
-    def _handle(self, req: Request, conn: socket.socket, queued_at: float) -> None:
+    def _handle(self, req: Request, conn: socket.socket, answer: _Answer, queued_at: float) -> None:
         reply = self._reply(req, queued_at)
+        self._answered(answer)
         try:
             conn.settimeout(self.limits.frame_deadline)  # a client that does not read
             for part in reply:
@@ -396,32 +555,42 @@ class Server:
     def status(self) -> dict[str, Any]:
         held = ops.held()
         requests = self.stats.requests()
+        loads = [x for x in self.stats.loads() if x["pid"]]
         return {
-            "pid": os.getpid(),
+            "pid": self.main_pid,
+            "processes": loads,
             "socket": self.path,
             "uptime_seconds": round(self.stats.uptime(), 3),
             "draining": self.draining,
             "requests": requests,
             "failed": sum(r["failed"] for r in requests.values()),
             "refused": self.stats.refused(),
-            "in_flight": self.pending,
-            "admin_in_flight": self.admin_pending,
-            "connections": len(self.conns),
+            "in_flight": sum(x["pending"] for x in loads),
+            "admin_in_flight": sum(x["admin_pending"] for x in loads),
+            "connections": sum(x["connections"] for x in loads),
             "programs": ops.programs(),
             "cgroups_held": len(held),
             "containers": sum(1 for h in held if h["container"]),
-            "nri": self.nri.status() if self.nri is not None else None,
+            "nri": self._nri_status(),
         }
 
+    def _nri_status(self) -> dict[str, Any] | None:
+        if self.nri is not None:
+            return self.nri.status()
+        if self.nri_settings is None:
+            return None
+        return nri_status(self.nri_settings, self.stats.nri_registered())
+
     def metrics_body(self) -> bytes:
+        loads = self.stats.loads()
         return render(
             self.stats,
-            in_flight=self.pending,
-            connections=len(self.conns),
+            in_flight=sum(x["pending"] for x in loads),
+            connections=sum(x["connections"] for x in loads),
             programs=ops.programs(),
             held=ops.held(),
             counters=ops.counters(),
-            nri=self.nri.status() if self.nri is not None else None,
+            nri=self._nri_status(),
         )
 
     # ------------------------------------------------------------ periodic gc
@@ -550,6 +719,17 @@ def _arg(args: dict[str, Any], name: str, typ: type, default: Any = ...) -> Any:
     return v
 
 
+def _wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def default_processes() -> int:
+    """One serving process per CPU this agent may run on, up to MAX_PROCESSES."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_PROCESSES))
+
+
 def _agent_error(e: BaseException, prefix: str = "") -> dict[str, Any]:
     return error_doc("AgentError", f"{prefix}{e}")
 
@@ -594,12 +774,60 @@ def serve(
     else:
         path = sock.getsockname() or path
     log.info(
-        "RLIMIT_NOFILE %d; %d workers, at most %d pending",
+        "RLIMIT_NOFILE %d; %d processes of %d workers, at most %d pending each",
         nofile,
+        limits.processes,
         limits.workers,
         limits.max_pending,
     )
+    # Forked before any thread exists (the pools and the loop start in each process), with
+    # every object so far out of the collector's reach (gc.freeze): a collection in one
+    # process would otherwise write to, and so copy, pages all of them share.
+    stats = Stats(limits.processes)
+    if limits.processes > 1:
+        gc.freeze()
+    main_pid = os.getpid()
+    others: list[int] = []
+    for index in range(1, limits.processes):
+        pid = fork_server_process(main_pid)
+        if pid == 0:
+            stats.bind(index)
+            server = Server(
+                sock, path, unlink=False, limits=limits, nri=nri, stats=stats, main_pid=main_pid
+            )
+            code = 1
+            try:
+                code = server.run()
+            except BaseException:
+                log.exception("serving process %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        others.append(pid)
     server = Server(
-        sock, path, unlink=unlink, limits=limits, metrics_listen=metrics_listen, nri=nri
+        sock,
+        path,
+        unlink=unlink,
+        limits=limits,
+        metrics_listen=metrics_listen,
+        nri=nri,
+        stats=stats,
+        others=tuple(others),
     )
     return server.run()
+
+
+def fork_server_process(main_pid: int) -> int:
+    """fork(): 0 in the new serving process, which dies with the main one (PR_SET_PDEATHSIG:
+    a SIGKILLed agent leaves no process holding its socket) and sends systemd nothing."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != main_pid:  # the main process died before the line above
+            os._exit(1)
+        os.environ.pop("NOTIFY_SOCKET", None)
+    except BaseException:
+        os._exit(1)
+    return 0

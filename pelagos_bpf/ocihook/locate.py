@@ -10,6 +10,7 @@ namespace has root "/"; a bind mount of a sub-tree has that sub-tree as root).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -60,13 +61,17 @@ def map_to_mount(path: str, mounts: list[tuple[str, Path]]) -> Path:
 def cgroup_of_pid(pid: int, proc: Path = Path("/proc")) -> Path:
     """The cgroup v2 directory of `pid` in this mount namespace; HookError when it is gone."""
     try:
-        rel = v2_path((proc / str(pid) / "cgroup").read_text())
+        fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise HookError(f"process {pid} is gone (did the container exit first?)") from None
+    try:
+        rel = v2_path(os.read(fd, 1 << 16).decode(errors="surrogateescape"))
+    finally:
+        os.close(fd)
     path = map_to_mount(rel, _mounts(proc, fresh=False))
-    if not (path / "cgroup.procs").exists():  # the mounts may have moved: ask again
+    if not os.path.exists(f"{path}/cgroup.procs"):  # the mounts may have moved: ask again
         path = map_to_mount(rel, _mounts(proc, fresh=True))
-        if not (path / "cgroup.procs").exists():
+        if not os.path.exists(f"{path}/cgroup.procs"):
             raise HookError(f"cgroup {path} of process {pid} does not exist (exited?)")
     return path
 
