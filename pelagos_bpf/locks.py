@@ -78,7 +78,9 @@ def flock_until(
                     setting=setting,
                     path=path,
                 ) from None
-            delay = min(delay * 2, 0.01)
+            # at most 2 ms apart: another process's threads hand the lock to each other at
+            # once, so a waiter that sleeps long would seldom find it free
+            delay = min(delay * 2, 0.002)
 
 
 _FILES: dict[str, int] = {}

@@ -66,6 +66,12 @@ def _check_st(
         raise _refuse(path, what, f"mode {mode:04o} is group/world-writable", f"chmod go-w {path}")
 
 
+def trusted_file_stat(st: os.stat_result) -> bool:
+    """What read_trusted_file demands of a file's lstat, as a test: a regular file, owned by a
+    trusted uid, not writable by group or others."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid in trusted_uids() and not st.st_mode & 0o022
+
+
 def check_dir_stat(st: os.stat_result, path: str, what: str) -> None:
     """The leaf check of open_trusted_dir, for a dir fd opened (and walked) earlier."""
     _check_st(st, path, what, sticky_ok=False)

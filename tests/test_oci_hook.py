@@ -353,3 +353,47 @@ def test_rule_count_limits_apply_before_anything_is_written(env: Env) -> None:
     refused_before_anything(
         env, r, "io.pelagos-bpf.devices='20 rules'", "PELAGOS_BPF_RULES_PER_SET"
     )
+
+
+def test_namespace_sum_reads_a_record_again_only_when_it_changed(
+    make_cgroup: Callable[[str], Cgroup], tmp_path: Path
+) -> None:
+    """entries_of (the quota check's sum, run by a resident agent under a node lock) counts
+    live records of that namespace only, sees a replaced, removed or loosened record at once,
+    and re-reads only records whose file changed (each_cached)."""
+    from pelagos_bpf.ocihook import records as rmod
+    from pelagos_bpf.ocihook.records import Record, Records
+
+    d = tmp_path / "state"
+    d.mkdir(mode=0o755)
+    a, b, gone = make_cgroup("ra"), make_cgroup("rb"), make_cgroup("rgone")
+    gone_id = gone.id
+    with Records(d, create=True) as recs:
+        recs.write(Record("a", str(a.path), a.id, "t1", 10))
+        recs.write(Record("b", str(b.path), b.id, "t1", 5))
+        recs.write(Record("c", str(b.path), b.id, "t2", 7))
+        recs.write(Record("g", str(gone.path), gone_id, "t1", 100))
+        gone.path.rmdir()  # its record stays until gc: not counted
+        assert recs.entries_of("t1") == 15 and recs.entries_of("t2") == 7
+        assert recs.entries_of(None) == 0
+        reads: list[str] = []
+        real_read = Records._read
+
+        def counting(self: Records, name: str) -> Record | None:
+            reads.append(name)
+            return real_read(self, name)
+
+        Records._read = counting  # type: ignore[method-assign]
+        try:
+            assert recs.entries_of("t1") == 15
+            assert reads == []  # nothing changed: nothing read
+            recs.write(Record("b", str(b.path), b.id, "t1", 6))  # replaced (rename)
+            assert recs.entries_of("t1") == 16 and reads == ["b.json"]
+            recs.remove("a")
+            assert recs.entries_of("t1") == 6
+            os.chmod(d / "b.json", 0o666)  # loosened: untrusted, skipped
+            assert recs.entries_of("t1") == 0
+        finally:
+            Records._read = real_read  # type: ignore[method-assign]
+        assert recs.entries_of("t1") == recs.entries_by_namespace().get("t1", 0)
+    assert not [k for k in rmod._CACHE if k[0] == str(d) and k[1] == "a.json"]

@@ -78,7 +78,7 @@ log = logging.getLogger("pelagos_bpf.agent")
 
 HTTP_HEAD_MAX = 8192
 SWITCH_INTERVAL = 0.0005
-YIELD_POLL = 0.001  # how often a process that left the socket to a sibling looks again
+YIELD_POLL = 0.002  # how often a process that left the socket to a sibling looks again
 MAX_PROCESSES = 4
 ADMIN_OPS = frozenset({"inspect", "gc", "status", "metrics"})
 

@@ -156,7 +156,7 @@ def _reserve(recs: Records, rec: Record, pol: Policy | None) -> None:
     from ..locks import node_lock
 
     with node_lock(ENTRIES_LOCK):
-        in_use = recs.entries_by_namespace().get(rec.namespace, 0)
+        in_use = recs.entries_of(rec.namespace)
         try:
             old = recs.read(rec.id)  # a second create of the container replaces its record
         except (HookError, PelagosError, OSError):

@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ STATE_DIR_ENV = "PELAGOS_BPF_HOOK_STATE"
 DEFAULT_STATE_DIR = "/run/pelagos-bpf/oci-hook"
 MAX_RECORD = 64 << 10  # a record is ~200 bytes
 SUFFIX = ".json"
+
+
+_CACHE: dict[tuple[str, str], tuple[tuple[int, int, int], Record]] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def state_dir() -> Path:
@@ -174,6 +179,41 @@ class Records:
             if rec is not None:
                 yield name, rec
 
+    def each_cached(self) -> Iterator[Record]:
+        """each()'s records, re-read only when their file changed since this process last read
+        it (one fstatat per record): a resident agent sums a namespace's records on every
+        create that holds rule-map entries, under a node-wide lock. A record is replaced by
+        rename (a new inode) or not at all, so (inode, ctime, size) tells a change; the trust
+        check runs on every stat (a chmod or chown changes the ctime as well)."""
+        from .. import trust
+
+        seen = set()
+        for name in self._names():
+            seen.add(name)
+            try:
+                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            except OSError:
+                continue
+            key = (self.path, name)
+            stamp = (st.st_ino, st.st_ctime_ns, st.st_size)
+            with _CACHE_LOCK:
+                hit = _CACHE.get(key)
+            if hit is not None and hit[0] == stamp:
+                if trust.trusted_file_stat(st):
+                    yield hit[1]
+                continue
+            try:
+                rec = self._read(name)
+            except (HookError, PelagosError, OSError):
+                continue
+            if rec is not None:
+                with _CACHE_LOCK:
+                    _CACHE[key] = (stamp, rec)
+                yield rec
+        with _CACHE_LOCK:
+            for key in [k for k in _CACHE if k[0] == self.path and k[1] not in seen]:
+                del _CACHE[key]
+
     def prune(self) -> int:
         """Delete records whose cgroup is gone: a create that failed after the hook ran gets
         no poststop (runc), and the kernel freed its attachments with the cgroup."""
@@ -191,3 +231,12 @@ class Records:
             if rec.entries and rec.alive():
                 out[rec.namespace] = out.get(rec.namespace, 0) + rec.entries
         return out
+
+    def entries_of(self, namespace: str | None) -> int:
+        """entries_by_namespace()[namespace], from the cached records, stat-ing only the
+        cgroups of that namespace's records (the quota check's sum, under the node lock)."""
+        return sum(
+            rec.entries
+            for rec in self.each_cached()
+            if rec.entries and rec.namespace == namespace and rec.alive()
+        )
