@@ -1,16 +1,20 @@
 """The agent and the thin hook, side by side in one run, with their component costs (root;
 acts only on cgroups this script creates, under pelagos-bench-agent-<pid>).
 
-1. `runc run` of busybox `true` (classid by annotation) without a hook and with the thin hook
-   served by the agent (createRuntime + poststop), interleaved; with --python-hook also today's
-   in-process `pelagos-bpf oci-hook`. Components: exec of the static hook alone, /bin/true.
-2. Thin hook exec -> exit with the agent up: create (classid) and poststop of one container,
+1. Thin hook exec -> exit with the agent up: create (classid) and poststop of one container,
    alternating; p50 and p99. Components: the agent's own time (its status), the round trip of
-   an empty request.
-3. Agent create measured inside the agent (hook_create p50/p99 from its status).
-4. 50 parallel creates: 50 client processes each send a hook create at once (released by one
-   barrier); client round trip p50/p99; side by side (rounds interleaved) with a second agent
-   serving from one process (--processes 1).
+   an empty request. Twice, each against an agent of its own: the container alone on the node
+   (its attach flips the kernel's static key of the attach type), then beside a resident
+   container that holds our programs (a node running containers; every later phase too).
+2. 50 parallel creates: 50 client processes each send a hook create at once (released by one
+   barrier) and exit as soon as they have the answer, as the thin hook does (os._exit: no
+   interpreter teardown competing with the agent); client round trip p50/p99; side by side
+   (rounds interleaved) with a second agent serving from one process (--processes 1).
+3. `runc run` of busybox `true` (classid by annotation) without a hook and with the thin hook
+   served by each of the two agents (createRuntime + poststop), interleaved; with
+   --python-hook also the in-process `pelagos-bpf oci-hook`.
+4. Agent create measured inside the agent (hook_create p50/p99 from its status), over every
+   create of 1-3 beside the resident container.
 5. Agent memory (PSS, RSS summed over its processes) with 10,000 cgroups held (setup through
    the Client: classid + the default device rules), then after a status, a Prometheus scrape
    (HTTP) and `agent metrics` (JSON over the socket), each with the peak (VmHWM) so far.
@@ -221,6 +225,7 @@ def _one_client(sock: str, payload: bytes, gate: Any, wfd: int) -> None:
     dt = time.perf_counter() - t0
     code, _text = protocol.parse_hook_reply(raw[12:])
     os.write(wfd, struct.pack("d", dt if code == 0 else -1.0))
+    os._exit(0)  # as a thin hook ends: no interpreter teardown beside the agent's work
 
 
 def bench_parallel(agents: dict[str, Path], ctrs: Containers, rounds: int) -> None:
