@@ -13,8 +13,8 @@ acts only on cgroups this script creates, under pelagos-bench-agent-<pid>).
 3. `runc run` of busybox `true` (classid by annotation) without a hook and with the thin hook
    served by each of the two agents (createRuntime + poststop), interleaved; with
    --python-hook also the in-process `pelagos-bpf oci-hook`.
-4. Agent create measured inside the agent (hook_create p50/p99 from its status), over every
-   create of 1-3 beside the resident container.
+4. Agent create measured inside the agent (hook_create p50/p99 from its status): for each
+   sequential pass (its own agent), over the parallel creates, and over those plus runc's.
 5. Agent memory (PSS, RSS summed over its processes) with 10,000 cgroups held (setup through
    the Client: classid + the default device rules), then after a status, a Prometheus scrape
    (HTTP) and `agent metrics` (JSON over the socket), each with the peak (VmHWM) so far.
@@ -228,6 +228,15 @@ def _one_client(sock: str, payload: bytes, gate: Any, wfd: int) -> None:
     os._exit(0)  # as a thin hook ends: no interpreter teardown beside the agent's work
 
 
+def print_agent_create(sock: Path, what: str) -> None:
+    st = Client(str(sock)).status()["requests"]
+    r = st.get("hook_create", {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0})
+    print(
+        f"agent create, inside the agent, over {what} ({r['count']}): "
+        f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+    )
+
+
 def bench_parallel(agents: dict[str, Path], ctrs: Containers, rounds: int) -> None:
     """Each round, for each agent in turn: 50 client processes released together, each sends
     one hook create (its own cgroup); then the 50 poststops. The round trip of every create is
@@ -375,7 +384,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pba-", dir="/tmp") as d:
             tmp = Path(d)
             use_bench_policy(tmp)
-            for sub in ("one", "empty"):
+            for sub in ("one", "empty", "seq"):
                 (tmp / sub).mkdir(mode=0o700)
             ctrs = Containers(root, tmp, 50)
             resident = Containers(root, tmp, 1, prefix="resident")
@@ -396,12 +405,13 @@ def main() -> int:
                     res = state("resident", resident.procs[0].pid, resident.bundle)
                     if Client(str(sock)).hook("create", res)[0] != 0:
                         raise SystemExit("the resident container's create failed")
-                    hook_env = {**hook_env_of(sock), "PELAGOS_BPF_HOOK_STATE": str(shm / "state")}
                     n_proc = len(agent_pids(proc.pid))
-                    if args.runs:
-                        busy = bench_thin_hook(
-                            args.runs, sock, ctrs, hook_env, "beside a running container"
-                        )
+                    if args.runs:  # an agent of its own: the main one's counters are for 2-3
+                        with agent(tmp / "seq", shm / "state-seq", *args.agent_arg) as (_, s1):
+                            env1 = {**hook_env_of(s1), "PELAGOS_BPF_HOOK_STATE": str(shm / "s1")}
+                            busy = bench_thin_hook(
+                                args.runs, s1, ctrs, env1, "beside a running container"
+                            )
                         hook_d = empty["create"] - busy["create"]
                         agent_d = empty["agent"] - busy["agent"]
                         print(
@@ -418,6 +428,7 @@ def main() -> int:
                             ctrs,
                             args.parallel_rounds,
                         )
+                        print_agent_create(sock, "the parallel creates (and the resident one)")
                     if args.runc_runs:
                         hooks = {
                             f"thin hook + agent, {n_proc} processes (classid)": hook_entry(
@@ -439,13 +450,7 @@ def main() -> int:
                             )
                         print("runc, beside a running container:")
                         runc_bench(args.runc_runs, tmp, hooks)
-                    st = Client(str(sock)).status()["requests"]
-                    r = st.get("hook_create", {"count": 0, "p50_ms": 0.0, "p99_ms": 0.0})
-                    print(
-                        f"agent create, inside the agent, beside a running container, over "
-                        f"{r['count']} creates (thin hook, parallel, runc): "
-                        f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
-                    )
+                    print_agent_create(sock, "every create of the parallel and runc phases")
                     Client(str(sock)).hook("poststop", state("resident", None, resident.bundle))
                     resident.close()
                     ctrs.close()
