@@ -103,7 +103,13 @@ def _wait_log(text: str, since: int, timeout: float = 120.0) -> None:
             f.seek(since)
             if text.encode() in f.read():
                 return
-        assert time.monotonic() < deadline, f"containerd never logged {text!r}"
+        if time.monotonic() >= deadline:
+            with containerd.log_path().open("rb") as f:
+                f.seek(since)
+                lines = [x for x in f.read().decode(errors="replace").splitlines() if "NRI" in x]
+            raise AssertionError(
+                f"containerd never logged {text!r}; its NRI lines since:\n" + "\n".join(lines[-15:])
+            )
         time.sleep(0.1)
 
 
@@ -373,7 +379,9 @@ def test_launched_by_containerd_from_its_plugin_dir(cri: Client, agent: Agent) -
     pod = None
     try:
         mark = containerd.log_offset()
-        containerd.restart(log=lambda line: None)
+        # containerd gives a plugin it launched 5 s to register; under TCG, beside another
+        # guest in CI, a Python process's start and imports (protobuf) took longer once
+        containerd.restart(log=lambda line: None, nri_registration_timeout="60s")
         _wait_log('pre-installed NRI plugin \\"10-pelagos-bpf\\" synchronization success', mark)
         cri.wait_ready(cri.default_image())
         pod = cri.run_pod(["sleep", "inf"], annotations={DEVICES: "deny c 1:5 rwm"})

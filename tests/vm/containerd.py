@@ -255,10 +255,11 @@ def running_pid() -> int | None:
     return pid
 
 
-def _prepare(node: Node) -> None:
+def _prepare(node: Node, nri_registration_timeout: str = "5s") -> None:
     NODE_DIR.mkdir(parents=True, exist_ok=True)
     (NODE_DIR / "node.json").write_text(json.dumps({k: str(v) for k, v in asdict(node).items()}))
-    (NODE_DIR / "config.toml").write_text(config_toml())
+    config = config_toml(nri_registration_timeout=nri_registration_timeout)
+    (NODE_DIR / "config.toml").write_text(config)
     (NODE_DIR / "cni").mkdir(exist_ok=True)
     (NODE_DIR / "cni" / "10-pelagos.conflist").write_text(cni_conflist())
     ROOT.mkdir(parents=True, exist_ok=True)
@@ -308,12 +309,12 @@ def _ctr(node: Node, *args: str) -> str:
     return r.stdout
 
 
-def start(node: Node, log: Log = print) -> int:
+def start(node: Node, log: Log = print, nri_registration_timeout: str = "5s") -> int:
     """Start containerd (unless running) and import the images; return its pid."""
     t0 = time.monotonic()
     pid = running_pid()
     if pid is None:
-        _prepare(node)
+        _prepare(node, nri_registration_timeout)
         pid = _spawn(node)
     _wait_socket(pid, t0 + READY_TIMEOUT)
     t1 = time.monotonic()
@@ -357,12 +358,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def restart(log: Log = print) -> int:
+def restart(log: Log = print, nri_registration_timeout: str = "5s") -> int:
     """Stop containerd and start it again with the node of the first start; return its pid.
     The pods keep running; an NRI plugin sees its connection close and must reconnect."""
     node = saved_node()
     stop()
-    return start(node, log)
+    return start(node, log, nri_registration_timeout)
 
 
 def log_offset() -> int:
