@@ -56,6 +56,12 @@ class Topo:
     def counters(self, ifname: str) -> dict[int, tuple[int, int]]:
         return tc.class_counters(self.ipr_a, self.links[ifname])
 
+    def capture(self, ifname: str = "va") -> lab.Child:
+        """A Capture of `ifname`'s outgoing frames in ns a, started: `.result()` when done."""
+        child = lab.spawn(Capture(ifname), netns_path=self.path_a)
+        child.start()
+        return child
+
     def tcp_classes(
         self, sink: TcpSink, sender: TcpSend, cgroup: str, ifname: str = "va", settle: bool = False
     ) -> dict[int, int]:
@@ -177,6 +183,57 @@ def pid_in(netns_path: str) -> Iterator[int]:
         yield child.pid
     finally:
         child.kill()
+
+
+class Capture(lab.Worker):
+    """Outgoing frames on `ifname` (AF_PACKET, in the netns it is spawned in), summarised one
+    per line: for a failing class count, which segments left (a RST from the kernel's control
+    socket, a retransmission...). run() returns once no frame came for `idle` seconds after
+    the first one (at most `limit` seconds)."""
+
+    def __init__(self, ifname: str, idle: float = 1.0, limit: float = 20.0) -> None:
+        self.ifname, self.idle, self.limit = ifname, idle, limit
+
+    def prepare(self) -> None:
+        import socket
+
+        self.s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.s.bind((self.ifname, 0))
+        self.s.settimeout(0.1)
+
+    def run(self) -> str:
+        import socket
+        import struct
+
+        lines: list[str] = []
+        t0 = time.monotonic()
+        last = None
+        while time.monotonic() - t0 < self.limit:
+            if last is not None and time.monotonic() - last > self.idle:
+                break
+            try:
+                frame, addr = self.s.recvfrom(65536)
+            except TimeoutError:
+                continue
+            if addr[2] != socket.PACKET_OUTGOING:
+                continue
+            last = time.monotonic()
+            at = f"{(last - t0) * 1e3:8.1f} ms"
+            etype = struct.unpack("!H", frame[12:14])[0]
+            ip = frame[14:]
+            if etype != 0x0800 or len(ip) < 20:
+                lines.append(f"{at} ethertype {etype:#06x} len {len(frame)}")
+                continue
+            ihl, proto = (ip[0] & 0xF) * 4, ip[9]
+            if proto != 6:
+                lines.append(f"{at} IPv4 proto {proto} len {len(frame)}")
+                continue
+            tcp = ip[ihl:]
+            sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+            flags = "".join(f for bit, f in enumerate("FSRPAU") if tcp[13] >> bit & 1)
+            data = struct.unpack("!H", ip[2:4])[0] - ihl - (tcp[12] >> 4) * 4
+            lines.append(f"{at} TCP {sport}>{dport} [{flags}] seq {seq} ack {ack} data {data}")
+        return "\n".join(lines)
 
 
 class TcpSink(lab.Worker):
