@@ -451,11 +451,11 @@ def lifecycle(r: Runc, cid: str) -> None:
 
 
 def test_soak_steady_rss(capsys: pytest.CaptureFixture[str]) -> None:
-    """Container lifecycles back to back for SOAK_STEADY seconds: after a warm-up of 20, the
+    """Container lifecycles back to back for SOAK_STEADY seconds: after a warm-up of 40, the
     agent's memory (PSS over its processes) at the end is within 10 % of its start."""
     with agent_proc() as a, runc_with(a, "crun") as r:
         baseline = _fill(a.client())
-        for i in range(20):
+        for i in range(40):  # every serving process warms up (its pages diverge from the fork)
             lifecycle(r, f"w{i}")
         start = peak = memory_kb(a.pid)
         t0, n = time.monotonic(), 0

@@ -152,6 +152,7 @@ class Server:
         stats: Stats | None = None,
         main_pid: int | None = None,
         others: tuple[int, ...] = (),
+        ready_fd: int | None = None,
     ) -> None:
         self.sock = sock
         self.path = path
@@ -164,6 +165,8 @@ class Server:
         self.main_pid = main_pid or os.getpid()
         self.main = self.main_pid == os.getpid()
         self.others = set(others)
+        # the pipe on which each other process says it serves (main: reads; others: write)
+        self.ready_fd = ready_fd
         self.exit_code = 0
         self.pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="pelagos-agent")
         self.admin = ThreadPoolExecutor(limits.admin_workers, thread_name_prefix="pelagos-admin")
@@ -194,6 +197,12 @@ class Server:
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.sock.setblocking(False)
         main = self.main
+        if self.ready_fd is not None:
+            if main:  # READY=1 only once every process serves (and takes SIGHUP)
+                await loop.run_in_executor(None, _await_others, self.ready_fd, len(self.others))
+            else:
+                os.write(self.ready_fd, b"r")
+            os.close(self.ready_fd)
         metrics_server = await self._start_metrics() if main and self.metrics_listen else None
         accept = loop.create_task(self._accept_loop())
         gc_task = None
@@ -622,6 +631,7 @@ class Server:
             log.warning("gc failed: %s", e)
         finally:
             self.stats.observe("gc_periodic", time.perf_counter() - t0, ok)
+            release_memory()  # a walk of every map and record: hand its heap back, as after status
 
     # ------------------------------------------------------------ metrics listener
 
@@ -788,12 +798,22 @@ def serve(
         gc.freeze()
     main_pid = os.getpid()
     others: list[int] = []
+    ready_r, ready_w = os.pipe() if limits.processes > 1 else (None, None)
     for index in range(1, limits.processes):
         pid = fork_server_process(main_pid)
         if pid == 0:
+            assert ready_r is not None
+            os.close(ready_r)
             stats.bind(index)
             server = Server(
-                sock, path, unlink=False, limits=limits, nri=nri, stats=stats, main_pid=main_pid
+                sock,
+                path,
+                unlink=False,
+                limits=limits,
+                nri=nri,
+                stats=stats,
+                main_pid=main_pid,
+                ready_fd=ready_w,
             )
             code = 1
             try:
@@ -804,6 +824,8 @@ def serve(
                 logging.shutdown()
                 os._exit(code)
         others.append(pid)
+    if ready_w is not None:
+        os.close(ready_w)
     server = Server(
         sock,
         path,
@@ -813,8 +835,27 @@ def serve(
         nri=nri,
         stats=stats,
         others=tuple(others),
+        ready_fd=ready_r,
     )
     return server.run()
+
+
+def _await_others(fd: int, n: int, timeout: float = 60.0) -> None:
+    """Until `n` bytes came on `fd` (each other process's "serving"), EOF (one died: SIGCHLD
+    says the rest) or `timeout`."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < n and (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            break
+        got += len(chunk)
+    if got < n:
+        log.warning("%d of %d serving processes said they serve", got, n)
 
 
 def fork_server_process(main_pid: int) -> int:
@@ -824,6 +865,9 @@ def fork_server_process(main_pid: int) -> int:
     if pid:
         return pid
     try:
+        # a reload before this process takes SIGHUP must not kill it (it holds the policy
+        # loaded before the fork; the main process says READY=1 only once all take SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         set_pdeathsig(signal.SIGKILL)
         if os.getppid() != main_pid:  # the main process died before the line above
             os._exit(1)
