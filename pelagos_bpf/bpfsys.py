@@ -23,6 +23,7 @@ import ctypes as ct
 import errno
 import fcntl
 import os
+import threading
 from collections.abc import Callable
 from functools import cache
 
@@ -436,11 +437,25 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _call("BPF_PROG_DETACH", attr, f"attach type {int(attach_type)}")
 
 
+QUERY_IDS = 64  # ids a first PROG_QUERY makes room for (the kernel says when there are more)
+_query_bufs = threading.local()
+
+
+def _query_buffer() -> tuple[bytearray, int]:
+    """This thread's output buffer for QUERY_IDS ids, made once: a container start queries
+    four attach types, and a new buffer each time was half the cost of a query."""
+    try:
+        got: tuple[bytearray, int] = _query_bufs.buf
+    except AttributeError:
+        got = _query_bufs.buf = _out_buffer(4 * QUERY_IDS)
+    return got
+
+
 def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
     """Ids of the programs attached (or, effective=True, in effect) at a cgroup."""
-    cnt = 64
+    cnt = QUERY_IDS
+    ids, addr = _query_buffer()
     while True:
-        ids, addr = _out_buffer(4 * cnt)
         attr = QueryAttr(
             target_fd=target_fd,
             attach_type=attach_type,
@@ -451,9 +466,10 @@ def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> lis
         ret = _bpf("BPF_PROG_QUERY", attr)
         if ret == -errno.ENOSPC and attr.prog_cnt > cnt:
             cnt = attr.prog_cnt
+            ids, addr = _out_buffer(4 * cnt)
             continue
         _check(ret, "BPF_PROG_QUERY", f"attach type {int(attach_type)}")
-        return _u32s(ids, attr.prog_cnt)
+        return _u32s(ids, attr.prog_cnt) if attr.prog_cnt else []
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:

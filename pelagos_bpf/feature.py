@@ -62,6 +62,10 @@ class Feature:
         self._by_name = {
             (p.name, int(p.prog_type)): (lay, p) for lay in self.layers for p in lay.progs
         }
+        # Every attach type our programs of any version use, queried on each find.
+        self._attach_types = sorted(
+            {p.attach_type for lay in self.layers for p in lay.progs if p.attach_type is not None}
+        )
         self._lock = threading.Lock()
         self._loaded: Loaded | None = None
         # The plug-in's "detach ours and drop this cgroup's entries" (set by the plug-in).
@@ -107,17 +111,15 @@ class Feature:
         (current version first). fds are closed on exit, except this process's own."""
         own = self._loaded
         own_ids = set(own.ids.values()) if own is not None else set()
-        with contextlib.ExitStack() as stack:
+        opened: list[int] = []  # not an ExitStack: find runs on every container start
+        try:
             groups: list[Attached] = []
-            attach_types = {
-                p.attach_type for lay in self.layers for p in lay.progs if p.attach_type is not None
-            }
-            for at in sorted(attach_types):
+            for at in self._attach_types:
                 for prog_id in bpfsys.prog_query(cg_fd, at):
                     fd = open_prog(prog_id)
                     if fd is None:
                         continue
-                    stack.callback(os.close, fd)
+                    opened.append(fd)
                     info = bpfsys.prog_info(fd)
                     hit = self.recognise(info)
                     if hit is None or hit[1].attach_type != at:
@@ -144,12 +146,15 @@ class Feature:
                                 if name in group.maps:
                                     os.close(mfd)
                                     continue
-                                stack.callback(os.close, mfd)
+                                opened.append(mfd)
                                 group.maps[name] = mfd
                     group.progs[spec.func] = fd
                     group.ids[spec.func] = info.id
                     group.tags[spec.func] = info.tag
             yield sorted(groups, key=lambda g: -g.version)
+        finally:
+            for fd in reversed(opened):
+                os.close(fd)
 
     @contextlib.contextmanager
     def find_at(self, cg: CgroupRef) -> Iterator[list[Attached]]:

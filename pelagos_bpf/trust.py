@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -110,33 +111,37 @@ def open_trusted_dir(
     return fd
 
 
-_HELD: dict[tuple[str, str], int] = {}  # (path, what) -> a checked dir's fd, kept open
+_HELD: dict[tuple[str, str], tuple[int, int, int]] = {}  # (path, what) -> (fd, st_dev, st_ino)
+_RETIRED: list[int] = []  # fds of held dirs found replaced: a thread may still use one
 _HELD_LOCK = threading.Lock()
 
 
 def open_trusted_dir_held(path: str, what: str, *, create: bool = False) -> int:
     """open_trusted_dir for a dir a long-lived process opens again and again (the agent's hook
-    records): the walk from / runs once; later calls dup the held fd after checking that
-    `path` still names that same live directory and that its owner and mode still pass. A
-    moved, removed, re-created or loosened dir is walked (and refused) again. The caller
-    closes what it gets, as with open_trusted_dir."""
+    records): the walk from / runs once, and the fd it opened is held and shared. Later calls
+    return it after one stat of `path`: it still names that same directory, and its owner and
+    mode still pass. A moved, removed, re-created or loosened dir is walked (and refused)
+    again. The caller must not close the fd. The fd of a dir found replaced stays open (a
+    thread may still be writing through it): one fd per replacement, an admin's act."""
     key = (path, what)
     with _HELD_LOCK:
         held = _HELD.get(key)
         if held is not None:
+            fd, dev, ino = held
             try:
-                st, fst = os.stat(path), os.fstat(held)
-                same = (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino) and fst.st_nlink > 0
+                st: os.stat_result | None = os.stat(path)
             except OSError:
-                same = False
-            if same:
-                check_dir_stat(fst, path, what)
-                return os.dup(held)
+                st = None
+            # The held fd pins its inode, so no other dir can have its (dev, ino) meanwhile.
+            if st is not None and st.st_dev == dev and st.st_ino == ino:
+                check_dir_stat(st, path, what)
+                return fd
             del _HELD[key]
-            os.close(held)
+            _RETIRED.append(fd)
         fd = open_trusted_dir(path, what, create=create)
-        _HELD[key] = fd
-        return os.dup(fd)
+        st = os.fstat(fd)
+        _HELD[key] = (fd, st.st_dev, st.st_ino)
+        return fd
 
 
 def _open_existing_checked(
@@ -241,19 +246,38 @@ def read_trusted_file(dirfd: int, name: str, dir_path: str, what: str) -> bytes 
 
 
 TMP_PREFIX = ".tmp-"  # write_trusted_file's temporary names (a writer killed mid-write leaves one)
+_tmp_seq = itertools.count(int.from_bytes(os.urandom(4), "little"))
+_pid = os.getpid()
 
 
-def write_trusted_file(dirfd: int, name: str, data: bytes, *, durable: bool = True) -> None:
+def _after_fork() -> None:
+    global _pid, _tmp_seq
+    _pid = os.getpid()
+    _tmp_seq = itertools.count(int.from_bytes(os.urandom(4), "little"))
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def write_trusted_file(
+    dirfd: int, name: str, data: bytes, *, durable: bool = True, exact_mode: bool = True
+) -> None:
     """Atomically replace `name` in a trusted dir: a fresh O_EXCL tmp (0644 whatever the
     umask), fsync, rename; a concurrent reader sees the old file or the new one, never half.
     durable False skips the fsync: for state that means nothing after a reboot (the hook's
-    records under /run), where it would only cost every container start a disk flush."""
-    tmp = f"{TMP_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}"
+    records under /run), where it would only cost every container start a disk flush.
+    exact_mode False skips the fchmod: the file is 0644 less the umask, which can only take
+    bits away (never make it writable by others), for files only root reads.
+
+    The tmp name is unique without a syscall: this pid, and a counter that starts at random in
+    each process (a killed writer's tmp under a reused pid is not met again)."""
+    tmp = f"{TMP_PREFIX}{name}-{_pid}-{next(_tmp_seq) & 0xFFFF_FFFF:08x}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, FILE_MODE, dir_fd=dirfd)
     try:
         try:
-            os.fchmod(fd, FILE_MODE)
+            if exact_mode:
+                os.fchmod(fd, FILE_MODE)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

@@ -22,6 +22,6 @@ def make_ctr(
         cg = make_cgroup(name)
         p = spawn("sleep", "600")
         (cg.path / "cgroup.procs").write_text(str(p.pid))
-        return Ctr(cg, p.pid, bundle(tmp_path / f"bundle-{name}", ann))
+        return Ctr(cg, p.pid, bundle(tmp_path / f"bundle-{name}", ann), ann)
 
     return make

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,11 @@ def wait_for(cond: Any, what: str, timeout: float = 60.0) -> Any:
 class Ctr:
     """A 'container': a test cgroup with a process in it and a bundle asking for `ann`."""
 
-    def __init__(self, cg: Cgroup, pid: int, bundle_dir: Path) -> None:
+    def __init__(
+        self, cg: Cgroup, pid: int, bundle_dir: Path, ann: dict[str, str] | None = None
+    ) -> None:
         self.cg, self.pid, self.bundle = cg, pid, bundle_dir
+        self.ann = ann or {}
         self.id = f"{cg.path.name}-ctr"
 
     def create(self) -> bytes:
@@ -242,3 +246,17 @@ class Ctr:
 
     def stop(self) -> bytes:
         return oci_state(self.id, None, self.bundle, "stopped")
+
+
+def create_all(ctrs: list[Ctr], env: dict[str, str]) -> None:
+    """Every container's create through the thin hook at once (a thread each, as a node
+    starting many): each exits 0, and each cgroup carries the classid its annotation asked."""
+    from pelagos_bpf import net
+    from pelagos_bpf.ocihook.request import A_CLASSID, parse_classid
+
+    with ThreadPoolExecutor(len(ctrs)) as pool:
+        got = list(pool.map(lambda c: run_thin(c.create(), env, "create"), ctrs))
+    assert [r.returncode for r in got] == [0] * len(ctrs), [r.stderr for r in got if r.returncode]
+    for c in ctrs:
+        want = parse_classid(c.ann[A_CLASSID])
+        assert net.read_state(c.cg).classid == want, c.id

@@ -23,6 +23,7 @@ import pytest
 from agentlib import (
     AgentProc,
     Ctr,
+    create_all,
     raw_connect,
     run_thin,
     running_agent,
@@ -286,11 +287,7 @@ def test_fifty_parallel_creates(make_ctr: Callable[..., Ctr], agent: AgentProc) 
         make_ctr(f"p{i}", {CLASSID: f"1:{i + 1:x}", DEVICES: "deny c 1:5 r"}) for i in range(50)
     ]
     env = agent.hook_env()
-    with ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(lambda c: run_thin(c.create(), env, "create"), ctrs))
-    assert [r.returncode for r in results] == [0] * 50, [r.stderr for r in results if r.returncode]
-    for i, c in enumerate(ctrs):
-        assert net.read_state(c.cg).classid == 0x10000 + i + 1
+    create_all(ctrs, env)
     assert probe(ctrs[17].cg.path, [ZERO_R, NULL_R]) == [False, True]
     assert agent.client().status()["requests"]["hook_create"]["count"] == 50
     with ThreadPoolExecutor(50) as pool:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from agentlib import AgentProc, Ctr, run_thin, running_agent, short_tmp, wait_for
+from agentlib import AgentProc, Ctr, create_all, run_thin, running_agent, short_tmp, wait_for
 
 from pelagos_bpf import net
 
@@ -47,11 +47,7 @@ def test_processes_share_the_load_and_the_counters(make_ctr: MakeCtr) -> None:
         assert len(procs) == 2 and procs[0]["pid"] == a.pid
         assert len({p["pid"] for p in procs}) == 2
         env = a.hook_env()
-        with ThreadPoolExecutor(40) as pool:
-            got = list(pool.map(lambda c: run_thin(c.create(), env, "create"), ctrs))
-        assert [r.returncode for r in got] == [0] * 40, [r.stderr for r in got if r.returncode]
-        for i, c in enumerate(ctrs):
-            assert net.read_state(c.cg).classid == 0x10000 + i + 1
+        create_all(ctrs, env)
         st = a.client().status()
         assert st["requests"]["hook_create"]["count"] == 40
         served = [p["requests"] for p in st["processes"]]

@@ -397,3 +397,32 @@ def test_namespace_sum_reads_a_record_again_only_when_it_changed(
             Records._read = real_read  # type: ignore[method-assign]
         assert recs.entries_of("t1") == recs.entries_by_namespace().get("t1", 0)
     assert not [k for k in rmod._CACHE if k[0] == str(d) and k[1] == "a.json"]
+
+
+def _fake_proc(d: Path, rel: str, mount_point: Path | str, dev: int) -> str:
+    """A /proc with one pid (42) in cgroup `rel` and one cgroup2 mount of device `dev`."""
+    (d / "42").mkdir(parents=True)
+    (d / "self").mkdir()
+    (d / "42" / "cgroup").write_text(f"0::{rel}\n")
+    (d / "self" / "mountinfo").write_text(
+        f"30 25 {os.major(dev)}:{os.minor(dev)} / {mount_point} rw - cgroup2 cgroup2 rw\n"
+    )
+    return str(d)
+
+
+def test_a_pid_maps_to_its_cgroup_only_on_the_cgroup2_filesystem(tmp_path: Path) -> None:
+    """The hook maps /proc/PID/cgroup through the mount table and proves the dir a cgroup with
+    its one stat: a dir on another filesystem (a moved mount, a plain dir) is refused."""
+    from pelagos_bpf.hierarchy import discover
+    from pelagos_bpf.ocihook.locate import cgroup_dir_of_pid
+    from pelagos_bpf.ocihook.request import HookError
+
+    root = discover().root
+    st = os.stat(root)
+    proc = _fake_proc(tmp_path / "real", "/", root, st.st_dev)
+    assert cgroup_dir_of_pid(42, proc) == (str(root), st.st_ino)
+    plain = tmp_path / "mnt"
+    (plain / "x").mkdir(parents=True)  # where the table says cgroup2, a plain dir
+    proc = _fake_proc(tmp_path / "plain", "/x", plain, st.st_dev)
+    with pytest.raises(HookError, match="does not exist"):
+        cgroup_dir_of_pid(42, proc)

@@ -60,6 +60,8 @@ def test_json_depth_is_limited_without_recursion_error() -> None:
 
 
 def test_json_strictness() -> None:
+    # brackets inside strings count toward the walk's trigger, never toward the depth
+    assert inputs.loads(json.dumps({"s": "[{" * 100}), "x") == {"s": "[{" * 100}
     with pytest.raises(HookError, match="'k' appears twice"):
         inputs.loads('{"a": {"k": 1, "k": 2}}', "x")
     with pytest.raises(HookError, match="not UTF-8"):

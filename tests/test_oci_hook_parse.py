@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -163,14 +164,22 @@ def test_v2_path_and_mount_mapping() -> None:
         "41 25 0:27 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
     )
     mounts = cgroup2_mounts(mi)
-    assert mounts == [("/", Path("/sys/fs/cgroup")), ("/kube/pod1", Path("/mnt/pod cg"))]
-    assert map_to_mount("/a/b", mounts) == Path("/sys/fs/cgroup/a/b")
-    assert map_to_mount("/kube/pod1/c", mounts) == Path("/mnt/pod cg/c")  # longest root wins
-    assert map_to_mount("/kube/pod10", mounts) == Path("/sys/fs/cgroup/kube/pod10")
+    assert mounts == [("/", "/sys/fs/cgroup"), ("/kube/pod1", "/mnt/pod cg")]
+    assert map_to_mount("/a/b", mounts) == "/sys/fs/cgroup/a/b"
+    assert map_to_mount("/kube/pod1/c", mounts) == "/mnt/pod cg/c"  # longest root wins
+    assert map_to_mount("/kube/pod1", mounts) == "/mnt/pod cg"
+    assert map_to_mount("/kube/pod10", mounts) == "/sys/fs/cgroup/kube/pod10"
+    assert map_to_mount("/a", [("/", "/")]) == "/a"
     with pytest.raises(HookError, match="outside this process's cgroup namespace"):
         map_to_mount("/../other/c", mounts)
     with pytest.raises(HookError, match="no cgroup2 mount"):
-        map_to_mount("/a", [("/kube", Path("/m"))])
+        map_to_mount("/a", [("/kube", "/m")])
+
+
+def test_a_record_round_trips_every_field() -> None:
+    rec = records.Record("c1", "/sys/fs/cgroup/x", 77, "team-a", 5)
+    assert records.Record.from_json(rec.to_json(), "here") == rec
+    assert set(json.loads(rec.to_json())) == {f.name for f in dataclasses.fields(rec)}
 
 
 def test_record_names(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..ocihook.hook import run_hook
+from ..ocihook.runtime import runtime_of_parent
 from ..owners import check_owner
 from .codec import config_from_json
 
@@ -98,18 +100,17 @@ def programs() -> list[dict[str, Any]]:
 
 def hook(
     stage: str, raw_state: bytes, owner: str = HOOK, client_pid: int | None = None
-) -> tuple[int, str]:
+) -> tuple[int, str, str | None]:
     """One hook invocation, as `pelagos-bpf oci-hook STAGE` would run it: (exit code, stderr
-    text). What was attached is logged, not returned (runtimes show a hook's stderr only when
-    it fails). Never raises: an unexpected error is a failed create (exit 2), logged whole.
+    text, the INFO line saying what was done or None). The caller logs that line once the
+    reply is sent: runtimes show a hook's stderr only when it fails, and formatting and writing
+    a log line is a tenth of a create, which the container's start need not wait for. Never
+    raises: an unexpected error is a failed create (exit 2), logged whole.
 
     owner: always "hook" (the protocol gives HOOK frames no other). client_pid: the thin hook's
     pid (SO_PEERCRED): its parent is the runtime whose device rules the hook's copy mirrors."""
-    from ..ocihook.hook import run_hook
-    from ..ocihook.runtime import runtime_of_parent
-
     if owner != HOOK:
-        return 2, f"pelagos-bpf oci-hook: error: a hook acts for the hook, not the {owner}"
+        return 2, f"pelagos-bpf oci-hook: error: a hook acts for the hook, not the {owner}", None
 
     def runtime() -> tuple[Any, str]:  # only for a device mirror: two /proc reads
         if not client_pid:
@@ -120,13 +121,12 @@ def hook(
         res = run_hook(raw_state, stage, runtime=runtime, policy=_policy)
     except Exception as e:
         log.error("hook %s: internal error:\n%s", stage, traceback.format_exc())
-        return 2, f"pelagos-bpf oci-hook: error: internal error in the agent: {e!r}"
+        return 2, f"pelagos-bpf oci-hook: error: internal error in the agent: {e!r}", None
     prefix = f"pelagos-bpf oci-hook [{res.container}]"
     lines = [f"{prefix}: error: {x}" for x in res.errors]
     lines += [f"{prefix}: warning: {x}" for x in res.warnings]
-    if res.done:
-        log.info("%s %s: %s", prefix, stage, "; ".join(res.done))
-    return res.code, "\n".join(lines)
+    done = f"{prefix} {stage}: {'; '.join(res.done)}" if res.done else None
+    return res.code, "\n".join(lines), done
 
 
 def hook_stage(stage: str, raw_state: bytes) -> str:

@@ -500,7 +500,7 @@ class Server:
     # ------------------------------------------------------------ the work (pool threads)
 
     def _handle(self, req: Request, conn: socket.socket, answer: _Answer, queued_at: float) -> None:
-        reply = self._reply(req, queued_at)
+        reply, done = self._reply(req, queued_at)
         self._answered(answer)
         try:
             conn.settimeout(self.limits.frame_deadline)  # a client that does not read
@@ -508,21 +508,25 @@ class Server:
                 conn.sendall(part)
         except OSError as e:
             log.debug("reply not delivered: %r", e)
+        if done is not None:
+            log.info("%s", done)  # what was done: after the reply, off the container's start
         if req.kind == CALL and req.op in ADMIN_OPS:
             del reply
             release_memory()  # after the reply: off the client's path
 
-    def _reply(self, req: Request, queued_at: float) -> tuple[bytes, ...]:
-        """The reply's parts (header and payload may come separately)."""
+    def _reply(self, req: Request, queued_at: float) -> tuple[tuple[bytes, ...], str | None]:
+        """The reply's parts (header and payload may come separately), and the line to log
+        once it is sent."""
         waited = time.monotonic() - queued_at
         if waited > self.limits.queue_wait:
             self._refuse("overload", f"refused {req.label}: waited {waited:.1f} s for a worker")
-            return (self._overloaded(req, f"waited {waited:.1f} s for a worker"),)
+            return (self._overloaded(req, f"waited {waited:.1f} s for a worker"),), None
         label = f"hook_{ops.hook_stage(req.stage, req.state)}" if req.kind == HOOK else req.op
         t0 = time.perf_counter()
         ok = False
+        done = None
         try:
-            reply, ok = self._dispatch(req)
+            reply, ok, done = self._dispatch(req)
         except (PelagosError, OSError) as e:
             reply = (error_reply(REPLY_OF[req.kind], error_to_doc(e)),)
         except Exception as e:
@@ -530,12 +534,12 @@ class Server:
             reply = (error_reply(REPLY_OF[req.kind], _agent_error(e, "internal error: ")),)
         finally:
             self.stats.observe(label, time.perf_counter() - t0, ok)
-        return reply
+        return reply, done
 
-    def _dispatch(self, req: Request) -> tuple[tuple[bytes, ...], bool]:
+    def _dispatch(self, req: Request) -> tuple[tuple[bytes, ...], bool, str | None]:
         if req.kind == HOOK:
-            code, text = ops.hook(req.stage, req.state, req.owner, req.client_pid)
-            return (hook_reply(code, text),), code == 0
+            code, text, done = ops.hook(req.stage, req.state, req.owner, req.client_pid)
+            return (hook_reply(code, text),), code == 0, done
         assert req.kind == CALL
         a = req.args
         result: Any
@@ -559,7 +563,7 @@ class Server:
             result = self.status()
         else:
             result = self.metrics_body().decode()
-        return call_ok_parts(result), True
+        return call_ok_parts(result), True, None
 
     def status(self) -> dict[str, Any]:
         held = ops.held()

@@ -111,9 +111,9 @@ def resolve_net(
     Interface names are looked up in pid's netns (ours when pid is None). An unknown name is a
     ConfigError naming net_priorities[i]. No side effects: this runs before the cgroup exists.
     """
-    validate_net(classid, priorities or [], carrier)
     if not priorities:
-        return build_plan(classid, [], carrier, {})
+        return build_plan(classid, [], carrier, {})  # which validates
+    validate_net(classid, priorities, carrier)  # before the netns is read
     where = f"the network namespace of pid {pid}" if pid else "this network namespace"
     try:
         inode = netns_inode(pid)

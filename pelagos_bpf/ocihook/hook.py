@@ -98,7 +98,7 @@ def create(
     from ..net.plan import carried_in
     from .records import Record, Records
 
-    cg = Ref.of(locate.cgroup_of_pid(state.pid))
+    cg = Ref(*locate.cgroup_dir_of_pid(state.pid))
     plan = net.resolve_net(req.classid, req.priorities, state.pid) if req.wants_net else None
     rules = req.device_rules() if req.wants_devices else []
     entries = _entries(rules)

@@ -45,8 +45,13 @@ def read_regular_file(path: str, what: str, limit: int = MAX_BYTES) -> bytes | N
             raise HookError(f"{what} {path}: not a regular file (a FIFO or a device is refused)")
         if st.st_size > limit:
             raise HookError(f"{what} {path}: {st.st_size} bytes, more than {limit}")
-        chunks: list[bytes] = []
-        size = 0
+        # One read of the size fstat gave, plus one byte: a short read of a regular file is its
+        # end, so a file that did not grow costs one read (and no buffer larger than itself).
+        first = os.read(fd, st.st_size + 1)
+        if len(first) <= st.st_size:
+            return first
+        chunks = [first]
+        size = len(first)
         while chunk := os.read(fd, min(limit + 1 - size, 1 << 20)):
             chunks.append(chunk)
             size += len(chunk)
@@ -60,12 +65,17 @@ def read_regular_file(path: str, what: str, limit: int = MAX_BYTES) -> bytes | N
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice in one object")
-        out[key] = value
+    out = dict(pairs)  # in C; a key given twice makes it shorter than the pairs
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice in one object")
+            seen.add(key)
     return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)  # json.loads makes one per call
 
 
 def depth(doc: Any) -> int:
@@ -92,13 +102,14 @@ def loads(raw: str | bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
         raise HookError(f"{what}: more than {MAX_BYTES} bytes")
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
-        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+        doc = _DECODER.decode(text)
     except UnicodeDecodeError as e:
         raise HookError(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except RecursionError:
         raise HookError(f"{what}: JSON nested more than {max_depth} deep") from None
     except ValueError as e:
         raise HookError(f"{what}: not valid JSON ({e})") from None
-    if depth(doc) > max_depth:
+    brackets = text.count("[") + text.count("{")  # fewer cannot nest deeper: no walk needed
+    if brackets > max_depth and depth(doc) > max_depth:
         raise HookError(f"{what}: JSON nested more than {max_depth} deep")
     return doc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from .request import HookError
@@ -25,8 +26,13 @@ def v2_path(proc_cgroup: str) -> str:
     raise HookError("the process is in no cgroup v2 hierarchy (no '0::' line in its cgroup file)")
 
 
-def cgroup2_mounts(mountinfo: str) -> list[tuple[str, Path]]:
+def cgroup2_mounts(mountinfo: str) -> list[tuple[str, str]]:
     """(root inside the hierarchy, mount point) of every cgroup2 mount in mountinfo text."""
+    return [(root, mp) for root, mp, _ in _cgroup2_mounts(mountinfo)]
+
+
+def _cgroup2_mounts(mountinfo: str) -> list[tuple[str, str, int]]:
+    """cgroup2_mounts plus each mount's st_dev (mountinfo's MAJ:MIN field)."""
 
     def unescape(s: str) -> str:
         return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)
@@ -36,18 +42,21 @@ def cgroup2_mounts(mountinfo: str) -> list[tuple[str, Path]]:
         pre, sep, post = line.partition(" - ")
         fields = pre.split()
         if sep and post.split()[:1] == ["cgroup2"] and len(fields) >= 5:
-            out.append((unescape(fields[3]), Path(unescape(fields[4]))))
+            major, _, minor = fields[2].partition(":")
+            dev = os.makedev(int(major), int(minor)) if major.isdigit() and minor.isdigit() else -1
+            out.append((unescape(fields[3]), unescape(fields[4]), dev))
     return out
 
 
-def map_to_mount(path: str, mounts: list[tuple[str, Path]]) -> Path:
-    """Map a cgroup path (relative to our cgroup namespace) to a directory we can open."""
+def map_to_mount(path: str, mounts: list[tuple[str, str]]) -> str:
+    """Map a cgroup path (relative to our cgroup namespace) to a directory we can open.
+    Plain strings, not pathlib: the agent maps one per container start."""
     if path.startswith("/.."):
         raise HookError(
             f"cgroup {path} is outside this process's cgroup namespace: run the hook in the "
             "runtime's cgroup namespace"
         )
-    best: tuple[str, Path] | None = None
+    best: tuple[str, str] | None = None
     for root, mp in mounts:
         r = root.rstrip("/")
         if (path == r or path.startswith(r + "/")) and (best is None or len(r) > len(best[0])):
@@ -55,11 +64,18 @@ def map_to_mount(path: str, mounts: list[tuple[str, Path]]) -> Path:
     if best is None:
         seen = ", ".join(f"{mp} (root {root})" for root, mp in mounts) or "none"
         raise HookError(f"no cgroup2 mount here shows cgroup {path} (cgroup2 mounts: {seen})")
-    return best[1] / path[len(best[0]) :].lstrip("/")
+    rest = path[len(best[0]) :].lstrip("/")
+    return f"{best[1].rstrip('/')}/{rest}" if rest else best[1]
 
 
 def cgroup_of_pid(pid: int, proc: Path = Path("/proc")) -> Path:
     """The cgroup v2 directory of `pid` in this mount namespace; HookError when it is gone."""
+    return Path(cgroup_dir_of_pid(pid, str(proc))[0])
+
+
+def cgroup_dir_of_pid(pid: int, proc: str = "/proc") -> tuple[str, int]:
+    """cgroup_of_pid as a string, and the cgroup's id (its inode), for the hook's create: one
+    stat, which also proves the dir is a cgroup (it is on a cgroup2 mount's filesystem)."""
     try:
         fd = os.open(f"{proc}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -68,22 +84,27 @@ def cgroup_of_pid(pid: int, proc: Path = Path("/proc")) -> Path:
         rel = v2_path(os.read(fd, 1 << 16).decode(errors="surrogateescape"))
     finally:
         os.close(fd)
-    path = map_to_mount(rel, _mounts(proc, fresh=False))
-    if not os.path.exists(f"{path}/cgroup.procs"):  # the mounts may have moved: ask again
-        path = map_to_mount(rel, _mounts(proc, fresh=True))
-        if not os.path.exists(f"{path}/cgroup.procs"):
-            raise HookError(f"cgroup {path} of process {pid} does not exist (exited?)")
-    return path
+    for fresh in (False, True):  # the mounts may have moved: ask again
+        mounts = _mounts(proc, fresh)
+        path = map_to_mount(rel, [(root, mp) for root, mp, _ in mounts])
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and any(st.st_dev == dev for _, _, dev in mounts):
+            return path, st.st_ino
+    raise HookError(f"cgroup {path} of process {pid} does not exist (exited?)")
 
 
-_MOUNTS: dict[Path, list[tuple[str, Path]]] = {}
+_MOUNTS: dict[str, list[tuple[str, str, int]]] = {}
 
 
-def _mounts(proc: Path, fresh: bool) -> list[tuple[str, Path]]:
+def _mounts(proc: str, fresh: bool) -> list[tuple[str, str, int]]:
     """This process's cgroup2 mounts, read from mountinfo once and again only when a mapped
     path does not exist (a long-lived agent maps a pid per container; mountinfo is the
-    largest read of it). A stale table can only yield a path that is not there: then a fresh
-    read decides."""
+    largest read of it). A stale table can only yield a path that is not there, or not on a
+    cgroup2 filesystem: then a fresh read decides."""
     if fresh or proc not in _MOUNTS:
-        _MOUNTS[proc] = cgroup2_mounts((proc / "self" / "mountinfo").read_text())
+        with open(f"{proc}/self/mountinfo") as f:
+            _MOUNTS[proc] = _cgroup2_mounts(f.read())
     return _MOUNTS[proc]

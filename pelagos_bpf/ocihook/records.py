@@ -16,15 +16,16 @@ could have planted or swapped names in it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from .. import trust  # file checks only: loads neither bpfsys nor hashlib
 from ..errors import PelagosError
 from .request import HookError
 
@@ -39,12 +40,19 @@ _CACHE_LOCK = threading.Lock()
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+    return Path(_state_dir())
+
+
+def _state_dir() -> str:
+    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,200}")
 
 
 def record_name(container_id: str) -> str:
     """The record's file name; ids that are not plain file names are hashed."""
-    if re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,200}", container_id):
+    if _PLAIN_NAME.fullmatch(container_id):
         return f"{container_id}{SUFFIX}"
     import hashlib  # here: it loads OpenSSL, which every hook exec would pay otherwise
 
@@ -55,7 +63,7 @@ def record_path(container_id: str, directory: Path | None = None) -> Path:
     return (directory or state_dir()) / record_name(container_id)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Record:
     """One container's record. `namespace` None: no Kubernetes namespace (podman, runc)."""
 
@@ -66,15 +74,9 @@ class Record:
     entries: int = 0
 
     def to_json(self) -> bytes:
-        # the fields by hand, not dataclasses.asdict (its deep copy is a tenth of a create)
-        doc = {
-            "id": self.id,
-            "cgroup": self.cgroup,
-            "cgroup_id": self.cgroup_id,
-            "namespace": self.namespace,
-            "entries": self.entries,
-        }
-        return json.dumps(doc).encode()
+        # Not dataclasses.asdict: its deep copy was a tenth of a create. Every field is a str,
+        # an int or None.
+        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Record:
@@ -106,14 +108,16 @@ class Record:
             return False
 
 
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+
+
 class Records:
     """The record directory, opened once and trust-checked (a context manager)."""
 
     def __init__(self, directory: Path | None = None, *, create: bool = False) -> None:
-        from .. import trust  # file checks only: loads neither bpfsys nor hashlib
-
-        self.path = str(directory or state_dir())
-        # held: the agent opens it for every container (a fresh hook process walks it once)
+        self.path = str(directory) if directory else _state_dir()
+        # held and shared, never closed here: the agent opens it for every container (a fresh
+        # hook process walks it once)
         self.fd = trust.open_trusted_dir_held(self.path, "hook state dir", create=create)
 
     @classmethod
@@ -130,19 +134,16 @@ class Records:
         return self
 
     def __exit__(self, *_: object) -> None:
-        os.close(self.fd)
+        pass  # the fd is held by trust.open_trusted_dir_held
 
     def write(self, rec: Record) -> str:
         """Atomically (re)place the container's record; its path."""
-        from .. import trust
-
         name = record_name(rec.id)
-        trust.write_trusted_file(self.fd, name, rec.to_json(), durable=False)  # /run: a tmpfs
+        # /run is a tmpfs (no fsync), and only root reads a record (no fchmod: see trust)
+        trust.write_trusted_file(self.fd, name, rec.to_json(), durable=False, exact_mode=False)
         return f"{self.path}/{name}"
 
     def _read(self, name: str) -> Record | None:
-        from .. import trust
-
         raw = trust.read_trusted_file(self.fd, name, self.path, "hook record")
         if raw is None:
             return None
@@ -166,7 +167,14 @@ class Records:
             os.unlink(name, dir_fd=self.fd)
 
     def _names(self) -> list[str]:
-        return [n for n in os.listdir(self.fd) if n.endswith(SUFFIX) and not n.startswith(".")]
+        # A listing needs an open file of its own: the held fd is shared by the threads, and
+        # os.listdir reads through a dup, which would share (and race on) its offset.
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        return [n for n in names if n.endswith(SUFFIX) and not n.startswith(".")]
 
     def each(self) -> Iterator[tuple[str, Record]]:
         """(file name, record) of every usable record; others are skipped (being written,
@@ -185,8 +193,6 @@ class Records:
         create that holds rule-map entries, under a node-wide lock. A record is replaced by
         rename (a new inode) or not at all, so (inode, ctime, size) tells a change; the trust
         check runs on every stat (a chmod or chown changes the ctime as well)."""
-        from .. import trust
-
         seen = set()
         for name in self._names():
             seen.add(name)
