@@ -377,6 +377,9 @@ def main() -> int:
     if not os.access(HOOK, os.X_OK):
         print(f"{HOOK} missing: run scripts/bootstrap")
         return 2
+    # A SIGTERM (a CI timeout, `kill`) unwinds like ^C: the cleanups below remove the cgroups,
+    # the processes in them and the tmp dirs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = discover().root / f"pelagos-bench-agent-{os.getpid()}"
     root.mkdir()
     shm = Path(tempfile.mkdtemp(prefix="pelagos-bench-agent-", dir="/dev/shm"))
