@@ -426,3 +426,33 @@ def test_a_pid_maps_to_its_cgroup_only_on_the_cgroup2_filesystem(tmp_path: Path)
     proc = _fake_proc(tmp_path / "plain", "/x", plain, st.st_dev)
     with pytest.raises(HookError, match="does not exist"):
         cgroup_dir_of_pid(42, proc)
+
+
+def test_threads_listing_the_records_at_once_each_see_every_record(tmp_path: Path) -> None:
+    """The agent's threads share one held fd of the state dir; a listing through it (or a dup
+    of it, which shares its file offset) let two threads advance each other's position, and
+    one saw a short list (a quota sum missing records). Each listing has its own open file."""
+    import threading
+
+    from pelagos_bpf.ocihook.records import Record, Records
+
+    d = tmp_path / "state"
+    d.mkdir(mode=0o755)
+    with Records(d) as recs:
+        for i in range(300):
+            recs.write(Record(f"c{i}", "/sys/fs/cgroup/x", i + 1))
+    short: list[int] = []
+
+    def lister() -> None:
+        for _ in range(100):
+            with Records(d) as r:
+                n = len(r._names())
+            if n != 300:
+                short.append(n)
+
+    threads = [threading.Thread(target=lister) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert short == []
