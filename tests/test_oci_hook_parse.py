@@ -164,16 +164,19 @@ def test_v2_path_and_mount_mapping() -> None:
         "41 25 0:27 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
     )
     mounts = cgroup2_mounts(mi)
-    assert mounts == [("/", "/sys/fs/cgroup"), ("/kube/pod1", "/mnt/pod cg")]
+    assert mounts == [
+        ("/", "/sys/fs/cgroup", os.makedev(0, 26)),
+        ("/kube/pod1", "/mnt/pod cg", os.makedev(0, 26)),
+    ]
     assert map_to_mount("/a/b", mounts) == "/sys/fs/cgroup/a/b"
     assert map_to_mount("/kube/pod1/c", mounts) == "/mnt/pod cg/c"  # longest root wins
     assert map_to_mount("/kube/pod1", mounts) == "/mnt/pod cg"
     assert map_to_mount("/kube/pod10", mounts) == "/sys/fs/cgroup/kube/pod10"
-    assert map_to_mount("/a", [("/", "/")]) == "/a"
+    assert map_to_mount("/a", [("/", "/", 1)]) == "/a"
     with pytest.raises(HookError, match="outside this process's cgroup namespace"):
         map_to_mount("/../other/c", mounts)
     with pytest.raises(HookError, match="no cgroup2 mount"):
-        map_to_mount("/a", [("/kube", "/m")])
+        map_to_mount("/a", [("/kube", "/m", 1)])
 
 
 def test_a_record_round_trips_every_field() -> None:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import gc
 import ipaddress
 import logging
@@ -803,22 +804,14 @@ def serve(
     main_pid = os.getpid()
     others: list[int] = []
     ready_r, ready_w = os.pipe() if limits.processes > 1 else (None, None)
+    server_on = functools.partial(Server, sock, path, limits=limits, nri=nri, stats=stats)
     for index in range(1, limits.processes):
         pid = fork_server_process(main_pid)
         if pid == 0:
             assert ready_r is not None
             os.close(ready_r)
             stats.bind(index)
-            server = Server(
-                sock,
-                path,
-                unlink=False,
-                limits=limits,
-                nri=nri,
-                stats=stats,
-                main_pid=main_pid,
-                ready_fd=ready_w,
-            )
+            server = server_on(unlink=False, main_pid=main_pid, ready_fd=ready_w)
             code = 1
             try:
                 code = server.run()
@@ -830,16 +823,8 @@ def serve(
         others.append(pid)
     if ready_w is not None:
         os.close(ready_w)
-    server = Server(
-        sock,
-        path,
-        unlink=unlink,
-        limits=limits,
-        metrics_listen=metrics_listen,
-        nri=nri,
-        stats=stats,
-        others=tuple(others),
-        ready_fd=ready_r,
+    server = server_on(
+        unlink=unlink, metrics_listen=metrics_listen, others=tuple(others), ready_fd=ready_r
     )
     return server.run()
 

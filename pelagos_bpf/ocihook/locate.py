@@ -26,13 +26,12 @@ def v2_path(proc_cgroup: str) -> str:
     raise HookError("the process is in no cgroup v2 hierarchy (no '0::' line in its cgroup file)")
 
 
-def cgroup2_mounts(mountinfo: str) -> list[tuple[str, str]]:
-    """(root inside the hierarchy, mount point) of every cgroup2 mount in mountinfo text."""
-    return [(root, mp) for root, mp, _ in _cgroup2_mounts(mountinfo)]
+Mount = tuple[str, str, int]
+"""A cgroup2 mount: (root inside the hierarchy, mount point, st_dev of its filesystem)."""
 
 
-def _cgroup2_mounts(mountinfo: str) -> list[tuple[str, str, int]]:
-    """cgroup2_mounts plus each mount's st_dev (mountinfo's MAJ:MIN field)."""
+def cgroup2_mounts(mountinfo: str) -> list[Mount]:
+    """Every cgroup2 mount in mountinfo text (st_dev from its MAJ:MIN field; -1 if unreadable)."""
 
     def unescape(s: str) -> str:
         return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)
@@ -48,7 +47,7 @@ def _cgroup2_mounts(mountinfo: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def map_to_mount(path: str, mounts: list[tuple[str, str]]) -> str:
+def map_to_mount(path: str, mounts: list[Mount]) -> str:
     """Map a cgroup path (relative to our cgroup namespace) to a directory we can open.
     Plain strings, not pathlib: the agent maps one per container start."""
     if path.startswith("/.."):
@@ -57,12 +56,12 @@ def map_to_mount(path: str, mounts: list[tuple[str, str]]) -> str:
             "runtime's cgroup namespace"
         )
     best: tuple[str, str] | None = None
-    for root, mp in mounts:
+    for root, mp, _ in mounts:
         r = root.rstrip("/")
         if (path == r or path.startswith(r + "/")) and (best is None or len(r) > len(best[0])):
             best = (r, mp)
     if best is None:
-        seen = ", ".join(f"{mp} (root {root})" for root, mp in mounts) or "none"
+        seen = ", ".join(f"{mp} (root {root})" for root, mp, _ in mounts) or "none"
         raise HookError(f"no cgroup2 mount here shows cgroup {path} (cgroup2 mounts: {seen})")
     rest = path[len(best[0]) :].lstrip("/")
     return f"{best[1].rstrip('/')}/{rest}" if rest else best[1]
@@ -86,7 +85,7 @@ def cgroup_dir_of_pid(pid: int, proc: str = "/proc") -> tuple[str, int]:
         os.close(fd)
     for fresh in (False, True):  # the mounts may have moved: ask again
         mounts = _mounts(proc, fresh)
-        path = map_to_mount(rel, [(root, mp) for root, mp, _ in mounts])
+        path = map_to_mount(rel, mounts)
         try:
             st = os.stat(path)
         except OSError:
@@ -96,15 +95,15 @@ def cgroup_dir_of_pid(pid: int, proc: str = "/proc") -> tuple[str, int]:
     raise HookError(f"cgroup {path} of process {pid} does not exist (exited?)")
 
 
-_MOUNTS: dict[str, list[tuple[str, str, int]]] = {}
+_MOUNTS: dict[str, list[Mount]] = {}
 
 
-def _mounts(proc: str, fresh: bool) -> list[tuple[str, str, int]]:
+def _mounts(proc: str, fresh: bool) -> list[Mount]:
     """This process's cgroup2 mounts, read from mountinfo once and again only when a mapped
     path does not exist (a long-lived agent maps a pid per container; mountinfo is the
     largest read of it). A stale table can only yield a path that is not there, or not on a
     cgroup2 filesystem: then a fresh read decides."""
     if fresh or proc not in _MOUNTS:
         with open(f"{proc}/self/mountinfo") as f:
-            _MOUNTS[proc] = _cgroup2_mounts(f.read())
+            _MOUNTS[proc] = cgroup2_mounts(f.read())
     return _MOUNTS[proc]
